@@ -1,0 +1,1 @@
+"""Data layer: tokenizer, pre-tokenized token shards, streaming windows, exact resume."""
