@@ -1,0 +1,1 @@
+"""Interchange: the mamba_ssm directory format, Hugging Face transformers, and load_model."""

@@ -1,0 +1,71 @@
+"""The ``mamba_ssm`` directory format: ``config.json`` + ``pytorch_model.bin`` (or safetensors).
+
+``MambaLMHeadModel.from_pretrained(dir)`` reads exactly these two files, so a directory written
+here loads there, and ``load_mamba_ssm`` reads what ``MambaLMHeadModel.save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mamba_train.models.config import MambaLMConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_mamba_ssm(model, save_directory: str | Path, safe_serialization: bool = False) -> Path:
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+        # safetensors refuses shared storage; the tied head is re-tied on load.
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        _atomic_write(out / SAFE_WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    else:
+        _atomic_write(out / WEIGHTS_NAME, lambda p: torch.save(state, p))
+    # config last: a directory with a config.json is complete
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(
+        json.dumps(model.config.to_dict(), indent=2) + "\n"))
+    return out
+
+
+def is_mamba_ssm_dir(path: Path) -> bool:
+    if not (path / CONFIG_NAME).is_file():
+        return False
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    return "d_model" in cfg and "n_layer" in cfg
+
+
+def read_mamba_ssm(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    config = MambaLMConfig.load(path / CONFIG_NAME)
+    if (path / SAFE_WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+        state = load_file(path / SAFE_WEIGHTS_NAME)
+    elif (path / WEIGHTS_NAME).is_file():
+        state = torch.load(path / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(
+            f"{path} has a config.json but neither {WEIGHTS_NAME} nor {SAFE_WEIGHTS_NAME}"
+        )
+    return config, state

@@ -1,0 +1,108 @@
+"""Causal self-attention mixer for hybrid (Mamba-2-attention) and Transformer++ models.
+
+Parameter names and shapes follow ``mamba_ssm.modules.mha.MHA`` (``in_proj``, optional
+``conv1d``, ``out_proj``; the rotary embedding has no parameters), so checkpoints interchange.
+It is used on both backends: mamba_ssm's own MHA computes training attention with
+``F.scaled_dot_product_attention`` anyway, but its rotary path requires ``flash_attn`` (absent on
+many machines, including ours), and it cannot mask across packed documents. This one implements
+the rotary embedding (GPT-NeoX "rotate half" layout, as flash_attn's non-interleaved
+``RotaryEmbedding``) in PyTorch and takes ``seq_idx`` for a block-diagonal causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotary_tables(seqlen: int, dim: int, base: float, device, dtype=torch.float32):
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    """Rotate the first ``2*cos.shape[-1]`` features of x (B, L, H, D) by position."""
+    rot_dim = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if interleaved:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, num_heads_kv: int | None = None,
+                 head_dim: int | None = None, mlp_dim: int = 0, qkv_proj_bias: bool = True,
+                 out_proj_bias: bool = True, softmax_scale: float | None = None,
+                 causal: bool = True, d_conv: int = 0, rotary_emb_dim: int = 0,
+                 rotary_emb_base: float = 10000.0, rotary_emb_interleaved: bool = False,
+                 layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        if not causal:
+            raise ValueError(
+                "attn_cfg.causal must be true: a language model's attention may not see later "
+                "tokens (mamba_ssm's MHA defaults to causal=False; set it in attn_cfg)"
+            )
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_heads_kv = num_heads_kv or num_heads
+        self.head_dim = head_dim or embed_dim // num_heads
+        self.softmax_scale = softmax_scale
+        self.d_conv = d_conv
+        self.rotary_emb_dim = rotary_emb_dim
+        self.rotary_emb_base = rotary_emb_base
+        self.rotary_emb_interleaved = rotary_emb_interleaved
+        self.mlp_dim = math.ceil(mlp_dim / 256) * 256
+        qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
+        factory = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(embed_dim, qkv_dim + self.mlp_dim, bias=qkv_proj_bias, **factory)
+        if d_conv > 0:
+            self.conv1d = nn.Conv1d(qkv_dim, qkv_dim, kernel_size=d_conv, padding=d_conv - 1,
+                                    groups=qkv_dim, **factory)
+        out_dim = self.head_dim * self.num_heads + self.mlp_dim // 2
+        self.out_proj = nn.Linear(out_dim, embed_dim, bias=out_proj_bias, **factory)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        qkv = self.in_proj(x)
+        if self.mlp_dim > 0:
+            qkv, x_mlp = qkv.split([qkv.shape[-1] - self.mlp_dim, self.mlp_dim], dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        if self.d_conv > 0:
+            if seq_idx is not None:
+                raise NotImplementedError("attention with d_conv > 0 does not support seq_idx")
+            qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+        q, k, v = qkv.split(
+            [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
+             self.num_heads_kv * self.head_dim], dim=-1)
+        q = q.view(batch, seqlen, self.num_heads, self.head_dim)
+        k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim)
+        v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim)
+        if self.rotary_emb_dim > 0:
+            cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device)
+            q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
+            k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
+        rep = self.num_heads // self.num_heads_kv
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if seq_idx is None:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            pos = torch.arange(seqlen, device=x.device)
+            causal = pos[:, None] >= pos[None, :]
+            same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
+            mask = (causal[None] & same_doc)[:, None]  # (B, 1, L, L), True = attend
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        ctx = ctx.transpose(1, 2).reshape(batch, seqlen, -1)
+        if self.mlp_dim > 0:
+            ctx = torch.cat([ctx, x_mlp], dim=-1)
+        return self.out_proj(ctx)

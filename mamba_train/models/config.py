@@ -1,0 +1,271 @@
+"""Model configuration: one dataclass that round-trips with ``mamba_ssm``'s ``config.json``.
+
+The field names and defaults are those of ``mamba_ssm.models.config_mamba.MambaConfig`` so that a
+directory written by either project loads in the other. The mixer knobs live in ``ssm_cfg`` (as
+in ``mamba_ssm``) and are validated here, before any module is built, so that a bad config fails
+with a message naming the field instead of an assertion deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIXER_LAYERS = ("Mamba1", "Mamba2")
+
+# Keyword arguments each mixer accepts (mamba_ssm 2.x signatures). Anything else in ``ssm_cfg``
+# is a typo or a knob of another version, and silently ignoring it would train the wrong model.
+MAMBA1_KWARGS = {
+    "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
+    "dt_init_floor", "conv_bias", "bias", "use_fast_path",
+}
+MAMBA2_KWARGS = {
+    "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
+    "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
+    "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
+}
+ATTN_KWARGS = {
+    "num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
+    "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base",
+    "rotary_emb_interleaved",
+}
+
+MAMBA1_DEFAULTS: dict[str, Any] = dict(
+    d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init="random",
+    dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
+)
+MAMBA2_DEFAULTS: dict[str, Any] = dict(
+    d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None, ngroups=1,
+    A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
+    dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True,
+    chunk_size=256,
+)
+ATTN_DEFAULTS: dict[str, Any] = dict(
+    num_heads_kv=None, head_dim=None, mlp_dim=0, qkv_proj_bias=True, out_proj_bias=True,
+    softmax_scale=None, causal=False, d_conv=0, rotary_emb_dim=0, rotary_emb_base=10000.0,
+    rotary_emb_interleaved=False,
+)
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built; the message says which field to change."""
+
+
+@dataclass
+class MambaLMConfig:
+    """A Mamba / Mamba-2 / hybrid language model, in ``mamba_ssm``'s terms.
+
+    Attributes:
+        d_model: width of the residual stream.
+        d_intermediate: hidden width of the gated MLP after each mixer; 0 means no MLP
+            (pure Mamba); > 0 adds ``norm2`` + ``mlp.fc1``/``mlp.fc2`` to every block.
+        n_layer: number of blocks.
+        vocab_size: tokenizer vocabulary; the embedding is padded up to a multiple of
+            ``pad_vocab_size_multiple`` (50277 -> 50280 for GPT-NeoX).
+        ssm_cfg: mixer keyword arguments; ``layer`` is ``"Mamba1"`` (default, as in mamba_ssm)
+            or ``"Mamba2"``, the rest are the mixer's own (``d_state``, ``headdim``, ...).
+        attn_layer_idx: indices of blocks whose mixer is causal self-attention (hybrids).
+        attn_cfg: keyword arguments of those attention mixers (``num_heads``, ``rotary_emb_dim``...).
+        rms_norm: RMSNorm (True) or LayerNorm (False) for the block and final norms.
+        residual_in_fp32: keep the residual stream in fp32 under autocast.
+        fused_add_norm: use the Triton add+norm kernel (fused backend only; numerically the same).
+        pad_vocab_size_multiple: pad the vocabulary to this multiple (tensor-core friendly).
+        tie_embeddings: share ``lm_head.weight`` with ``backbone.embedding.weight``.
+        norm_epsilon: epsilon of every block/final norm (mamba_ssm's ``create_block`` default).
+        initializer_cfg: extra arguments of the weight init (``initializer_range``,
+            ``rescale_prenorm_residual``), as ``mamba_ssm.MambaLMHeadModel(initializer_cfg=...)``.
+    """
+
+    d_model: int = 2560
+    d_intermediate: int = 0
+    n_layer: int = 64
+    vocab_size: int = 50277
+    ssm_cfg: dict = field(default_factory=dict)
+    attn_layer_idx: list = field(default_factory=list)
+    attn_cfg: dict = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-5
+    initializer_cfg: dict = field(default_factory=dict)
+
+    # Fields that mamba_ssm's MambaConfig does not have; written to config.json only when they
+    # differ from the default, so that mamba_ssm (which rejects unknown keys) loads our files.
+    _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg")
+
+    def __post_init__(self) -> None:
+        # Hydra/OmegaConf hand in DictConfig/ListConfig; normalise to plain containers.
+        self.ssm_cfg = _plain(self.ssm_cfg) or {}
+        self.attn_cfg = _plain(self.attn_cfg) or {}
+        self.attn_layer_idx = list(_plain(self.attn_layer_idx) or [])
+        self.initializer_cfg = _plain(self.initializer_cfg) or {}
+        self.validate()
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def layer(self) -> str:
+        return self.ssm_cfg.get("layer", "Mamba1")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    def mixer_kwargs(self) -> dict[str, Any]:
+        """The mixer's keyword arguments with mamba_ssm's defaults filled in (no ``layer``)."""
+        defaults = MAMBA2_DEFAULTS if self.layer == "Mamba2" else MAMBA1_DEFAULTS
+        kwargs = dict(defaults)
+        kwargs.update({k: v for k, v in self.ssm_cfg.items() if k != "layer"})
+        if self.layer == "Mamba1" and kwargs["dt_rank"] == "auto":
+            kwargs["dt_rank"] = math.ceil(self.d_model / 16)
+        return kwargs
+
+    def attn_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(ATTN_DEFAULTS)
+        kwargs.update(self.attn_cfg)
+        return kwargs
+
+    def is_attention_layer(self, idx: int) -> bool:
+        return idx in self.attn_layer_idx
+
+    @property
+    def n_residuals_per_layer(self) -> int:
+        return 1 if self.d_intermediate == 0 else 2
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.d_intermediate < 0:
+            raise ConfigError(f"model.d_intermediate must be >= 0, got {self.d_intermediate}")
+        if self.layer not in MIXER_LAYERS:
+            raise ConfigError(
+                f"model.ssm_cfg.layer must be one of {MIXER_LAYERS}, got {self.layer!r}"
+            )
+        allowed = MAMBA2_KWARGS if self.layer == "Mamba2" else MAMBA1_KWARGS
+        unknown = set(self.ssm_cfg) - allowed - {"layer"}
+        if unknown:
+            raise ConfigError(
+                f"model.ssm_cfg has keys {sorted(unknown)} that a {self.layer} mixer does not "
+                f"take; valid keys: {sorted(allowed)}"
+            )
+        bad_idx = [i for i in self.attn_layer_idx if not (0 <= int(i) < self.n_layer)]
+        if bad_idx:
+            raise ConfigError(
+                f"model.attn_layer_idx {bad_idx} outside [0, n_layer={self.n_layer})"
+            )
+        kw = self.mixer_kwargs()
+        if not (0 < kw["dt_min"] <= kw["dt_max"]):
+            raise ConfigError(
+                f"need 0 < ssm_cfg.dt_min <= ssm_cfg.dt_max, got {kw['dt_min']}, {kw['dt_max']}"
+            )
+        if self.layer == "Mamba2":
+            self._validate_mamba2(kw)
+        if self.attn_layer_idx:
+            self._validate_attention()
+
+    def _validate_mamba2(self, kw: dict[str, Any]) -> None:
+        d_inner = kw["expand"] * self.d_model
+        d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]
+        if d_ssm % kw["headdim"] != 0:
+            raise ConfigError(
+                f"Mamba2 needs d_model*expand (= {self.d_model}*{kw['expand']} = {d_ssm}) to be "
+                f"divisible by ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim"
+            )
+        nheads = d_ssm // kw["headdim"]
+        if d_ssm % kw["ngroups"] != 0 or nheads % kw["ngroups"] != 0:
+            raise ConfigError(
+                f"Mamba2 needs the {nheads} heads to split into ssm_cfg.ngroups={kw['ngroups']} "
+                "equal groups"
+            )
+        cs = kw["chunk_size"]
+        if cs <= 0 or cs & (cs - 1):
+            raise ConfigError(
+                f"Mamba2 ssm_cfg.chunk_size must be a power of two (the Triton SSD kernels "
+                f"assume it), got {cs}"
+            )
+        lo, hi = kw["A_init_range"]
+        if not (0 < lo <= hi):
+            raise ConfigError(f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
+
+    def _validate_attention(self) -> None:
+        kw = self.attn_kwargs()
+        if "num_heads" not in self.attn_cfg:
+            raise ConfigError("model.attn_cfg.num_heads is required when attn_layer_idx is set")
+        heads, kv = kw["num_heads"], kw["num_heads_kv"] or kw["num_heads"]
+        if heads % kv:
+            raise ConfigError(f"attn_cfg.num_heads={heads} must be divisible by num_heads_kv={kv}")
+        if kw["head_dim"] is None and self.d_model % heads:
+            raise ConfigError(
+                f"d_model={self.d_model} must be divisible by attn_cfg.num_heads={heads} "
+                "(or set attn_cfg.head_dim)"
+            )
+        head_dim = kw["head_dim"] or self.d_model // heads
+        if not kw["causal"]:
+            raise ConfigError(
+                "model.attn_cfg.causal must be true: a language model's attention may not see "
+                "later tokens (mamba_ssm's MHA defaults to causal=False, so set it explicitly)"
+            )
+        if kw["rotary_emb_dim"] % 2 or kw["rotary_emb_dim"] > head_dim:
+            raise ConfigError(
+                f"attn_cfg.rotary_emb_dim={kw['rotary_emb_dim']} must be even and <= head_dim={head_dim}"
+            )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self._EXTRA_FIELDS:
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if value == default:
+                    continue
+            out[f.name] = _jsonable(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MambaLMConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(
+                f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(names)}"
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MambaLMConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python containers (no-op for plain values)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # omegaconf is a dependency, but the model must not need it
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,131 @@
+"""The language model: embedding -> N pre-norm residual blocks -> final norm -> LM head.
+
+Module tree and ``state_dict`` keys are identical to ``mamba_ssm.MambaLMHeadModel``
+(``backbone.embedding``, ``backbone.layers.N.{norm,mixer,norm2,mlp}``, ``backbone.norm_f``,
+``lm_head``), whichever backend builds the mixers.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mamba_train.models.attention import CausalSelfAttention
+from mamba_train.models.backend import add_norm_fn, mixer_classes, resolve_backend
+from mamba_train.models.config import MambaLMConfig
+from mamba_train.models.init import init_weights
+from mamba_train.models.layers import GatedMLP, make_norm
+from mamba_train.models.loss import linear_cross_entropy
+
+CausalLMOutput = namedtuple("CausalLMOutput", ["logits", "loss"], defaults=(None, None))
+
+
+class Block(nn.Module):
+    """Add -> norm -> mixer (-> add -> norm2 -> MLP); returns (hidden, residual) like mamba_ssm."""
+
+    def __init__(self, config: MambaLMConfig, layer_idx: int, backend: str, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self._add_norm = add_norm_fn(backend, config.fused_add_norm)
+        self.norm = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
+        if config.is_attention_layer(layer_idx):
+            self.mixer = CausalSelfAttention(config.d_model, layer_idx=layer_idx,
+                                             **config.attn_kwargs(), **factory)
+        else:
+            mixer_cls = mixer_classes(backend)[config.layer]
+            self.mixer = mixer_cls(config.d_model, layer_idx=layer_idx, **config.mixer_kwargs(),
+                                   **factory)
+        if config.d_intermediate > 0:
+            self.norm2 = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate, config.d_model, **factory)
+        else:
+            self.mlp = None
+
+    def forward(self, hidden, residual=None, seq_idx=None):
+        hidden, residual = self._add_norm(hidden, residual, self.norm, self.residual_in_fp32)
+        hidden = self.mixer(hidden, seq_idx=seq_idx)
+        if self.mlp is not None:
+            hidden, residual = self._add_norm(hidden, residual, self.norm2, self.residual_in_fp32)
+            hidden = self.mlp(hidden)
+        return hidden, residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaLMConfig, backend: str, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.residual_in_fp32 = config.residual_in_fp32
+        self._add_norm = add_norm_fn(backend, config.fused_add_norm)
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, **factory)
+        self.layers = nn.ModuleList(
+            Block(config, i, backend, **factory) for i in range(config.n_layer)
+        )
+        self.norm_f = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
+
+    def forward(self, input_ids, seq_idx=None):
+        hidden, residual = self.embedding(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, seq_idx=seq_idx)
+        return self._add_norm(hidden, residual, self.norm_f, self.residual_in_fp32, prenorm=False)
+
+
+class MambaLM(nn.Module):
+    """A Mamba / Mamba-2 / hybrid causal LM; ``model(input_ids).logits`` as in mamba_ssm.
+
+    Build with ``mamba_train.build_model(config, backend=...)`` (initialised) or directly
+    (``device="meta"`` gives an uninitialised skeleton; call ``reset_parameters()`` after
+    ``to_empty``).
+    """
+
+    def __init__(self, config: MambaLMConfig, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backend = resolve_backend(backend)
+        self.backbone = Backbone(config, self.backend, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False,
+                                 device=device, dtype=dtype)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def reset_parameters(self) -> None:
+        """Re-run the full mamba_ssm initialisation (idempotent; see ``models/init.py``)."""
+        self.tie_weights()
+        init_weights(self, self.config.n_layer, **self.config.initializer_cfg)
+
+    def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None):
+        """Final-norm hidden states (B, L, d_model): the LM head is left to the caller (chunked loss)."""
+        return self.backbone(input_ids, seq_idx=seq_idx)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, num_last_tokens: int = 0,
+                loss_chunk_size: int = 4096) -> CausalLMOutput:
+        """Logits (B, L, V_padded) like mamba_ssm; with ``labels`` (-100 = ignore) the mean
+        cross-entropy instead, computed chunk-wise without materialising the logits."""
+        hidden = self.hidden_states(input_ids, seq_idx=seq_idx)
+        if labels is not None:
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
+                                        labels.flatten(), chunk_size=loss_chunk_size)
+            return CausalLMOutput(loss=loss)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        return CausalLMOutput(logits=self.lm_head(hidden))
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # tied weights once
+        n = sum(p.numel() for p in params.values())
+        if exclude_embedding:
+            n -= self.backbone.embedding.weight.numel()
+        return n
+
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = False) -> Path:
+        """Write the mamba_ssm format (``config.json`` + ``pytorch_model.bin`` or safetensors)."""
+        from mamba_train.export.mamba_ssm_format import save_mamba_ssm
+        return save_mamba_ssm(self, save_directory, safe_serialization=safe_serialization)

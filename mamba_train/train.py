@@ -1,0 +1,124 @@
+"""The training task: composed config in, trained run out.
+
+``python -m mamba_train`` (``__main__.py``) only hands Hydra's config to ``train(cfg)``, which
+reads top to bottom: validate -> data -> model -> callbacks/loggers -> trainer -> batch
+arithmetic -> fit. Tests call ``train`` directly with a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mamba_train.models.config import MambaLMConfig
+from mamba_train.training.batch import grad_accumulation
+from mamba_train.training.checkpoint_io import AtomicCheckpointIO
+from mamba_train.training.module import MambaLMModule
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return precision
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every non-null entry of a {name: {_target_: ...}} group (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+
+
+def _strategy(cfg: DictConfig):
+    return instantiate(cfg) if "_target_" in cfg else cfg.get("name", "auto")
+
+
+def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """Never silently train over an existing run's checkpoints."""
+    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if existing and ckpt_path is None:
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "
+            "ckpt_path=last, or start a new run with run_name=<new name>."
+        )
+    if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
+        raise RunDirError(f"ckpt_path={ckpt_path} does not exist")
+
+
+def max_steps(cfg: DictConfig) -> int:
+    if cfg.trainer.get("max_steps") not in (None, -1):
+        return int(cfg.trainer.max_steps)
+    if cfg.train.total_tokens is None:
+        raise ValueError("set trainer.max_steps or train.total_tokens")
+    return int(cfg.train.total_tokens) // int(cfg.train.global_batch_tokens)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(cfg.trainer.get("default_root_dir") or
+                   cfg.get("run_dir") or Path(cfg.paths.output_dir) / cfg.run_name)
+    _check_run_dir(run_dir, cfg.ckpt_path)
+    L.seed_everything(cfg.seed, workers=True)
+
+    model_config = MambaLMConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    datamodule = instantiate(cfg.data, expected_vocab_size=model_config.vocab_size)
+    module = MambaLMModule(
+        model=model_config,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        backend=cfg.backend,
+        weight_decay=cfg.optim.weight_decay,
+        loss_chunk_size=cfg.train.loss_chunk_size,
+        nan_policy=cfg.train.nan_policy,
+        run_config=OmegaConf.to_yaml(cfg, resolve=True),
+    )
+
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        default_root_dir=str(run_dir),
+        max_steps=max_steps(cfg),
+        precision=resolve_precision(cfg.trainer.precision),
+        strategy=_strategy(cfg.strategy),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        check_val_every_n_epoch=None,
+        val_check_interval=1,  # replaced below once the accumulation is known
+    )
+    accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
+                              cfg.data.seq_len, trainer.world_size)
+    trainer.accumulate_grad_batches = accum
+    # val_check_interval counts micro-batches; the config speaks in optimizer steps.
+    trainer.val_check_interval = int(cfg.train.val_every_n_steps) * accum
+    for cb in callbacks:
+        if hasattr(cb, "tokens_per_step"):
+            cb.tokens_per_step = int(cfg.train.global_batch_tokens)
+
+    if trainer.is_global_zero:
+        log.info("run dir: %s | world size %d | micro-batch %d × %d tokens | accumulation %d | "
+                 "%d tokens/step | %d steps | backend %s", run_dir, trainer.world_size,
+                 cfg.data.micro_batch_size, cfg.data.seq_len, accum,
+                 cfg.train.global_batch_tokens, trainer.max_steps, cfg.backend)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    ckpt_cb = trainer.checkpoint_callback
+    last = getattr(ckpt_cb, "last_model_path", "") or ""
+    if trainer.is_global_zero:
+        print(f"training done: {trainer.global_step} steps; last checkpoint: {last or '(none)'}")
+    return {"trainer": trainer, "module": module, "datamodule": datamodule,
+            "run_dir": run_dir, "last_checkpoint": last,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, optimizer groups, LR schedule, batch arithmetic, callbacks."""

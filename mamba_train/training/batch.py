@@ -1,0 +1,26 @@
+"""Global batch arithmetic: tokens/step = micro_batch × seq_len × world_size × accumulation.
+
+The recipes fix the *global* batch in tokens (0.5M or 1M in the papers); the accumulation is
+derived here from the world size actually running, so the same recipe trains the same model on
+1 GPU or 64.
+"""
+
+from __future__ import annotations
+
+
+class BatchSizeError(ValueError):
+    pass
+
+
+def grad_accumulation(global_batch_tokens: int, micro_batch_size: int, seq_len: int,
+                      world_size: int) -> int:
+    per_pass = micro_batch_size * seq_len * world_size
+    if global_batch_tokens % per_pass:
+        lo = max(per_pass, global_batch_tokens // per_pass * per_pass)
+        raise BatchSizeError(
+            f"train.global_batch_tokens={global_batch_tokens} is not a multiple of "
+            f"data.micro_batch_size × data.seq_len × world_size = {micro_batch_size} × {seq_len} × "
+            f"{world_size} = {per_pass}; change data.micro_batch_size or set "
+            f"train.global_batch_tokens to a multiple such as {lo}"
+        )
+    return global_batch_tokens // per_pass

@@ -1,0 +1,92 @@
+"""At the end of fit: a loss/LR plot (PNG) and a short summary (JSON + printed) in the run dir.
+
+Reads the CSV logger's ``metrics.csv`` rather than keeping its own copy of the metrics, so the
+plot shows exactly what was logged (and costs nothing during training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} from a Lightning CSVLogger file."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_metrics(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss_keys = [k for k in ("train/loss", "val/loss") if k in series]
+    lr_keys = [k for k in series if k.startswith("lr")]
+    if not loss_keys:
+        return None
+    fig, axes = plt.subplots(1, 2 if lr_keys else 1, figsize=(11 if lr_keys else 6, 4), squeeze=False)
+    for key in loss_keys:
+        steps, values = zip(*series[key])
+        axes[0][0].plot(steps, values, label=key, marker="o" if key == "val/loss" else None)
+    axes[0][0].set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="loss")
+    axes[0][0].legend()
+    if lr_keys:
+        steps, values = zip(*series[lr_keys[0]])
+        axes[0][1].plot(steps, values)
+        axes[0][1].set(xlabel="optimizer step", ylabel="learning rate", title=lr_keys[0])
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+class RunSummary(L.Callback):
+    def __init__(self, tokens_per_step: int | None = None):
+        self.tokens_per_step = tokens_per_step
+        self._t0 = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self._t0 = time.time()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        summary = {
+            "steps": trainer.global_step,
+            "tokens_seen": trainer.global_step * self.tokens_per_step if self.tokens_per_step else None,
+            "wall_time_s": round(time.time() - self._t0, 1) if self._t0 else None,
+            "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
+            "skipped_nonfinite_steps": getattr(pl_module, "skipped_steps", 0),
+        }
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is not None:
+            csv_logger.save()
+            metrics_file = Path(csv_logger.log_dir) / "metrics.csv"
+            if metrics_file.is_file():
+                series = read_metrics_csv(metrics_file)
+                for key in ("train/loss", "val/loss", "val/ppl"):
+                    if series.get(key):
+                        summary[f"final_{key.replace('/', '_')}"] = series[key][-1][1]
+                if series.get("train/loss"):
+                    summary["first_train_loss"] = series["train/loss"][0][1]
+                plot = plot_metrics(series, run_dir / "loss.png")
+                summary["plot"] = str(plot) if plot else None
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        lines = [f"{k}: {v}" for k, v in summary.items() if v is not None]
+        log.info("run summary (%s):\n  %s", run_dir / "summary.json", "\n  ".join(lines))

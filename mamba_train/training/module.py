@@ -1,0 +1,137 @@
+"""The LightningModule: builds the model in ``configure_model``, computes the fp32 chunked loss,
+groups parameters for weight decay by name, steps the LR schedule per optimizer step, and puts
+the model config and RNG states into every checkpoint."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+
+from mamba_train.export.load import CKPT_CONFIG_KEY
+from mamba_train.models.build import build_model
+from mamba_train.models.config import MambaLMConfig
+from mamba_train.training.optim import build_optimizer
+
+RNG_KEY = "mamba_train_rng"
+RUN_CONFIG_KEY = "mamba_train_run_config"
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf and ``train.nan_policy=stop``."""
+
+
+class MambaLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict | MambaLMConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        backend: str = "auto",
+        weight_decay: float = 0.1,
+        loss_chunk_size: int = 4096,
+        nan_policy: str = "stop",
+        run_config: str | None = None,
+    ):
+        super().__init__()
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.model_config = model if isinstance(model, MambaLMConfig) else MambaLMConfig.from_dict(dict(model))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backend = backend
+        self.weight_decay = weight_decay
+        self.loss_chunk_size = loss_chunk_size
+        self.nan_policy = nan_policy
+        self.run_config = run_config
+        self.model = None
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        # Called by Lightning inside the strategy's init contexts (meta device for sharded
+        # strategies, which then materialise through MambaLM.reset_parameters).
+        if self.model is None:
+            self.model = build_model(self.model_config, backend=self.backend)
+
+    def forward(self, input_ids, seq_idx=None, labels=None):
+        return self.model(input_ids, seq_idx=seq_idx, labels=labels,
+                          loss_chunk_size=self.loss_chunk_size)
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return self(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"]).loss
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()}) at step {self.global_step}; the run "
+                    "stopped before saving, so the last checkpoint is the last good state. Lower "
+                    "the LR, check the data, or set train.nan_policy=skip to skip such steps."
+                )
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            return None  # Lightning skips backward and the optimizer step for this batch
+        n_tokens = batch["input_ids"].numel()
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_tokens)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True,
+                 batch_size=batch["input_ids"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            self.log("val/ppl", torch.exp(val_loss.float().clamp(max=30)), sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optimizer_factory, self.weight_decay)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            raise ValueError("trainer.max_steps must be set: the LR schedule is defined over steps")
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CKPT_CONFIG_KEY] = self.model_config.to_dict()
+        if self.run_config is not None:
+            checkpoint[RUN_CONFIG_KEY] = self.run_config
+        checkpoint[RNG_KEY] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(CKPT_CONFIG_KEY)
+        if saved is not None and MambaLMConfig.from_dict(saved) != self.model_config:
+            raise ValueError(
+                "the checkpoint was written for a different model config than the one "
+                "configured now; resume with the same model.* settings (or start a new run)"
+            )
+        rng = checkpoint.get(RNG_KEY)
+        if rng:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 30.0))
