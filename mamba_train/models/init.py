@@ -159,9 +159,14 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
     default ``n_residuals_per_layer=1``, so ``out_proj``/``fc2`` end up scaled by 1/sqrt(n_layer)
     even when the blocks have an MLP.
     """
+    initialised: set[int] = set()
     for module in model.modules():
         if module is model:  # the root's own reset_parameters is what called us
             continue
+        own = list(module.parameters(recurse=False))
+        if own and all(id(p) in initialised for p in own):
+            continue  # a tied head: its weight is the embedding, already drawn
+        initialised.update(id(p) for p in own)
         if any(p.is_meta for p in module.parameters(recurse=False)):
             raise SSMInitError(
                 f"{type(module).__name__} still has meta parameters: materialise the model "

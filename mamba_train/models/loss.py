@@ -27,15 +27,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid_all = targets != IGNORE_INDEX
         n_valid = valid_all.sum().clamp(min=1)
         w = weight.to(compute_dtype)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad else None
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end].to(compute_dtype)
             t = targets[start:end]
             valid = valid_all[start:end]
-            logits = (h @ w.t()).float()  # (c, V) fp32: the loss is computed in fp32
+            logits = (h @ w.t()).to(acc)  # (c, V) in fp32: the loss is computed in fp32
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = t.clamp(min=0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -47,7 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs *= valid[:, None]
                 g = probs.to(compute_dtype)
                 grad_hidden[start:end] = (g @ w).to(hidden.dtype)
-                grad_weight += (g.t() @ h).float()
+                grad_weight += (g.t() @ h).to(acc)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
             ctx.weight_dtype = weight.dtype
