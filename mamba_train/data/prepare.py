@@ -269,6 +269,8 @@ def prepare(cfg: PrepareConfig, console=None) -> dict:
 
     console = console or Console(stderr=True)
     out = Path(cfg.out).expanduser()
+    if cfg.source != "default":
+        resolve_files(cfg.source)  # fail fast on a missing source
     tok = load_tokenizer(cfg.tokenizer)
     tok_info = {"name": tokenizer_name(cfg.tokenizer), "vocab_size": vocab_size(tok), "eos_id": eos_id(tok)}
     identity = {**cfg.identity(), "tokenizer": tok_info, "format_version": FORMAT_VERSION}

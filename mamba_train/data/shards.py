@@ -74,7 +74,6 @@ class ShardWriter:
         if tokens_per_shard < 1:
             raise ValueError(f"tokens_per_shard must be >= 1, got {tokens_per_shard}")
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.tokens_per_shard = int(tokens_per_shard)
         self.tokenizer = dict(tokenizer)
         self.dtype = np.dtype(dtype_for_vocab(int(tokenizer["vocab_size"]))).newbyteorder("<")
@@ -122,6 +121,7 @@ class ShardWriter:
             "total_tokens": self.tokens_written,
             "sources": self.sources,
         }
+        self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / INDEX_FILE, index)
         return index
 
@@ -137,6 +137,7 @@ class ShardWriter:
             raise DataError(f"token id {int(tokens.max())} does not fit {self.dtype.name}")
         data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         name = shard_name(len(self.shards))
+        self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.dir / name, data)
         self.shards.append({"file": name, "num_tokens": int(tokens.size),
                             "sha256": hashlib.sha256(data).hexdigest()})

@@ -1,0 +1,219 @@
+"""``TokenDataModule``: prepared token shards -> Lightning train/val dataloaders.
+
+Hydra::
+
+    data:
+      _target_: mamba_train.data.datamodule.TokenDataModule
+      path: /data/pile_neox        # a prepare out= dir (train/ + val/); null = embedded corpus
+      seq_len: 2048
+      micro_batch_size: 8
+      num_workers: 2
+      seed: 1234
+      tokenizer: EleutherAI/gpt-neox-20b
+      expected_vocab_size: ${model.vocab_size}
+
+or a mixture: ``sources: [{path: /data/web, weight: 0.7}, {path: /data/code, weight: 0.3}]``.
+
+``setup()`` validates everything that can be checked before the first step (directories,
+truncated shards, vocabulary vs tokenizer and model, enough tokens for one window), so a bad
+path fails in seconds with a message that names the file, not hours later in a worker.
+
+Resume: the train loader is a :class:`~mamba_train.data.dataset.ResumableDataLoader`, which
+Lightning checkpoints and restores by itself (``fit_loop`` state ``combined_loader``); the
+loader is created once and returned again by later ``train_dataloader()`` calls, so even
+``reload_dataloaders_every_n_epochs`` keeps the position. With ``path=None`` the embedded
+default corpus is tokenized on first use into ``~/.cache/mamba_train/default_data/<hash>``
+(``$MAMBA_TRAIN_CACHE`` or ``cache_dir`` to move it), by the same code as ``prepare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mamba_train.data.dataset import ResumableDataLoader, TokenWindowDataset, ValWindowDataset
+from mamba_train.data.shards import FORMAT_VERSION, DataError, validate_dataset
+from mamba_train.data.tokenizer import (DEFAULT_TOKENIZER_DIR, eos_id, load_tokenizer,
+                                        tokenizer_name, vocab_size)
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Train/val loaders over prepared token shards.
+
+    Args:
+        path: a ``prepare`` output directory holding ``train/`` and ``val/``; ``None`` (and no
+            ``sources``) uses the embedded default corpus, built on first use.
+        sources: a mixture instead of ``path``: ``[{"path": dir, "weight": w}, ...]``. Training
+            interleaves them by weight; validation covers every source's ``val/``.
+        seq_len: tokens per sample.
+        micro_batch_size: samples per batch on each rank.
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        seed: data order seed.
+        tokenizer: the tokenizer the run uses (name/path, as for ``prepare``); the data must
+            have been tokenized with the same vocabulary and EOS. ``None`` skips the check.
+        expected_vocab_size: the model's ``vocab_size``; the data must match it.
+        val_windows: cap on validation windows (all ranks together); ``None`` = all.
+        checksums: verify every shard's sha256 in ``setup()`` (reads all the data once).
+        pin_memory: pin batches for faster host-to-GPU copies; ``None`` = when CUDA is available.
+        cache_dir: where the default corpus is built (default ``~/.cache/mamba_train``).
+    """
+
+    def __init__(self, path: str | None = None, sources: list[dict] | None = None,
+                 seq_len: int = 2048, micro_batch_size: int = 8, num_workers: int = 2,
+                 seed: int = 1234, tokenizer: str | None = "default",
+                 expected_vocab_size: int | None = None, val_windows: int | None = None,
+                 checksums: bool = False, pin_memory: bool | None = None,
+                 cache_dir: str | None = None):
+        super().__init__()
+        if path is not None and sources:
+            raise ValueError("give either path or sources, not both")
+        self.save_hyperparameters()
+        self.path = path
+        self.sources = [dict(s) for s in sources] if sources else None
+        self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
+        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.tokenizer = tokenizer
+        self.expected_vocab_size = expected_vocab_size
+        self.val_windows, self.checksums = val_windows, checksums
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.cache_dir = cache_dir
+        self.index: dict | None = None  # index.json of the (first) train split, after setup()
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_ds: TokenWindowDataset | None = None
+        self._val_ds: ValWindowDataset | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        """Build the default corpus if needed (Lightning runs this once per node)."""
+        if self._uses_default_data():
+            ensure_default_data(self.tokenizer or "default", self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        roots, weights = self._roots()
+        rank, world = self._rank_world()
+        indexes = [self._validate(root / split) for root in roots for split in ("train", "val")]
+        self._check_tokenizer(indexes)
+        self.index = indexes[0]
+        if self._train_ds is None:
+            self._train_ds = TokenWindowDataset([r / "train" for r in roots], self.seq_len, weights,
+                                                self.seed, rank, world)
+        if self._val_ds is None:
+            self._val_ds = ValWindowDataset([r / "val" for r in roots], self.seq_len, rank, world,
+                                            self.val_windows)
+            self._val_ds.set_range(0, len(self._val_ds), self.micro_batch_size)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        if self._train_ds is None:
+            self.setup("fit")
+        if self._train_loader is None:
+            self._train_loader = ResumableDataLoader(
+                self._train_ds, batch_size=self.micro_batch_size, num_workers=self.num_workers,
+                pin_memory=self.pin_memory)
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        if self._val_ds is None:
+            self.setup("validate")
+        return DataLoader(self._val_ds, batch_size=self.micro_batch_size,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    # ------------------------------------------------------------------ facts for the model
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size the data was tokenized with (after ``setup()``)."""
+        return int(self._require_index()["tokenizer"]["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._require_index()["tokenizer"]["eos_id"])
+
+    # ------------------------------------------------------------------ helpers
+    def _uses_default_data(self) -> bool:
+        return self.path is None and not self.sources
+
+    def _roots(self) -> tuple[list[Path], list[float]]:
+        if self._uses_default_data():
+            return [ensure_default_data(self.tokenizer or "default", self.cache_dir)], [1.0]
+        if self.path is not None:
+            return [Path(self.path).expanduser()], [1.0]
+        for s in self.sources:
+            if "path" not in s:
+                raise ValueError(f"each of sources needs a 'path' (and optional 'weight'), got {s}")
+        return ([Path(s["path"]).expanduser() for s in self.sources],
+                [float(s.get("weight", 1.0)) for s in self.sources])
+
+    def _validate(self, split_dir: Path) -> dict:
+        if not split_dir.is_dir() and split_dir.parent.is_dir() and (split_dir.parent / "index.json").is_file():
+            raise DataError(f"{split_dir.parent} is a single split, not a prepare output; give the "
+                            f"directory that holds train/ and val/ (probably {split_dir.parent.parent})")
+        return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
+                                min_tokens=self.seq_len + 1)
+
+    def _check_tokenizer(self, indexes: list[dict]) -> None:
+        toks = {(i["tokenizer"]["vocab_size"], i["tokenizer"]["eos_id"]) for i in indexes}
+        if len(toks) > 1:
+            raise DataError(f"the data sources were tokenized with different tokenizers "
+                            f"{[i['tokenizer'] for i in indexes]}; re-prepare them with one")
+        if self.tokenizer is None:
+            return
+        data = indexes[0]["tokenizer"]
+        if data["name"] == tokenizer_name(self.tokenizer):
+            return
+        tok = load_tokenizer(self.tokenizer)
+        if (data["vocab_size"], data["eos_id"]) != (vocab_size(tok), eos_id(tok)):
+            raise DataError(
+                f"the data was tokenized with {data['name']!r} (vocab_size={data['vocab_size']}, "
+                f"eos_id={data['eos_id']}) but this run uses tokenizer {self.tokenizer!r} "
+                f"(vocab_size={vocab_size(tok)}, eos_id={eos_id(tok)}); re-run prepare with "
+                f"tokenizer={self.tokenizer} or set data.tokenizer to {data['name']!r}")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _require_index(self) -> dict:
+        if self.index is None:
+            raise RuntimeError("call setup() first")
+        return self.index
+
+
+def default_data_dir(tokenizer: str = "default", cache_dir: str | Path | None = None) -> Path:
+    """Where the embedded corpus tokenized with ``tokenizer`` is cached (content-addressed)."""
+    from mamba_train.data.default_corpus import default_corpus_hash
+
+    root = Path(cache_dir or os.environ.get("MAMBA_TRAIN_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "mamba_train").expanduser()
+    key = f"{FORMAT_VERSION}|{default_corpus_hash()}|{tokenizer_name(tokenizer)}"
+    if tokenizer_name(tokenizer) == "default":
+        key += "|" + hashlib.sha256((DEFAULT_TOKENIZER_DIR / "tokenizer.json").read_bytes()).hexdigest()
+    return root / "default_data" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_default_data(tokenizer: str = "default", cache_dir: str | Path | None = None) -> Path:
+    """Build (once) and return the default corpus directory. Built in a private temporary
+    directory then renamed into place, so concurrent processes never see a partial one."""
+    from mamba_train.data.prepare import PROGRESS_FILE, PrepareConfig, prepare
+
+    out = default_data_dir(tokenizer, cache_dir)
+    if (out / "train" / "index.json").is_file() and (out / "val" / "index.json").is_file():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prepare(PrepareConfig(source="default", out=str(tmp), tokenizer=tokenizer, num_proc=1))
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first
+        if not (out / PROGRESS_FILE).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
