@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from mamba_train.data.shards import FORMAT_VERSION, DataError, ShardWriter, atomic_write_json
-from mamba_train.data.tokenizer import eos_id, load_tokenizer, tokenizer_name, vocab_size
+from mamba_train.data.tokenizer import load_backend
 
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
@@ -267,12 +267,11 @@ def prepare(cfg: PrepareConfig, console=None) -> dict:
     """Run (or resume) a prepare; returns ``progress.json``'s content."""
     from rich.console import Console
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     out = Path(cfg.out).expanduser()
     if cfg.source != "default":
         resolve_files(cfg.source)  # fail fast on a missing source
-    tok = load_tokenizer(cfg.tokenizer)
-    tok_info = {"name": tokenizer_name(cfg.tokenizer), "vocab_size": vocab_size(tok), "eos_id": eos_id(tok)}
+    backend, tok_info = load_backend(cfg.tokenizer)
     identity = {**cfg.identity(), "tokenizer": tok_info, "format_version": FORMAT_VERSION}
     if cfg.source != "default" and Path(cfg.source).expanduser().exists():
         identity["source"] = str(Path(cfg.source).expanduser().resolve())
@@ -299,7 +298,7 @@ def prepare(cfg: PrepareConfig, console=None) -> dict:
         console.print(f"resuming {out}: {start_doc:,} documents done, skipping them")
         for _ in islice(docs, start_doc):
             pass
-    init_args = (tok.backend_tokenizer.to_str(), tok_info["eos_id"], cfg.val_fraction,
+    init_args = (backend.to_str(), tok_info["eos_id"], cfg.val_fraction,
                  cfg.source == "default")
     batches = _encoded_batches(cfg, docs, start_doc, init_args)
     with _progress_bar(console) as bar:

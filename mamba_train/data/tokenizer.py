@@ -9,6 +9,7 @@ byte-level BPE bundled in ``mamba_train/assets/tokenizer`` (see
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
@@ -54,6 +55,37 @@ def load_tokenizer(name_or_path: str | Path | None = None):
             f"tokenizer {name_or_path!r} has no EOS token; prepare needs one to separate documents"
         )
     return tok
+
+
+def load_backend(name_or_path: str | Path | None = None):
+    """``(tokenizers.Tokenizer, {"name", "vocab_size", "eos_id"})`` for ``prepare``.
+
+    The bundled tokenizer and ``tokenizer.json`` files are read with the ``tokenizers`` library
+    alone: importing ``transformers`` (and with it torch) costs seconds per process, which
+    matters for a CLI and its worker processes. Anything else goes through
+    :func:`load_tokenizer`.
+    """
+    from tokenizers import Tokenizer
+
+    path = DEFAULT_TOKENIZER_DIR if name_or_path is None or str(name_or_path) == "default" \
+        else Path(str(name_or_path)).expanduser()
+    if path.is_dir() and (path / "tokenizer_config.json").is_file() and (path / "tokenizer.json").is_file():
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        eos_token = config.get("eos_token")
+        eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+        path = path / "tokenizer.json" if config.get("tokenizer_class") == "PreTrainedTokenizerFast" else path
+    else:
+        eos_token = DEFAULT_EOS
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+        eos = tok.token_to_id(eos_token) if eos_token else None
+        if eos is not None:
+            info = {"name": tokenizer_name(name_or_path), "eos_id": eos,
+                    "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
+            return tok, info
+    hf = load_tokenizer(name_or_path)
+    info = {"name": tokenizer_name(name_or_path), "vocab_size": vocab_size(hf), "eos_id": eos_id(hf)}
+    return hf.backend_tokenizer, info
 
 
 def tokenizer_name(name_or_path: str | Path | None) -> str:

@@ -1,0 +1,119 @@
+"""The prepare CLI end to end (subprocess), resume, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from mamba_train.data.prepare import main, parse_args
+from mamba_train.data.shards import TokenShards, validate_dataset
+from mamba_train.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the of a statement is value object name class function module return loop".split()
+
+
+def run_prepare(*args):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "mamba_train.data.prepare", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 150))) for _ in range(300)]
+    lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs))
+    (d / "docs.jsonl").write_text(lines)
+    (d / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    return d, docs
+
+
+def shards_of(out):
+    return {s: json.loads((out / s / "index.json").read_text())["shards"] for s in ("train", "val")}
+
+
+def test_jsonl_end_to_end(corpus, tmp_path):
+    d, docs = corpus
+    out = tmp_path / "out"
+    log = run_prepare(f"source={d / 'docs.jsonl'}", f"out={out}", "tokens_per_shard=1000",
+                      "val_fraction=0.2", "num_proc=2", "batch_docs=16")
+    assert "wrote" in log
+    tok = load_tokenizer("default")
+    texts = []
+    for split in ("train", "val"):
+        index = validate_dataset(out / split, expected_vocab_size=4096, checksums=True)
+        assert index["tokenizer"] == {"name": "default", "vocab_size": 4096, "eos_id": 0}
+        assert index["dtype"] == "uint16" and all(s["num_tokens"] == 1000 for s in index["shards"][:-1])
+        stream = TokenShards(out / split).tokens(0, index["total_tokens"])
+        assert stream[-1] == 0  # every document ends with EOS
+        cuts = np.flatnonzero(stream == 0)
+        texts.append([tok.decode(stream[a + 1:b]) for a, b in zip(np.r_[-1, cuts[:-1]], cuts)])
+    train, val = texts
+    assert 0.1 < len(val) / len(docs) < 0.3
+    assert sorted(train + val) == sorted(docs)  # every document once, in one split, intact
+    assert train == [t for t in docs if t in set(train)]  # stream order = source order
+
+
+def test_zst_and_resume_give_identical_shards(corpus, tmp_path, capsys):
+    d, _ = corpus
+    common = ["tokens_per_shard=1000", "val_fraction=0.2", "batch_docs=16"]
+    assert main([f"source={d / 'docs.jsonl'}", f"out={tmp_path / 'ref'}", "num_proc=1", *common]) == 0
+    out = tmp_path / "resumed"
+    log = run_prepare(f"source={d / 'docs.jsonl.zst'}", f"out={out}", "num_proc=2", "max_shards=3", *common)
+    assert "stopped after" in log and not (out / "train" / "index.json").exists()
+    written = json.loads((out / "progress.json").read_text())["splits"]["train"]["shards"]
+    assert len(written) >= 3
+    mtime = (out / "train" / "shard_00000.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([f"source={d / 'docs.jsonl.zst'}", f"out={out}", "num_proc=2", *common]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert (out / "train" / "shard_00000.bin").stat().st_mtime_ns == mtime  # skipped, not rewritten
+    assert shards_of(out) == shards_of(tmp_path / "ref")  # same bytes as an uninterrupted run
+    assert main([f"source={d / 'docs.jsonl.zst'}", f"out={out}", *common]) == 0
+    assert "already complete" in capsys.readouterr().err
+
+
+def test_missing_source(tmp_path, capsys):
+    assert main([f"source={tmp_path / 'nope.jsonl'}", f"out={tmp_path / 'o'}"]) == 2
+    assert "nope.jsonl' not found" in capsys.readouterr().err
+
+
+def test_empty_source(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n')
+    for name in ("empty.jsonl", "blank.jsonl"):
+        assert main([f"source={tmp_path / name}", f"out={tmp_path / name}.out", "num_proc=1"]) == 2
+        assert f"{name}' has no documents" in capsys.readouterr().err
+
+
+def test_missing_text_key(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_text('{"content": "hello", "id": 1}\n')
+    assert main([f"source={tmp_path / 'x.jsonl'}", f"out={tmp_path / 'o'}", "num_proc=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'text' field; fields present: ['content', 'id']. Pass text_key=" in err
+
+
+def test_other_settings_refused(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_text('{"text": "hello world"}\n')
+    assert main([f"source={tmp_path / 'x.jsonl'}", f"out={tmp_path / 'o'}", "num_proc=1"]) == 0
+    assert main([f"source={tmp_path / 'x.jsonl'}", f"out={tmp_path / 'o'}", "val_fraction=0.5"]) == 2
+    assert "holds a prepare run with other settings" in capsys.readouterr().err
+
+
+def test_parse_args():
+    cfg = parse_args(["source=a.jsonl", "out=o", "tokens_per_shard=1e6", "val_fraction=0.05", "max_shards=none"])
+    assert (cfg.tokens_per_shard, cfg.val_fraction, cfg.max_shards) == (1_000_000, 0.05, None)
+    with pytest.raises(SystemExit, match="bad argument"):
+        parse_args(["source=a", "out=o", "bogus=1"])
