@@ -66,12 +66,11 @@ def max_steps(cfg: DictConfig) -> int:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    run_dir = Path(cfg.trainer.get("default_root_dir") or
-                   cfg.get("run_dir") or Path(cfg.paths.output_dir) / cfg.run_name)
+    run_dir = Path(cfg.run_dir)
     _check_run_dir(run_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    model_config = MambaLMConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    model_config: MambaLMConfig = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.data, expected_vocab_size=model_config.vocab_size)
     module = MambaLMModule(
         model=model_config,

@@ -4,7 +4,8 @@ Accepts a ``mamba_ssm``-format directory, a Hugging Face ``transformers`` direct
 (``MambaForCausalLM`` / ``Mamba2ForCausalLM``), or a Lightning training checkpoint (``.ckpt``).
 Weights are assigned into a meta-device skeleton, so no init routine runs after loading and
 every tensor is bit-identical to the file (transformers >= 5 re-runs ``_init_weights`` after
-``from_pretrained``, which has overwritten trained Δ biases: we never do).
+``from_pretrained``, which has overwritten trained weights -- Δ bias in some versions, out_proj
+in 5.23 (see export/hf.py): we never do).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ def model_from_state_dict(config: MambaLMConfig, state: Mapping[str, torch.Tenso
     expected = set(model.state_dict())
     state = dict(state)
     if config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("backbone.embedding.weight"))
+        emb, head = state.get("backbone.embedding.weight"), state.get("lm_head.weight")
+        if head is not None and emb is not None and not torch.equal(head, emb):
+            raise CheckpointError(
+                f"{source}: tie_embeddings is true but lm_head.weight differs from "
+                "backbone.embedding.weight; set tie_embeddings=false in its config.json"
+            )
+        state["lm_head.weight"] = emb
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise CheckpointError(

@@ -105,6 +105,9 @@ class MambaLMConfig:
         self.attn_cfg = _plain(self.attn_cfg) or {}
         self.attn_layer_idx = list(_plain(self.attn_layer_idx) or [])
         self.initializer_cfg = _plain(self.initializer_cfg) or {}
+        for key in ("A_init_range", "dt_limit"):  # JSON/YAML give lists; mamba_ssm uses tuples
+            if key in self.ssm_cfg:
+                self.ssm_cfg[key] = tuple(self.ssm_cfg[key])
         self.validate()
 
     # ------------------------------------------------------------------ derived quantities

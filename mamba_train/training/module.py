@@ -4,7 +4,6 @@ the model config and RNG states into every checkpoint."""
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Callable
 
@@ -112,7 +111,8 @@ class MambaLMModule(L.LightningModule):
             checkpoint[RUN_CONFIG_KEY] = self.run_config
         checkpoint[RNG_KEY] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            # plain lists: Lightning loads checkpoints with weights_only=True (no numpy arrays)
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -127,11 +127,13 @@ class MambaLMModule(L.LightningModule):
         rng = checkpoint.get(RNG_KEY)
         if rng:
             random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 30.0))
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.tolist(), int(pos), int(has_gauss), float(cached)

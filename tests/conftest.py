@@ -1,0 +1,24 @@
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A model small enough that a training step takes well under a second on 2 CPU cores.
+TINY = ["model.d_model=64", "model.n_layer=2", "data.seq_len=64", "data.micro_batch_size=4",
+        "train.global_batch_tokens=256", "data.num_workers=0", "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def compose_config(overrides, output_dir):
+    with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def _make(*overrides, tiny=True):
+        return compose_config([*(TINY if tiny else []), *overrides], tmp_path / "outputs")
+    return _make
