@@ -271,37 +271,50 @@ class ResumableDataLoader(DataLoader):
     ``load_state_dict`` on restart before it creates the iterator. The dataset is never asked.
 
     ``len(loader)`` is one nominal epoch (:meth:`TokenWindowDataset.epoch_samples`) and each
-    ``iter()`` yields the rest of the current epoch, continuing where the last one stopped. A
-    length matters: without one, Lightning's fetcher pre-fetches one batch ahead, so a
-    checkpoint written after step *k* would count *k + 1* batches and the resumed run would skip
-    one. Each ``iter()`` starts fresh workers that copy the current position (so
-    ``persistent_workers`` is not supported).
+    ``iter()`` yields the rest of the current epoch. A length matters: without one, Lightning's
+    fetcher pre-fetches one batch ahead, so a checkpoint written after step *k* would count
+    *k + 1* batches and the resumed run would skip one.
 
-    The state is the per-rank sample count, not a per-worker position, so a run can resume
-    with another ``num_workers`` (or ``batch_size``); a different ``world_size`` resumes at the
-    same global sample, rounded down to a multiple of the new world size.
+    Epochs are slices of one endless stream: the workers are started once and kept across
+    epochs (so a tiny corpus does not pay a worker restart every few batches; do not pass
+    ``persistent_workers``), and restarted at the right position only after
+    ``load_state_dict``. The state is the per-rank sample count, not a per-worker position, so
+    a run can resume with another ``num_workers`` (or ``batch_size``); a different
+    ``world_size`` resumes at the same global sample, rounded down to a multiple of it.
     """
 
     def __init__(self, dataset: TokenWindowDataset, batch_size: int, num_workers: int = 0,
                  pin_memory: bool = False, **kwargs):
         if kwargs.pop("persistent_workers", False):
-            raise ValueError("ResumableDataLoader restarts workers each epoch; persistent_workers is unsupported")
-        kwargs.pop("drop_last", None)  # always True: every batch is full (and Lightning may re-pass it)
+            raise ValueError("ResumableDataLoader keeps its workers itself; do not pass persistent_workers")
+        kwargs.pop("drop_last", None)  # the stream is endless: every batch is full
         super().__init__(dataset, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, drop_last=True, **kwargs)
         self.samples_yielded = 0
+        self._stream: Iterator | None = None
+        self._stream_pos = -1
 
     def __len__(self) -> int:
         return self.dataset.epoch_samples(self.batch_size) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batch, per_epoch = self.batch_size, self.dataset.epoch_samples(self.batch_size)
-        start = self.samples_yielded
-        epoch_end = (start // per_epoch + 1) * per_epoch
-        self.dataset.set_range(start, start + math.ceil((epoch_end - start) / batch) * batch, batch)
-        for item in super().__iter__():
-            self.samples_yielded += item["input_ids"].shape[0]
-            yield item
+        per_epoch = self.dataset.epoch_samples(self.batch_size)
+        epoch_end = (self.samples_yielded // per_epoch + 1) * per_epoch
+        for _ in range(math.ceil((epoch_end - self.samples_yielded) / self.batch_size)):
+            yield self._next_batch()
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._stream is None or self._stream_pos != self.samples_yielded:
+            self._stream = None  # shuts down the old workers
+            self.dataset.set_range(self.samples_yielded, None, self.batch_size)  # workers copy it
+            self._stream, self._stream_pos = super().__iter__(), self.samples_yielded
+        item = next(self._stream)
+        self.samples_yielded += item["input_ids"].shape[0]  # consumed in the main process
+        self._stream_pos = self.samples_yielded
+        return item
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None, "_stream_pos": -1}
 
     @property
     def epoch(self) -> int:
