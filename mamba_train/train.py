@@ -65,7 +65,8 @@ def max_steps(cfg: DictConfig) -> int:
     return int(cfg.train.total_tokens) // int(cfg.train.global_batch_tokens)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
     run_dir = Path(cfg.run_dir)
     _check_run_dir(run_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -83,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_config=OmegaConf.to_yaml(cfg, resolve=True),
     )
 
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer,

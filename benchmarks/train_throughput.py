@@ -1,0 +1,169 @@
+"""Training throughput: mamba_train's real path vs a plain loop around mamba_ssm, same process.
+
+For each model it measures, on one GPU, with the same micro-batch, precision, optimizer and
+clipping:
+  (a) a plain PyTorch loop around ``mamba_ssm.MambaLMHeadModel`` (bf16 autocast, fp32 params,
+      fused AdamW over the same decay groups, clip 1.0, loss on an fp32 copy of the logits --
+      the common way such loops are written);
+  (b) ``mamba_train.train.train``: LightningModule + Trainer + the configured callbacks and CSV
+      logger + the real loader over prepared token shards (synthetic tokens, 50277 vocab).
+Steady-state tokens/s = median over timed windows after warm-up; peak GPU memory per arm.
+Prints one line per model with the ratio b/a; ``--json`` writes everything.
+
+    python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEQ_LEN = 2048
+VOCAB = 50277
+
+
+def windows_tok_s(times: list[float], tokens_per_step: int, window: int) -> list[float]:
+    """tokens/s per window of ``window`` steps from cumulative synchronized timestamps."""
+    out = []
+    for i in range(window, len(times), window):
+        out.append(tokens_per_step * window / (times[i] - times[i - window]))
+    return out
+
+
+def model_config(name: str):
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"recipe={name}"])
+    return instantiate(cfg.model, _convert_="all"), cfg
+
+
+def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: int) -> dict:
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    from mamba_train.training.optim import param_groups
+
+    cfg, run_cfg = model_config(name)
+    torch.manual_seed(0)
+    fields = {k: v for k, v in cfg.to_dict().items() if k in MambaConfig.__dataclass_fields__}
+    model = MambaLMHeadModel(MambaConfig(**fields), device="cuda")
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups(model, 0.1)]
+    opt = torch.optim.AdamW(groups, lr=float(run_cfg.optim.lr), betas=(0.9, 0.95), fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    stamps, losses = [], []
+    steps = warmup + windows * window
+    for step in range(steps + 1):
+        x = torch.randint(0, VOCAB, (micro_batch, SEQ_LEN + 1), device="cuda", generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= warmup and (step - warmup) % window == 0:
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            losses.append(loss.item())
+    tok = windows_tok_s(stamps, micro_batch * SEQ_LEN, window)
+    result = {"tok_s": statistics.median(tok), "windows": tok,
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
+    del model, opt
+    torch.cuda.empty_cache()
+    return result
+
+
+class StepTimer(L.Callback):
+    """Synchronised timestamps every ``window`` optimizer steps after ``warmup`` (accumulation 1)."""
+
+    def __init__(self, warmup: int, window: int):
+        self.warmup, self.window = warmup, window
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step >= self.warmup and (step - self.warmup) % self.window == 0:
+            torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+
+def synthetic_shards(root: Path) -> Path:
+    from mamba_train.data.shards import write_tokens
+    rng = np.random.default_rng(0)
+    tok = {"name": "synthetic", "vocab_size": VOCAB, "eos_id": 0}
+    write_tokens(root / "train", rng.integers(1, VOCAB, 40_000_000, dtype=np.uint16), tok)
+    write_tokens(root / "val", rng.integers(1, VOCAB, 100_000, dtype=np.uint16), tok, split="val")
+    return root
+
+
+def framework(name: str, micro_batch: int, warmup: int, windows: int, window: int,
+              data_dir: Path, out_dir: Path, extra: list[str]) -> dict:
+    from hydra import compose, initialize_config_module
+
+    from mamba_train.train import train
+
+    steps = warmup + windows * window + 1
+    overrides = [
+        f"recipe={name}", f"data.path={data_dir}", "data.tokenizer=null", "data.num_workers=2",
+        f"data.micro_batch_size={micro_batch}", f"train.global_batch_tokens={micro_batch * SEQ_LEN}",
+        f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "train.val_every_n_steps=100000",
+        "train.checkpoint_every_n_steps=100000", "callbacks.model_checkpoint.save_last=false",
+        f"paths.output_dir={out_dir}", f"run_name={name}-mb{micro_batch}", *extra,
+    ]
+    with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    timer = StepTimer(warmup, window)
+    torch.cuda.reset_peak_memory_stats()
+    train(cfg, extra_callbacks=[timer])
+    tok = windows_tok_s(timer.stamps, micro_batch * SEQ_LEN, window)
+    result = {"tok_s": statistics.median(tok) if tok else float("nan"), "windows": tok,
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mamba-130m", "mamba-370m", "mamba2-130m", "mamba2-370m"])
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override for arm (b)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = {"device": torch.cuda.get_device_name(), "micro_batch": args.micro_batch,
+               "date": time.strftime("%Y-%m-%d"), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_shards(Path(tmp) / "data")
+        for name in args.models:
+            a = plain_loop(name, args.micro_batch, args.warmup, args.windows, args.window)
+            b = framework(name, args.micro_batch, args.warmup, args.windows, args.window, data,
+                          Path(tmp) / "runs", args.override)
+            results["models"][name] = {"plain": a, "mamba_train": b, "ratio": b["tok_s"] / a["tok_s"]}
+            print(f"THROUGHPUT {name} mb={args.micro_batch}: plain {a['tok_s']:,.0f} tok/s "
+                  f"({a['peak_mem_gib']:.1f} GiB) | mamba_train {b['tok_s']:,.0f} tok/s "
+                  f"({b['peak_mem_gib']:.1f} GiB) | ratio b/a {b['tok_s'] / a['tok_s']:.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
