@@ -23,13 +23,15 @@ def make_prepared(root, train_windows=10, val_windows=4, seq_len=4, offset=0):
 
 
 def test_default_corpus(tmp_path):
-    dm = TokenDataModule(seq_len=256, micro_batch_size=4, num_workers=0, cache_dir=str(tmp_path))
+    dm = TokenDataModule(seq_len=256, micro_batch_size=4, num_workers=0, cache_dir=str(tmp_path),
+                         epoch_batches=64)
     dm.prepare_data()
     dm.setup("fit")
     assert default_data_dir("default", tmp_path).is_dir()
     assert dm.vocab_size == 4096 and dm.eos_id == 0
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 256) and int(batch["input_ids"].max()) < 4096
+    assert len(dm.train_dataloader()) == 64
     assert len(dm.val_dataloader()) >= 10
     assert dm.train_dataloader() is dm.train_dataloader()  # one loader: its position survives reloads
 

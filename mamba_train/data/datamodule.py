@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 import lightning as L
 import torch
@@ -40,6 +41,10 @@ from mamba_train.data.dataset import ResumableDataLoader, TokenWindowDataset, Va
 from mamba_train.data.shards import FORMAT_VERSION, DataError, validate_dataset
 from mamba_train.data.tokenizer import (DEFAULT_TOKENIZER_DIR, eos_id, load_tokenizer,
                                         tokenizer_name, vocab_size)
+
+# Lightning warns about any IterableDataset loader with a length, in case workers duplicate
+# data; ours deal disjoint windows to workers (tested), so the length is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -61,6 +66,10 @@ class TokenDataModule(L.LightningDataModule):
         checksums: verify every shard's sha256 in ``setup()`` (reads all the data once).
         pin_memory: pin batches for faster host-to-GPU copies; ``None`` = when CUDA is available.
         cache_dir: where the default corpus is built (default ``~/.cache/mamba_train``).
+        epoch_batches: length of a Lightning epoch in micro-batches; default one pass over the
+            training data. Tiny corpora make short epochs (the default corpus: 6 batches of
+            8 x 2048); raise it, e.g. to a multiple of ``accumulate_grad_batches``, so that
+            gradient accumulation never straddles an epoch end.
     """
 
     def __init__(self, path: str | None = None, sources: list[dict] | None = None,
@@ -68,7 +77,7 @@ class TokenDataModule(L.LightningDataModule):
                  seed: int = 1234, tokenizer: str | None = "default",
                  expected_vocab_size: int | None = None, val_windows: int | None = None,
                  checksums: bool = False, pin_memory: bool | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, epoch_batches: int | None = None):
         super().__init__()
         if path is not None and sources:
             raise ValueError("give either path or sources, not both")
@@ -82,6 +91,7 @@ class TokenDataModule(L.LightningDataModule):
         self.val_windows, self.checksums = val_windows, checksums
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.cache_dir = cache_dir
+        self.epoch_batches = epoch_batches
         self.index: dict | None = None  # index.json of the (first) train split, after setup()
         self._train_loader: ResumableDataLoader | None = None
         self._train_ds: TokenWindowDataset | None = None
@@ -96,16 +106,20 @@ class TokenDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         roots, weights = self._roots()
         rank, world = self._rank_world()
-        indexes = [self._validate(root / split) for root in roots for split in ("train", "val")]
-        self._check_tokenizer(indexes)
-        self.index = indexes[0]
-        if self._train_ds is None:
+        if self.index is None:  # once: with checksums=True it reads every byte
+            indexes = [self._validate(root / split) for root in roots for split in ("train", "val")]
+            self._check_tokenizer(indexes)
+            self.index = indexes[0]
+        if self._train_ds is None or (self._train_ds.rank, self._train_ds.world_size) != (rank, world):
+            # (re)built when the rank is known: setup() may have run before a Trainer attached
             self._train_ds = TokenWindowDataset([r / "train" for r in roots], self.seq_len, weights,
                                                 self.seed, rank, world)
-        if self._val_ds is None:
             self._val_ds = ValWindowDataset([r / "val" for r in roots], self.seq_len, rank, world,
                                             self.val_windows)
             self._val_ds.set_range(0, len(self._val_ds), self.micro_batch_size)
+            if self._train_loader is not None:
+                state, self._train_loader = self._train_loader.state_dict(), None
+                self.train_dataloader().load_state_dict(state)
 
     def train_dataloader(self) -> ResumableDataLoader:
         if self._train_ds is None:
@@ -113,7 +127,7 @@ class TokenDataModule(L.LightningDataModule):
         if self._train_loader is None:
             self._train_loader = ResumableDataLoader(
                 self._train_ds, batch_size=self.micro_batch_size, num_workers=self.num_workers,
-                pin_memory=self.pin_memory)
+                pin_memory=self.pin_memory, epoch_batches=self.epoch_batches)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:

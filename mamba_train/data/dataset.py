@@ -270,8 +270,8 @@ class ResumableDataLoader(DataLoader):
     ``state_dict``/``load_state_dict`` (the ``_Stateful`` protocol), and calls
     ``load_state_dict`` on restart before it creates the iterator. The dataset is never asked.
 
-    ``len(loader)`` is one nominal epoch (:meth:`TokenWindowDataset.epoch_samples`) and each
-    ``iter()`` yields the rest of the current epoch. A length matters: without one, Lightning's
+    ``len(loader)`` is one nominal epoch (:meth:`TokenWindowDataset.epoch_samples`, or
+    ``epoch_batches``) and each ``iter()`` yields the rest of the current epoch. A length matters: without one, Lightning's
     fetcher pre-fetches one batch ahead, so a checkpoint written after step *k* would count
     *k + 1* batches and the resumed run would skip one.
 
@@ -284,21 +284,29 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: TokenWindowDataset, batch_size: int, num_workers: int = 0,
-                 pin_memory: bool = False, **kwargs):
+                 pin_memory: bool = False, epoch_batches: int | None = None, **kwargs):
         if kwargs.pop("persistent_workers", False):
             raise ValueError("ResumableDataLoader keeps its workers itself; do not pass persistent_workers")
         kwargs.pop("drop_last", None)  # the stream is endless: every batch is full
         super().__init__(dataset, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, drop_last=True, **kwargs)
+        if epoch_batches is not None and epoch_batches < 1:
+            raise ValueError(f"epoch_batches must be >= 1, got {epoch_batches}")
+        self.epoch_batches = epoch_batches
         self.samples_yielded = 0
         self._stream: Iterator | None = None
         self._stream_pos = -1
 
     def __len__(self) -> int:
-        return self.dataset.epoch_samples(self.batch_size) // self.batch_size
+        return self._epoch_samples() // self.batch_size
+
+    def _epoch_samples(self) -> int:
+        if self.epoch_batches is not None:
+            return self.epoch_batches * self.batch_size
+        return self.dataset.epoch_samples(self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        per_epoch = self.dataset.epoch_samples(self.batch_size)
+        per_epoch = self._epoch_samples()
         epoch_end = (self.samples_yielded // per_epoch + 1) * per_epoch
         for _ in range(math.ceil((epoch_end - self.samples_yielded) / self.batch_size)):
             yield self._next_batch()
@@ -318,7 +326,7 @@ class ResumableDataLoader(DataLoader):
 
     @property
     def epoch(self) -> int:
-        return self.samples_yielded // self.dataset.epoch_samples(self.batch_size)
+        return self.samples_yielded // self._epoch_samples()
 
     def state_dict(self) -> dict:
         ds = self.dataset
