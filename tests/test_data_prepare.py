@@ -113,7 +113,8 @@ def test_other_settings_refused(tmp_path, capsys):
 
 
 def test_parse_args():
-    cfg = parse_args(["source=a.jsonl", "out=o", "tokens_per_shard=1e6", "val_fraction=0.05", "max_shards=none"])
+    cfg = parse_args(["source=a.jsonl", "out=o", "tokens_per_shard=1e6", "val_fraction=0.05",
+                      "max_shards=none"])
     assert (cfg.tokens_per_shard, cfg.val_fraction, cfg.max_shards) == (1_000_000, 0.05, None)
     with pytest.raises(SystemExit, match="bad argument"):
         parse_args(["source=a", "out=o", "bogus=1"])

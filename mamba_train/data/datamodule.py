@@ -162,9 +162,10 @@ class TokenDataModule(L.LightningDataModule):
                 [float(s.get("weight", 1.0)) for s in self.sources])
 
     def _validate(self, split_dir: Path) -> dict:
-        if not split_dir.is_dir() and split_dir.parent.is_dir() and (split_dir.parent / "index.json").is_file():
-            raise DataError(f"{split_dir.parent} is a single split, not a prepare output; give the "
-                            f"directory that holds train/ and val/ (probably {split_dir.parent.parent})")
+        parent = split_dir.parent
+        if not split_dir.is_dir() and parent.is_dir() and (parent / "index.json").is_file():
+            raise DataError(f"{parent} is a single split, not a prepare output; give the "
+                            f"directory that holds train/ and val/ (probably {parent.parent})")
         return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
                                 min_tokens=self.seq_len + 1)
 

@@ -29,7 +29,8 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     if name_or_path is None or str(name_or_path) == "default":
         name_or_path = DEFAULT_TOKENIZER_DIR
     path = Path(str(name_or_path)).expanduser()
-    if path.is_dir() and not (path / "tokenizer_config.json").is_file() and (path / "tokenizer.json").is_file():
+    bare = path.is_dir() and not (path / "tokenizer_config.json").is_file()
+    if bare and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"  # a bare tokenizers-library save
     if path.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
