@@ -1,0 +1,27 @@
+"""Pure-PyTorch reference mixers (exact re-implementations of mamba_ssm's Mamba and Mamba2).
+
+They run anywhere PyTorch runs (CPU training, tests) and are the oracle for the fused kernels.
+"""
+
+from mamba_train.models.reference.mamba1 import Mamba
+from mamba_train.models.reference.mamba2 import GatedRMSNorm, Mamba2
+from mamba_train.models.reference.ops import (
+    causal_conv1d,
+    gated_rms_norm,
+    selective_scan,
+    selective_scan_sequential,
+    ssd_chunked,
+    ssd_sequential,
+)
+
+__all__ = [
+    "Mamba",
+    "Mamba2",
+    "GatedRMSNorm",
+    "causal_conv1d",
+    "gated_rms_norm",
+    "selective_scan",
+    "selective_scan_sequential",
+    "ssd_chunked",
+    "ssd_sequential",
+]
