@@ -50,13 +50,16 @@ class MambaLMModule(L.LightningModule):
         self.run_config = run_config
         self.model = None
         self.skipped_steps = 0
+        self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
         # Called by Lightning inside the strategy's init contexts (meta device for sharded
         # strategies, which then materialise through MambaLM.reset_parameters).
         if self.model is None:
-            self.model = build_model(self.model_config, backend=self.backend)
+            from mamba_train.training.parallel import build_model_for  # strategy-aware (ZeRO-3)
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            self.model = build_model_for(strategy, self.model_config, backend=self.backend)
 
     def forward(self, input_ids, seq_idx=None, labels=None):
         return self.model(input_ids, seq_idx=seq_idx, labels=labels,
@@ -103,6 +106,21 @@ class MambaLMModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (fused AdamW,
+        # the fast one on GPU) because it assumes a GradScaler. Under bf16-mixed or fp32 there is
+        # no scaler, so clipping the gradients directly is exact: do that on single-device/DDP.
+        # Sharded strategies keep Lightning's path (their norm needs a cross-rank reduction).
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        plain = isinstance(self.trainer.strategy, (DDPStrategy, SingleDeviceStrategy))
+        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and str(gradient_clip_algorithm or "norm") == "norm" and plain and unscaled:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
