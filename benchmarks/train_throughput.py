@@ -32,12 +32,9 @@ SEQ_LEN = 2048
 VOCAB = 50277
 
 
-def windows_tok_s(times: list[float], tokens_per_step: int, window: int) -> list[float]:
-    """tokens/s per window of ``window`` steps from cumulative synchronized timestamps."""
-    out = []
-    for i in range(window, len(times), window):
-        out.append(tokens_per_step * window / (times[i] - times[i - window]))
-    return out
+def windows_tok_s(stamps: list[float], tokens_per_step: int, window: int) -> list[float]:
+    """tokens/s of each window from synchronized timestamps taken every ``window`` steps."""
+    return [tokens_per_step * window / (b - a) for a, b in zip(stamps, stamps[1:])]
 
 
 def model_config(name: str):

@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, mamba_ssm, lightning; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
