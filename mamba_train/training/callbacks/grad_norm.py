@@ -1,0 +1,51 @@
+"""Total gradient norm *before* clipping, once per optimizer step, without a host sync.
+
+Lightning calls ``on_before_optimizer_step`` after the gradients are complete (accumulated,
+all-reduced under DDP, unscaled under fp16 AMP) and before ``gradient_clip_val`` is applied, so
+this is the norm the clipping decision sees. The norm stays a device tensor handed to
+``LightningModule.log``, which reads it only at logging steps (like the loss).
+
+Lightning's ``grad_norm`` utility returns one norm per parameter (hundreds of keys); the total is
+what clipping and loss-spike forensics need, so ``torch.nn.utils.get_total_norm`` is used (one
+fused ``foreach`` norm). Under FSDP each rank holds a shard of the gradients: the squared local
+norms are summed across ranks (an all-reduce, no host sync).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+def total_grad_norm(parameters, norm_type: float = 2.0) -> torch.Tensor | None:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
+
+
+def _is_sharded(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+class GradNormMonitor(L.Callback):
+    """Logs ``train/grad_norm`` (L2 norm of all gradients, before clipping)."""
+
+    def __init__(self, key: str = "train/grad_norm"):
+        self.key = key
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = total_grad_norm(params)
+        if norm is None:
+            return
+        if _is_sharded(trainer) and torch.distributed.is_initialized():
+            sq = norm.float() ** 2
+            torch.distributed.all_reduce(sq)
+            norm = sq.sqrt()
+        pl_module.log(self.key, norm.detach().float(), on_step=True, on_epoch=False)

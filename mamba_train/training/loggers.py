@@ -1,0 +1,87 @@
+"""Experiment loggers beyond Lightning's defaults: Weights & Biases with a run id that survives
+resumes, and a graceful absence when ``wandb`` is not installed.
+
+Why a subclass of Lightning's ``WandbLogger``:
+
+* **Resume continues the same W&B run.** ``WandbLogger`` accepts ``id=`` and passes
+  ``resume="allow"``, but something has to remember the id between processes: it is kept in
+  ``<run_dir>/wandb_run_id``. A resumed run (``ckpt_path`` set) reuses it; a fresh run writes a
+  new one (so restarting a run that never checkpointed does not append to the old W&B run).
+* **Each fit ends its W&B run.** ``WandbLogger.finalize`` uploads checkpoints but never calls
+  ``run.finish()``; the process-global ``wandb.run`` then stays open and the *next* logger in
+  the same process (the eval CLI, a test, a sweep) silently reuses it.
+* **Offline unless asked.** ``mode`` defaults to ``$WANDB_MODE`` or ``offline`` (see
+  ``conf/logger/wandb.yaml``), so the default logger works with no network and no login;
+  ``wandb sync <run_dir>/wandb/offline-run-*`` uploads later.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def resolve_run_id(run_dir: str | Path, resume: bool) -> str:
+    """The W&B run id for this run dir: the stored one when resuming, else a new one (stored).
+
+    Only rank 0 writes the file; other ranks never start a W&B run."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if resume and path.is_file():
+        run_id = path.read_text().strip()
+        if run_id:
+            return run_id
+    # W&B's own generator has moved between releases (wandb.util -> wandb.sdk.lib.runid); an id
+    # is just 8 characters of [a-z0-9]
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def wandb_logger(run_dir: str, ckpt_path: str | None = None, **kwargs: Any):
+    """Hydra target for ``logger=wandb``: a :class:`RunWandbLogger`, or a do-nothing logger with a
+    warning when ``wandb`` is not installed (it is an optional dependency: ``pip install wandb``),
+    so the default config still trains on a bare install."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        log.warning("wandb is not installed: W&B logging is off for this run (pip install "
+                    "wandb, or choose logger=csv / logger=tensorboard to silence this)")
+        return DummyLogger()
+    return RunWandbLogger(run_dir=run_dir, ckpt_path=ckpt_path, **kwargs)
+
+
+class RunWandbLogger(WandbLogger):
+    """``WandbLogger`` + persisted run id + ``finish()`` at the end of fit.
+
+    Args:
+        run_dir: the training run's directory (W&B files go to ``<run_dir>/wandb``).
+        ckpt_path: the run's ``ckpt_path``; not None means "resuming": reuse the stored id.
+        **kwargs: ``WandbLogger``/``wandb.init`` arguments (``project``, ``name``, ``mode``,
+            ``entity``, ``tags``, ``group``, ...).
+    """
+
+    def __init__(self, run_dir: str, ckpt_path: str | None = None, **kwargs: Any):
+        kwargs.setdefault("save_dir", run_dir)
+        if not (kwargs.get("id") or kwargs.get("version")):
+            kwargs["id"] = resolve_run_id(run_dir, resume=ckpt_path is not None)
+        super().__init__(**kwargs)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
