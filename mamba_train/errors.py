@@ -11,10 +11,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mamba_train.training.batch import BatchSizeError
     from mamba_train.training.callbacks.precision_guard import LowPrecisionParametersError
     from mamba_train.training.module import NonFiniteLossError
+    from mamba_train.training.parallel import ParallelConfigError
 
     errors: list[type[BaseException]] = [
         BackendError, BatchSizeError, CheckpointError, ConfigError, LowPrecisionParametersError,
-        NonFiniteLossError, SSMInitError,
+        NonFiniteLossError, ParallelConfigError, SSMInitError,
     ]
     try:
         from mamba_train.data.shards import DataError

@@ -53,7 +53,7 @@ def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
             f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "
             "ckpt_path=last, or start a new run with run_name=<new name>."
         )
-    if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
+    if ckpt_path not in (None, "last") and not Path(ckpt_path).exists():  # sharded: a directory
         raise RunDirError(f"ckpt_path={ckpt_path} does not exist")
 
 
@@ -94,7 +94,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         strategy=_strategy(cfg.strategy),
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *_instantiate_dict((cfg.get("cluster") or {}).get("plugins"))],
         check_val_every_n_epoch=None,
         val_check_interval=1,  # replaced below once the accumulation is known
     )

@@ -17,5 +17,8 @@ class SSMInitGuard(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is not None:
             return
-        n = check_ssm_init(pl_module.model)
+        # sharded strategies (FSDP, ZeRO-3): read the full SSM parameters (a collective)
+        from mamba_train.training.parallel import gathered_parameters, ssm_parameters
+        with gathered_parameters(trainer.strategy, pl_module.model, ssm_parameters(pl_module.model)):
+            n = check_ssm_init(pl_module.model)
         log.info("SSM init check passed for %d mixers on rank %d", n, trainer.global_rank)

@@ -1,0 +1,109 @@
+"""Preemption-safe stop: on SIGUSR1 (SLURM's warning before the time limit, ``launch.sh``) save
+``checkpoints/last.ckpt`` at the next optimizer-step boundary, requeue the job, stop cleanly.
+
+Why not Lightning's own SLURM handler: it saves the checkpoint *inside the signal handler*, i.e.
+at an arbitrary point of the step (mid gradient-accumulation, or while another rank is blocked in
+a gradient all-reduce -- the checkpoint's barrier then pairs with the wrong collective), and it
+writes ``hpc_ckpt_N.ckpt``, which ``ckpt_path=last`` does not look at. Here the handler only sets
+a flag; at each optimizer-step boundary the ranks agree on it (one tiny all-reduce, only when
+world size > 1), so every rank saves the same step together, in the normal control flow, the
+same way ``ModelCheckpoint`` does (so the resume is exact, data position included). Installing
+the handler before Lightning registers its own keeps Lightning's SIGUSR1 handler out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mamba_train.training.parallel import parse_signal
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Args:
+        signal: the signal that announces the end (``SIGUSR1``: ``#SBATCH --signal=B:USR1@N``).
+        requeue: run ``scontrol requeue $SLURM_JOB_ID`` (rank 0) after the checkpoint is saved.
+    """
+
+    def __init__(self, signal: str = "SIGUSR1", requeue: bool = True):
+        self.signum = parse_signal(signal)
+        self.requeue = requeue
+        self.received = False
+        self.saved_step: int | None = None
+        self._previous = None
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ signal
+    def _handler(self, signum, frame) -> None:
+        self.received = True  # only a flag: the work happens at the next step boundary
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.signum, self._handler)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+        if self.saved_step is not None and self.requeue and trainer.is_global_zero:
+            self._requeue()
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        log.info("training starts at step %d (rank %d, SLURM_RESTART_COUNT=%s, SLURM_JOB_ID=%s)",
+                 trainer.global_step, trainer.global_rank, os.environ.get("SLURM_RESTART_COUNT", "0"),
+                 os.environ.get("SLURM_JOB_ID", "-"))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
+                           batch, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient-accumulation window: not a step boundary
+        self._last_step = trainer.global_step
+        if not self._agreed(trainer, pl_module):
+            return
+        path = self._checkpoint_path(trainer)
+        trainer.save_checkpoint(path)  # every rank: a collective for sharded strategies
+        self.saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            log.warning("preemption signal (%s): saved step %d to %s; stopping%s",
+                        self.signum.name, trainer.global_step, path,
+                        " and requeueing" if self.requeue and os.environ.get("SLURM_JOB_ID") else "")
+        trainer.should_stop = True
+
+    def _agreed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        if trainer.world_size == 1:
+            return self.received
+        flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+
+    @staticmethod
+    def _checkpoint_path(trainer: L.Trainer) -> str:
+        cb = trainer.checkpoint_callback
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            return str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+        return str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+
+    def _requeue(self) -> None:
+        array_id, task_id = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job_id = f"{array_id}_{task_id}" if array_id and task_id else os.environ.get("SLURM_JOB_ID")
+        if not job_id:
+            log.warning("preempted at step %s outside SLURM: not requeueing; rerun with "
+                        "ckpt_path=last to resume", self.saved_step)
+            return
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        if result.returncode == 0:
+            log.warning("requeued SLURM job %s; it resumes from step %s", job_id, self.saved_step)
+        else:
+            log.error("scontrol requeue %s failed (%d): %s", job_id, result.returncode,
+                      result.stderr.strip())
