@@ -234,6 +234,33 @@ def _deepspeed_strategy_class():
                 return
             super().setup_environment()
 
+        def setup_distributed(self) -> None:
+            if not (self._allow_cpu and isinstance(self.accelerator, CPUAccelerator)):
+                return super().setup_distributed()
+            from lightning.fabric.utilities.seed import reset_seed
+
+            import deepspeed.ops
+
+            # DeepSpeed would JIT-compile its shared-memory all-reduce for CPU here (~1 min of
+            # ninja on first use); plain gloo collectives are enough for CPU runs.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            reset_seed()  # as Lightning's, without its check that CUDA device indices match ranks
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            if not (self._allow_cpu and isinstance(self.accelerator, CPUAccelerator)):
+                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            import argparse
+
+            import deepspeed
+
+            engine, ds_optimizer, _, _ = deepspeed.initialize(  # as Lightning's, CPU has no device index
+                args=argparse.Namespace(device_rank=self.local_rank), config=self.config,
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
+            return engine, ds_optimizer
+
         def _format_config(self) -> None:
             precision = self.precision_plugin.precision
             if any(self.config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
@@ -312,7 +339,11 @@ def build_model_for(strategy, config, backend: str = "auto") -> nn.Module:
         return build_model(config, backend=backend)
     import deepspeed
 
-    model = MambaLM(config, backend=backend)
+    # Construction runs PyTorch's default inits (wasted, overwritten below); undo their RNG use
+    # so the init draws are the same as build_model's (same seed -> same model on any strategy).
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        model = MambaLM(config, backend=backend)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         model.reset_parameters()
     deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
