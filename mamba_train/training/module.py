@@ -51,6 +51,7 @@ class MambaLMModule(L.LightningModule):
         self.model = None
         self.skipped_steps = 0
         self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
+        self._first_bad_step: torch.Tensor | None = None  # device scalar, -1 = all finite
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -71,19 +72,41 @@ class MambaLMModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int):
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            if self.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss.item()}) at step {self.global_step}; the run "
-                    "stopped before saving, so the last checkpoint is the last good state. Lower "
-                    "the LR, check the data, or set train.nan_policy=skip to skip such steps."
-                )
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-            return None  # Lightning skips backward and the optimizer step for this batch
+        if self.nan_policy == "skip":
+            # Deciding before the optimizer step needs the value now: one host sync per step.
+            if not torch.isfinite(loss):
+                self.skipped_steps += 1
+                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+                return None  # Lightning skips backward and the optimizer step for this batch
+        else:
+            self._note_nonfinite(loss)
         n_tokens = batch["input_ids"].numel()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_tokens)
         return loss
+
+    # ------------------------------------------------------------------ non-finite loss, policy "stop"
+    # The check must not synchronise the host every step: Mamba-2 training is bound by the CPU
+    # enqueueing kernels, and a per-step `if not isfinite(loss)` stalls that pipeline. So the
+    # first bad step is recorded on the device and read (one sync) every log interval and before
+    # any checkpoint is written -- a checkpoint never contains the weights of a NaN step.
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(bad & (first < 0), self.global_step, first)
+
+    def raise_if_nonfinite(self) -> None:
+        if self._first_bad_step is not None and (step := int(self._first_bad_step)) >= 0:
+            raise NonFiniteLossError(
+                f"non-finite training loss (NaN/inf) at step {step}; the run stopped before "
+                "saving a checkpoint after it, so the last checkpoint is the last good state. "
+                "Lower the LR, check the data, or set train.nan_policy=skip to skip such steps."
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.raise_if_nonfinite()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self._loss(batch)
@@ -117,13 +140,14 @@ class MambaLMModule(L.LightningModule):
 
         plain = isinstance(self.trainer.strategy, (DDPStrategy, SingleDeviceStrategy))
         unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        if gradient_clip_val and str(gradient_clip_algorithm or "norm") == "norm" and plain and unscaled:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and plain and unscaled:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite()  # never write the weights of a NaN step
         checkpoint[CKPT_CONFIG_KEY] = self.model_config.to_dict()
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
