@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         data = synthetic_shards(Path(tmp) / "data")
         for name in args.models:
             a = plain_loop(name, args.micro_batch, args.warmup, args.windows, args.window)
+            print(f"PLAIN {name} mb={args.micro_batch}: {a['tok_s']:,.0f} tok/s windows "
+                  f"{[round(w) for w in a['windows']]} ({a['peak_mem_gib']:.1f} GiB)", flush=True)
             b = framework(name, args.micro_batch, args.warmup, args.windows, args.window, data,
                           Path(tmp) / "runs", args.override)
             results["models"][name] = {"plain": a, "mamba_train": b, "ratio": b["tok_s"] / a["tok_s"]}

@@ -35,6 +35,6 @@ PY
 fi
 
 if [[ " $parts " == *" bench "* ]]; then
-  python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" | grep -E "THROUGHPUT|Error|error"
+  python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" | grep -E "THROUGHPUT|PLAIN|Error|error"
 fi
 ls -la "$OUT"
