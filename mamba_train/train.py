@@ -42,7 +42,17 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 
 
 def _strategy(cfg: DictConfig):
-    return instantiate(cfg) if "_target_" in cfg else cfg.get("name", "auto")
+    if "_target_" not in cfg:
+        return cfg.get("name", "auto")
+    from hydra.errors import InstantiationException
+
+    from mamba_train.training.parallel import ParallelConfigError
+    try:
+        return instantiate(cfg)
+    except InstantiationException as e:  # a refused setting: the one-line error, not Hydra's wrap
+        if isinstance(e.__cause__, ParallelConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:

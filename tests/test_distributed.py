@@ -1,0 +1,215 @@
+"""Scale-out on CPU: DDP, FSDP and DeepSpeed ZeRO runs with 2 processes (gloo) through the real
+CLI give the same loss trajectory as one process with the same global batch; the SSM init check
+passes on every rank; the strategy configs keep fp32 parameters; preemption saves at a step
+boundary and the resume is exact.
+
+Why the trajectories can match exactly: the loader deals global sample ``i`` to rank
+``i % world_size`` (mamba_train/data/dataset.py). With micro-batch 4, one process with
+accumulation 2 sees samples 0-3 then 4-7 in step 0; two processes with accumulation 1 see
+0,2,4,6 (rank 0) and 1,3,5,7 (rank 1): the same 8 samples per optimizer step in another order,
+and the averaged gradient is the same up to float summation order. ``train/global_loss`` (mean
+over all micro-batches and ranks of a step) is compared; ``train/loss`` is only rank 0's last
+micro-batch, which holds different samples in the two layouts.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import TINY, compose_config
+from mamba_train.train import train
+from mamba_train.training.parallel import ParallelConfigError
+
+STEPS = 4
+# 512 tokens/step = 2 × micro-batch 4 × 64 tokens: accumulation 2 on 1 process, 1 on 2 processes
+RUN = [*TINY, "recipe=debug-mamba2", f"trainer.max_steps={STEPS}", "train.global_batch_tokens=512",
+       "trainer.limit_val_batches=2", "train.val_every_n_steps=1000", "logger=csv",
+       "trainer.accelerator=cpu"]
+has_deepspeed = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+def global_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/global_loss"])
+                for r in csv.DictReader(f) if r.get("train/global_loss")}
+
+
+def run_cli(out: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mamba_train", *RUN, *overrides, f"paths.output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + "\n" + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: one process, accumulation 2, same global batch and seed."""
+    out = tmp_path_factory.mktemp("single")
+    result = train(compose_config([*RUN, "trainer.devices=1", "run_name=single"], out))
+    assert result["trainer"].world_size == 1 and result["trainer"].accumulate_grad_batches == 2
+    return {"losses": global_losses(result["run_dir"]),
+            "state": {k: v.clone() for k, v in result["module"].model.state_dict().items()}}
+
+
+def _assert_same_trajectory(reference: dict[int, float], losses: dict[int, float]) -> None:
+    assert sorted(losses) == sorted(reference) == list(range(STEPS)), (reference, losses)
+    for step, ref in reference.items():
+        assert losses[step] == pytest.approx(ref, abs=1e-4), (step, reference, losses)
+
+
+def _assert_init_checked_on_both_ranks(run_dir: Path) -> None:
+    rank0 = (run_dir / "__main__.log").read_text()            # Hydra's log of the launching process
+    rank1 = (run_dir / "train_ddp_process_1.log").read_text()  # Lightning's child process, rank 1
+    assert "SSM init check passed for 2 mixers on rank 0" in rank0
+    assert "SSM init check passed for 2 mixers on rank 1" in rank1
+
+
+@pytest.mark.parametrize("strategy", [
+    pytest.param(["strategy=ddp"], id="ddp"),
+    # per-Block activation checkpointing and sharded (one file per rank) checkpoints on top
+    pytest.param(["strategy=fsdp", "strategy.activation_checkpointing=true",
+                  "strategy.state_dict_type=sharded"], id="fsdp"),
+    pytest.param(["strategy=deepspeed_zero3", "strategy.allow_cpu=true"], id="deepspeed_zero3",
+                 marks=has_deepspeed),
+    pytest.param(["strategy=deepspeed_zero1", "strategy.allow_cpu=true"], id="deepspeed_zero1",
+                 marks=[has_deepspeed, pytest.mark.slow]),
+    pytest.param(["strategy=deepspeed_zero2", "strategy.allow_cpu=true"], id="deepspeed_zero2",
+                 marks=[has_deepspeed, pytest.mark.slow]),
+])
+def test_two_processes_match_one_process(strategy, single_process, tmp_path):
+    run_cli(tmp_path, "trainer.devices=2", *strategy, "run_name=two", "train.checkpoint_every_n_steps=2")
+    run_dir = tmp_path / "two"
+    _assert_same_trajectory(single_process["losses"], global_losses(run_dir))
+    _assert_init_checked_on_both_ranks(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    if strategy == ["strategy=ddp"]:  # a plain file: the weights match the 1-process run too
+        state = torch.load(last, weights_only=False)["state_dict"]
+        for k, v in single_process["state"].items():
+            # float summation order differs; Adam moves each weight by up to lr=3e-3 per step,
+            # and a rounding difference can tip a near-zero second moment: allow lr/10
+            torch.testing.assert_close(state[f"model.{k}"], v, atol=3e-4, rtol=1e-3)
+    if "strategy=fsdp" in strategy:
+        assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_resume_is_exact(tmp_path):
+    common = ["trainer.devices=2", "strategy=fsdp", "strategy.state_dict_type=sharded",
+              "train.checkpoint_every_n_steps=2", "train.keep_last_k_checkpoints=-1"]
+    run_cli(tmp_path, *common, "run_name=straight")
+    mid = tmp_path / "straight" / "checkpoints" / "step0000002.ckpt"
+    run_cli(tmp_path, *common, "run_name=resumed", f"ckpt_path={mid}")
+    a, b = global_losses(tmp_path / "straight"), global_losses(tmp_path / "resumed")
+    assert sorted(b) == [2, 3]
+    assert all(a[s] == b[s] for s in b), (a, b)
+
+
+# --------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
+def test_strategy_configs_compose(name, tmp_path):
+    cfg = compose_config([f"strategy={name}"], tmp_path)
+    assert cfg.strategy._target_
+    if name.startswith("deepspeed"):
+        assert cfg.strategy.stage == int(name[-1]) and cfg.strategy.reduce_dtype == "float32"
+
+
+def test_fsdp_strategy_wraps_blocks_with_fp32_parameters(tmp_path):
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from mamba_train.models.lm import Block
+
+    cfg = compose_config(["strategy=fsdp", "strategy.activation_checkpointing=true",
+                          "strategy.state_dict_type=sharded"], tmp_path)
+    s = instantiate(cfg.strategy)
+    policy = s.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
+    assert s.kwargs["use_orig_params"] is True and s._state_dict_type == "sharded"
+    mp = s.mixed_precision
+    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
+    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+    # gradient clipping by norm works (Lightning's FSDPPrecision refuses it)
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    assert type(s.precision_plugin).clip_grad_by_norm is not FSDPPrecision.clip_grad_by_norm
+
+
+def test_fsdp_bf16_parameters_are_refused_unless_allowed(tmp_path, caplog):
+    from mamba_train.train import _strategy
+
+    cfg = compose_config(["strategy=fsdp", "strategy.param_dtype=bfloat16"], tmp_path)
+    with pytest.raises(ParallelConfigError, match="A_log, D and the Δ bias"):
+        _strategy(cfg.strategy)
+    cfg = compose_config(["strategy=fsdp", "strategy.param_dtype=bfloat16",
+                          "train.allow_low_precision_params=true"], tmp_path)
+    assert _strategy(cfg.strategy).mixed_precision.param_dtype == torch.bfloat16
+    assert "allow_low_precision_params=true" in caplog.text
+
+
+@has_deepspeed
+def test_deepspeed_bf16_mixed_keeps_fp32_module_parameters():
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    from mamba_train.training.parallel import deepspeed_strategy
+
+    s = deepspeed_strategy(stage=3)
+    s.precision_plugin = DeepSpeedPrecision("bf16-mixed")
+    s._format_config()
+    assert s.config["bf16"] == {"enabled": False}  # DeepSpeed's bf16 mode would cast the module
+    assert s.config["torch_autocast"]["enabled"] and s.config["torch_autocast"]["dtype"] == "bfloat16"
+    assert s.config["torch_autocast"]["lower_precision_safe_modules"] == []  # fp32 gradient reduce
+    s = deepspeed_strategy(stage=2, config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+    s.precision_plugin = DeepSpeedPrecision("bf16-mixed")
+    with pytest.raises(ParallelConfigError, match="16-bit module"):
+        s._format_config()
+
+
+def test_cli_refuses_bf16_fsdp_parameters_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mamba_train", "recipe=debug", "strategy=fsdp",
+                           "strategy.param_dtype=bf16", f"paths.output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode != 0
+    assert "A_log, D and the Δ bias" in proc.stderr
+
+
+# --------------------------------------------------------------------------------- preemption
+class _SignalAt(L.Callback):
+    """Sends SIGUSR1 to this process in the middle of an accumulation window of step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and batch_idx % trainer.accumulate_grad_batches == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_preemption_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    common = [*RUN, "trainer.max_steps=6", "train.global_batch_tokens=768",  # accumulation 3
+              "+callbacks.preemption._target_=mamba_train.training.callbacks.preemption.PreemptionCheckpoint"]
+    straight = train(compose_config([*common, "run_name=straight"], tmp_path))
+    previous = signal.getsignal(signal.SIGUSR1)
+    cut = train(compose_config([*common, "run_name=cut"], tmp_path), extra_callbacks=[_SignalAt(2)])
+    assert signal.getsignal(signal.SIGUSR1) is previous  # handler restored at teardown
+    # the signal came mid-window in step 2 (0-based): that step finished, then the save
+    assert cut["trainer"].global_step == 3
+    saved = torch.load(cut["run_dir"] / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3
+    resumed = train(compose_config([*common, "run_name=cut", "ckpt_path=last"], tmp_path))
+    assert resumed["trainer"].global_step == 6
+    a, b = global_losses(straight["run_dir"]), global_losses(resumed["run_dir"])
+    assert sorted(b) == [3, 4, 5]
+    assert all(a[s] == b[s] for s in b), (a, b)
