@@ -8,15 +8,17 @@ W=${1:?usage: stop_cluster.sh <cluster dir> [--keep]}
 export SLURM_CONF=$W/slurm.conf
 scancel --full --quiet --partition=debug 2>/dev/null || true
 
-stop_pid() {  # TERM, wait up to 5 s, then KILL
-    local pid=$1
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
+pids=()
 for f in slurmd.launcher.pid slurmctld.launcher.pid munge/munged.pid; do
-    [[ -f $W/$f ]] && stop_pid "$(cat "$W/$f")"
+    [[ -f $W/$f ]] && pids+=("$(cat "$W/$f")")
 done
+for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done   # all at once,
+for _ in $(seq 1 50); do                                                  # up to 5 s,
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && break
+    sleep 0.1
+done
+for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done   # then KILL
 [[ ${2:-} == --keep ]] || rm -rf "$W"
 exit 0
