@@ -96,8 +96,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
+    # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
+    # (which would try to wrap them as config nodes).
+    trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
         default_root_dir=str(run_dir),
         max_steps=max_steps(cfg),
         precision=resolve_precision(cfg.trainer.precision),
