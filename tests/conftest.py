@@ -22,3 +22,13 @@ def make_config(tmp_path):
     def _make(*overrides, tiny=True):
         return compose_config([*(TINY if tiny else []), *overrides], tmp_path / "outputs")
     return _make
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.slow`` tests run only when asked for (``-m slow``, or any ``-m`` expression)."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow (or -m 'slow or not slow' for everything)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
