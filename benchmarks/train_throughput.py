@@ -16,6 +16,7 @@ Prints one line per model with the ratio b/a; ``--json`` writes everything.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -83,14 +84,20 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
 
 
 class StepTimer(L.Callback):
-    """Synchronised timestamps every ``window`` optimizer steps after ``warmup`` (accumulation 1)."""
+    """Synchronised timestamps every ``window`` optimizer steps after ``warmup`` (accumulation 1),
+    and the peak memory seen after each backward (other callbacks may reset the peak counter)."""
 
     def __init__(self, warmup: int, window: int):
         self.warmup, self.window = warmup, window
         self.stamps: list[float] = []
+        self.peak = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated())
         if step >= self.warmup and (step - self.warmup) % self.window == 0:
             torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
@@ -126,7 +133,10 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     train(cfg, extra_callbacks=[timer])
     tok = windows_tok_s(timer.stamps, micro_batch * SEQ_LEN, window)
     result = {"tok_s": statistics.median(tok) if tok else float("nan"), "windows": tok,
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+              "peak_mem_gib": max(timer.peak, torch.cuda.max_memory_allocated()) / 2**30}
+    # Finalise this run's loader iterators (and their worker processes) before the next run
+    # forks new workers: a stale iterator collected inside a forked child breaks it.
+    gc.collect()
     torch.cuda.empty_cache()
     return result
 
