@@ -16,7 +16,8 @@ Plus ``ssm/param_norm`` and ``ssm/update_norm`` over the whole model. Everything
 the device and read with a single transfer per health log; the parameter snapshot for the
 update norm lives in host memory (pinned, copied asynchronously on CUDA), so it costs no GPU
 memory. Logged on rank 0 (DDP replicas are identical); under FSDP the numbers would describe
-rank 0's shard only.
+rank 0's shard only, and layers whose parameters are partitioned away (DeepSpeed ZeRO-3) are
+skipped.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class SSMHealthMonitor(L.Callback):
         total_sq, total_update_sq = [], []
         for block in model.backbone.layers:
             prefix = f"ssm/layer{block.layer_idx:02d}"
+            if any(p.numel() == 0 for p in block.parameters()):
+                continue  # sharded away on this rank (DeepSpeed ZeRO-3): nothing to measure
             mixer = block.mixer
             bias = _delta_bias(mixer)
             if bias is not None and hasattr(mixer, "A_log"):
@@ -90,6 +93,8 @@ class SSMHealthMonitor(L.Callback):
                 keys += [f"{prefix}/update_norm", f"{prefix}/update_ratio"]
                 values += [usq.sqrt(), usq.sqrt() / sq.sqrt().clamp_min(1e-12)]
                 total_update_sq.append(usq)
+        if not total_sq:
+            return {}
         keys.append("ssm/param_norm")
         values.append(torch.stack(total_sq).sum().sqrt())
         if total_update_sq:
@@ -113,6 +118,8 @@ class SSMHealthMonitor(L.Callback):
 
     def _log(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
         stats = self.health_stats(model)
+        if not stats:
+            return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=step)
