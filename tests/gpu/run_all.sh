@@ -14,7 +14,7 @@ parts=${*:-tests train bench}
 
 if [[ " $parts " == *" tests "* ]]; then
   # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
-  TRITON_F32_DEFAULT=ieee python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+  TRITON_F32_DEFAULT=ieee python3 -m pytest -q tests/gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
 fi
 
 if [[ " $parts " == *" train "* ]]; then
