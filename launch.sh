@@ -135,6 +135,8 @@ if [[ -n ${SLURM_JOB_ID:-} ]]; then
     export MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID * 16 + ${SLURM_RESTART_COUNT:-0}) % 20000))}
     echo "launch.sh: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} | ${nodes} node(s) x ${tasks} rank(s) (${ACCELERATOR}) | rendezvous ${MASTER_ADDR}:${MASTER_PORT} | $(date -Is)"
 
+    # srun (SLURM >= 22.05) no longer inherits --cpus-per-task: pass it on (data-loader workers)
+    export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
     # One rank per task; each writes its own Hydra log (<run dir>/rank<N>.log), rank 0 the config.
     # shellcheck disable=SC2016
     srun --kill-on-bad-exit=1 --label bash -c '
