@@ -227,7 +227,8 @@ def test_eval_after_training_logs_scores_and_leaves_training_untouched(make_conf
               "trainer.limit_val_batches=1", "train.val_every_n_steps=1000"]
     plain = train(make_config(*common, "run_name=plain"))
     evald = train(make_config(*common, "run_name=evald", "eval=local", "eval.limit=3",
-                              "eval.tasks=[local_mc,local_lambada]", "eval.every_n_checkpoints=1"))
+                              "eval.tasks=[local_mc,local_lambada]", "eval.every_n_checkpoints=1",
+                              "eval.strict=true"))
     run_dir = evald["run_dir"]
     assert _losses(plain["run_dir"]) == _losses(run_dir)  # RNG and train mode restored
     assert sorted(p.name for p in (run_dir / "eval").glob("step*")) == ["step0000002", "step0000004"]

@@ -251,3 +251,16 @@ def test_other_logger_options_keep_the_csv(make_config, logger):
     assert not (run_dir / "wandb").exists()
     if logger == "tensorboard":
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_excluded_time_leaves_the_training_clock():
+    import time
+
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from mamba_train.training.callbacks.throughput import StepThroughputMonitor
+    mon = StepThroughputMonitor()
+    mon._t0s[RunningStage.TRAINING] = t0 = 100.0
+    with mon.excluded_time(torch.device("cpu")):
+        time.sleep(0.05)
+    assert mon._t0s[RunningStage.TRAINING] - t0 >= 0.05

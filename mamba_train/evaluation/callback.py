@@ -12,11 +12,13 @@ mode and the global RNG streams are restored afterwards, so a run that evaluates
 resumes bit-exactly. Other ranks wait at a barrier: keep mid-training evaluations short
 (``limit``) or they can outlast the collective timeout; sharded strategies (FSDP, ZeRO-3) hold
 no full model on rank 0 and are not supported -- evaluate their checkpoints with
-``python -m mamba_train.eval``.
+``python -m mamba_train.eval``. A failing evaluation (a task that cannot be downloaded, a missing
+package) is logged with its traceback and training goes on, unless ``strict``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ class EvalAfterTraining(L.Callback):
                  batch_size: int = 16, num_fewshot: int | None = None, dtype: str = "auto",
                  max_length: int | None = None, tokenizer: str | None = None,
                  every_n_checkpoints: int | None = None, checkpoint_every_n_steps: int | None = None,
-                 bootstrap_iters: int = 1000):
+                 bootstrap_iters: int = 1000, strict: bool = False):
         from mamba_train.evaluation.runner import resolve_tasks
         self.tasks = resolve_tasks(tasks)
         self.include_path = include_path
@@ -43,6 +45,7 @@ class EvalAfterTraining(L.Callback):
         self.max_length = max_length
         self.tokenizer = tokenizer
         self.bootstrap_iters = bootstrap_iters
+        self.strict = strict
         self.every_n_steps = (every_n_checkpoints * checkpoint_every_n_steps
                               if every_n_checkpoints and checkpoint_every_n_steps else None)
         self._last_step = -1
@@ -68,7 +71,17 @@ class EvalAfterTraining(L.Callback):
                 if final and self._results is not None:
                     self._write_final(trainer, step, self._results)
             else:
-                self._run(trainer, pl_module, step, final)
+                try:
+                    with contextlib.ExitStack() as paused:
+                        for cb in trainer.callbacks:  # keep evaluation out of tokens/s and MFU
+                            if hasattr(cb, "excluded_time"):
+                                paused.enter_context(cb.excluded_time(trainer.strategy.root_device))
+                        self._run(trainer, pl_module, step, final)
+                except Exception:  # an evaluation problem must not end (or lose) a training run
+                    if self.strict:
+                        raise
+                    log.exception("evaluation at step %d failed; training goes on (eval.strict=true "
+                                  "makes this an error)", step)
         self._evaluated_step = step
         trainer.strategy.barrier("eval_after_training")
 

@@ -11,7 +11,8 @@ own step counter. Here:
 * the clock is read (after one ``cuda.synchronize``) only at optimizer steps that Lightning logs
   anyway (``trainer.log_every_n_steps``), so rates are exact over each logging interval and the
   extra cost is one sync per logged step, which Lightning already pays to read the loss;
-* validation time is excluded from the training clock and validation is not itself measured;
+* validation time (and mid-training evaluations, see ``excluded_time``) is excluded from the
+  training clock, and validation is not itself measured;
 * keys use tokens (``tokens_per_sec``) rather than the generic "items", global keys are logged
   at any world size (equal to the per-device ones on one device), and the run-level counters are
   exact across resumes (``tokens_seen = global_step × global_batch_tokens``).
@@ -25,6 +26,7 @@ CPUs (no MFU is logged without a peak).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -143,6 +145,22 @@ class StepThroughputMonitor(ThroughputMonitor):
             metrics["model/peak_flops"] = float(self.available_flops)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @contextmanager
+    def excluded_time(self, device: torch.device | None = None):
+        """Take a block of wall time out of the training clock (the eval-after-training callback
+        runs its evaluations inside this)."""
+        sync = device is not None and device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(device)
+            if RunningStage.TRAINING in self._t0s:
+                self._t0s[RunningStage.TRAINING] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ validation
     # Not measured (the stock callback would log it against the evaluation loop's own step
