@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.training.batch import grad_accumulation
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
+from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.module import MambaLMModule
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
     run_dir = Path(cfg.run_dir)
     _check_run_dir(run_dir, cfg.ckpt_path)
+    if cfg.trainer.get("deterministic"):
+        enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned
     L.seed_everything(cfg.seed, workers=True)
 
     model_config: MambaLMConfig = instantiate(cfg.model, _convert_="all")

@@ -37,6 +37,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from mamba_train.data.boundaries import add_document_boundaries
 from mamba_train.data.dataset import ResumableDataLoader, TokenWindowDataset, ValWindowDataset
 from mamba_train.data.shards import FORMAT_VERSION, DataError, validate_dataset
 from mamba_train.data.tokenizer import (DEFAULT_TOKENIZER_DIR, eos_id, load_tokenizer,
@@ -66,6 +67,11 @@ class TokenDataModule(L.LightningDataModule):
         checksums: verify every shard's sha256 in ``setup()`` (reads all the data once).
         pin_memory: pin batches for faster host-to-GPU copies; ``None`` = when CUDA is available.
         cache_dir: where the default corpus is built (default ``~/.cache/mamba_train``).
+        document_boundaries: add ``seq_idx`` (document number per token, from the EOS
+            positions) to every batch so the model resets its state between packed documents
+            (``mamba_train/data/boundaries.py``).
+        mask_cross_document_loss: with boundaries, do not train on predicting a document's
+            first token from the previous document's EOS.
         epoch_batches: length of a Lightning epoch in micro-batches; default one pass over the
             training data. Tiny corpora make short epochs (the default corpus: 6 batches of
             8 x 2048); raise it, e.g. to a multiple of ``accumulate_grad_batches``, so that
@@ -77,8 +83,13 @@ class TokenDataModule(L.LightningDataModule):
                  seed: int = 1234, tokenizer: str | None = "default",
                  expected_vocab_size: int | None = None, val_windows: int | None = None,
                  checksums: bool = False, pin_memory: bool | None = None,
-                 cache_dir: str | None = None, epoch_batches: int | None = None):
+                 cache_dir: str | None = None, epoch_batches: int | None = None,
+                 document_boundaries: bool = False, mask_cross_document_loss: bool = False):
         super().__init__()
+        self.document_boundaries = document_boundaries
+        self.mask_cross_document_loss = mask_cross_document_loss
+        if mask_cross_document_loss and not document_boundaries:
+            raise ValueError("data.mask_cross_document_loss needs data.document_boundaries=true")
         if path is not None and sources:
             raise ValueError("give either path or sources, not both")
         self.save_hyperparameters()
@@ -135,6 +146,11 @@ class TokenDataModule(L.LightningDataModule):
             self.setup("validate")
         return DataLoader(self._val_ds, batch_size=self.micro_batch_size,
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.document_boundaries:
+            add_document_boundaries(batch, self.eos_id, self.mask_cross_document_loss)
+        return batch
 
     # ------------------------------------------------------------------ facts for the model
     @property

@@ -19,15 +19,16 @@ from torch import nn
 
 
 def rotary_tables(seqlen: int, dim: int, base: float, device, dtype=torch.float32):
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    """cos/sin tables (seqlen, dim/2) in ``dtype`` (fp32, or fp64 for fp64 models)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=dtype) / dim))
+    freqs = torch.outer(torch.arange(seqlen, device=device, dtype=dtype), inv_freq)
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
     """Rotate the first ``2*cos.shape[-1]`` features of x (B, L, H, D) by position."""
     rot_dim = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+    x_rot, x_pass = x[..., :rot_dim].to(cos.dtype), x[..., rot_dim:]
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     if interleaved:
         x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
@@ -88,7 +89,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim)
         v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim)
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device)
+            cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device,
+                                     torch.promote_types(q.dtype, torch.float32))
             q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
             k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
         rep = self.num_heads // self.num_heads_kv

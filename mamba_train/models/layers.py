@@ -13,7 +13,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation with a learned scale; computed in fp32, returned in the input dtype."""
+    """RMS normalisation with a learned scale; computed in (at least) fp32, returned in the input
+    dtype."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -26,9 +27,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        xf = x.to(acc)
         out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return (out * self.weight.to(acc)).to(x.dtype)
 
 
 class GatedMLP(nn.Module):

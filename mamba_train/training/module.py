@@ -136,9 +136,12 @@ class MambaLMModule(L.LightningModule):
         # the fast one on GPU) because it assumes a GradScaler. Under bf16-mixed or fp32 there is
         # no scaler, so clipping the gradients directly is exact: do that on single-device/DDP.
         # Sharded strategies keep Lightning's path (their norm needs a cross-rank reduction).
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy,
+                                                  SingleDeviceStrategy)
 
-        plain = isinstance(self.trainer.strategy, (DDPStrategy, SingleDeviceStrategy))
+        strategy = self.trainer.strategy  # DeepSpeed subclasses DDP but clips by itself
+        plain = (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))
+                 and not isinstance(strategy, DeepSpeedStrategy))
         unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and plain and unscaled:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
