@@ -163,3 +163,18 @@ def test_nan_loss_skip_policy_skips_the_step(make_config, nan_at_step_3):
                                "train.nan_policy=skip"))
     assert result["module"].skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in result["module"].parameters())
+
+
+def test_resumed_run_keeps_one_continuous_metrics_file(make_config):
+    """The CSV log of a resumed run reads as one run: earlier rows kept, redone steps not doubled."""
+    common = ["recipe=debug-mamba2", "train.checkpoint_every_n_steps=2", *FAST]
+    first = train(make_config(*common, "trainer.max_steps=3"))  # checkpoint at 2, logs step 2 too
+    assert sorted(_losses(first["run_dir"])) == [0, 1, 2]
+    # resume from the step-2 checkpoint: step 2 is redone, its first row must not stay twice
+    mid = first["run_dir"] / "checkpoints" / "step0000002.ckpt"
+    train(make_config(*common, "trainer.max_steps=5", f"ckpt_path={mid}"))
+    steps = [s for s in _losses(first["run_dir"])]
+    assert sorted(steps) == [0, 1, 2, 3, 4]
+    with open(first["run_dir"] / "metrics" / "metrics.csv") as f:
+        logged = [int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]]
+    assert sorted(logged) == [0, 1, 2, 3, 4]  # no duplicates

@@ -84,6 +84,13 @@ class MambaLMModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_tokens)
         return loss
 
+    def on_train_start(self) -> None:
+        # a resumed run redoes the steps after its checkpoint: drop their rows from the CSV log
+        if self.global_step > 0:
+            for logger in self.loggers:
+                if hasattr(logger, "prune_from_step"):
+                    logger.prune_from_step(self.global_step)
+
     # ------------------------------------------------------------------ non-finite loss, policy "stop"
     # The check must not synchronise the host every step: Mamba-2 training is bound by the CPU
     # enqueueing kernels, and a per-step `if not isfinite(loss)` stalls that pipeline. So the

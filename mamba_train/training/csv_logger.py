@@ -1,0 +1,56 @@
+"""A CSV logger that survives resumes.
+
+Lightning's ``CSVLogger`` deletes ``metrics.csv`` when a run restarts in the same directory, so
+after a requeue the file (and the loss plot and summary built from it) would cover only the part
+after the resume. Here the previous rows are kept, and when training resumes from step k the rows
+logged at steps >= k by the interrupted attempt are dropped (those steps are being redone), so the
+file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+
+class _KeepingExperimentWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def prune_from_step(self, step: int) -> None:
+        self.save()
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
+        tmp = self.metrics_file_path + ".tmp"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def prune_from_step(self, step: int) -> None:
+        """Drop rows logged at steps >= ``step`` (called when training resumes from ``step``)."""
+        self.experiment.prune_from_step(step)
