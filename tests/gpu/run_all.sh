@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl |
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, mamba_ssm, lightning; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
-parts=${*:-tests train bench}
+parts=${*:-tests train bench determinism}
 
 if [[ " $parts " == *" tests "* ]]; then
   # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
@@ -36,5 +36,12 @@ fi
 
 if [[ " $parts " == *" bench "* ]]; then
   python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" | grep -E "THROUGHPUT|PLAIN|Error|error"
+fi
+if [[ " $parts " == *" determinism "* ]]; then
+  # the throughput cost of trainer.deterministic=true (separate processes: the kernels read
+  # MAMBA_DETERMINISTIC when they are imported)
+  python3 benchmarks/train_throughput.py --models mamba2-130m mamba-130m 2>&1 | tee "$OUT/determinism_off.log" | grep -E "THROUGHPUT|Error"
+  MAMBA_DETERMINISTIC=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 benchmarks/train_throughput.py \
+    --models mamba2-130m mamba-130m --override trainer.deterministic=true 2>&1 | tee "$OUT/determinism_on.log" | grep -E "THROUGHPUT|Error"
 fi
 ls -la "$OUT"
