@@ -155,3 +155,13 @@ def test_loading_a_checkpoint_is_bit_identical_and_runs_no_init(config, tmp_path
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     assert loaded.lm_head.weight is loaded.backbone.embedding.weight
+
+
+def test_conv_init_survives_the_generic_resets():
+    """Mamba-2's conv_init re-draws conv1d.weight; the generic conv reset must not undo it."""
+    cfg = MambaLMConfig(**{**M2, "ssm_cfg": {**M2["ssm_cfg"], "conv_init": 0.01}})
+    model = build_model(cfg, backend="reference")
+    for block in model.backbone.layers:
+        w = block.mixer.conv1d.weight
+        assert w.abs().max() <= 0.01 and w.abs().max() > 0.005
+    check_ssm_init(model)

@@ -141,14 +141,6 @@ def init_ssm_parameters_(mixer: nn.Module) -> None:
             p._no_weight_decay = True  # informational; optimizer groups go by name (optim.py)
 
 
-def _reset_module(module: nn.Module) -> None:
-    """PyTorch's default init for generic layers (what mamba_ssm inherits), SSM init for mixers."""
-    if mixer_kind(module) is not None:
-        init_ssm_parameters_(module)
-    elif callable(getattr(module, "reset_parameters", None)):
-        module.reset_parameters()
-
-
 @torch.no_grad()
 def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02,
                  rescale_prenorm_residual: bool = True) -> None:
@@ -164,19 +156,25 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
         if module is model:  # the root's own reset_parameters is what called us
             continue
         own = list(module.parameters(recurse=False))
-        if own and all(id(p) in initialised for p in own):
-            continue  # a tied head: its weight is the embedding, already drawn
-        initialised.update(id(p) for p in own)
-        if any(p.is_meta for p in module.parameters(recurse=False)):
+        if any(p.is_meta for p in own):
             raise SSMInitError(
                 f"{type(module).__name__} still has meta parameters: materialise the model "
                 "(model.to_empty(device=...)) before initialising it"
             )
-        _reset_module(module)
+        if own and all(id(p) in initialised for p in own):
+            continue  # a tied head: its weight is the embedding, already drawn
+        initialised.update(id(p) for p in own)
+        if mixer_kind(module) is None and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()  # PyTorch's default init, which mamba_ssm inherits
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=initializer_range)
+    # SSM init last: it must win over the generic resets of the mixer's children (conv_init
+    # re-draws conv1d.weight, which conv1d.reset_parameters would otherwise overwrite).
+    for module in model.modules():
+        if mixer_kind(module) is not None:
+            init_ssm_parameters_(module)
     if rescale_prenorm_residual:
         for name, p in model.named_parameters():
             if name.endswith(("out_proj.weight", "fc2.weight")):
