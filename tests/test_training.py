@@ -178,3 +178,12 @@ def test_resumed_run_keeps_one_continuous_metrics_file(make_config):
     with open(first["run_dir"] / "metrics" / "metrics.csv") as f:
         logged = [int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]]
     assert sorted(logged) == [0, 1, 2, 3, 4]  # no duplicates
+
+
+def test_cli_cfg_job_prints_the_composed_recipe(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mamba_train", "recipe=mamba-370m",
+                           f"paths.output_dir={tmp_path}", "--cfg", "job"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "d_model: 1024" in proc.stdout and "n_layer: 48" in proc.stdout
+    assert "global_batch_tokens: 524288" in proc.stdout
