@@ -187,3 +187,25 @@ def test_cli_cfg_job_prints_the_composed_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "d_model: 1024" in proc.stdout and "n_layer: 48" in proc.stdout
     assert "global_batch_tokens: 524288" in proc.stdout
+
+
+def test_non_editable_install_ships_the_configs(tmp_path):
+    """A wheel installed elsewhere composes a recipe (configs, tokenizer shipped as package data)."""
+    repo = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")],
+                   check=True, timeout=300)
+    wheel = next((tmp_path / "wheel").glob("mamba_train-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(tmp_path / "site"), str(wheel)], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = (f"import mamba_train; assert mamba_train.__file__.startswith({str(tmp_path / 'site')!r}); "
+            "from mamba_train.data.tokenizer import load_tokenizer; print(len(load_tokenizer()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "4096"
+    proc = subprocess.run([sys.executable, "-m", "mamba_train", "recipe=mamba2-2.7b", "--cfg", "job"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "d_model: 2560" in proc.stdout
