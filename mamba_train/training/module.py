@@ -137,21 +137,32 @@ class MambaLMModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:
-        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (fused AdamW,
-        # the fast one on GPU) because it assumes a GradScaler. Under bf16-mixed or fp32 there is
-        # no scaler, so clipping the gradients directly is exact: do that on single-device/DDP.
-        # Sharded strategies keep Lightning's path (their norm needs a cross-rank reduction).
+    def clips_gradients_directly(self) -> bool:
+        """True where ``configure_gradient_clipping`` clips (and logs the norm) itself.
+
+        Lightning's mixed-precision plugin refuses to clip for a fused optimizer (fused AdamW,
+        the fast one on GPU) because it assumes a GradScaler. Under bf16-mixed or fp32 there is
+        no scaler, so clipping the gradients directly is exact: do that on single-device/DDP.
+        Sharded strategies keep Lightning's path (their norm needs a cross-rank reduction);
+        DeepSpeed subclasses DDP but clips by itself.
+        """
         from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy,
                                                   SingleDeviceStrategy)
 
-        strategy = self.trainer.strategy  # DeepSpeed subclasses DDP but clips by itself
+        trainer = self.trainer
+        strategy = trainer.strategy
         plain = (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))
                  and not isinstance(strategy, DeepSpeedStrategy))
-        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and plain and unscaled:
+        unscaled = getattr(trainer.precision_plugin, "scaler", None) is None
+        algorithm = trainer.gradient_clip_algorithm
+        return bool(trainer.gradient_clip_val) and algorithm in (None, "norm") and plain and unscaled
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and self.clips_gradients_directly():
+            # the total norm before clipping, computed once and logged (GradNormMonitor defers)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", self.grad_norm, on_step=True, on_epoch=False)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -43,6 +43,9 @@ class GradNormMonitor(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        clips = getattr(pl_module, "clips_gradients_directly", None)
+        if clips is not None and clips():
+            return  # the module's clipping computes this norm anyway and logs it under train/grad_norm
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = total_grad_norm(params)
         if _is_sharded(trainer) and torch.distributed.is_initialized():
