@@ -110,7 +110,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         logger=loggers or False,
         plugins=[AtomicCheckpointIO(), *_instantiate_dict((cfg.get("cluster") or {}).get("plugins"))],
         check_val_every_n_epoch=None,
-        val_check_interval=1,  # replaced below once the accumulation is known
+        val_check_interval=int(cfg.train.val_every_n_steps),  # × accumulation, set below
     )
     accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
                               cfg.data.seq_len, trainer.world_size)
