@@ -166,3 +166,15 @@ def test_no_weight_decay_rule_on_mamba_ssm_names():
     assert not no_weight_decay("backbone.layers.3.mixer.conv1d.weight")
     assert not no_weight_decay("backbone.layers.3.mixer.Dx.weight")
     assert not no_weight_decay("backbone.embedding.weight")
+
+
+@pytest.mark.parametrize("wrapper", ["", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.",
+                                     "_fsdp_wrapped_module._checkpoint_wrapped_module."])
+def test_decay_rule_survives_wrapper_prefixes(wrapper):
+    """FSDP (use_orig_params) and activation checkpointing insert module names; the SSM
+    parameters must stay out of weight decay under every strategy's naming."""
+    model = build_model(MambaLMConfig(**HYBRID), backend="reference")
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        wrapped = ".".join(parts[:3]) + "." + wrapper + ".".join(parts[3:]) if len(parts) > 3 else name
+        assert no_weight_decay(wrapped) == no_weight_decay(name), wrapped
