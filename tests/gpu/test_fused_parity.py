@@ -64,18 +64,30 @@ def test_fused_matches_reference(name, shape, dtype, tol, record):
 
 @pytest.mark.parametrize("layer", ["Mamba2"])
 def test_fused_seq_idx_matches_per_document_runs(layer, record):
-    """Packed documents with seq_idx == each document run alone (fused Mamba-2 kernels)."""
+    """Packed documents with seq_idx == each document run alone (fused Mamba-2 kernels):
+    logits, and every parameter gradient of a weighted sum of the logits."""
     torch.manual_seed(0)
     cfg = MambaLMConfig(**CONFIGS["mamba2"])
     model = build_model(cfg, backend="fused", device="cuda")
     lengths = [1, 2, 3, 250, 40]
     x = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
+    weights = torch.randn(1, sum(lengths), model.config.padded_vocab_size, device="cuda")
     seq_idx = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])
+    model.zero_grad(set_to_none=True)
     packed = model(x, seq_idx=seq_idx[None].cuda()).logits
+    (packed * weights).sum().backward()
+    grads_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     parts, start = [], 0
     for n in lengths:
-        parts.append(model(x[:, start:start + n]).logits)
+        out = model(x[:, start:start + n]).logits
+        (out * weights[:, start:start + n]).sum().backward()
+        parts.append(out.detach())
         start += n
-    err = rel_err(packed, torch.cat(parts, dim=1))
-    record(f"seq_idx fused {layer}: packed vs per-document logits rel err {err:.2e}")
+    err = rel_err(packed.detach(), torch.cat(parts, dim=1))
+    grad_errs = {n: rel_err(grads_packed[n], p.grad) for n, p in model.named_parameters()}
+    worst = max(grad_errs, key=grad_errs.get)
+    record(f"seq_idx fused {layer}: packed vs per-document logits rel err {err:.2e}, "
+           f"worst grad {worst} {grad_errs[worst]:.2e}")
     assert err < 1e-3
+    assert grad_errs[worst] < 1e-3, (worst, grad_errs[worst])
