@@ -31,6 +31,22 @@ from mamba_train.models.reference.ops import (
     ssd_sequential,
 )
 
+
+def random_seq_idx(b, L, gen, p, chunk_start=None):
+    """Random documents per row, with a boundary after position 0 (row 0), one at the last
+    position, and optionally one exactly at ``chunk_start`` (a chunk boundary)."""
+    rows = []
+    for r in range(b):
+        cuts = torch.rand(L, generator=gen) < p
+        cuts[0] = False
+        if L > 1:
+            cuts[1] = r == 0
+            cuts[L - 1] = True
+        if chunk_start is not None and L > chunk_start:
+            cuts[chunk_start] = True
+        rows.append(torch.cumsum(cuts.to(torch.int32), 0).to(torch.int32))
+    return torch.stack(rows)
+
 F64 = torch.float64
 
 
@@ -88,16 +104,7 @@ def _scan_inputs(c, seed=0):
     )
     seq_idx = None
     if c["seq"]:
-        # random documents per row, including a boundary after position 0 and at the last position
-        rows = []
-        for r in range(b):
-            cuts = torch.rand(L, generator=gen) < 0.3
-            cuts[0] = False
-            if L > 1:
-                cuts[1] = r == 0
-                cuts[L - 1] = True
-            rows.append(torch.cumsum(cuts.to(torch.int32), 0).to(torch.int32))
-        seq_idx = torch.stack(rows)
+        seq_idx = random_seq_idx(b, L, gen, 0.3)
     return inp, seq_idx
 
 
@@ -184,17 +191,7 @@ def _ssd_inputs(c, seed=0):
     )
     seq_idx = None
     if c["seq"]:
-        rows = []
-        for r in range(b):
-            cuts = torch.rand(L, generator=gen) < 0.25
-            cuts[0] = False
-            if L > 1:
-                cuts[1] = r == 0
-                cuts[L - 1] = True
-            if L > c["chunk"]:
-                cuts[c["chunk"]] = True  # a document starting exactly on a chunk boundary
-            rows.append(torch.cumsum(cuts.to(torch.int32), 0).to(torch.int32))
-        seq_idx = torch.stack(rows)
+        seq_idx = random_seq_idx(b, L, gen, 0.25, chunk_start=c["chunk"])
     return inp, seq_idx
 
 

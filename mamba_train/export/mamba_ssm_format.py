@@ -49,13 +49,6 @@ def save_mamba_ssm(model, save_directory: str | Path, safe_serialization: bool =
     return out
 
 
-def is_mamba_ssm_dir(path: Path) -> bool:
-    if not (path / CONFIG_NAME).is_file():
-        return False
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    return "d_model" in cfg and "n_layer" in cfg
-
-
 def read_mamba_ssm(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     config = MambaLMConfig.load(path / CONFIG_NAME)

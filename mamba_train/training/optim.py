@@ -11,7 +11,7 @@ optimizer state lines up with the same parameters.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,6 +54,3 @@ def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optim
     except TypeError:  # optimizers that reject the informational "param_names" key
         return optimizer([{k: v for k, v in g.items() if k != "param_names"} for g in groups])
 
-
-def iter_no_decay_names(model: nn.Module) -> Iterable[str]:
-    return (n for n, _ in model.named_parameters() if no_weight_decay(n))
