@@ -49,6 +49,10 @@ ARMS = {  # name -> (GPUs, strategy overrides)
 
 def overrides(args, arm: str, out: Path) -> list[str]:
     gpus, strategy = ARMS[arm]
+    # The default corpus makes 6-micro-batch epochs, and Lightning steps the optimizer at every
+    # epoch end: without this, each "131072-token" step held 48 sequences (98304 tokens) on 1 and
+    # 2 GPUs alike. One epoch of a whole number of optimizer steps keeps the global batch.
+    accum = max(1, args.global_batch_tokens // (args.micro_batch * args.seq_len * gpus))
     return [f"recipe={args.model}", "data=default", "model.vocab_size=4096", "backend=fused",
             "precision=bf16-mixed", "trainer.accelerator=gpu", f"trainer.devices={gpus}",
             *strategy, f"data.seq_len={args.seq_len}", f"data.micro_batch_size={args.micro_batch}",
@@ -56,6 +60,7 @@ def overrides(args, arm: str, out: Path) -> list[str]:
             "trainer.limit_val_batches=0", "train.val_every_n_steps=1000000",
             "callbacks.model_checkpoint=null", "callbacks.progress_bar=null", "logger=csv",
             "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false",
+            f"++data.epoch_batches={accum * (args.steps + 1)}",
             f"run_name={arm}", f"paths.output_dir={out}", *args.override]
 
 
@@ -72,24 +77,28 @@ def run_arm(args) -> int:
 
         def __init__(self):
             self.stamps: list[float] = []
+            self.batches: list[int] = []  # rank 0's micro-batches run up to each stamp
             self._step = -1
+            self._n = 0
 
         def on_train_start(self, trainer, pl_module):
             self._step = trainer.global_step  # first stamp: end of the first optimizer step
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._n += 1
             if trainer.global_step != self._step:
                 self._step = trainer.global_step
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.stamps.append(time.perf_counter())
+                self.batches.append(self._n)
 
         def on_train_end(self, trainer, pl_module):
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
             peaks = trainer.strategy.all_gather(torch.tensor(peak, device=pl_module.device))
             if trainer.is_global_zero:
                 Path(args.out, f"{args.run}.timing.json").write_text(json.dumps({
-                    "stamps": self.stamps, "world_size": trainer.world_size,
+                    "stamps": self.stamps, "batches": self.batches, "world_size": trainer.world_size,
                     "accumulation": trainer.accumulate_grad_batches,
                     "peak_mem_gib": [round(float(p), 2) for p in peaks.flatten()],
                     "strategy": type(trainer.strategy).__name__}))
@@ -114,9 +123,17 @@ def summarize(args, arm: str, out: Path) -> dict:
     timing = json.loads((out / f"{arm}.timing.json").read_text())
     stamps = timing["stamps"][args.warmup:]
     steps = len(stamps) - 1
-    tok_s = args.global_batch_tokens * steps / (stamps[-1] - stamps[0]) if steps > 0 else float("nan")
+    # tokens actually trained in the timed window (micro-batches x tokens x ranks), not the
+    # configured global batch: an epoch end inside an accumulation window makes a short step
+    batches = timing["batches"][args.warmup:]
+    tokens = (batches[-1] - batches[0]) * args.micro_batch * args.seq_len * timing["world_size"] if steps > 0 else 0
+    if steps > 0 and tokens != args.global_batch_tokens * steps:
+        print(f"   WARNING {arm}: {tokens / steps:.0f} tokens per optimizer step, "
+              f"not {args.global_batch_tokens}", flush=True)
+    tok_s = tokens / (stamps[-1] - stamps[0]) if steps > 0 else float("nan")
     return {"arm": arm, "gpus": timing["world_size"], "strategy": timing["strategy"],
             "accumulation": timing["accumulation"], "timed_steps": steps,
+            "tokens_per_step": tokens / steps if steps > 0 else None,
             "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / timing["world_size"],
             "step_s": (stamps[-1] - stamps[0]) / steps if steps > 0 else None,
             "peak_mem_gib": timing["peak_mem_gib"], "losses": global_losses(out / arm)}
