@@ -7,10 +7,16 @@ clipping:
       the common way such loops are written);
   (b) ``mamba_train.train.train``: LightningModule + Trainer + the configured callbacks and CSV
       logger + the real loader over prepared token shards (synthetic tokens, 50277 vocab).
-Steady-state tokens/s = median over timed windows after warm-up; peak GPU memory per arm.
-Prints one line per model with the ratio b/a; ``--json`` writes everything.
+Steady-state tokens/s = median over timed windows after warm-up; peak GPU memory per arm; MFU
+per arm (model FLOPs from ``mamba_train.models.flops``: 6N plus the scan, see its docstring,
+over the bf16 peak of the GPU from Lightning's table).
 
-    python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batch 8
+Prints per model and micro-batch a THROUGHPUT line with the same-batch ratio b/a, a BEST line
+with each arm's best micro-batch over ``--micro-batches`` (a larger batch is not the same-batch
+ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``trainer.cuda_graph=off``, the
+measured gain of the captured step. ``--json`` writes everything.
+
+    python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ def synthetic_shards(root: Path) -> Path:
 
 
 def framework(name: str, micro_batch: int, warmup: int, windows: int, window: int,
-              data_dir: Path, out_dir: Path, extra: list[str]) -> dict:
+              data_dir: Path, out_dir: Path, extra: list[str], tag: str = "") -> dict:
     from hydra import compose, initialize_config_module
 
     from mamba_train.train import train
@@ -124,7 +130,7 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
         f"data.micro_batch_size={micro_batch}", f"train.global_batch_tokens={micro_batch * SEQ_LEN}",
         f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "train.val_every_n_steps=100000",
         "train.checkpoint_every_n_steps=100000", "callbacks.model_checkpoint.save_last=false",
-        f"paths.output_dir={out_dir}", f"run_name={name}-mb{micro_batch}", *extra,
+        f"paths.output_dir={out_dir}", f"run_name={name}-mb{micro_batch}{tag}", *extra,
     ]
     with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -141,34 +147,75 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     return result
 
 
+def peak_bf16_flops() -> float | None:
+    from lightning.fabric.utilities.throughput import get_available_flops
+    return get_available_flops(torch.device("cuda"), torch.bfloat16)
+
+
+def mfu(tok_s: float, flops_per_token: int, peak: float | None) -> float | None:
+    return tok_s * flops_per_token / peak if peak else None
+
+
+def _fmt_arm(r: dict) -> str:
+    m = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    return f"{r['tok_s']:,.0f} tok/s ({r['peak_mem_gib']:.1f} GiB{m})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mamba-130m", "mamba-370m", "mamba2-130m", "mamba2-370m"])
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batches", nargs="+", type=int, default=[8],
+                    help="the first is the same-batch comparison; all are searched for each arm's best")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--ablate-graph", action="store_true",
+                    help="also run (b) with trainer.cuda_graph=off at the first micro-batch")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for arm (b)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    from mamba_train.models.flops import flops_per_token
+
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"device": torch.cuda.get_device_name(), "micro_batch": args.micro_batch,
-               "date": time.strftime("%Y-%m-%d"), "models": {}}
+    peak = peak_bf16_flops()
+    results = {"device": torch.cuda.get_device_name(), "micro_batches": args.micro_batches,
+               "peak_bf16_flops": peak, "date": time.strftime("%Y-%m-%d"), "models": {}}
+    timing = (args.warmup, args.windows, args.window)
     with tempfile.TemporaryDirectory() as tmp:
-        data = synthetic_shards(Path(tmp) / "data")
+        data, runs = synthetic_shards(Path(tmp) / "data"), Path(tmp) / "runs"
         for name in args.models:
-            a = plain_loop(name, args.micro_batch, args.warmup, args.windows, args.window)
-            print(f"PLAIN {name} mb={args.micro_batch}: {a['tok_s']:,.0f} tok/s windows "
-                  f"{[round(w) for w in a['windows']]} ({a['peak_mem_gib']:.1f} GiB)", flush=True)
-            b = framework(name, args.micro_batch, args.warmup, args.windows, args.window, data,
-                          Path(tmp) / "runs", args.override)
-            results["models"][name] = {"plain": a, "mamba_train": b, "ratio": b["tok_s"] / a["tok_s"]}
-            print(f"THROUGHPUT {name} mb={args.micro_batch}: plain {a['tok_s']:,.0f} tok/s "
-                  f"({a['peak_mem_gib']:.1f} GiB) | mamba_train {b['tok_s']:,.0f} tok/s "
-                  f"({b['peak_mem_gib']:.1f} GiB) | ratio b/a {b['tok_s'] / a['tok_s']:.2f}", flush=True)
+            fpt = flops_per_token(model_config(name)[0], SEQ_LEN)
+            per_mb = {}
+            for mb in args.micro_batches:
+                a = plain_loop(name, mb, *timing)
+                print(f"PLAIN {name} mb={mb}: {_fmt_arm(a)} windows {[round(w) for w in a['windows']]}",
+                      flush=True)
+                b = framework(name, mb, *timing, data, runs, args.override)
+                for r in (a, b):
+                    r["mfu"] = mfu(r["tok_s"], fpt, peak)
+                per_mb[mb] = {"plain": a, "mamba_train": b, "ratio": b["tok_s"] / a["tok_s"]}
+                print(f"THROUGHPUT {name} mb={mb}: plain {_fmt_arm(a)} | mamba_train {_fmt_arm(b)} "
+                      f"| ratio b/a {b['tok_s'] / a['tok_s']:.2f}", flush=True)
+            entry = {"flops_per_token": fpt, "micro_batches": per_mb}
+            best = {arm: max(per_mb, key=lambda mb: per_mb[mb][arm]["tok_s"])
+                    for arm in ("plain", "mamba_train")}
+            entry["best"] = {arm: {"micro_batch": mb, **per_mb[mb][arm]} for arm, mb in best.items()}
+            print(f"BEST {name}: plain mb={best['plain']} {_fmt_arm(per_mb[best['plain']]['plain'])} | "
+                  f"mamba_train mb={best['mamba_train']} "
+                  f"{_fmt_arm(per_mb[best['mamba_train']]['mamba_train'])}", flush=True)
+            if args.ablate_graph:
+                mb = args.micro_batches[0]
+                c = framework(name, mb, *timing, data, runs,
+                              [*args.override, "trainer.cuda_graph=off"], tag="-eager")
+                c["mfu"] = mfu(c["tok_s"], fpt, peak)
+                b = per_mb[mb]["mamba_train"]
+                entry["eager_step"] = c
+                print(f"GRAPH {name} mb={mb}: cuda_graph=auto {_fmt_arm(b)} | cuda_graph=off "
+                      f"{_fmt_arm(c)} | gain {b['tok_s'] / c['tok_s']:.2f}", flush=True)
+            results["models"][name] = entry
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

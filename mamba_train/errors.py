@@ -10,11 +10,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mamba_train.models.init import SSMInitError
     from mamba_train.training.batch import BatchSizeError
     from mamba_train.training.callbacks.precision_guard import LowPrecisionParametersError
+    from mamba_train.training.cuda_graph import CudaGraphError
     from mamba_train.training.module import NonFiniteLossError
     from mamba_train.training.parallel import ParallelConfigError
 
     errors: list[type[BaseException]] = [
-        BackendError, BatchSizeError, CheckpointError, ConfigError, LowPrecisionParametersError,
+        BackendError, BatchSizeError, CheckpointError, ConfigError, CudaGraphError,
+        LowPrecisionParametersError,
         NonFiniteLossError, ParallelConfigError, SSMInitError,
     ]
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.training.batch import grad_accumulation
@@ -68,6 +68,14 @@ def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
         raise RunDirError(f"ckpt_path={ckpt_path} does not exist")
 
 
+def _lightning_trainer_args(trainer_cfg: DictConfig) -> DictConfig:
+    """The trainer group minus the keys mamba_train handles itself (cuda_graph: the module)."""
+    args = trainer_cfg.copy()
+    with open_dict(args):
+        args.pop("cuda_graph", None)
+    return args
+
+
 def max_steps(cfg: DictConfig) -> int:
     if cfg.trainer.get("max_steps") not in (None, -1):
         return int(cfg.trainer.max_steps)
@@ -95,13 +103,14 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         loss_chunk_size=cfg.train.loss_chunk_size,
         nan_policy=cfg.train.nan_policy,
         run_config=OmegaConf.to_yaml(cfg, resolve=True),
+        cuda_graph=str(cfg.trainer.get("cuda_graph", "off")),
     )
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = _instantiate_dict(cfg.get("logger"))
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
-    trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
+    trainer: L.Trainer = instantiate(_lightning_trainer_args(cfg.trainer), _partial_=True)(
         default_root_dir=str(run_dir),
         max_steps=max_steps(cfg),
         precision=resolve_precision(cfg.trainer.precision),

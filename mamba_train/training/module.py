@@ -4,6 +4,7 @@ the model config and RNG states into every checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Callable
 
@@ -14,7 +15,11 @@ import torch
 from mamba_train.export.load import CKPT_CONFIG_KEY
 from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
+from mamba_train.training.cuda_graph import (GRAPH_MODES, CudaGraphError, GraphedTrainStep,
+                                             graph_blockers)
 from mamba_train.training.optim import build_optimizer
+
+log = logging.getLogger(__name__)
 
 RNG_KEY = "mamba_train_rng"
 RUN_CONFIG_KEY = "mamba_train_run_config"
@@ -36,10 +41,13 @@ class MambaLMModule(L.LightningModule):
         loss_chunk_size: int = 4096,
         nan_policy: str = "stop",
         run_config: str | None = None,
+        cuda_graph: str = "off",
     ):
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if cuda_graph not in GRAPH_MODES:
+            raise ValueError(f"trainer.cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
         self.model_config = model if isinstance(model, MambaLMConfig) else MambaLMConfig.from_dict(dict(model))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -48,6 +56,8 @@ class MambaLMModule(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.nan_policy = nan_policy
         self.run_config = run_config
+        self.cuda_graph = cuda_graph
+        self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
         self.model = None
         self.skipped_steps = 0
         self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
@@ -71,7 +81,11 @@ class MambaLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int):
-        loss = self._loss(batch)
+        if self.graph_step is not None:  # forward + backward in one CUDA graph replay
+            starts_window = batch_idx % self.trainer.accumulate_grad_batches == 0  # Lightning's rule
+            loss = self.graph_step.forward_backward(batch, starts_window)
+        else:
+            loss = self._loss(batch)
         if self.nan_policy == "skip":
             # Deciding before the optimizer step needs the value now: one host sync per step.
             if not torch.isfinite(loss):
@@ -84,7 +98,50 @@ class MambaLMModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_tokens)
         return loss
 
+    # ------------------------------------------------------------------ CUDA graph (see cuda_graph.py)
+    def _start_graph_step(self) -> None:
+        if self.cuda_graph == "off" or self.graph_step is not None:
+            return
+        blockers = graph_blockers(self.trainer, self)
+        if blockers:
+            if self.cuda_graph == "on":
+                raise CudaGraphError("trainer.cuda_graph=on, but the step cannot be captured: "
+                                     + "; ".join(blockers) + ". Set trainer.cuda_graph=auto or off.")
+            log.info("cuda_graph=auto: eager training step (%s)", "; ".join(blockers))
+            return
+        strategy = self.trainer.strategy
+        ddp = getattr(strategy, "model", None)
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            # the graph step all-reduces its flat gradient buffer itself (sync_gradients)
+            ddp.require_backward_grad_sync = False
+        params = [p for group in self.trainer.optimizers[0].param_groups for p in group["params"]]
+        self.graph_step = GraphedTrainStep(
+            self._loss, params, accumulate=self.trainer.accumulate_grad_batches,
+            mode=self.cuda_graph, process_group=getattr(strategy, "process_group", None),
+            world_size=self.trainer.world_size)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self.graph_step is None:
+            return super().backward(loss, *args, **kwargs)
+        # the graph step already ran the backward; average over ranks before the optimizer step
+        # (Lightning's own accumulation rule, so that DDP reduces exactly when it would)
+        if not self.trainer.fit_loop.epoch_loop._should_accumulate():
+            self.graph_step.sync_gradients()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self.graph_step is None:
+            return super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        # Lightning calls this between training_step and backward: the graph step has already
+        # produced this micro-batch's gradients (it zeroes at the start of each window itself)
+        self.graph_step.bind_grads()
+
+    def on_validation_model_zero_grad(self) -> None:
+        if self.graph_step is None:
+            return super().on_validation_model_zero_grad()
+        self.graph_step.zero_grad()
+
     def on_train_start(self) -> None:
+        self._start_graph_step()
         # a resumed run redoes the steps after its checkpoint: drop their rows from the CSV log
         if self.global_step > 0:
             for logger in self.loggers:

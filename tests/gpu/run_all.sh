@@ -2,7 +2,7 @@
 # Everything GPU-side in one device call: install the carried wheels, run the GPU tests, a short
 # fused-path training run of recipe=mamba-130m, and the throughput benchmark. Results go to $OUT.
 #   device run: carry .whl, command: bash tests/gpu/run_all.sh [parts...]
-# parts: tests train bench (default: all)
+# parts: tests graph train bench bench16 determinism (default: tests train bench determinism)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
@@ -14,7 +14,12 @@ parts=${*:-tests train bench determinism}
 
 if [[ " $parts " == *" tests "* ]]; then
   # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
-  TRITON_F32_DEFAULT=ieee python3 -m pytest -q tests/gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+  TRITON_F32_DEFAULT=ieee python3 -m pytest -q tests/gpu --deselect tests/gpu/test_cuda_graph_step.py -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+fi
+
+if [[ " $parts " == *" graph "* ]]; then
+  # captured vs eager step, bit for bit under the deterministic mode: a process of its own
+  python3 -m pytest -q tests/gpu/test_cuda_graph_step.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_graph_tests.log" | tail -n 25
 fi
 
 if [[ " $parts " == *" train "* ]]; then
@@ -35,7 +40,10 @@ PY
 fi
 
 if [[ " $parts " == *" bench "* ]]; then
-  python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" | grep -E "THROUGHPUT|PLAIN|Error|error"
+  python3 benchmarks/train_throughput.py --ablate-graph --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" | grep -E "THROUGHPUT|PLAIN|BEST|GRAPH|Error|error"
+fi
+if [[ " $parts " == *" bench16 "* ]]; then
+  python3 benchmarks/train_throughput.py --micro-batches 16 --json "$OUT/throughput16.json" 2>&1 | tee "$OUT/throughput16.log" | grep -E "THROUGHPUT|PLAIN|BEST|Error|error"
 fi
 if [[ " $parts " == *" determinism "* ]]; then
   # the throughput cost of trainer.deterministic=true (separate processes: the kernels read

@@ -1,0 +1,209 @@
+"""A CUDA-graph-captured forward + backward for the training step (``trainer.cuda_graph``).
+
+Why: Mamba-2's step is bound by the host enqueueing its many small Triton kernels, not by the
+GPU (shared/reference/training-facts.md: the same mamba2-370m step takes 373 ms eager and runs
+2.1x faster as one CUDA graph). ``torch.compile`` cannot capture it for us -- mamba_ssm's kernels
+are not registered custom ops -- so the graph is captured by hand with ``torch.cuda.graph``.
+
+How it sits inside Lightning (automatic optimization is kept, so gradient accumulation, the LR
+schedule, clipping, logging, checkpointing and resume work exactly as in the eager path):
+
+* ``training_step`` copies the micro-batch into static input buffers and replays the graph,
+  which runs the forward, the loss (scaled by 1/accumulation) and the backward. The gradients
+  accumulate in place into one flat fp32 buffer whose views are the parameters' ``.grad``.
+* ``LightningModule.backward`` becomes a no-op for that micro-batch (the graph did it); under
+  DDP the flat buffer is all-reduced there once per optimizer step, outside the graph (one
+  collective, with no reducer hooks: DDP's own gradient sync is switched off).
+* The flat buffer is zeroed in place at the first micro-batch of each optimizer step (Lightning's
+  ``optimizer_zero_grad`` would run after our backward and drop the gradients, so it is a no-op),
+  never set to None: the graph writes into those exact addresses.
+* Clipping (``clip_grad_norm_``, a few foreach kernels) and the fused AdamW step stay eager: with
+  a float LR read at every step the schedule needs no device tensor, and the optimizer state and
+  checkpoints are the eager ones, so resume stays exact.
+
+The first ``warmup`` micro-steps run eagerly on a side stream (the mamba_ssm Triton autotuning
+and lazy cuBLAS set-up must not happen during capture) and are real training steps: no batch
+is spent on warm-up. Where capture is impossible the step stays eager and says why:
+``graph_blockers`` lists the configuration reasons; a failed capture (``auto``) or a batch of
+another shape falls back to the eager step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+GRAPH_MODES = ("auto", "on", "off")
+
+
+class CudaGraphError(RuntimeError):
+    """``trainer.cuda_graph=on`` where the step cannot be captured."""
+
+
+def graph_blockers(trainer, module) -> list[str]:
+    """Reasons this run's training step cannot be captured (empty: it can)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    reasons = []
+    strategy = trainer.strategy
+    if strategy.root_device.type != "cuda":
+        reasons.append(f"the device is {strategy.root_device.type}, CUDA graphs need a GPU")
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+            strategy, (SingleDeviceStrategy, DDPStrategy)):
+        reasons.append(f"{type(strategy).__name__} gathers or partitions parameters and "
+                       "gradients inside the step; only single-device and DDP steps are captured")
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        reasons.append("fp16 loss scaling decides on the host whether to step; use bf16-mixed")
+    if module.nan_policy != "stop":
+        reasons.append("train.nan_policy=skip decides on the host every micro-batch; use stop")
+    params = [p for p in module.parameters() if p.requires_grad]
+    if len({(p.dtype, p.device) for p in params}) > 1:
+        reasons.append("the trainable parameters differ in dtype or device")
+    return reasons
+
+
+class GraphedTrainStep:
+    """Forward + backward of one micro-batch: eager for ``warmup`` micro-steps, then replayed
+    from a CUDA graph (only eager on devices without CUDA graphs, which tests use to check the
+    flat-gradient bookkeeping on CPU)."""
+
+    def __init__(self, loss_fn: Callable[[dict], torch.Tensor], params: list[torch.nn.Parameter],
+                 accumulate: int, mode: str = "auto", warmup: int = 3,
+                 process_group=None, world_size: int = 1):
+        self.loss_fn = loss_fn
+        self.params = params
+        self.loss_scale = 1.0 / accumulate
+        self.mode = mode
+        self.warmup = warmup
+        self.process_group = process_group
+        self.world_size = world_size
+        device = params[0].device
+        self.capturable = device.type == "cuda"
+        self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                     device=device)
+        self._grad_views = []
+        offset = 0
+        for p in params:
+            self._grad_views.append(self.flat_grad[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.bind_grads()
+        self.micro_steps = 0
+        self.fallback_reason: str | None = None
+        self._static: dict[str, torch.Tensor] | None = None
+        self._static_loss: torch.Tensor | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._side_stream = torch.cuda.Stream(device) if self.capturable else None
+        self._warned_shape = False
+
+    # ------------------------------------------------------------------ gradients
+    def bind_grads(self) -> None:
+        """Point every ``p.grad`` at its slice of the flat buffer (the graph writes there)."""
+        for p, g in zip(self.params, self._grad_views):
+            if p.grad is not g:
+                p.grad = g
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
+        self.bind_grads()
+
+    def sync_gradients(self) -> None:
+        """Average the gradients over the data-parallel ranks: one all-reduce of the flat buffer
+        per optimizer step, outside the graph."""
+        if self.world_size > 1:
+            dist.all_reduce(self.flat_grad, group=self.process_group)
+            self.flat_grad.div_(self.world_size)
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def forward_backward(self, batch: dict, starts_window: bool) -> torch.Tensor:
+        """Accumulate this micro-batch's gradients (scaled by 1/accumulation) into ``p.grad``
+        and return its loss, detached (a fresh tensor: the static one is overwritten).
+
+        ``starts_window``: first micro-batch of an optimizer step, whose gradients start from
+        zero. (Lightning zeroes between ``training_step`` and ``backward``, too late here.)"""
+        if starts_window:
+            self.zero_grad()
+        self.micro_steps += 1
+        if not self._fill_static(batch):
+            return self._eager(batch).clone()
+        if self.captured:
+            self._graph.replay()
+            return self._static_loss.clone()
+        if not self.capturable or self.fallback_reason or self.micro_steps <= self.warmup:
+            return self._eager(self._static).clone()
+        return self._capture_and_replay()
+
+    def _fill_static(self, batch: dict) -> bool:
+        """Copy the batch into the static buffers; False if its shapes do not fit them."""
+        if self._static is None:
+            self._static = {k: torch.empty_like(v) for k, v in batch.items()
+                            if isinstance(v, torch.Tensor)}
+        fits = (batch.keys() == self._static.keys() and all(
+            v.shape == self._static[k].shape and v.dtype == self._static[k].dtype
+            for k, v in batch.items()))
+        if not fits:
+            if not self._warned_shape:
+                log.warning("cuda_graph: a batch of other shapes/keys than the captured one "
+                            "(%s); it runs eagerly", {k: tuple(v.shape) for k, v in batch.items()})
+                self._warned_shape = True
+            return False
+        for k, v in batch.items():
+            self._static[k].copy_(v, non_blocking=True)
+        return True
+
+    def _autocast_without_cache(self):
+        # autocast's cast cache must be off while capturing (its cached bf16 weight copies would
+        # be freed when the autocast region exits, under the graph's feet); keep the same
+        # setting in the eager micro-steps so both run the same casts.
+        device = self.flat_grad.device.type
+        if not torch.is_autocast_enabled(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        with self._autocast_without_cache():
+            loss = self.loss_fn(batch)
+        (loss * self.loss_scale).backward()
+        return loss.detach()
+
+    def _eager(self, batch: dict) -> torch.Tensor:
+        if self._side_stream is None or self.fallback_reason:
+            return self._forward_backward(batch)
+        # warm-up on a side stream, as CUDA graph capture requires
+        main = torch.cuda.current_stream()
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream):
+            loss = self._forward_backward(batch)
+        main.wait_stream(self._side_stream)
+        return loss
+
+    def _capture_and_replay(self) -> torch.Tensor:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the DataLoader's pin-memory thread keeps using CUDA meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._static_loss = self._forward_backward(self._static)
+        except Exception as e:  # noqa: BLE001 -- any capture failure means: run eagerly
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            if self.mode == "on":
+                raise CudaGraphError(
+                    f"trainer.cuda_graph=on but capturing the training step failed ({reason}); "
+                    "set trainer.cuda_graph=auto (falls back to eager) or off") from e
+            self.fallback_reason = reason
+            self._static_loss = None
+            torch.cuda.synchronize()
+            log.warning("cuda_graph=auto: capture failed (%s); training continues eagerly", reason)
+            return self._eager(self._static).clone()
+        self._graph = graph
+        log.info("cuda_graph: training step captured after %d eager micro-steps", self.warmup)
+        graph.replay()  # capture only records: this micro-batch is computed now
+        return self._static_loss.clone()

@@ -1,0 +1,120 @@
+"""``trainer.cuda_graph``: the graph step's bookkeeping (flat gradient buffer zeroed in place,
+backward done in ``training_step``, its own DDP all-reduce) gives the same training as the
+plain Lightning path, and the mode is refused or skipped, with its reason, where capture is
+impossible. Capture itself needs a GPU: tests/gpu/test_cuda_graph_step.py compares captured and
+eager trajectories there. On CPU, GraphedTrainStep never captures, so forcing it on here tests
+everything around the graph."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mamba_train.training.module as module_mod
+from conftest import TINY, compose_config
+from mamba_train.train import train
+from mamba_train.training.cuda_graph import CudaGraphError
+
+STEPS = 6
+# accumulation 2 (512 tokens/step = 2 micro-batches of 4 × 64), validation inside the run (its
+# zero-grad hook), clipping on (trainer default 1.0), checkpoints every 3 steps
+COMMON = ["recipe=debug-mamba2", f"trainer.max_steps={STEPS}", "train.global_batch_tokens=512",
+          "trainer.limit_val_batches=1", "train.val_every_n_steps=2", "logger=csv",
+          "train.checkpoint_every_n_steps=3", "train.keep_last_k_checkpoints=-1",
+          "trainer.accelerator=cpu"]
+
+
+def _global_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/global_loss"])
+                for r in csv.DictReader(f) if r.get("train/global_loss")}
+
+
+@pytest.fixture
+def force_graph_step(monkeypatch):
+    monkeypatch.setattr(module_mod, "graph_blockers", lambda trainer, module: [])
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eager")
+    result = train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=off", "run_name=eager"], out))
+    assert result["module"].graph_step is None
+    return result
+
+
+def _assert_same_run(a: dict, b: dict) -> None:
+    la, lb = _global_losses(a["run_dir"]), _global_losses(b["run_dir"])
+    assert sorted(lb) and set(lb) <= set(la)
+    for step in lb:
+        assert lb[step] == la[step], (step, la, lb)
+    pa, pb = a["module"].model.state_dict(), b["module"].model.state_dict()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_graph_step_trains_exactly_like_the_eager_path(eager_run, force_graph_step, tmp_path):
+    run = train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=on", "run_name=graph"], tmp_path))
+    step = run["module"].graph_step
+    assert step is not None and not step.captured  # CPU: the bookkeeping without capture
+    assert step.micro_steps == 2 * STEPS
+    # after the validation zero-grad hooks the gradients still live in the flat buffer
+    for p in step.params:
+        assert p.grad.data_ptr() >= step.flat_grad.data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == step.flat_grad.untyped_storage().data_ptr()
+    assert sorted(_global_losses(run["run_dir"])) == list(range(STEPS))
+    _assert_same_run(eager_run, run)
+
+
+def test_graph_step_resume_is_exact(eager_run, force_graph_step, tmp_path):
+    mid = eager_run["run_dir"] / "checkpoints" / "step0000003.ckpt"
+    assert mid.is_file()
+    resumed = train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=on", "run_name=resumed",
+                                    f"ckpt_path={mid}"], tmp_path))
+    assert resumed["module"].graph_step is not None
+    assert sorted(_global_losses(resumed["run_dir"])) == [3, 4, 5]
+    _assert_same_run(eager_run, resumed)
+
+
+def test_cuda_graph_on_is_refused_with_the_reasons(tmp_path):
+    with pytest.raises(CudaGraphError, match=r"device is cpu.*nan_policy=skip.*cuda_graph=auto or off"):
+        train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "trainer.cuda_graph=on",
+                              "train.nan_policy=skip"], tmp_path))
+
+
+def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="mamba_train.training.module"):
+        run = train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "trainer.cuda_graph=auto"],
+                                   tmp_path))
+    assert run["module"].graph_step is None and run["trainer"].global_step == 1
+    assert "cuda_graph=auto: eager training step (the device is cpu" in caplog.text
+
+
+def test_unknown_cuda_graph_mode_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="trainer.cuda_graph must be one of"):
+        train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=yes"], tmp_path))
+
+
+def test_graph_step_under_ddp_all_reduces_itself(eager_run, tmp_path):
+    """2 gloo processes, accumulation 1 each, same global batch: the graph step's own
+    all-reduce (DDP's reducer switched off) gives the 1-process trajectory."""
+    script = Path(__file__).parent / "helpers" / "train_graph_step_on_cpu.py"
+    cmd = [sys.executable, str(script), *TINY, *COMMON, "trainer.devices=2", "strategy=ddp",
+           "trainer.cuda_graph=on", "run_name=ddp", f"paths.output_dir={tmp_path}"]
+    repo = str(Path(__file__).resolve().parents[1])  # importable also without an install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]
+    losses, reference = _global_losses(tmp_path / "ddp"), _global_losses(eager_run["run_dir"])
+    assert sorted(losses) == list(range(STEPS))
+    for step, ref in reference.items():  # float summation order only
+        assert losses[step] == pytest.approx(ref, abs=1e-4), (step, reference, losses)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == STEPS
