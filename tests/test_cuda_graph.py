@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,9 +107,7 @@ def test_graph_step_under_ddp_all_reduces_itself(eager_run, tmp_path):
     script = Path(__file__).parent / "helpers" / "train_graph_step_on_cpu.py"
     cmd = [sys.executable, str(script), *TINY, *COMMON, "trainer.devices=2", "strategy=ddp",
            "trainer.cuda_graph=on", "run_name=ddp", f"paths.output_dir={tmp_path}"]
-    repo = str(Path(__file__).resolve().parents[1])  # importable also without an install
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]
     losses, reference = _global_losses(tmp_path / "ddp"), _global_losses(eager_run["run_dir"])
     assert sorted(losses) == list(range(STEPS))
