@@ -147,7 +147,9 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     return result
 
 
-def peak_bf16_flops() -> float | None:
+def peak_bf16_flops(override: float | None) -> float | None:
+    if override:
+        return override
     from lightning.fabric.utilities.throughput import get_available_flops
     return get_available_flops(torch.device("cuda"), torch.bfloat16)
 
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--ablate-graph", action="store_true",
                     help="also run (b) with trainer.cuda_graph=off at the first micro-batch")
+    ap.add_argument("--peak-flops", type=float, default=None,
+                    help="dense bf16 FLOP/s of the GPU for MFU where Lightning's table lacks it "
+                         "(e.g. 989e12 for an H200 that reports itself as just 'NVIDIA H200')")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for arm (b)")
     args = ap.parse_args(argv)
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from mamba_train.models.flops import flops_per_token
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak = peak_bf16_flops()
+    peak = peak_bf16_flops(args.peak_flops)
     results = {"device": torch.cuda.get_device_name(), "micro_batches": args.micro_batches,
                "peak_bf16_flops": peak, "date": time.strftime("%Y-%m-%d"), "models": {}}
     timing = (args.warmup, args.windows, args.window)

@@ -45,10 +45,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(sum of losses)/d(logits) = softmax - onehot, zero on ignored tokens
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(end - start, device=probs.device), safe_t] -= 1.0
-                probs *= valid[:, None]
                 g = probs.to(compute_dtype)
-                grad_hidden[start:end] = (g @ w).to(hidden.dtype)
-                grad_weight += (g.t() @ h).to(acc)
+                # ignored tokens: zero their rows through the (c, D) operands, not the (c, V)
+                # probabilities (one full pass over the chunk less)
+                keep = valid[:, None].to(compute_dtype)
+                grad_hidden[start:end] = ((g @ w) * keep).to(hidden.dtype)
+                grad_weight += (g.t() @ (h * keep)).to(acc)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
             ctx.weight_dtype = weight.dtype
