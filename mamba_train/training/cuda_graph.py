@@ -119,6 +119,12 @@ class GraphedTrainStep:
             dist.all_reduce(self.flat_grad, group=self.process_group)
             self.flat_grad.div_(self.world_size)
 
+    def release(self) -> None:
+        """Free the graph, its memory pool and the static buffers; gradients back to None."""
+        self._graph = self._static = self._static_loss = None
+        for p in self.params:
+            p.grad = None
+
     # ------------------------------------------------------------------ the step
     @property
     def captured(self) -> bool:

@@ -140,6 +140,10 @@ class MambaLMModule(L.LightningModule):
             return super().on_validation_model_zero_grad()
         self.graph_step.zero_grad()
 
+    def on_train_end(self) -> None:
+        if self.graph_step is not None:  # the graph's private memory pool goes with it
+            self.graph_step.release()
+
     def on_train_start(self) -> None:
         self._start_graph_step()
         # a resumed run redoes the steps after its checkpoint: drop their rows from the CSV log
