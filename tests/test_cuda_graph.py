@@ -8,7 +8,7 @@ everything around the graph."""
 from __future__ import annotations
 
 import csv
-import logging
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +82,8 @@ def test_graph_step_trains_exactly_like_the_eager_path(eager_run, force_graph_st
     assert step is not None and not step.captured  # CPU: the bookkeeping without capture
     assert step.micro_steps == 2 * STEPS and check.checked == 2 * STEPS
     assert all(p.grad is None for p in step.params)  # released at the end of training
+    summary = json.loads((run["run_dir"] / "summary.json").read_text())
+    assert summary["training_step"].startswith("eager: graph-step bookkeeping without CUDA graphs")
     assert sorted(_global_losses(run["run_dir"])) == list(range(STEPS))
     _assert_same_run(eager_run, run)
 
@@ -102,12 +104,12 @@ def test_cuda_graph_on_is_refused_with_the_reasons(tmp_path):
                               "train.nan_policy=skip"], tmp_path))
 
 
-def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="mamba_train.training.module"):
-        run = train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "trainer.cuda_graph=auto"],
-                                   tmp_path))
+def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path):
+    run = train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "trainer.cuda_graph=auto"],
+                               tmp_path))
     assert run["module"].graph_step is None and run["trainer"].global_step == 1
-    assert "cuda_graph=auto: eager training step (the device is cpu" in caplog.text
+    summary = json.loads((run["run_dir"] / "summary.json").read_text())
+    assert summary["training_step"].startswith("eager: the device is cpu, CUDA graphs need a GPU")
 
 
 def test_unknown_cuda_graph_mode_is_a_config_error(tmp_path):

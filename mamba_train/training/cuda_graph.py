@@ -98,6 +98,7 @@ class GraphedTrainStep:
         self._static: dict[str, torch.Tensor] | None = None
         self._static_loss: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
+        self.replays = 0
         self._side_stream = torch.cuda.Stream(device) if self.capturable else None
         self._warned_shape = False
 
@@ -130,6 +131,17 @@ class GraphedTrainStep:
     def captured(self) -> bool:
         return self._graph is not None
 
+    def describe(self) -> str:
+        """How the micro-steps ran, for logs and the run summary."""
+        if self.replays:
+            return (f"cuda graph: {self.replays} of {self.micro_steps} micro-steps replayed "
+                    f"(warm-up {self.warmup})")
+        if self.fallback_reason:
+            return f"eager: capture failed ({self.fallback_reason})"
+        if not self.capturable:
+            return "eager: graph-step bookkeeping without CUDA graphs (not a CUDA device)"
+        return "eager: not captured yet"
+
     def forward_backward(self, batch: dict, starts_window: bool) -> torch.Tensor:
         """Accumulate this micro-batch's gradients (scaled by 1/accumulation) into ``p.grad``
         and return its loss, detached (a fresh tensor: the static one is overwritten).
@@ -143,6 +155,7 @@ class GraphedTrainStep:
             return self._eager(batch).clone()
         if self.captured:
             self._graph.replay()
+            self.replays += 1
             return self._static_loss.clone()
         if not self.capturable or self.fallback_reason or self.micro_steps <= self.warmup:
             return self._eager(self._static).clone()
@@ -212,4 +225,5 @@ class GraphedTrainStep:
         self._graph = graph
         log.info("cuda_graph: training step captured after %d eager micro-steps", self.warmup)
         graph.replay()  # capture only records: this micro-batch is computed now
+        self.replays += 1
         return self._static_loss.clone()

@@ -4,11 +4,11 @@ the model config and RNG states into every checkpoint."""
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import Any, Callable
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 
@@ -18,8 +18,6 @@ from mamba_train.models.config import MambaLMConfig
 from mamba_train.training.cuda_graph import (GRAPH_MODES, CudaGraphError, GraphedTrainStep,
                                              graph_blockers)
 from mamba_train.training.optim import build_optimizer
-
-log = logging.getLogger(__name__)
 
 RNG_KEY = "mamba_train_rng"
 RUN_CONFIG_KEY = "mamba_train_run_config"
@@ -58,6 +56,7 @@ class MambaLMModule(L.LightningModule):
         self.run_config = run_config
         self.cuda_graph = cuda_graph
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
+        self._eager_reason = "eager: trainer.cuda_graph=off"
         self.model = None
         self.skipped_steps = 0
         self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
@@ -107,7 +106,8 @@ class MambaLMModule(L.LightningModule):
             if self.cuda_graph == "on":
                 raise CudaGraphError("trainer.cuda_graph=on, but the step cannot be captured: "
                                      + "; ".join(blockers) + ". Set trainer.cuda_graph=auto or off.")
-            log.info("cuda_graph=auto: eager training step (%s)", "; ".join(blockers))
+            self._eager_reason = "eager: " + "; ".join(blockers)
+            rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
             return
         strategy = self.trainer.strategy
         ddp = getattr(strategy, "model", None)
@@ -119,6 +119,11 @@ class MambaLMModule(L.LightningModule):
             self._loss, params, accumulate=self.trainer.accumulate_grad_batches,
             mode=self.cuda_graph, process_group=getattr(strategy, "process_group", None),
             world_size=self.trainer.world_size)
+
+    @property
+    def training_step_mode(self) -> str:
+        """How training steps ran: captured in a CUDA graph or eager, and why (summary.json)."""
+        return self.graph_step.describe() if self.graph_step is not None else self._eager_reason
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self.graph_step is None:
@@ -142,6 +147,7 @@ class MambaLMModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.graph_step is not None:  # the graph's private memory pool goes with it
+            rank_zero_info(f"training step: {self.graph_step.describe()}")
             self.graph_step.release()
 
     def on_train_start(self) -> None:

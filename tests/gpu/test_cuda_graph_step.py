@@ -1,13 +1,14 @@
-"""The captured training step (``trainer.cuda_graph=on``) trains like the eager one for 24
-optimizer steps, for Mamba and Mamba-2, with gradient accumulation 2 and validation inside the
-run. All runs use the deterministic mode (MAMBA_DETERMINISTIC): run this file in a process of
-its own (tests/gpu/run_all.sh does), since the kernels read the flag when they are imported.
+"""The captured training step (``trainer.cuda_graph=on``) computes what the eager one does.
 
-The tolerance is measured, not guessed: a second eager run gives the kernels' own run-to-run
-difference. Mamba-2's kernels are deterministic there (two eager runs agree bit for bit), so the
-captured run must agree bit for bit too. Mamba-1's CUDA scan and causal-conv1d backward
-accumulate with atomics even in that mode, so its captured run must stay within the band of two
-eager runs."""
+* Mamba-2, whole training runs: 24 optimizer steps with accumulation 2 and validation inside,
+  under the deterministic mode (MAMBA_DETERMINISTIC), captured vs eager, bit for bit. Run this
+  file in a process of its own (tests/gpu/run_all.sh does): the kernels read the flag when they
+  are imported.
+* Mamba and Mamba-2, one accumulated gradient (2 eager warm-up micro-steps, 4 replayed). Mamba-1's
+  CUDA scan and causal-conv1d backward accumulate with atomics even in deterministic mode, and a
+  training trajectory amplifies that at every loss spike (two eager 24-step runs differed by 0.26
+  in loss, benchmarks/RESULTS.md run 4), so for it the bound is measured on one gradient: a
+  second eager accumulation gives the kernels' own difference."""
 
 import csv
 from pathlib import Path
@@ -41,13 +42,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
                 if r.get("train/global_loss")}
 
 
-@pytest.mark.parametrize("recipe", ["mamba2-130m", "mamba-130m"])
-def test_captured_step_matches_eager(recipe, tmp_path, record):
+def test_captured_training_matches_eager_bit_for_bit_mamba2(tmp_path, record):
+    recipe = "mamba2-130m"
     eager = train(_config(tmp_path, recipe, "off"))
     eager_again = train(_config(tmp_path, recipe, "off", "-again"))
     graphed = train(_config(tmp_path, recipe, "on"))
-    step = graphed["module"].graph_step
-    assert step is not None and step.captured, "the step was not captured"
+    assert graphed["module"].graph_step.replays > 0, "the step was not captured"
     a, a2, b = (_losses(r["run_dir"]) for r in (eager, eager_again, graphed))
     assert sorted(a) == sorted(a2) == sorted(b) == list(range(STEPS))
     noise = max(abs(a[s] - a2[s]) for s in a)
@@ -56,13 +56,57 @@ def test_captured_step_matches_eager(recipe, tmp_path, record):
     record(f"cuda_graph {recipe} (4 layers, 4x1024, accumulation 2, deterministic): {STEPS} steps, "
            f"max |loss eager - captured| {diff:.3g} (eager - eager {noise:.3g}), max |weight "
            f"diff| {wdiff:.3g}, final loss eager {a[STEPS - 1]!r} captured {b[STEPS - 1]!r}")
-    if noise == 0.0:  # deterministic kernels: the graph must not change a single bit
-        assert diff == 0.0 and wdiff == 0.0
+    assert noise == 0.0, "Mamba-2 kernels should be deterministic under MAMBA_DETERMINISTIC"
+    assert diff == 0.0 and wdiff == 0.0
+
+
+@pytest.mark.parametrize("recipe", ["mamba-130m", "mamba2-130m"])
+def test_captured_gradients_match_eager(recipe, record):
+    """One optimizer step's accumulated gradient (6 micro-batches: 2 eager warm-up, 4 replayed)
+    against the eager step. Mamba-1's backward uses atomics, so the bound is measured: a second
+    eager accumulation gives the kernels' own difference."""
+    from hydra.utils import instantiate
+
+    from mamba_train.models.build import build_model
+    from mamba_train.training.cuda_graph import GraphedTrainStep
+
+    model_cfg = instantiate(_config(Path("unused"), recipe, "off").model, _convert_="all")
+    torch.manual_seed(0)
+    model = build_model(model_cfg, backend="fused", device="cuda")
+    params = list(model.parameters())
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = []
+    for _ in range(6):
+        t = torch.randint(0, model_cfg.vocab_size, (4, 1025), device="cuda", generator=gen)
+        batches.append({"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()})
+
+    def loss_fn(b):
+        return model(b["input_ids"], labels=b["labels"]).loss
+
+    def accumulated(warmup: int) -> tuple[torch.Tensor, int]:
+        step = GraphedTrainStep(loss_fn, params, accumulate=len(batches), mode="on", warmup=warmup)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for i, b in enumerate(batches):
+                step.forward_backward(b, starts_window=i == 0)
+        torch.cuda.synchronize()
+        grads, replays = step.flat_grad.clone(), step.replays
+        step.release()
+        return grads, replays
+
+    eager, r0 = accumulated(warmup=10**9)
+    eager_again, _ = accumulated(warmup=10**9)
+    captured, replays = accumulated(warmup=2)
+    assert r0 == 0 and replays == 4
+    norm = eager.norm().item()
+    noise = (eager_again - eager).norm().item() / norm
+    diff = (captured - eager).norm().item() / norm
+    record(f"cuda_graph gradients {recipe} (4 layers, 6 x 4x1024, bf16): relative |captured - eager| "
+           f"{diff:.3g}, |eager - eager| {noise:.3g}")
+    assert torch.isfinite(captured).all()
+    if noise == 0.0:
+        assert diff == 0.0
     else:
-        assert recipe.startswith("mamba-"), "Mamba-2 kernels should be deterministic here"
-        assert diff <= 3 * noise, (diff, noise)
-        mean = lambda losses: sum(losses[s] for s in range(STEPS - 8, STEPS)) / 8  # noqa: E731
-        assert abs(mean(a) - mean(b)) <= 3 * abs(mean(a) - mean(a2)) + 1e-3
+        assert diff <= 4 * noise + 1e-6, (diff, noise)
 
 
 def _max_weight_diff(x: dict, y: dict) -> float:

@@ -73,6 +73,7 @@ class RunSummary(L.Callback):
             "wall_time_s": round(time.time() - self._t0, 1) if self._t0 else None,
             "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
             "skipped_nonfinite_steps": getattr(pl_module, "skipped_steps", 0),
+            "training_step": getattr(pl_module, "training_step_mode", None),
         }
         csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         if csv_logger is not None:
