@@ -139,7 +139,14 @@ def summarize(args, arm: str, out: Path) -> dict:
             "tokens_per_step": tokens / steps if steps > 0 else None,
             "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / timing["world_size"],
             "step_s": (stamps[-1] - stamps[0]) / steps if steps > 0 else None,
-            "peak_mem_gib": timing["peak_mem_gib"], "losses": global_losses(out / arm)}
+            "peak_mem_gib": timing["peak_mem_gib"], "losses": global_losses(out / arm),
+            "training_step": training_step_mode(out / arm)}
+
+
+def training_step_mode(run_dir: Path) -> str | None:
+    """Captured in a CUDA graph or eager, and why (the run summary records it)."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()).get("training_step") if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(r['peak_mem_gib']):>10.1f}"
               f"{(r['max_abs_loss_diff'] if r['max_abs_loss_diff'] is not None else float('nan')):>12.2e}"
               f"{(r['last_loss_diff'] if r['last_loss_diff'] is not None else float('nan')):>12.2e}")
+    for r in results:
+        print(f"{r['arm']:<18} training step: {r['training_step']}")
     for arm, why in failed.items():
         print(f"{arm:<18} FAILED: {why}")
     if base:
