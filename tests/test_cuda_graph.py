@@ -20,7 +20,7 @@ import torch
 import mamba_train.training.module as module_mod
 from conftest import TINY, compose_config
 from mamba_train.train import train
-from mamba_train.training.cuda_graph import CudaGraphError
+from mamba_train.training.cuda_graph import CudaGraphError, GraphedTrainStep
 
 STEPS = 6
 # accumulation 2 (512 tokens/step = 2 micro-batches of 4 × 64), validation inside the run (its
@@ -131,3 +131,17 @@ def test_graph_step_under_ddp_all_reduces_itself(eager_run, tmp_path):
         assert losses[step] == pytest.approx(ref, abs=1e-4), (step, reference, losses)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == STEPS
+
+
+def test_static_buffers_follow_the_batches_until_capture():
+    """A resumed run may start on an epoch's short last batch: that must not pin the shapes the
+    graph is later captured with (the warm-up restarts with each new shape)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    step = GraphedTrainStep(lambda b: (b["x"] * weight).sum(), [weight], accumulate=1, warmup=2)
+    short, full = {"x": torch.ones(1, 3)}, {"x": torch.ones(4, 3)}
+    assert step.forward_backward(short, starts_window=True).item() == 3.0
+    assert step.forward_backward(full, starts_window=True).item() == 12.0
+    assert step._static["x"].shape == (4, 3) and step._steps_at_shape == 1
+    assert torch.equal(weight.grad, torch.full((3,), 4.0))  # zeroed at the window start
+    step.forward_backward(full, starts_window=False)
+    assert torch.equal(weight.grad, torch.full((3,), 8.0))  # accumulated in place

@@ -96,6 +96,7 @@ class GraphedTrainStep:
         self.micro_steps = 0
         self.fallback_reason: str | None = None
         self._static: dict[str, torch.Tensor] | None = None
+        self._steps_at_shape = 0  # eager micro-steps run with the current static shapes
         self._static_loss: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self.replays = 0
@@ -157,19 +158,26 @@ class GraphedTrainStep:
             self._graph.replay()
             self.replays += 1
             return self._static_loss.clone()
-        if not self.capturable or self.fallback_reason or self.micro_steps <= self.warmup:
+        self._steps_at_shape += 1
+        if not self.capturable or self.fallback_reason or self._steps_at_shape <= self.warmup:
             return self._eager(self._static).clone()
         return self._capture_and_replay()
 
-    def _fill_static(self, batch: dict) -> bool:
-        """Copy the batch into the static buffers; False if its shapes do not fit them."""
-        if self._static is None:
-            self._static = {k: torch.empty_like(v) for k, v in batch.items()
-                            if isinstance(v, torch.Tensor)}
-        fits = (batch.keys() == self._static.keys() and all(
+    def _fits(self, batch: dict) -> bool:
+        return batch.keys() == self._static.keys() and all(
             v.shape == self._static[k].shape and v.dtype == self._static[k].dtype
-            for k, v in batch.items()))
-        if not fits:
+            for k, v in batch.items())
+
+    def _fill_static(self, batch: dict) -> bool:
+        """Copy the batch into the static buffers; False if its shapes do not fit them.
+
+        Until the capture the buffers follow the batches (a resumed run may start on an
+        epoch's short last batch), and the warm-up count restarts with each new shape: the
+        captured shape must have been autotuned outside the capture."""
+        if self._static is None or (not self.captured and not self._fits(batch)):
+            self._static = {k: torch.empty_like(v) for k, v in batch.items()}
+            self._steps_at_shape = 0
+        if not self._fits(batch):
             if not self._warned_shape:
                 log.warning("cuda_graph: a batch of other shapes/keys than the captured one "
                             "(%s); it runs eagerly", {k: tuple(v.shape) for k, v in batch.items()})
