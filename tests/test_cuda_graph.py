@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 
-import mamba_train.training.module as module_mod
+import mamba_train.training.cuda_graph as cuda_graph_mod
 from conftest import TINY, compose_config
 from mamba_train.train import train
 from mamba_train.training.cuda_graph import CudaGraphError, GraphedTrainStep
@@ -39,7 +39,7 @@ def _global_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture
 def force_graph_step(monkeypatch):
-    monkeypatch.setattr(module_mod, "graph_blockers", lambda trainer, module: [])
+    monkeypatch.setattr(cuda_graph_mod, "graph_blockers", lambda trainer, module: [])
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,33 @@ def graph_blockers(trainer, module) -> list[str]:
     return reasons
 
 
+def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | None, str]:
+    """The graph step for this run, or None and the reason the step stays eager.
+
+    ``mode="on"`` raises where ``auto`` would stay eager. Under DDP the wrapper's own gradient
+    sync is switched off: the graph step all-reduces its flat buffer itself."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    if mode == "off":
+        return None, "eager: trainer.cuda_graph=off"
+    blockers = graph_blockers(trainer, module)
+    if blockers:
+        if mode == "on":
+            raise CudaGraphError("trainer.cuda_graph=on, but the step cannot be captured: "
+                                 + "; ".join(blockers) + ". Set trainer.cuda_graph=auto or off.")
+        rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
+        return None, "eager: " + "; ".join(blockers)
+    strategy = trainer.strategy
+    ddp = getattr(strategy, "model", None)
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        ddp.require_backward_grad_sync = False
+    params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+    step = GraphedTrainStep(module._loss, params, accumulate=trainer.accumulate_grad_batches,
+                            mode=mode, process_group=getattr(strategy, "process_group", None),
+                            world_size=trainer.world_size)
+    return step, ""
+
+
 class GraphedTrainStep:
     """Forward + backward of one micro-batch: eager for ``warmup`` micro-steps, then replayed
     from a CUDA graph (only eager on devices without CUDA graphs, which tests use to check the

@@ -8,15 +8,14 @@ import random
 from typing import Any, Callable
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.export.load import CKPT_CONFIG_KEY
 from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
-from mamba_train.training.cuda_graph import (GRAPH_MODES, CudaGraphError, GraphedTrainStep,
-                                             graph_blockers)
+from mamba_train.training.cuda_graph import GRAPH_MODES, GraphedTrainStep, start_graph_step
 from mamba_train.training.optim import build_optimizer
 
 RNG_KEY = "mamba_train_rng"
@@ -99,26 +98,8 @@ class MambaLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ CUDA graph (see cuda_graph.py)
     def _start_graph_step(self) -> None:
-        if self.cuda_graph == "off" or self.graph_step is not None:
-            return
-        blockers = graph_blockers(self.trainer, self)
-        if blockers:
-            if self.cuda_graph == "on":
-                raise CudaGraphError("trainer.cuda_graph=on, but the step cannot be captured: "
-                                     + "; ".join(blockers) + ". Set trainer.cuda_graph=auto or off.")
-            self._eager_reason = "eager: " + "; ".join(blockers)
-            rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
-            return
-        strategy = self.trainer.strategy
-        ddp = getattr(strategy, "model", None)
-        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-            # the graph step all-reduces its flat gradient buffer itself (sync_gradients)
-            ddp.require_backward_grad_sync = False
-        params = [p for group in self.trainer.optimizers[0].param_groups for p in group["params"]]
-        self.graph_step = GraphedTrainStep(
-            self._loss, params, accumulate=self.trainer.accumulate_grad_batches,
-            mode=self.cuda_graph, process_group=getattr(strategy, "process_group", None),
-            world_size=self.trainer.world_size)
+        if self.graph_step is None:
+            self.graph_step, self._eager_reason = start_graph_step(self.trainer, self, self.cuda_graph)
 
     @property
     def training_step_mode(self) -> str:

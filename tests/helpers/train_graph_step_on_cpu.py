@@ -3,9 +3,9 @@ not available (CPU): the step runs eagerly but through GraphedTrainStep -- flat 
 in-place zeroing, its own DDP all-reduce -- so a CPU test can check that bookkeeping against
 the plain Lightning path. Lightning's DDP launcher re-runs this script for rank 1."""
 
-import mamba_train.training.module as module
+import mamba_train.training.cuda_graph as cuda_graph
 
-module.graph_blockers = lambda trainer, lightning_module: []
+cuda_graph.graph_blockers = lambda trainer, module: []
 
 from mamba_train.__main__ import main  # noqa: E402
 
