@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -10,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["model.d_model=64", "model.n_layer=2", "data.seq_len=64", "data.micro_batch_size=4",
         "train.global_batch_tokens=256", "data.num_workers=0", "trainer.log_every_n_steps=1",
         "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def metric_by_step(run_dir, key):
+    """{step: value} of one metric from a run's CSV log."""
+    import csv
+
+    with open(Path(run_dir) / "metrics" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
 def compose_config(overrides, output_dir):

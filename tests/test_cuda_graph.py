@@ -7,7 +7,6 @@ everything around the graph."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import mamba_train.training.cuda_graph as cuda_graph_mod
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, metric_by_step
 from mamba_train.train import train
 from mamba_train.training.cuda_graph import CudaGraphError, GraphedTrainStep
 
@@ -32,9 +31,7 @@ COMMON = ["recipe=debug-mamba2", f"trainer.max_steps={STEPS}", "train.global_bat
 
 
 def _global_losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/global_loss"])
-                for r in csv.DictReader(f) if r.get("train/global_loss")}
+    return metric_by_step(run_dir, "train/global_loss")
 
 
 @pytest.fixture

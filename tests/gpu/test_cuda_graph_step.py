@@ -10,13 +10,12 @@
   in loss, benchmarks/RESULTS.md run 4), so for it the bound is measured on one gradient: a
   second eager accumulation gives the kernels' own difference."""
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
+from conftest import compose_config, metric_by_step
 from mamba_train.train import train
 
 STEPS = 24
@@ -29,17 +28,13 @@ def _config(out: Path, recipe: str, mode: str, suffix: str = ""):
         "train.global_batch_tokens=8192",  # accumulation 2
         f"trainer.max_steps={STEPS}", "trainer.deterministic=true", f"trainer.cuda_graph={mode}",
         "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2", "train.val_every_n_steps=8",
-        "train.checkpoint_every_n_steps=100000", "logger=csv", f"paths.output_dir={out}",
-        f"run_name={recipe}-{mode}{suffix}",
+        "train.checkpoint_every_n_steps=100000", "logger=csv", f"run_name={recipe}-{mode}{suffix}",
     ]
-    with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides, out)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/global_loss"]) for r in csv.DictReader(f)
-                if r.get("train/global_loss")}
+    return metric_by_step(run_dir, "train/global_loss")
 
 
 def test_captured_training_matches_eager_bit_for_bit_mamba2(tmp_path, record):

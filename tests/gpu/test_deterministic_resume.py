@@ -1,11 +1,9 @@
 """Deterministic mode on the GPU: a run resumed from its step-N/2 checkpoint reproduces the
 uninterrupted run's loss trajectory bit for bit (mamba2-130m shape, fused kernels)."""
 
-import csv
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
+from conftest import compose_config, metric_by_step
 from mamba_train.train import train
 
 STEPS = 24
@@ -18,16 +16,13 @@ def _config(out: Path, run_name: str, *extra: str):
         f"trainer.max_steps={STEPS}", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
         "trainer.limit_val_batches=0", "train.val_every_n_steps=100000",
         f"train.checkpoint_every_n_steps={STEPS // 2}", "train.keep_last_k_checkpoints=-1",
-        "logger=csv", f"paths.output_dir={out}", f"run_name={run_name}", *extra,
+        "logger=csv", f"run_name={run_name}", *extra,
     ]
-    with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides, out)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f)
-                if r.get("train/loss")}
+    return metric_by_step(run_dir, "train/loss")
 
 
 def test_deterministic_resume_is_bit_exact(tmp_path, record):
