@@ -40,7 +40,7 @@ Options (each also read from the environment variable in brackets):
 
 Preemption and the time limit: SLURM sends SIGUSR1 to the batch shell S seconds before --time
 (`--signal=B:USR1@S`; test or force it with `scancel --signal=USR1 --batch <jobid>`). launch.sh
-forwards it to the ranks; at the next optimizer step all ranks save checkpoints/last.ckpt together,
+forwards it to the ranks; within two optimizer steps all ranks save checkpoints/last.ckpt together,
 rank 0 requeues the job (`scontrol requeue`, needs --requeue, set here) and training stops. The
 requeued job (SLURM_RESTART_COUNT=1, 2, ...) runs the same command with ckpt_path=last and continues
 from that step, data position included. The run directory is <output dir>/<run_name>, so keep

@@ -227,3 +227,25 @@ def test_preemption_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, mon
     # the run dir's CSV holds the cut attempt's steps 0-2 and the resumed steps 3-5 (one log)
     assert sorted(b) == [0, 1, 2, 3, 4, 5]
     assert all(a[s] == b[s] for s in b), (a, b)
+
+
+def test_preemption_agreement_across_ranks_is_read_one_boundary_late():
+    """With 2+ ranks the all-reduced flag of boundary k is read at boundary k+1 (no host sync
+    on the step just queued); every rank then decides at the same boundary."""
+    from types import SimpleNamespace
+
+    from mamba_train.training.callbacks.preemption import PreemptionCheckpoint
+
+    other_rank_flag = {"value": 0.0}
+    strategy = SimpleNamespace(root_device=torch.device("cpu"),
+                               reduce=lambda t, reduce_op: t + other_rank_flag["value"])
+    trainer = SimpleNamespace(world_size=2, strategy=strategy)
+    cb = PreemptionCheckpoint()
+    assert not cb._agreed(trainer, None)          # boundary 0: nothing pending yet
+    other_rank_flag["value"] = 1.0                # the other rank got SIGUSR1 during step 1
+    assert not cb._agreed(trainer, None)          # boundary 1 reads boundary 0's sum (0)
+    assert cb._agreed(trainer, None)              # boundary 2 reads boundary 1's sum (1)
+    single = SimpleNamespace(world_size=1, strategy=strategy)
+    cb1 = PreemptionCheckpoint()
+    cb1.received = True
+    assert cb1._agreed(single, None)              # one rank: no collective, no delay

@@ -7,8 +7,10 @@ a gradient all-reduce -- the checkpoint's barrier then pairs with the wrong coll
 writes ``hpc_ckpt_N.ckpt``, which ``ckpt_path=last`` does not look at. Here the handler only sets
 a flag; at each optimizer-step boundary the ranks agree on it (one tiny all-reduce, only when
 world size > 1), so every rank saves the same step together, in the normal control flow, the
-same way ``ModelCheckpoint`` does (so the resume is exact, data position included). Installing
-the handler before Lightning registers its own keeps Lightning's SIGUSR1 handler out.
+same way ``ModelCheckpoint`` does (so the resume is exact, data position included). With more
+than one rank the agreement is read one boundary late, so that it never blocks the host (see
+``_agreed``). Installing the handler before Lightning registers its own keeps Lightning's
+SIGUSR1 handler out.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class PreemptionCheckpoint(L.Callback):
         self.saved_step: int | None = None
         self._previous = None
         self._last_step = -1
+        self._pending: _FlagOnHost | None = None
 
     # ------------------------------------------------------------------ signal
     def _handler(self, signum, frame) -> None:
@@ -82,10 +85,20 @@ class PreemptionCheckpoint(L.Callback):
         trainer.should_stop = True
 
     def _agreed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Whether any rank got the signal, decided one step boundary late.
+
+        Reading the all-reduced flag at once would block the host until the GPU has finished
+        the step (``.item()`` waits for everything queued before it), every step; host-bound
+        training (Mamba-2, the captured step) loses the step it had queued ahead. So each
+        boundary queues its reduction plus a copy to pinned memory, and the next boundary reads
+        it after waiting only for that copy's event. Every rank reads the same reduced value at
+        the same boundary, so they still save the same step, one step after the signal."""
         if trainer.world_size == 1:
             return self.received
+        pending = self._pending
         flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+        self._pending = _FlagOnHost(trainer.strategy.reduce(flag, reduce_op="sum"))
+        return pending is not None and pending.value() > 0
 
     @staticmethod
     def _checkpoint_path(trainer: L.Trainer) -> str:
@@ -107,3 +120,22 @@ class PreemptionCheckpoint(L.Callback):
         else:
             log.error("scontrol requeue %s failed (%d): %s", job_id, result.returncode,
                       result.stderr.strip())
+
+
+class _FlagOnHost:
+    """A device scalar copied to pinned host memory without blocking; ``value()`` waits only
+    for that copy (a CUDA event), not for the work queued after it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.is_cuda:
+            self._host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = tensor, None
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._host)
