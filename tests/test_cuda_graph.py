@@ -142,3 +142,15 @@ def test_static_buffers_follow_the_batches_until_capture():
     assert torch.equal(weight.grad, torch.full((3,), 4.0))  # zeroed at the window start
     step.forward_backward(full, starts_window=False)
     assert torch.equal(weight.grad, torch.full((3,), 8.0))  # accumulated in place
+
+
+def test_auto_keeps_ddp_overlap_across_nodes(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.setattr(cuda_graph_mod, "graph_blockers", lambda trainer, module: [])
+    trainer = SimpleNamespace(strategy=DDPStrategy(), num_nodes=2)
+    step, reason = cuda_graph_mod.start_graph_step(trainer, None, "auto")
+    assert step is None and "across nodes" in reason
+    assert cuda_graph_mod.start_graph_step(trainer, None, "off") == (None, "eager: trainer.cuda_graph=off")

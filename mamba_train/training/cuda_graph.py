@@ -85,6 +85,14 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
         rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
         return None, "eager: " + "; ".join(blockers)
     strategy = trainer.strategy
+    if mode == "auto" and getattr(trainer, "num_nodes", 1) > 1:
+        # DDP's bucketed all-reduce overlaps the backward; the graph step's one all-reduce of
+        # all gradients does not, which across nodes can cost more than the graph saves
+        # (measured within one node only: 2xH200, benchmarks/RESULTS.md session 2, run 7)
+        reason = ("eager: across nodes DDP's overlapped all-reduce is kept "
+                  "(trainer.cuda_graph=on captures anyway)")
+        rank_zero_info(f"cuda_graph=auto: {reason}")
+        return None, reason
     ddp = getattr(strategy, "model", None)
     if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         ddp.require_backward_grad_sync = False
