@@ -21,8 +21,10 @@ from mamba_train.models.init import (
     check_ssm_init,
     init_weights,
 )
-from mamba_train.models.reference import GatedRMSNorm, Mamba, Mamba2
-from mamba_train.models.reference.ops import (
+from mamba_train.models.reference import (
+    GatedRMSNorm,
+    Mamba,
+    Mamba2,
     causal_conv1d,
     gated_rms_norm,
     selective_scan,
@@ -108,6 +110,18 @@ def _scan_inputs(c, seed=0):
     return inp, seq_idx
 
 
+def _assert_same_output_and_grads(out, ref, leaves: dict) -> None:
+    """Chunked op vs its sequential oracle: output, then every input gradient (finite too)."""
+    assert_close_rel(out, ref, 1e-10, "output")
+    go = torch.randn_like(ref)
+    names = list(leaves)
+    g_out = grads(out, [leaves[k] for k in names], go)
+    g_ref = grads(ref, [leaves[k] for k in names], go)
+    for name, a, b in zip(names, g_out, g_ref):
+        assert torch.isfinite(a).all(), f"grad {name} not finite"
+        assert_close_rel(a, b, 1e-10, f"grad {name}")
+
+
 @pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: f"L{c['L']}-g{c['g']}-ch{c['chunk']}"
                          f"{'-seq' if c['seq'] else ''}")
 def test_selective_scan_matches_sequential(case):
@@ -117,13 +131,7 @@ def test_selective_scan_matches_sequential(case):
     out = selective_scan(**inp, chunk_size=case["chunk"], **kw)
     ref = selective_scan_sequential(**inp, **kw)
     assert out.dtype == F64 and out.shape == inp["u"].shape
-    assert_close_rel(out, ref, 1e-10, "output")
-    go = torch.randn_like(ref)
-    names = list(leaves)
-    g_out = grads(out, [leaves[k] for k in names], go)
-    g_ref = grads(ref, [leaves[k] for k in names], go)
-    for name, a, b in zip(names, g_out, g_ref):
-        assert_close_rel(a, b, 1e-10, f"grad {name}")
+    _assert_same_output_and_grads(out, ref, leaves)
 
 
 def test_selective_scan_chunk_size_invariant_and_autograd_gradcheck():
@@ -207,14 +215,7 @@ def test_ssd_chunked_matches_sequential(case):
     out = ssd_chunked(**inp, chunk_size=case["chunk"], **kw)
     ref = ssd_sequential(**inp, **kw)
     assert out.dtype == F64 and out.shape == inp["x"].shape
-    assert_close_rel(out, ref, 1e-10, "output")
-    go = torch.randn_like(ref)
-    names = list(leaves)
-    g_out = grads(out, [leaves[k] for k in names], go)
-    g_ref = grads(ref, [leaves[k] for k in names], go)
-    for name, a, b in zip(names, g_out, g_ref):
-        assert torch.isfinite(a).all(), f"grad {name} not finite"
-        assert_close_rel(a, b, 1e-10, f"grad {name}")
+    _assert_same_output_and_grads(out, ref, leaves)
 
 
 def test_ssd_dt_limit_clamps():

@@ -118,8 +118,8 @@ class MambaLMModule(L.LightningModule):
         if self.graph_step is None:
             return super().optimizer_zero_grad(epoch, batch_idx, optimizer)
         # Lightning calls this between training_step and backward: the graph step has already
-        # produced this micro-batch's gradients (it zeroes at the start of each window itself)
-        self.graph_step.bind_grads()
+        # produced this micro-batch's gradients (it zeroes and re-binds them at the start of
+        # each window itself), so there is nothing to do
 
     def on_validation_model_zero_grad(self) -> None:
         if self.graph_step is None:

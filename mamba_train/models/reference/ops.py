@@ -49,6 +49,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _skip_and_gate(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None,
+                   z: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
+    """The scans' epilogue: the skip ``y + D x`` (D shaped to broadcast against x), then the
+    gate ``y * silu(z)``; shared by the chunked scans and their sequential oracles."""
+    if D is not None:
+        y = y + x * D.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y
+
+
+def _ssd_skip_weight(D: torch.Tensor | None) -> torch.Tensor | None:
+    """SSD's D is per head (h,) or per head and channel (h, p); x is (b, l, h, p)."""
+    return D if D is None or D.dim() == 2 else D[:, None]
+
+
 def _no_autocast(t: torch.Tensor):
     """Autocast would push the einsums/matmuls of the state math back to bf16: switch it off."""
     device_type = t.device.type
@@ -273,10 +289,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         chunk = chunk_size or _scan_chunk_size(batch, dim, dstate)
         y = _SelectiveScanCore.apply(u_t, d_t, A_g, B_t, C_t, keep, chunk)
         y = y.reshape(seqlen, batch, dim).permute(1, 2, 0)
-        if D is not None:
-            y = y + uf * D.to(cdt)[:, None]
-        if z is not None:
-            y = y * F.silu(z.to(cdt))
+        y = _skip_and_gate(y, uf, None if D is None else D[:, None], z, cdt)
     return y.to(u.dtype)
 
 
@@ -402,11 +415,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Tr
             log_a = log_a.masked_fill(start.unsqueeze(-1), -math.inf)
         xdt = xf * dtf.unsqueeze(-1)
         y = _SSDCore.apply(xdt, log_a, B.to(cdt), C.to(cdt), int(chunk_size))
-        if D is not None:
-            Df = D.to(cdt)
-            y = y + xf * (Df if Df.dim() == 2 else Df[:, None])
-        if z is not None:
-            y = y * F.silu(z.to(cdt))
+        y = _skip_and_gate(y, xf, _ssd_skip_weight(D), z, cdt)
     return y.to(x.dtype)
 
 
@@ -466,10 +475,7 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         h = decay * h + (dlt[:, :, t] * uf[:, :, t])[:, :, None] * Bd[:, :, :, t]
         ys.append((h * Cd[:, :, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + uf * D.to(cdt)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
+    y = _skip_and_gate(y, uf, None if D is None else D[:, None], z, cdt)
     return y.to(u.dtype)
 
 
@@ -493,9 +499,5 @@ def ssd_sequential(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, seq_i
         h = decay[:, :, None, None] * h + (dtf[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append((h * Ch[:, t, :, None, :]).sum(-1))
     y = torch.stack(ys, dim=1)
-    if D is not None:
-        Df = D.to(cdt)
-        y = y + xf * (Df if Df.dim() == 2 else Df[:, None])
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
+    y = _skip_and_gate(y, xf, _ssd_skip_weight(D), z, cdt)
     return y.to(x.dtype)
