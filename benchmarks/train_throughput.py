@@ -52,7 +52,9 @@ def model_config(name: str):
     return instantiate(cfg.model, _convert_="all"), cfg
 
 
-def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: int) -> dict:
+def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: int,
+               on_step=None) -> dict:
+    """Arm (a). ``on_step(step)``, if given, is called after each optimizer step (profiling)."""
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -77,12 +79,14 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step)
         if step >= warmup and (step - warmup) % window == 0:
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             losses.append(loss.item())
     tok = windows_tok_s(stamps, micro_batch * SEQ_LEN, window)
-    result = {"tok_s": statistics.median(tok), "windows": tok,
+    result = {"tok_s": statistics.median(tok) if tok else float("nan"), "windows": tok,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
     del model, opt
     torch.cuda.empty_cache()
@@ -119,7 +123,8 @@ def synthetic_shards(root: Path) -> Path:
 
 
 def framework(name: str, micro_batch: int, warmup: int, windows: int, window: int,
-              data_dir: Path, out_dir: Path, extra: list[str], tag: str = "") -> dict:
+              data_dir: Path, out_dir: Path, extra: list[str], tag: str = "",
+              extra_callbacks: tuple = ()) -> dict:
     from hydra import compose, initialize_config_module
 
     from mamba_train.train import train
@@ -136,7 +141,7 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
         cfg = compose("config", overrides=overrides)
     timer = StepTimer(warmup, window)
     torch.cuda.reset_peak_memory_stats()
-    train(cfg, extra_callbacks=[timer])
+    train(cfg, extra_callbacks=[timer, *extra_callbacks])
     tok = windows_tok_s(timer.stamps, micro_batch * SEQ_LEN, window)
     result = {"tok_s": statistics.median(tok) if tok else float("nan"), "windows": tok,
               "peak_mem_gib": max(timer.peak, torch.cuda.max_memory_allocated()) / 2**30}

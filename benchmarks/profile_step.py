@@ -1,0 +1,135 @@
+"""Where a training step's GPU time goes: mamba_train's path against the plain loop, per kernel.
+
+``train_throughput.py`` says how fast each arm is; this says why. For one model and micro-batch
+it profiles ``--steps`` optimizer steps after warm-up of (a) the plain loop and (b) mamba_train's
+path once per ``--cuda-graph`` setting, with ``torch.profiler`` recording GPU activity only, and
+prints per arm:
+
+  PROFILE <arm>: wall ms/step, GPU busy ms/step (union of kernel/memcpy/memset intervals),
+                 idle share of the wall time, kernels per step
+  KERNEL  <name>: ms/step in (a), ms/step in (b), difference -- the largest differences first
+
+Busy time is the union of intervals, so overlapping streams are not counted twice; idle time
+is what the host (or a sync) left the GPU waiting. With ``cuda_graph=on`` the kernels inside a
+replay are listed only where CUPTI reports graph kernels; the kernel count says whether it did.
+
+    python benchmarks/profile_step.py --model mamba-370m --micro-batch 8 --cuda-graph off auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import SEQ_LEN, framework, plain_loop, synthetic_shards  # noqa: E402
+
+
+class StepWindowProfiler:
+    """Profiles steps ``[start, start + n)``: starts after step ``start - 1``, stops after
+    step ``start + n - 1``, with a device sync at both ends so the wall time is exact."""
+
+    def __init__(self, start: int, n: int):
+        self.start, self.n = start, n
+        self.prof = None
+        self.wall_s = None
+        self._t0 = 0.0
+
+    def after_step(self, step: int) -> None:
+        if step == self.start - 1:
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self._t0 = time.perf_counter()
+        elif step == self.start + self.n - 1 and self.prof is not None:
+            torch.cuda.synchronize()
+            self.wall_s = time.perf_counter() - self._t0
+            self.prof.__exit__(None, None, None)
+
+    def summary(self) -> dict:
+        """Per-step wall, busy (interval union) and kernel time by name."""
+        events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+        busy, cur_start, cur_end = 0.0, None, None
+        for s, e in spans:
+            if cur_end is None or s > cur_end:
+                if cur_end is not None:
+                    busy += cur_end - cur_start
+                cur_start, cur_end = s, e
+            else:
+                cur_end = max(cur_end, e)
+        if cur_end is not None:
+            busy += cur_end - cur_start
+        by_name = collections.Counter()
+        for e in events:
+            by_name[e.name] += e.time_range.elapsed_us() / 1e3 / self.n
+        wall_ms = self.wall_s * 1e3 / self.n
+        return {"wall_ms": wall_ms, "busy_ms": busy / 1e3 / self.n,
+                "kernels_per_step": len(events) / self.n, "by_name": by_name}
+
+
+class _FrameworkHook(L.Callback):
+    def __init__(self, window: StepWindowProfiler):
+        self.window = window
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.window.after_step(trainer.global_step - 1)
+
+
+def _print_arm(label: str, r: dict) -> None:
+    idle = 1 - r["busy_ms"] / r["wall_ms"]
+    print(f"PROFILE {label}: wall {r['wall_ms']:.1f} ms/step | GPU busy {r['busy_ms']:.1f} ms/step "
+          f"| idle {idle:.1%} | {r['kernels_per_step']:.0f} kernels/step", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mamba-370m")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10,
+                    help="profiled steps; 10 holds one logged step of the 370m recipes")
+    ap.add_argument("--cuda-graph", nargs="+", default=["off", "auto"])
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override for (b)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    total = args.warmup + args.steps
+    window = StepWindowProfiler(args.warmup, args.steps)
+    # warm-up past the profiled steps: the arms' own timing syncs fall after the window
+    plain_loop(args.model, args.micro_batch, total + 1, 0, 1, on_step=window.after_step)
+    arms = {"plain": window.summary()}
+    _print_arm(f"{args.model} mb={args.micro_batch} plain", arms["plain"])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_shards(Path(tmp) / "data")
+        for mode in args.cuda_graph:
+            window = StepWindowProfiler(args.warmup, args.steps)
+            framework(args.model, args.micro_batch, total + 1, 0, 1, data, Path(tmp) / "runs",
+                      [*args.override, f"trainer.cuda_graph={mode}"], tag=f"-{mode}",
+                      extra_callbacks=[_FrameworkHook(window)])
+            arms[mode] = window.summary()
+            _print_arm(f"{args.model} mb={args.micro_batch} mamba_train cuda_graph={mode}", arms[mode])
+    base = arms["plain"]["by_name"]
+    for mode in args.cuda_graph:
+        other = arms[mode]["by_name"]
+        diffs = sorted(set(base) | set(other), key=lambda k: -abs(other[k] - base[k]))
+        print(f"-- kernels, plain vs mamba_train cuda_graph={mode} (ms/step), largest differences:")
+        for k in diffs[: args.top]:
+            print(f"KERNEL {k[:90]:<90} plain {base[k]:7.2f} | mamba_train {other[k]:7.2f} "
+                  f"| diff {other[k] - base[k]:+7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
