@@ -7,6 +7,7 @@ prints per arm:
 
   PROFILE <arm>: wall ms/step, GPU busy ms/step (union of kernel/memcpy/memset intervals),
                  idle share of the wall time, kernels per step
+  GAP     the five longest idle stretches in the window, between which kernels
   KERNEL  <name>: ms/step in (a), ms/step in (b), difference -- the largest differences first
 
 Busy time is the union of intervals, so overlapping streams are not counted twice; idle time
@@ -68,12 +69,20 @@ class StepWindowProfiler:
                 cur_end = max(cur_end, e)
         if cur_end is not None:
             busy += cur_end - cur_start
+        # the longest idle stretches, with the kernels on either side: where the GPU waited
+        ordered = sorted(events, key=lambda e: e.time_range.start)
+        gaps, reach = [], None
+        for prev, nxt in zip(ordered, ordered[1:]):
+            reach = max(reach or prev.time_range.end, prev.time_range.end)
+            if nxt.time_range.start > reach:
+                gaps.append(((nxt.time_range.start - reach) / 1e3, prev.name, nxt.name))
+        gaps.sort(reverse=True)
         by_name = collections.Counter()
         for e in events:
             by_name[e.name] += e.time_range.elapsed_us() / 1e3 / self.n
         wall_ms = self.wall_s * 1e3 / self.n
         return {"wall_ms": wall_ms, "busy_ms": busy / 1e3 / self.n,
-                "kernels_per_step": len(events) / self.n, "by_name": by_name}
+                "kernels_per_step": len(events) / self.n, "by_name": by_name, "gaps": gaps[:5]}
 
 
 class _FrameworkHook(L.Callback):
@@ -88,6 +97,8 @@ def _print_arm(label: str, r: dict) -> None:
     idle = 1 - r["busy_ms"] / r["wall_ms"]
     print(f"PROFILE {label}: wall {r['wall_ms']:.1f} ms/step | GPU busy {r['busy_ms']:.1f} ms/step "
           f"| idle {idle:.1%} | {r['kernels_per_step']:.0f} kernels/step", flush=True)
+    for ms, before, after in r["gaps"]:
+        print(f"GAP {label}: {ms:.2f} ms after {before[:50]} | before {after[:50]}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         nan_policy=cfg.train.nan_policy,
         run_config=OmegaConf.to_yaml(cfg, resolve=True),
         cuda_graph=str(cfg.trainer.get("cuda_graph", "off")),
+        mamba1_recompute=bool(cfg.train.get("mamba1_recompute", True)),
     )
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])

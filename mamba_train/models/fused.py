@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
+from einops import rearrange
+from mamba_ssm.modules import mamba_simple
 from mamba_ssm.modules.mamba_simple import Mamba as _Mamba
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
@@ -19,6 +22,11 @@ from mamba_train.models.layers import RMSNorm
 
 
 class FusedMamba(_Mamba):
+    # mamba_inner_fn's checkpoint_lvl: 1 (mamba_ssm's choice) recomputes the conv1d output and
+    # delta in the backward; 0 keeps them, 2 x d_inner x tokens bf16 values more per layer
+    # (train.mamba1_recompute, applied by set_mamba1_recompute)
+    checkpoint_lvl = 1
+
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0,
                  dt_init_floor=1e-4, **kwargs):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init=dt_init,
@@ -37,7 +45,31 @@ class FusedMamba(_Mamba):
                 "mamba_ssm has no varlen selective scan. Use Mamba-2 (ssm_cfg.layer=Mamba2), the "
                 "reference backend, or data.document_boundaries=false."
             )
-        return super().forward(hidden_states, inference_params=inference_params)
+        fast_path = (self.use_fast_path and mamba_simple.causal_conv1d_fn is not None
+                     and inference_params is None)
+        if self.checkpoint_lvl == 1 or not fast_path:
+            return super().forward(hidden_states, inference_params=inference_params)
+        # mamba_ssm's training fast path, the same calls, with checkpoint_lvl passed through
+        seqlen = hidden_states.shape[1]
+        xz = rearrange(self.in_proj.weight @ rearrange(hidden_states, "b l d -> d (b l)"),
+                       "d (b l) -> b d l", l=seqlen)
+        if self.in_proj.bias is not None:
+            xz = xz + rearrange(self.in_proj.bias.to(dtype=xz.dtype), "d -> d 1")
+        return mamba_inner_fn(
+            xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+            self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), None, None,
+            self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            checkpoint_lvl=self.checkpoint_lvl,
+        )
+
+
+def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> int:
+    """Whether the fused Mamba-1 backward recomputes conv1d output and delta (mamba_ssm's
+    default) or keeps them from the forward. Returns how many mixers it set."""
+    mixers = [m for m in model.modules() if isinstance(m, FusedMamba)]
+    for m in mixers:
+        m.checkpoint_lvl = 1 if recompute else 0
+    return len(mixers)
 
 
 class FusedMamba2(_Mamba2):

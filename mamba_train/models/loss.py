@@ -16,12 +16,27 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from mamba_train.models.loss_kernel import IGNORE_INDEX, cross_entropy_rows_, triton_available
+
+
+def _cross_entropy_rows_torch(logits, targets, valid, acc, want_grad: bool):
+    """The torch form of ``cross_entropy_rows_``: fp32 row losses and ``softmax - onehot`` in the
+    logits' dtype. Ignored rows get loss 0; their gradient rows are not zeroed here."""
+    logits32 = logits.to(acc)
+    lse = torch.logsumexp(logits32, dim=-1)
+    safe_t = targets.clamp(min=0)
+    target_logit = logits32.gather(1, safe_t[:, None]).squeeze(1)
+    losses = (lse - target_logit) * valid
+    if not want_grad:
+        return losses, None
+    probs = logits32.sub_(lse[:, None]).exp_()
+    probs[torch.arange(len(targets), device=probs.device), safe_t] -= 1.0
+    return losses, probs.to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype, row_kernel: bool):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n_tokens = hidden.shape[0]
         valid_all = targets != IGNORE_INDEX
@@ -35,22 +50,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end].to(compute_dtype)
             t = targets[start:end]
-            valid = valid_all[start:end]
-            logits = (h @ w.t()).to(acc)  # (c, V) in fp32: the loss is computed in fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = t.clamp(min=0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss_sum += ((lse - target_logit) * valid).sum()
-            if needs_grad:
-                # d(sum of losses)/d(logits) = softmax - onehot, zero on ignored tokens
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(end - start, device=probs.device), safe_t] -= 1.0
-                g = probs.to(compute_dtype)
+            logits = h @ w.t()  # (c, V) in the compute dtype; the loss is computed in fp32
+            if row_kernel:  # one Triton pass; the gradient overwrites the logits, ignored rows 0
+                row_losses, g = cross_entropy_rows_(logits, t), logits
+                keep = None
+            else:
+                row_losses, g = _cross_entropy_rows_torch(logits, t, valid_all[start:end], acc, needs_grad)
                 # ignored tokens: zero their rows through the (c, D) operands, not the (c, V)
-                # probabilities (one full pass over the chunk less)
-                keep = valid[:, None].to(compute_dtype)
-                grad_hidden[start:end] = ((g @ w) * keep).to(hidden.dtype)
-                grad_weight += (g.t() @ (h * keep)).to(acc)
+                # gradient (one full pass over the chunk less)
+                keep = valid_all[start:end, None].to(compute_dtype)
+            loss_sum += row_losses.sum()
+            if needs_grad:
+                grad_h = g @ w
+                grad_hidden[start:end] = (grad_h if keep is None else grad_h * keep).to(hidden.dtype)
+                grad_weight += (g.t() @ (h if keep is None else h * keep)).to(acc)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
             ctx.weight_dtype = weight.dtype
@@ -62,19 +75,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / n_valid
         gh = grad_hidden * scale.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 4096) -> torch.Tensor:
+                         chunk_size: int = 4096, row_kernel: bool | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (-100 = ignore).
 
     hidden: (N, D); weight: (V, D); targets: (N,) int64. Matmuls run in the autocast dtype when
-    autocast is on (bf16 on GPU), softmax and loss in fp32.
+    autocast is on (bf16 on GPU), softmax and loss in fp32. ``row_kernel``: the loss and logits
+    gradient of each chunk in one Triton kernel (``loss_kernel.py``); None = on CUDA when Triton
+    imports. Both forms give the same loss and gradients up to rounding.
     """
+    if row_kernel is None:
+        row_kernel = hidden.is_cuda and triton_available() and hidden.dtype != torch.float64
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype,
+                                         row_kernel)

@@ -39,6 +39,7 @@ class MambaLMModule(L.LightningModule):
         nan_policy: str = "stop",
         run_config: str | None = None,
         cuda_graph: str = "off",
+        mamba1_recompute: bool = True,
     ):
         super().__init__()
         if nan_policy not in NAN_POLICIES:
@@ -54,6 +55,7 @@ class MambaLMModule(L.LightningModule):
         self.nan_policy = nan_policy
         self.run_config = run_config
         self.cuda_graph = cuda_graph
+        self.mamba1_recompute = mamba1_recompute
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
         self._eager_reason = "eager: trainer.cuda_graph=off"
         self.model = None
@@ -69,6 +71,9 @@ class MambaLMModule(L.LightningModule):
             from mamba_train.training.parallel import build_model_for  # strategy-aware (ZeRO-3)
             strategy = self._trainer.strategy if self._trainer is not None else None
             self.model = build_model_for(strategy, self.model_config, backend=self.backend)
+            if getattr(self.model, "backend", None) == "fused" and not self.mamba1_recompute:
+                from mamba_train.models.fused import set_mamba1_recompute
+                set_mamba1_recompute(self.model, recompute=False)
 
     def forward(self, input_ids, seq_idx=None, labels=None):
         return self.model(input_ids, seq_idx=seq_idx, labels=labels,
