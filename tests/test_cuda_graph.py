@@ -85,6 +85,17 @@ def test_graph_step_trains_exactly_like_the_eager_path(eager_run, force_graph_st
     _assert_same_run(eager_run, run)
 
 
+def test_graph_owned_gradients_train_exactly_like_the_eager_path(force_graph_step, tmp_path):
+    """Accumulation 1 on one process: no flat buffer, the gradients are dropped at each step
+    (on a GPU the captured graph then owns them) -- the same run as the plain path."""
+    accumulation_1 = [*TINY, *COMMON, "train.global_batch_tokens=256"]
+    eager = train(compose_config([*accumulation_1, "trainer.cuda_graph=off", "run_name=e1"], tmp_path))
+    run = train(compose_config([*accumulation_1, "trainer.cuda_graph=on", "run_name=g1"], tmp_path))
+    step = run["module"].graph_step
+    assert step.graph_owns_grads and step.flat_grad is None and step.micro_steps == STEPS
+    _assert_same_run(eager, run)
+
+
 def test_graph_step_resume_is_exact(eager_run, force_graph_step, tmp_path):
     mid = eager_run["run_dir"] / "checkpoints" / "step0000003.ckpt"
     assert mid.is_file()

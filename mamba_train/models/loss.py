@@ -14,6 +14,8 @@ Triton-only and measured slower than this simple form on Mamba at micro-batch 8
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mamba_train.models.loss_kernel import IGNORE_INDEX, cross_entropy_rows_, triton_available
@@ -32,6 +34,27 @@ def _cross_entropy_rows_torch(logits, targets, valid, acc, want_grad: bool):
     probs = logits32.sub_(lse[:, None]).exp_()
     probs[torch.arange(len(targets), device=probs.device), safe_t] -= 1.0
     return losses, probs.to(logits.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_with_wider_output(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=)`` runs here (CUDA builds of torch >= 2.8)."""
+    a = torch.zeros(2, 2, dtype=in_dtype, device=device)
+    try:
+        torch.addmm(torch.zeros(2, 2, dtype=out_dtype, device=device), a, a, out_dtype=out_dtype)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for bf16 ``a``, ``b`` and an fp32 ``acc``: where torch can, one GEMM that
+    accumulates into the fp32 matrix, instead of a bf16 product, an upcast and an add over the
+    whole (vocab x d_model) matrix per chunk."""
+    if a.dtype != acc.dtype and _gemm_with_wider_output(acc.device, a.dtype, acc.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -63,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 grad_h = g @ w
                 grad_hidden[start:end] = (grad_h if keep is None else grad_h * keep).to(hidden.dtype)
-                grad_weight += (g.t() @ (h if keep is None else h * keep)).to(acc)
+                _add_matmul_(grad_weight, g.t(), h if keep is None else h * keep)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
             ctx.weight_dtype = weight.dtype

@@ -9,8 +9,12 @@ How it sits inside Lightning (automatic optimization is kept, so gradient accumu
 schedule, clipping, logging, checkpointing and resume work exactly as in the eager path):
 
 * ``training_step`` copies the micro-batch into static input buffers and replays the graph,
-  which runs the forward, the loss (scaled by 1/accumulation) and the backward. The gradients
-  accumulate in place into one flat fp32 buffer whose views are the parameters' ``.grad``.
+  which runs the forward, the loss (scaled by 1/accumulation) and the backward. With gradient
+  accumulation or DDP the gradients accumulate in place into one flat fp32 buffer whose views
+  are the parameters' ``.grad``. With neither, the graph owns the gradient tensors: captured
+  with ``.grad`` unset, the backward allocates them in the graph's pool and each replay
+  overwrites them, which saves zeroing and an add over every gradient per step (2.6 ms of a
+  243 ms mamba-370m step on an H100, benchmarks/RESULTS.md session 3).
 * ``LightningModule.backward`` becomes a no-op for that micro-batch (the graph did it); under
   DDP the flat buffer is all-reduced there once per optimizer step, outside the graph (one
   collective, with no reducer hooks: DDP's own gradient sync is switched off).
@@ -120,14 +124,18 @@ class GraphedTrainStep:
         self.world_size = world_size
         device = params[0].device
         self.capturable = device.type == "cuda"
-        self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                     device=device)
-        self._grad_views = []
-        offset = 0
-        for p in params:
-            self._grad_views.append(self.flat_grad[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        self.bind_grads()
+        # the graph owns the gradients where nothing accumulates into them or reduces them
+        self.graph_owns_grads = accumulate == 1 and world_size == 1
+        self.flat_grad: torch.Tensor | None = None
+        self._grad_views: list[torch.Tensor] = []
+        if not self.graph_owns_grads:
+            self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                         device=device)
+            offset = 0
+            for p in params:
+                self._grad_views.append(self.flat_grad[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            self.bind_grads()
         self.micro_steps = 0
         self.fallback_reason: str | None = None
         self._static: dict[str, torch.Tensor] | None = None
@@ -146,8 +154,17 @@ class GraphedTrainStep:
                 p.grad = g
 
     def zero_grad(self) -> None:
-        self.flat_grad.zero_()
-        self.bind_grads()
+        """Gradients of the next micro-batch start from zero.
+
+        Graph-owned gradients are not touched once captured: the next replay overwrites them
+        (an eager micro-step after the capture zeroes them itself, see ``_eager``). Before the
+        capture they are dropped, as Lightning does, so that the capture finds them unset."""
+        if self.flat_grad is not None:
+            self.flat_grad.zero_()
+            self.bind_grads()
+        elif not self.captured:
+            for p in self.params:
+                p.grad = None
 
     def sync_gradients(self) -> None:
         """Average the gradients over the data-parallel ranks: one all-reduce of the flat buffer
@@ -170,8 +187,9 @@ class GraphedTrainStep:
     def describe(self) -> str:
         """How the micro-steps ran, for logs and the run summary."""
         if self.replays:
+            grads = "owned by the graph" if self.graph_owns_grads else "in one flat buffer"
             return (f"cuda graph: {self.replays} of {self.micro_steps} micro-steps replayed "
-                    f"(warm-up {self.warmup})")
+                    f"(warm-up {self.warmup}; gradients {grads})")
         if self.fallback_reason:
             return f"eager: capture failed ({self.fallback_reason})"
         if not self.capturable:
@@ -226,7 +244,7 @@ class GraphedTrainStep:
         # autocast's cast cache must be off while capturing (its cached bf16 weight copies would
         # be freed when the autocast region exits, under the graph's feet); keep the same
         # setting in the eager micro-steps so both run the same casts.
-        device = self.flat_grad.device.type
+        device = self.params[0].device.type
         if not torch.is_autocast_enabled(device):
             return contextlib.nullcontext()
         return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
@@ -238,6 +256,10 @@ class GraphedTrainStep:
         return loss.detach()
 
     def _eager(self, batch: dict) -> torch.Tensor:
+        if self.graph_owns_grads and self.captured:
+            # the graph's gradient tensors still hold the last replay's values; the backward
+            # accumulates into them, and they must stay the tensors the graph writes to
+            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
         if self._side_stream is None or self.fallback_reason:
             return self._forward_backward(batch)
         # warm-up on a side stream, as CUDA graph capture requires
@@ -250,6 +272,8 @@ class GraphedTrainStep:
 
     def _capture_and_replay(self) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
+        if self.graph_owns_grads:
+            self.zero_grad()  # unset: the captured backward allocates them in the graph's pool
         try:
             # thread_local: the DataLoader's pin-memory thread keeps using CUDA meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):

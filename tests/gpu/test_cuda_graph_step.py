@@ -21,11 +21,11 @@ from mamba_train.train import train
 STEPS = 24
 
 
-def _config(out: Path, recipe: str, mode: str, suffix: str = ""):
+def _config(out: Path, recipe: str, mode: str, suffix: str = "", accumulate: int = 2):
     overrides = [
         f"recipe={recipe}", "model.n_layer=4", "data=default", "model.vocab_size=4096",
         "backend=fused", "data.seq_len=1024", "data.micro_batch_size=4",
-        "train.global_batch_tokens=8192",  # accumulation 2
+        f"train.global_batch_tokens={4096 * accumulate}",
         f"trainer.max_steps={STEPS}", "trainer.deterministic=true", f"trainer.cuda_graph={mode}",
         "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2", "train.val_every_n_steps=8",
         "train.checkpoint_every_n_steps=100000", "logger=csv", f"run_name={recipe}-{mode}{suffix}",
@@ -37,29 +37,33 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return metric_by_step(run_dir, "train/global_loss")
 
 
-def test_captured_training_matches_eager_bit_for_bit_mamba2(tmp_path, record):
+@pytest.mark.parametrize("accumulate", [2, 1], ids=["flat-grad-buffer", "graph-owned-grads"])
+def test_captured_training_matches_eager_bit_for_bit_mamba2(tmp_path, record, accumulate):
     recipe = "mamba2-130m"
-    eager = train(_config(tmp_path, recipe, "off"))
-    eager_again = train(_config(tmp_path, recipe, "off", "-again"))
-    graphed = train(_config(tmp_path, recipe, "on"))
+    eager = train(_config(tmp_path, recipe, "off", accumulate=accumulate))
+    eager_again = train(_config(tmp_path, recipe, "off", "-again", accumulate=accumulate))
+    graphed = train(_config(tmp_path, recipe, "on", accumulate=accumulate))
     assert graphed["module"].graph_step.replays > 0, "the step was not captured"
+    assert graphed["module"].graph_step.graph_owns_grads == (accumulate == 1)
     a, a2, b = (_losses(r["run_dir"]) for r in (eager, eager_again, graphed))
     assert sorted(a) == sorted(a2) == sorted(b) == list(range(STEPS))
     noise = max(abs(a[s] - a2[s]) for s in a)
     diff = max(abs(a[s] - b[s]) for s in a)
     wdiff = _max_weight_diff(eager, graphed)
-    record(f"cuda_graph {recipe} (4 layers, 4x1024, accumulation 2, deterministic): {STEPS} steps, "
+    record(f"cuda_graph {recipe} (4 layers, 4x1024, accumulation {accumulate}, deterministic): {STEPS} steps, "
            f"max |loss eager - captured| {diff:.3g} (eager - eager {noise:.3g}), max |weight "
            f"diff| {wdiff:.3g}, final loss eager {a[STEPS - 1]!r} captured {b[STEPS - 1]!r}")
     assert noise == 0.0, "Mamba-2 kernels should be deterministic under MAMBA_DETERMINISTIC"
     assert diff == 0.0 and wdiff == 0.0
 
 
+@pytest.mark.parametrize("accumulate", [6, 1], ids=["flat-grad-buffer", "graph-owned-grads"])
 @pytest.mark.parametrize("recipe", ["mamba-130m", "mamba2-130m"])
-def test_captured_gradients_match_eager(recipe, record):
-    """One optimizer step's accumulated gradient (6 micro-batches: 2 eager warm-up, 4 replayed)
-    against the eager step. Mamba-1's backward uses atomics, so the bound is measured: a second
-    eager accumulation gives the kernels' own difference."""
+def test_captured_gradients_match_eager(recipe, accumulate, record):
+    """6 micro-batches (2 eager warm-up, 4 replayed) as one accumulated optimizer step, or as 6
+    steps of one micro-batch (the graph owns the gradients; the last one is compared), against
+    eager. Mamba-1's backward uses atomics, so the bound is measured: a second eager run gives
+    the kernels' own difference."""
     from hydra.utils import instantiate
 
     from mamba_train.models.build import build_model
@@ -79,12 +83,13 @@ def test_captured_gradients_match_eager(recipe, record):
         return model(b["input_ids"], labels=b["labels"]).loss
 
     def accumulated(warmup: int) -> tuple[torch.Tensor, int]:
-        step = GraphedTrainStep(loss_fn, params, accumulate=len(batches), mode="on", warmup=warmup)
+        step = GraphedTrainStep(loss_fn, params, accumulate=accumulate, mode="on", warmup=warmup)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             for i, b in enumerate(batches):
-                step.forward_backward(b, starts_window=i == 0)
+                step.forward_backward(b, starts_window=i % accumulate == 0)
         torch.cuda.synchronize()
-        grads, replays = step.flat_grad.clone(), step.replays
+        grads = torch.cat([p.grad.flatten() for p in params]).clone()
+        replays = step.replays
         step.release()
         return grads, replays
 
@@ -95,7 +100,8 @@ def test_captured_gradients_match_eager(recipe, record):
     norm = eager.norm().item()
     noise = (eager_again - eager).norm().item() / norm
     diff = (captured - eager).norm().item() / norm
-    record(f"cuda_graph gradients {recipe} (4 layers, 6 x 4x1024, bf16): relative |captured - eager| "
+    record(f"cuda_graph gradients {recipe} (4 layers, 6 x 4x1024, accumulation {accumulate}, bf16): "
+           f"relative |captured - eager| "
            f"{diff:.3g}, |eager - eager| {noise:.3g}")
     assert torch.isfinite(captured).all()
     if noise == 0.0:
