@@ -13,6 +13,7 @@ once it is used up, which does not matter for speed. Bf16-mixed (fp32 parameters
 
     python3 benchmarks/scaling.py --json $OUT/scaling.json           # on nvidia-h200-x2
     python3 benchmarks/scaling.py --strategies ddp fsdp deepspeed_zero2 --steps 40
+    python3 benchmarks/scaling.py --global-batch-tokens 32768 --strategies ddp ddp_allreduce_in_graph ddp_eager
 
 Device call (README of the device tool): carry .whl (mamba_ssm, causal_conv1d, hydra-core,
 omegaconf, antlr4 wheels from shared/wheels), then
@@ -39,6 +40,10 @@ from pathlib import Path
 ARMS = {  # name -> (GPUs, strategy overrides)
     "single": (1, ["strategy=auto"]),
     "ddp": (2, ["strategy=ddp"]),
+    # the captured step's all-reduce inside the graph (needs accumulation 1 per rank), and DDP's
+    # own overlapped bucketed all-reduce with the eager step
+    "ddp_allreduce_in_graph": (2, ["strategy=ddp", "trainer.cuda_graph_allreduce=inside"]),
+    "ddp_eager": (2, ["strategy=ddp", "trainer.cuda_graph=off"]),
     "fsdp": (2, ["strategy=fsdp"]),
     "fsdp_sharded_ac": (2, ["strategy=fsdp", "strategy.activation_checkpointing=true"]),
     "deepspeed_zero1": (2, ["strategy=deepspeed_zero1"]),

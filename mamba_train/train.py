@@ -73,6 +73,7 @@ def _lightning_trainer_args(trainer_cfg: DictConfig) -> DictConfig:
     args = trainer_cfg.copy()
     with open_dict(args):
         args.pop("cuda_graph", None)
+        args.pop("cuda_graph_allreduce", None)
     return args
 
 
@@ -104,6 +105,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         nan_policy=cfg.train.nan_policy,
         run_config=OmegaConf.to_yaml(cfg, resolve=True),
         cuda_graph=str(cfg.trainer.get("cuda_graph", "off")),
+        cuda_graph_allreduce=str(cfg.trainer.get("cuda_graph_allreduce", "outside")),
         mamba1_recompute=bool(cfg.train.get("mamba1_recompute", True)),
     )
 

@@ -123,6 +123,20 @@ def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path):
 def test_unknown_cuda_graph_mode_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="trainer.cuda_graph must be one of"):
         train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=yes"], tmp_path))
+    with pytest.raises(ValueError, match="trainer.cuda_graph_allreduce must be one of"):
+        train(compose_config([*TINY, *COMMON, "trainer.cuda_graph_allreduce=within"], tmp_path))
+
+
+def test_all_reduce_inside_the_graph_needs_accumulation_1(monkeypatch):
+    """Inside the graph the all-reduce would run after every micro-batch: refused, with the fix."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cuda_graph_mod, "graph_blockers", lambda trainer, module: [])
+    trainer = SimpleNamespace(strategy=SimpleNamespace(), num_nodes=1, world_size=2,
+                              accumulate_grad_batches=4)
+    module = SimpleNamespace(cuda_graph_allreduce="inside")
+    with pytest.raises(CudaGraphError, match="accumulates 4 micro-batches.*cuda_graph_allreduce=outside"):
+        cuda_graph_mod.start_graph_step(trainer, module, "auto")
 
 
 def test_graph_step_under_ddp_all_reduces_itself(eager_run, tmp_path):

@@ -17,7 +17,9 @@ schedule, clipping, logging, checkpointing and resume work exactly as in the eag
   243 ms mamba-370m step on an H100, benchmarks/RESULTS.md session 3).
 * ``LightningModule.backward`` becomes a no-op for that micro-batch (the graph did it); under
   DDP the flat buffer is all-reduced there once per optimizer step, outside the graph (one
-  collective, with no reducer hooks: DDP's own gradient sync is switched off).
+  collective, with no reducer hooks: DDP's own gradient sync is switched off). With
+  accumulation 1, ``trainer.cuda_graph_allreduce=inside`` captures that all-reduce into the
+  graph instead (NCCL collectives can be captured); benchmarks/scaling.py measures both.
 * The flat buffer is zeroed in place at the first micro-batch of each optimizer step (Lightning's
   ``optimizer_zero_grad`` would run after our backward and drop the gradients, so it is a no-op),
   never set to None: the graph writes into those exact addresses.
@@ -44,6 +46,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("auto", "on", "off")
+ALLREDUCE_PLACES = ("outside", "inside")
 
 
 class CudaGraphError(RuntimeError):
@@ -100,10 +103,16 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
     ddp = getattr(strategy, "model", None)
     if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         ddp.require_backward_grad_sync = False
+    reduce_in_graph = trainer.world_size > 1 and module.cuda_graph_allreduce == "inside"
+    if reduce_in_graph and trainer.accumulate_grad_batches > 1:
+        raise CudaGraphError(
+            "trainer.cuda_graph_allreduce=inside needs gradient accumulation 1 (every replay "
+            f"ends an optimizer step), but this run accumulates {trainer.accumulate_grad_batches} "
+            "micro-batches; set trainer.cuda_graph_allreduce=outside or raise data.micro_batch_size")
     params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
     step = GraphedTrainStep(module._loss, params, accumulate=trainer.accumulate_grad_batches,
                             mode=mode, process_group=getattr(strategy, "process_group", None),
-                            world_size=trainer.world_size)
+                            world_size=trainer.world_size, reduce_in_graph=reduce_in_graph)
     return step, ""
 
 
@@ -114,7 +123,7 @@ class GraphedTrainStep:
 
     def __init__(self, loss_fn: Callable[[dict], torch.Tensor], params: list[torch.nn.Parameter],
                  accumulate: int, mode: str = "auto", warmup: int = 3,
-                 process_group=None, world_size: int = 1):
+                 process_group=None, world_size: int = 1, reduce_in_graph: bool = False):
         self.loss_fn = loss_fn
         self.params = params
         self.loss_scale = 1.0 / accumulate
@@ -122,6 +131,9 @@ class GraphedTrainStep:
         self.warmup = warmup
         self.process_group = process_group
         self.world_size = world_size
+        # all-reduce inside the graph: only where each replay ends an optimizer step
+        self.reduce_in_graph = reduce_in_graph and world_size > 1 and accumulate == 1
+        self._reduced = False  # whether this step's gradients are already averaged over ranks
         device = params[0].device
         self.capturable = device.type == "cuda"
         # the graph owns the gradients where nothing accumulates into them or reduces them
@@ -168,10 +180,13 @@ class GraphedTrainStep:
 
     def sync_gradients(self) -> None:
         """Average the gradients over the data-parallel ranks: one all-reduce of the flat buffer
-        per optimizer step, outside the graph."""
-        if self.world_size > 1:
-            dist.all_reduce(self.flat_grad, group=self.process_group)
-            self.flat_grad.div_(self.world_size)
+        per optimizer step, outside the graph (unless the replay just did it inside)."""
+        if self.world_size > 1 and not self._reduced:
+            self._all_reduce()
+
+    def _all_reduce(self) -> None:
+        dist.all_reduce(self.flat_grad, group=self.process_group)
+        self.flat_grad.div_(self.world_size)
 
     def release(self) -> None:
         """Free the graph, its memory pool and the static buffers; gradients back to None."""
@@ -205,11 +220,13 @@ class GraphedTrainStep:
         if starts_window:
             self.zero_grad()
         self.micro_steps += 1
+        self._reduced = False
         if not self._fill_static(batch):
             return self._eager(batch).clone()
         if self.captured:
             self._graph.replay()
             self.replays += 1
+            self._reduced = self.reduce_in_graph
             return self._static_loss.clone()
         self._steps_at_shape += 1
         if not self.capturable or self.fallback_reason or self._steps_at_shape <= self.warmup:
@@ -249,10 +266,12 @@ class GraphedTrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
 
-    def _forward_backward(self, batch: dict) -> torch.Tensor:
+    def _forward_backward(self, batch: dict, all_reduce: bool = False) -> torch.Tensor:
         with self._autocast_without_cache():
             loss = self.loss_fn(batch)
         (loss * self.loss_scale).backward()
+        if all_reduce:
+            self._all_reduce()
         return loss.detach()
 
     def _eager(self, batch: dict) -> torch.Tensor:
@@ -277,7 +296,7 @@ class GraphedTrainStep:
         try:
             # thread_local: the DataLoader's pin-memory thread keeps using CUDA meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._static_loss = self._forward_backward(self._static)
+                self._static_loss = self._forward_backward(self._static, all_reduce=self.reduce_in_graph)
         except Exception as e:  # noqa: BLE001 -- any capture failure means: run eagerly
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             if self.mode == "on":
@@ -293,4 +312,5 @@ class GraphedTrainStep:
         log.info("cuda_graph: training step captured after %d eager micro-steps", self.warmup)
         graph.replay()  # capture only records: this micro-batch is computed now
         self.replays += 1
+        self._reduced = self.reduce_in_graph
         return self._static_loss.clone()

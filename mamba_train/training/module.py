@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from mamba_train.export.load import CKPT_CONFIG_KEY
 from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
-from mamba_train.training.cuda_graph import GRAPH_MODES, GraphedTrainStep, start_graph_step
+from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
+                                             start_graph_step)
 from mamba_train.training.optim import build_optimizer
 
 RNG_KEY = "mamba_train_rng"
@@ -39,6 +40,7 @@ class MambaLMModule(L.LightningModule):
         nan_policy: str = "stop",
         run_config: str | None = None,
         cuda_graph: str = "off",
+        cuda_graph_allreduce: str = "outside",
         mamba1_recompute: bool = True,
     ):
         super().__init__()
@@ -46,6 +48,9 @@ class MambaLMModule(L.LightningModule):
             raise ValueError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if cuda_graph not in GRAPH_MODES:
             raise ValueError(f"trainer.cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
+        if cuda_graph_allreduce not in ALLREDUCE_PLACES:
+            raise ValueError(f"trainer.cuda_graph_allreduce must be one of {ALLREDUCE_PLACES}, "
+                             f"got {cuda_graph_allreduce!r}")
         self.model_config = model if isinstance(model, MambaLMConfig) else MambaLMConfig.from_dict(dict(model))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -55,6 +60,7 @@ class MambaLMModule(L.LightningModule):
         self.nan_policy = nan_policy
         self.run_config = run_config
         self.cuda_graph = cuda_graph
+        self.cuda_graph_allreduce = cuda_graph_allreduce
         self.mamba1_recompute = mamba1_recompute
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
         self._eager_reason = "eager: trainer.cuda_graph=off"
