@@ -103,6 +103,13 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
     ddp = getattr(strategy, "model", None)
     if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         ddp.require_backward_grad_sync = False
+        # DDP keeps the AccumulateGrad nodes it made on the default stream, while the warm-up
+        # and the capture run on side streams (as capture requires): torch warns about that
+        # stream mismatch on every rank, but it is expected here and the capture is unaffected
+        # (2xH200: the captured DDP step matched the 1-GPU losses, RESULTS.md session 3 run 5)
+        warn = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+        if warn is not None:
+            warn(False)
     reduce_in_graph = trainer.world_size > 1 and module.cuda_graph_allreduce == "inside"
     if reduce_in_graph and trainer.accumulate_grad_batches > 1:
         raise CudaGraphError(
