@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import SEQ_LEN, framework, plain_loop, synthetic_shards  # noqa: E402
+from train_throughput import framework, plain_loop, ready_cuda, synthetic_shards  # noqa: E402
 
 
 class StepWindowProfiler:
@@ -112,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for (b)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not ready_cuda():
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
     total = args.warmup + args.steps
     window = StepWindowProfiler(args.warmup, args.steps)
     # warm-up past the profiled steps: the arms' own timing syncs fall after the window

@@ -152,6 +152,15 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     return result
 
 
+def ready_cuda() -> bool:
+    """The GPU set-up both arms share; False, with a message, where there is no CUDA."""
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return True
+
+
 def peak_bf16_flops(override: float | None) -> float | None:
     if override:
         return override
@@ -184,12 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for arm (b)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not ready_cuda():
         return 2
     from mamba_train.models.flops import flops_per_token
 
-    torch.backends.cuda.matmul.allow_tf32 = True
     peak = peak_bf16_flops(args.peak_flops)
     results = {"device": torch.cuda.get_device_name(), "micro_batches": args.micro_batches,
                "peak_bf16_flops": peak, "date": time.strftime("%Y-%m-%d"), "models": {}}

@@ -167,7 +167,9 @@ class GraphedTrainStep:
 
     # ------------------------------------------------------------------ gradients
     def bind_grads(self) -> None:
-        """Point every ``p.grad`` at its slice of the flat buffer (the graph writes there)."""
+        """Point every ``p.grad`` at the tensor the graph writes: its slice of the flat buffer,
+        or (graph-owned, once captured) the tensor the captured backward allocated. Anything
+        that set ``.grad`` to None meanwhile would otherwise make the optimizer skip it."""
         for p, g in zip(self.params, self._grad_views):
             if p.grad is not g:
                 p.grad = g
@@ -198,6 +200,8 @@ class GraphedTrainStep:
     def release(self) -> None:
         """Free the graph, its memory pool and the static buffers; gradients back to None."""
         self._graph = self._static = self._static_loss = None
+        if self.graph_owns_grads:
+            self._grad_views = []
         for p in self.params:
             p.grad = None
 
@@ -234,6 +238,8 @@ class GraphedTrainStep:
             self._graph.replay()
             self.replays += 1
             self._reduced = self.reduce_in_graph
+            if self.graph_owns_grads:
+                self.bind_grads()
             return self._static_loss.clone()
         self._steps_at_shape += 1
         if not self.capturable or self.fallback_reason or self._steps_at_shape <= self.warmup:
@@ -285,6 +291,7 @@ class GraphedTrainStep:
         if self.graph_owns_grads and self.captured:
             # the graph's gradient tensors still hold the last replay's values; the backward
             # accumulates into them, and they must stay the tensors the graph writes to
+            self.bind_grads()
             torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
         if self._side_stream is None or self.fallback_reason:
             return self._forward_backward(batch)
@@ -316,6 +323,8 @@ class GraphedTrainStep:
             log.warning("cuda_graph=auto: capture failed (%s); training continues eagerly", reason)
             return self._eager(self._static).clone()
         self._graph = graph
+        if self.graph_owns_grads:
+            self._grad_views = [p.grad for p in self.params]
         log.info("cuda_graph: training step captured after %d eager micro-steps", self.warmup)
         graph.replay()  # capture only records: this micro-batch is computed now
         self.replays += 1

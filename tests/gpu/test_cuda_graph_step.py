@@ -113,3 +113,43 @@ def test_captured_gradients_match_eager(recipe, accumulate, record):
 def _max_weight_diff(x: dict, y: dict) -> float:
     px, py = x["module"].model.state_dict(), y["module"].model.state_dict()
     return max((px[k].float() - py[k].float()).abs().max().item() for k in px)
+
+
+def test_graph_owned_gradients_survive_a_grad_reset_and_an_odd_shaped_batch():
+    """Accumulation 1: the captured backward owns the gradient tensors. A ``.grad = None`` from
+    elsewhere is re-bound after the next replay, and an eager micro-step (a batch of another
+    shape) starts from zero in those same tensors, not from the last replay's values."""
+    from mamba_train.training.cuda_graph import GraphedTrainStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).cuda()
+    params = list(model.parameters())
+
+    def loss_fn(b):
+        return model(b["x"]).square().mean()
+
+    def eager_grads(b):
+        model.zero_grad(set_to_none=True)
+        loss_fn(b).backward()
+        return [p.grad.clone() for p in params]
+
+    step = GraphedTrainStep(loss_fn, params, accumulate=1, mode="on", warmup=2)
+    batches = [{"x": torch.randn(8, 16, device="cuda")} for _ in range(6)]
+    for b in batches[:4]:
+        step.forward_backward(b, starts_window=True)
+    assert step.captured and step.graph_owns_grads and step.replays == 2
+    owned = [p.grad for p in params]
+    params[0].grad = None  # e.g. somebody's zero_grad(set_to_none=True)
+    step.forward_backward(batches[4], starts_window=True)
+    assert all(p.grad is g for p, g in zip(params, owned))
+    expected = eager_grads(batches[4])
+    for p, g in zip(params, owned):
+        p.grad = g
+    assert all(torch.allclose(g, e) for g, e in zip(owned, expected))
+    odd = {"x": torch.randn(5, 16, device="cuda")}  # another shape: runs eagerly
+    step.forward_backward(odd, starts_window=True)
+    expected = eager_grads(odd)
+    for p, g in zip(params, owned):
+        p.grad = g
+    assert all(torch.allclose(g, e) for g, e in zip(owned, expected))
+    step.release()
