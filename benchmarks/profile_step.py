@@ -71,9 +71,9 @@ class StepWindowProfiler:
             busy += cur_end - cur_start
         # the longest idle stretches, with the kernels on either side: where the GPU waited
         ordered = sorted(events, key=lambda e: e.time_range.start)
-        gaps, reach = [], None
+        gaps, reach = [], float("-inf")  # reach: the latest end of any interval so far
         for prev, nxt in zip(ordered, ordered[1:]):
-            reach = max(reach or prev.time_range.end, prev.time_range.end)
+            reach = max(reach, prev.time_range.end)
             if nxt.time_range.start > reach:
                 gaps.append(((nxt.time_range.start - reach) / 1e3, prev.name, nxt.name))
         gaps.sort(reverse=True)

@@ -63,13 +63,12 @@ class FusedMamba(_Mamba):
         )
 
 
-def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> int:
+def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
     """Whether the fused Mamba-1 backward recomputes conv1d output and delta (mamba_ssm's
-    default) or keeps them from the forward. Returns how many mixers it set."""
-    mixers = [m for m in model.modules() if isinstance(m, FusedMamba)]
-    for m in mixers:
-        m.checkpoint_lvl = 1 if recompute else 0
-    return len(mixers)
+    default) or keeps them from the forward."""
+    for m in model.modules():
+        if isinstance(m, FusedMamba):
+            m.checkpoint_lvl = 1 if recompute else 0
 
 
 class FusedMamba2(_Mamba2):

@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.export.load import CKPT_CONFIG_KEY
-from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
