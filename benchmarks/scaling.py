@@ -15,8 +15,8 @@ once it is used up, which does not matter for speed. Bf16-mixed (fp32 parameters
     python3 benchmarks/scaling.py --strategies ddp fsdp deepspeed_zero2 --steps 40
     python3 benchmarks/scaling.py --global-batch-tokens 32768 --strategies ddp ddp_allreduce_in_graph ddp_eager
 
-Device call (README of the device tool): carry .whl (mamba_ssm, causal_conv1d, hydra-core,
-omegaconf, antlr4 wheels from shared/wheels), then
+On a GPU machine without internet: copy the prebuilt wheels (mamba_ssm 2.3.2, causal_conv1d 1.7,
+hydra-core, omegaconf, antlr4) into .whl/, then
     python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl &&
     python3 -m pip install -q --no-deps --no-build-isolation -e . &&
     python3 benchmarks/scaling.py --json $OUT/scaling.json

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mamba_train.data.dataset import (FeistelPermutation, MixSchedule, ResumableDataLoader,
-                                      TokenWindowDataset, ValWindowDataset)
+from mamba_train.data.dataset import TokenWindowDataset, ValWindowDataset
+from mamba_train.data.loader import ResumableDataLoader
+from mamba_train.data.sampling import FeistelPermutation, MixSchedule
 from mamba_train.data.shards import DataError, write_tokens
 
 L = 4  # seq_len

@@ -4,7 +4,9 @@
 * ``default_corpus`` -- the embedded default text (Python's ``pydoc_data`` topics)
 * ``shards``         -- on-disk format: ``ShardWriter``, ``TokenShards``, ``validate_dataset``, ``DataError``
 * ``prepare``        -- ``python -m mamba_train.data.prepare source=... out=...``
-* ``dataset``        -- ``TokenWindowDataset``, ``ValWindowDataset``, ``ResumableDataLoader``
+* ``sampling``       -- the integer maths of the order: ``FeistelPermutation``, ``MixSchedule``, ``mix64``
+* ``dataset``        -- ``TokenWindowDataset``, ``ValWindowDataset`` (windows of token shards)
+* ``loader``         -- ``ResumableDataLoader`` (the train loader; its state is the sample count)
 * ``datamodule``     -- ``TokenDataModule`` (the Hydra ``data`` target)
 
 Names are imported lazily so that ``prepare`` (and its worker processes) do not pay for
@@ -19,7 +21,8 @@ _EXPORTS = {
     "DataError": "shards", "ShardWriter": "shards", "TokenShards": "shards",
     "validate_dataset": "shards", "read_index": "shards", "write_tokens": "shards",
     "PrepareConfig": "prepare",
-    "TokenWindowDataset": "dataset", "ValWindowDataset": "dataset", "ResumableDataLoader": "dataset",
+    "FeistelPermutation": "sampling", "MixSchedule": "sampling",
+    "TokenWindowDataset": "dataset", "ValWindowDataset": "dataset", "ResumableDataLoader": "loader",
     "TokenDataModule": "datamodule", "ensure_default_data": "datamodule",
 }
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,7 @@ or a mixture: ``sources: [{path: /data/web, weight: 0.7}, {path: /data/code, wei
 truncated shards, vocabulary vs tokenizer and model, enough tokens for one window), so a bad
 path fails in seconds with a message that names the file, not hours later in a worker.
 
-Resume: the train loader is a :class:`~mamba_train.data.dataset.ResumableDataLoader`, which
+Resume: the train loader is a :class:`~mamba_train.data.loader.ResumableDataLoader`, which
 Lightning checkpoints and restores by itself (``fit_loop`` state ``combined_loader``); the
 loader is created once and returned again by later ``train_dataloader()`` calls, so even
 ``reload_dataloaders_every_n_epochs`` keeps the position. With ``path=None`` the embedded
@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mamba_train.data.boundaries import add_document_boundaries
-from mamba_train.data.dataset import ResumableDataLoader, TokenWindowDataset, ValWindowDataset
+from mamba_train.data.dataset import TokenWindowDataset, ValWindowDataset
+from mamba_train.data.loader import ResumableDataLoader
 from mamba_train.data.shards import FORMAT_VERSION, DataError, validate_dataset
 from mamba_train.data.tokenizer import (DEFAULT_TOKENIZER_DIR, eos_id, load_tokenizer,
                                         tokenizer_name, vocab_size)

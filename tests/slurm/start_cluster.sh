@@ -9,8 +9,8 @@
 # Installs slurm-wlm and munge with apt if they are missing (needs root; idempotent). Everything
 # (config, state, spool, logs, munge key and socket, pid files) lives under one `mktemp -d`
 # directory, so no old jobs come back and two clusters (other test sessions) do not meet: the
-# ports are picked free. Settings follow shared/reference/local-slurm.md (checked on this kind of
-# machine): linuxproc process tracking, no task plugin or cgroups, cons_tres/CR_CPU, no
+# ports are picked free. Settings (found by trial with Debian's slurm-wlm 22.05, no systemd or
+# cgroups): linuxproc process tracking, no task plugin or cgroups, cons_tres/CR_CPU, no
 # accounting, root as SlurmUser/SlurmdUser, munge with a private key, cred_expire=5 and 1-second
 # scheduler passes (a requeued job restarts ~6 s later instead of ~2 min), JobRequeue=1.
 # Exit codes: 0 up; 3 cannot install (not root / no apt); 4 started but the node never got idle.

@@ -1,0 +1,110 @@
+"""The resumable training DataLoader: the per-rank count of consumed samples is its whole state.
+
+The datasets (:mod:`mamba_train.data.dataset`) map a per-rank sample number to a window; this
+loader decides which number comes next and saves it in every checkpoint through Lightning's
+stateful-loader protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from mamba_train.data.dataset import TokenWindowDataset
+from mamba_train.data.shards import DataError
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader: counts consumed samples in the main process, so it can resume.
+
+    Lightning (2.x) checkpoints the *train DataLoader objects* it iterates: ``fit_loop`` saves
+    ``CombinedLoader._state_dicts()``, i.e. ``state_dict()`` of every loader that has
+    ``state_dict``/``load_state_dict`` (the ``_Stateful`` protocol), and calls
+    ``load_state_dict`` on restart before it creates the iterator. The dataset is never asked.
+
+    ``len(loader)`` is one nominal epoch (:meth:`TokenWindowDataset.epoch_samples`, or
+    ``epoch_batches``) and each ``iter()`` yields the rest of the current epoch. A length
+    matters: without one, Lightning's fetcher pre-fetches one batch ahead, so a checkpoint
+    written after step *k* would count *k + 1* batches and the resumed run would skip one
+    (tested: ``tests/test_data_datamodule.py``).
+
+    Epochs are slices of one endless stream: the workers are started once and kept across
+    epochs (so a tiny corpus does not pay a worker restart every few batches; do not pass
+    ``persistent_workers``), and restarted at the right position only after
+    ``load_state_dict``. The state is the per-rank sample count, not a per-worker position, so
+    a run can resume with another ``num_workers`` (or ``batch_size``); a different
+    ``world_size`` resumes at the same global sample, rounded down to a multiple of it.
+    """
+
+    def __init__(self, dataset: TokenWindowDataset, batch_size: int, num_workers: int = 0,
+                 pin_memory: bool = False, epoch_batches: int | None = None, **kwargs):
+        if kwargs.pop("persistent_workers", False):
+            raise ValueError("ResumableDataLoader keeps its workers itself; do not pass persistent_workers")
+        kwargs.pop("drop_last", None)  # the stream is endless: every batch is full
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, drop_last=True, **kwargs)
+        if epoch_batches is not None and epoch_batches < 1:
+            raise ValueError(f"epoch_batches must be >= 1, got {epoch_batches}")
+        self.epoch_batches = epoch_batches
+        self.samples_yielded = 0
+        self._stream: Iterator | None = None
+        self._stream_pos = -1
+
+    def __len__(self) -> int:
+        return self._epoch_samples() // self.batch_size
+
+    def _epoch_samples(self) -> int:
+        if self.epoch_batches is not None:
+            return self.epoch_batches * self.batch_size
+        return self.dataset.epoch_samples(self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        per_epoch = self._epoch_samples()
+        epoch_end = (self.samples_yielded // per_epoch + 1) * per_epoch
+        for _ in range(math.ceil((epoch_end - self.samples_yielded) / self.batch_size)):
+            yield self._next_batch()
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._stream is None or self._stream_pos != self.samples_yielded:
+            self._stream = None  # shuts down the old workers
+            self.dataset.set_range(self.samples_yielded, None, self.batch_size)  # workers copy it
+            self._stream, self._stream_pos = super().__iter__(), self.samples_yielded
+        item = next(self._stream)
+        self.samples_yielded += item["input_ids"].shape[0]  # consumed in the main process
+        self._stream_pos = self.samples_yielded
+        return item
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None, "_stream_pos": -1}
+
+    @property
+    def epoch(self) -> int:
+        return self.samples_yielded // self._epoch_samples()
+
+    def state_dict(self) -> dict:
+        ds = self.dataset
+        return {
+            "samples_yielded": self.samples_yielded,  # per rank, consumed by the main process
+            "world_size": ds.world_size,
+            "epoch": self.epoch,  # informative
+            "seed": ds.seed,
+            "seq_len": ds.seq_len,
+            "weights": list(ds.weights),
+            "fingerprint": ds.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        ds = self.dataset
+        for key, mine in (("seq_len", ds.seq_len), ("seed", ds.seed), ("weights", list(ds.weights)),
+                          ("fingerprint", ds.fingerprint())):
+            if state.get(key) != mine:
+                raise DataError(
+                    f"cannot resume the data stream: checkpoint has {key}={state.get(key)!r}, this "
+                    f"run has {mine!r}. The saved position only means something for the same data, "
+                    "seq_len, seed and weights; restore those, or resume without the loader state "
+                    "(the data order then restarts)"
+                )
+        self.samples_yielded = int(state["samples_yielded"]) * int(state["world_size"]) // ds.world_size
