@@ -37,7 +37,7 @@ def test_flops_mamba1_hand_count():
                  + di * d)           # out_proj
     assert per_layer == 30208
     assert matmul_params(cfg) == 2 * per_layer + d * V  # + LM head (tied, still a matmul)
-    scan = 9 * di * n + 2 * di  # 9·D·N (mamba issue #110) + D skip + z gate
+    scan = 9 * di * n + 2 * di  # 9·D·N (state-spaces/mamba#110) + D skip + z gate
     b = flops_breakdown(cfg, seq_len=64)
     assert (b.matmul, b.ssm, b.attention) == (2 * (2 * per_layer + d * V), 2 * scan, 0)
     assert flops_per_token(cfg, 64) == 3 * (2 * (2 * per_layer + d * V) + 2 * scan) == 2047488
