@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from mamba_train.cli import UsageError, parse_key_values, wants_help
+
 USAGE = "usage: python -m mamba_train.eval ckpt=<path> tasks=<preset|task,...> [key=value ...] (--help)"
 
 
@@ -53,24 +55,8 @@ class EvalArgs:
     bootstrap_iters: int = 1000
 
 
-class UsageError(ValueError):
-    pass
-
-
 def parse_args(argv: list[str]) -> EvalArgs:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    for a in argv:
-        if "=" not in a:
-            raise UsageError(f"argument {a!r} is not key=value\n{USAGE}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EvalArgs), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        raise UsageError(f"{str(e).splitlines()[0]}\n{USAGE}") from None
-    args: EvalArgs = OmegaConf.to_object(cfg)
-    if not args.ckpt or not args.tasks:
-        raise UsageError(f"ckpt= and tasks= are required\n{USAGE}")
+    args = parse_key_values(argv, EvalArgs, required=("ckpt", "tasks"), usage=USAGE)
     if not Path(args.ckpt).exists():
         raise UsageError(f"ckpt={args.ckpt} does not exist")
     if args.limit is not None and args.limit >= 1:
@@ -103,7 +89,7 @@ def run(args: EvalArgs) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or any(a in ("-h", "--help", "help") for a in argv):
+    if not argv or wants_help(argv):
         print(__doc__)
         return 0 if argv else 2
     try:

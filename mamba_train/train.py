@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.training.batch import grad_accumulation
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
@@ -25,7 +26,7 @@ from mamba_train.training.module import MambaLMModule
 log = logging.getLogger(__name__)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(MambaTrainError, RuntimeError):
     pass
 
 
@@ -47,7 +48,7 @@ def _strategy(cfg: DictConfig):
         return cfg.get("name", "auto")
     from hydra.errors import InstantiationException
 
-    from mamba_train.training.parallel import ParallelConfigError
+    from mamba_train.training.strategies.policy import ParallelConfigError
     try:
         return instantiate(cfg)
     except InstantiationException as e:  # a refused setting: the one-line error, not Hydra's wrap

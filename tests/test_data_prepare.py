@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from mamba_train.cli import UsageError
 from mamba_train.data.prepare import main, parse_args
 from mamba_train.data.shards import TokenShards, validate_dataset
 from mamba_train.data.tokenizer import load_tokenizer
@@ -116,5 +117,5 @@ def test_parse_args():
     cfg = parse_args(["source=a.jsonl", "out=o", "tokens_per_shard=1e6", "val_fraction=0.05",
                       "max_shards=none"])
     assert (cfg.tokens_per_shard, cfg.val_fraction, cfg.max_shards) == (1_000_000, 0.05, None)
-    with pytest.raises(SystemExit, match="bad argument"):
+    with pytest.raises(UsageError, match="unknown argument .bogus."):
         parse_args(["source=a", "out=o", "bogus=1"])

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 
 from conftest import TINY, compose_config
 from mamba_train.train import train
-from mamba_train.training.parallel import ParallelConfigError
+from mamba_train.training.strategies.policy import ParallelConfigError
 
 STEPS = 4
 # 512 tokens/step = 2 × micro-batch 4 × 64 tokens: accumulation 2 on 1 process, 1 on 2 processes
@@ -174,7 +174,7 @@ def test_fsdp_bf16_parameters_are_refused_unless_allowed(tmp_path, caplog):
 def test_deepspeed_bf16_mixed_keeps_fp32_module_parameters():
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
-    from mamba_train.training.parallel import deepspeed_strategy
+    from mamba_train.training.strategies.deepspeed import deepspeed_strategy
 
     s = deepspeed_strategy(stage=3)
     s.precision_plugin = DeepSpeedPrecision("bf16-mixed")

@@ -31,16 +31,20 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from mamba_train.cli import UsageError, parse_key_values, wants_help
 from mamba_train.data.shards import FORMAT_VERSION, DataError, ShardWriter, atomic_write_json
 from mamba_train.data.tokenizer import load_backend
+from mamba_train.errors import MambaTrainError
 
+USAGE = ("usage: python -m mamba_train.data.prepare source=<file|glob|dir|hub-name|default> "
+         "out=<dir> [key=value ...] (--help)")
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
 _BUILDERS = {  # file suffix -> datasets builder
@@ -70,30 +74,10 @@ class PrepareConfig:
 
 
 def parse_args(argv: list[str]) -> PrepareConfig:
-    """``key=value`` arguments -> :class:`PrepareConfig` (typed by the dataclass defaults)."""
-    known = {f.name: f for f in fields(PrepareConfig)}
-    kwargs: dict = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not sep or key not in known:
-            raise SystemExit(f"prepare: bad argument {arg!r}; expected key=value with key in "
-                             f"{sorted(known)}\n\n{__doc__}")
-        default = getattr(PrepareConfig, key, None)
-        if value.lower() in ("none", "null"):
-            kwargs[key] = None
-        elif key in ("tokens_per_shard", "num_proc", "batch_docs", "max_shards"):
-            kwargs[key] = int(float(value))
-        elif key == "val_fraction":
-            kwargs[key] = float(value)
-        else:
-            kwargs[key] = value if default is None or isinstance(default, str) else type(default)(value)
-    for required in ("source", "out"):
-        if required not in kwargs:
-            raise SystemExit(f"prepare: {required}= is required\n\n{__doc__}")
-    cfg = PrepareConfig(**kwargs)
+    """``key=value`` arguments -> :class:`PrepareConfig` (typed by the dataclass fields)."""
+    cfg = parse_key_values(argv, PrepareConfig, required=("source", "out"), usage=USAGE)
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise SystemExit(f"prepare: val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     return cfg
 
 
@@ -377,10 +361,13 @@ def _progress_bar(console):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(__doc__)
+        return 0
     try:
-        prepare(cfg)
-    except DataError as e:
+        prepare(parse_args(argv))
+    except MambaTrainError as e:  # DataError, UsageError, ...
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     return 0

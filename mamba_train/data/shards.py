@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from mamba_train.errors import MambaTrainError
+
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 
 
-class DataError(ValueError):
+class DataError(MambaTrainError, ValueError):
     """Unusable data; the message names the file and what to do about it."""
 
 

@@ -16,37 +16,33 @@ arguments, 1 when the conversion itself fails (the message says why).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from mamba_train.cli import UsageError, parse_key_values, wants_help
+from mamba_train.errors import MambaTrainError
 
 FORMATS = ("hf", "mamba_ssm")
 DTYPES = ("float32", "bfloat16")
 REQUIRED = ("ckpt", "out", "format")
-OPTIONAL = ("dtype", "tokenizer")
 USAGE = ("usage: python -m mamba_train.export ckpt=<path> out=<dir> format=hf|mamba_ssm "
          "[dtype=float32|bfloat16] [tokenizer=<name or path>]")
 
 
-class UsageError(ValueError):
-    pass
+@dataclass
+class ExportArgs:
+    ckpt: Optional[str] = None
+    out: Optional[str] = None
+    format: Optional[str] = None
+    dtype: Optional[str] = None
+    tokenizer: Optional[str] = None
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("-")
-        if not sep:
-            raise UsageError(f"argument {item!r} is not key=value")
-        if key not in REQUIRED + OPTIONAL:
-            raise UsageError(f"unknown argument {key!r}; expected {', '.join(REQUIRED + OPTIONAL)}")
-        if key in args:
-            raise UsageError(f"argument {key!r} given twice")
-        if not value:
-            raise UsageError(f"argument {key}= has an empty value")
-        args[key] = value
-    missing = [k for k in REQUIRED if k not in args]
-    if missing:
-        raise UsageError(f"missing required argument(s): {', '.join(k + '=' for k in missing)}")
+    """The given arguments as a dict (absent optional ones left out)."""
+    parsed = parse_key_values(argv, ExportArgs, required=REQUIRED)
+    args = {k: str(v) for k, v in vars(parsed).items() if v is not None}
     if args["format"] not in FORMATS:
         raise UsageError(f"format must be one of {'|'.join(FORMATS)}, got {args['format']!r}")
     if "dtype" in args and args["dtype"] not in DTYPES:
@@ -63,7 +59,7 @@ def convert(args: dict[str, str]) -> Path:
         from mamba_train.export.hf import export_hf
         return export_hf(args["ckpt"], out, dtype=dtype, tokenizer=args.get("tokenizer"))
 
-    from mamba_train.export.load import load_model
+    from mamba_train.checkpoint import load_model
     model = load_model(args["ckpt"], backend="reference", device="cpu")
     if dtype is not None:
         model = model.to(dtype)
@@ -76,20 +72,18 @@ def convert(args: dict[str, str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if wants_help(argv):
         print(USAGE)
         print(__doc__.split("\n\n", 2)[-1].strip())
         return 0
     try:
         args = parse_args(argv)
     except UsageError as e:
-        print(f"error: {e} (usage: python -m mamba_train.export ckpt=<path> out=<dir> "
-              "format=hf|mamba_ssm [dtype=float32|bfloat16] [tokenizer=<name or path>])",
-              file=sys.stderr)
+        print(f"error: {e} ({USAGE})", file=sys.stderr)
         return 2
     try:
         out = convert(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except (MambaTrainError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         # CheckpointError / ExportError / ConfigError are ValueErrors with a full sentence
         msg = " ".join(str(e).split())
         print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import (
     MAMBA1_DEFAULTS,
     MAMBA2_DEFAULTS,
@@ -58,7 +59,7 @@ MAMBA2_GATED_NORM_EPS = 1e-5
 _INIT_DEFAULTS = {"initializer_range": 0.02, "rescale_prenorm_residual": True}
 
 
-class ExportError(ValueError):
+class ExportError(MambaTrainError, ValueError):
     """A model that transformers cannot represent (or a bad export request); names the field."""
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.models.layers import add_norm_reference
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "fused", "reference")
 
 
-class BackendError(RuntimeError):
+class BackendError(MambaTrainError, RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mamba_train.errors import MambaTrainError
+
 MIXER_LAYERS = ("Mamba1", "Mamba2")
 
 # Keyword arguments each mixer accepts (mamba_ssm 2.x signatures). Anything else in ``ssm_cfg``
@@ -51,7 +53,7 @@ ATTN_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(MambaTrainError, ValueError):
     """A model configuration that cannot be built; the message says which field to change."""
 
 

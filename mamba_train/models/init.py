@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_train.errors import MambaTrainError
 
-class SSMInitError(RuntimeError):
+
+class SSMInitError(MambaTrainError, RuntimeError):
     """A freshly initialised model whose SSM parameters do not have the S4/Mamba distribution."""
 
 
@@ -249,3 +251,15 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
             raise SSMInitError(f"{name}.D: must be initialised to 1 (the skip connection)")
         checked += 1
     return checked
+
+
+def ssm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that ``check_ssm_init`` reads: A_log, D, Δ bias (and the Mamba-1 Δ weight)."""
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        kind = mixer_kind(module)
+        if kind is None:
+            continue
+        params += [module.A_log, module.D]
+        params += [module.dt_proj.weight, module.dt_proj.bias] if kind == "mamba1" else [module.dt_bias]
+    return params

@@ -7,8 +7,10 @@ derived here from the world size actually running, so the same recipe trains the
 
 from __future__ import annotations
 
+from mamba_train.errors import MambaTrainError
 
-class BatchSizeError(ValueError):
+
+class BatchSizeError(MambaTrainError, ValueError):
     pass
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 
-from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -44,7 +43,7 @@ class _KeepingExperimentWriter(ExperimentWriter):
 class ResumableCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
-    def experiment(self) -> _ExperimentWriter:
+    def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepingExperimentWriter(log_dir=self.log_dir)

@@ -43,13 +43,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mamba_train.errors import MambaTrainError
+
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("auto", "on", "off")
 ALLREDUCE_PLACES = ("outside", "inside")
 
 
-class CudaGraphError(RuntimeError):
+class CudaGraphError(MambaTrainError, RuntimeError):
     """``trainer.cuda_graph=on`` where the step cannot be captured."""
 
 

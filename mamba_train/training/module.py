@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.export.load import CKPT_CONFIG_KEY
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
+from mamba_train.training.lightning_compat import should_accumulate
 from mamba_train.training.optim import build_optimizer
 
 RNG_KEY = "mamba_train_rng"
@@ -23,7 +25,7 @@ RUN_CONFIG_KEY = "mamba_train_run_config"
 NAN_POLICIES = ("stop", "skip")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(MambaTrainError, FloatingPointError):
     """The loss became NaN/inf and ``train.nan_policy=stop``."""
 
 
@@ -73,7 +75,7 @@ class MambaLMModule(L.LightningModule):
         # Called by Lightning inside the strategy's init contexts (meta device for sharded
         # strategies, which then materialise through MambaLM.reset_parameters).
         if self.model is None:
-            from mamba_train.training.parallel import build_model_for  # strategy-aware (ZeRO-3)
+            from mamba_train.training.strategies.sharded import build_model_for  # strategy-aware (ZeRO-3)
             strategy = self._trainer.strategy if self._trainer is not None else None
             self.model = build_model_for(strategy, self.model_config, backend=self.backend)
             if getattr(self.model, "backend", None) == "fused" and not self.mamba1_recompute:
@@ -121,7 +123,7 @@ class MambaLMModule(L.LightningModule):
             return super().backward(loss, *args, **kwargs)
         # the graph step already ran the backward; average over ranks before the optimizer step
         # (Lightning's own accumulation rule, so that DDP reduces exactly when it would)
-        if not self.trainer.fit_loop.epoch_loop._should_accumulate():
+        if not should_accumulate(self.trainer):
             self.graph_step.sync_gradients()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:

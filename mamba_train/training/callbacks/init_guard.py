@@ -18,7 +18,8 @@ class SSMInitGuard(L.Callback):
         if trainer.ckpt_path is not None:
             return
         # sharded strategies (FSDP, ZeRO-3): read the full SSM parameters (a collective)
-        from mamba_train.training.parallel import gathered_parameters, ssm_parameters
+        from mamba_train.models.init import ssm_parameters
+        from mamba_train.training.strategies.sharded import gathered_parameters
         with gathered_parameters(trainer.strategy, pl_module.model, ssm_parameters(pl_module.model)):
             n = check_ssm_init(pl_module.model)
         log.info("SSM init check passed for %d mixers on rank %d", n, trainer.global_rank)

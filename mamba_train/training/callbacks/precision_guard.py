@@ -14,10 +14,12 @@ import logging
 import lightning as L
 import torch
 
+from mamba_train.errors import MambaTrainError
+
 log = logging.getLogger(__name__)
 
 
-class LowPrecisionParametersError(RuntimeError):
+class LowPrecisionParametersError(MambaTrainError, RuntimeError):
     pass
 
 

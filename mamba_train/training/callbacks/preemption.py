@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mamba_train.training.parallel import parse_signal
+from mamba_train.training.cluster import parse_signal
 
 log = logging.getLogger(__name__)
 

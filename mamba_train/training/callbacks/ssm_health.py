@@ -29,6 +29,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from mamba_train.training.lightning_compat import batches_that_stepped
+
 log = logging.getLogger(__name__)
 
 
@@ -120,7 +122,7 @@ class SSMHealthMonitor(L.Callback):
         stats = self.health_stats(model)
         if not stats:
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=step)
         self.take_snapshot(model)

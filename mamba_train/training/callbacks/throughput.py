@@ -36,6 +36,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mamba_train.models.flops import flops_per_token, matmul_params
+from mamba_train.training.lightning_compat import batches_that_stepped, log_metrics, should_update_logs
 
 GIB = 2**30
 
@@ -101,7 +102,7 @@ class StepThroughputMonitor(ThroughputMonitor):
         self._pending_flops += self.flops_per_token * tokens
         stepped = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
-        if not stepped or not trainer._logger_connector.should_update_logs:
+        if not stepped or not should_update_logs(trainer):
             return
         device = trainer.strategy.root_device
         if device.type == "cuda":
@@ -116,7 +117,7 @@ class StepThroughputMonitor(ThroughputMonitor):
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
             metrics["train/reserved_mem_gib"] = torch.cuda.memory_reserved(device) / GIB
             torch.cuda.reset_peak_memory_stats(device)
-        trainer._logger_connector.log_metrics(metrics)
+        log_metrics(trainer, metrics)
 
     def _step_metrics(self, trainer: L.Trainer, raw: dict[str, float]) -> dict[str, float]:
         """Throughput's keys -> ours (tokens, not "items"; global keys at any world size)."""
@@ -144,7 +145,7 @@ class StepThroughputMonitor(ThroughputMonitor):
         if self.available_flops:
             metrics["model/peak_flops"] = float(self.available_flops)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            logger.log_metrics(metrics, step=batches_that_stepped(trainer))
 
     @contextmanager
     def excluded_time(self, device: torch.device | None = None):
