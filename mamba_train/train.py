@@ -1,8 +1,8 @@
 """The training task: composed config in, trained run out.
 
 ``python -m mamba_train`` (``__main__.py``) only hands Hydra's config to ``train(cfg)``, which
-reads top to bottom: validate -> data -> model -> callbacks/loggers -> trainer -> batch
-arithmetic -> fit. Tests call ``train`` directly with a composed config.
+reads top to bottom: validate -> data -> module (one instantiate of the ``module`` group) ->
+callbacks/loggers -> trainer -> batch arithmetic -> fit. Tests call ``train`` directly with a composed config.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from mamba_train.conf import MOVED_KEYS
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.config import MambaLMConfig
+from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.training.batch import grad_accumulation
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
@@ -43,18 +44,29 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
 
 
+def _instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, but a refused setting is its own one-line error, not Hydra's wrapper."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MambaTrainError):
+            raise e.__cause__ from None
+        raise
+
+
 def _strategy(cfg: DictConfig):
     if "_target_" not in cfg:
         return cfg.get("name", "auto")
-    from hydra.errors import InstantiationException
+    return _instantiate(cfg)
 
-    from mamba_train.training.strategies.policy import ParallelConfigError
-    try:
-        return instantiate(cfg)
-    except InstantiationException as e:  # a refused setting: the one-line error, not Hydra's wrap
-        if isinstance(e.__cause__, ParallelConfigError):
-            raise e.__cause__ from None
-        raise
+
+def check_moved_keys(cfg: DictConfig) -> None:
+    for old, new in MOVED_KEYS.items():
+        if OmegaConf.select(cfg, old, default=None) is not None:
+            raise ConfigError(f"{old} is now {new} (the trainer group holds only "
+                              f"lightning.Trainer arguments); use {new}=...")
 
 
 def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
@@ -69,15 +81,6 @@ def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
         raise RunDirError(f"ckpt_path={ckpt_path} does not exist")
 
 
-def _lightning_trainer_args(trainer_cfg: DictConfig) -> DictConfig:
-    """The trainer group minus the keys mamba_train handles itself (cuda_graph: the module)."""
-    args = trainer_cfg.copy()
-    with open_dict(args):
-        args.pop("cuda_graph", None)
-        args.pop("cuda_graph_allreduce", None)
-    return args
-
-
 def max_steps(cfg: DictConfig) -> int:
     if cfg.trainer.get("max_steps") not in (None, -1):
         return int(cfg.trainer.max_steps)
@@ -88,6 +91,7 @@ def max_steps(cfg: DictConfig) -> int:
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
+    check_moved_keys(cfg)
     run_dir = Path(cfg.run_dir)
     _check_run_dir(run_dir, cfg.ckpt_path)
     if cfg.trainer.get("deterministic"):
@@ -96,25 +100,13 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
     model_config: MambaLMConfig = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.data, expected_vocab_size=model_config.vocab_size)
-    module = MambaLMModule(
-        model=model_config,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        backend=cfg.backend,
-        weight_decay=cfg.optim.weight_decay,
-        loss_chunk_size=cfg.train.loss_chunk_size,
-        nan_policy=cfg.train.nan_policy,
-        run_config=OmegaConf.to_yaml(cfg, resolve=True),
-        cuda_graph=str(cfg.trainer.get("cuda_graph", "off")),
-        cuda_graph_allreduce=str(cfg.trainer.get("cuda_graph_allreduce", "outside")),
-        mamba1_recompute=bool(cfg.train.get("mamba1_recompute", True)),
-    )
+    module: MambaLMModule = _instantiate(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True))
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = _instantiate_dict(cfg.get("logger"))
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
-    trainer: L.Trainer = instantiate(_lightning_trainer_args(cfg.trainer), _partial_=True)(
+    trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
         default_root_dir=str(run_dir),
         max_steps=max_steps(cfg),
         precision=resolve_precision(cfg.trainer.precision),
@@ -130,9 +122,6 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     trainer.accumulate_grad_batches = accum
     # val_check_interval counts micro-batches; the config speaks in optimizer steps.
     trainer.val_check_interval = int(cfg.train.val_every_n_steps) * accum
-    for cb in callbacks:
-        if hasattr(cb, "tokens_per_step"):
-            cb.tokens_per_step = int(cfg.train.global_batch_tokens)
 
     if trainer.is_global_zero:
         log.info("run dir: %s | world size %d | micro-batch %d × %d tokens | accumulation %d | "

@@ -1,4 +1,4 @@
-"""``trainer.cuda_graph``: the graph step's bookkeeping (flat gradient buffer zeroed in place,
+"""``module.cuda_graph``: the graph step's bookkeeping (flat gradient buffer zeroed in place,
 backward done in ``training_step``, its own DDP all-reduce) gives the same training as the
 plain Lightning path, and the mode is refused or skipped, with its reason, where capture is
 impossible. Capture itself needs a GPU: tests/gpu/test_cuda_graph_step.py compares captured and
@@ -42,7 +42,7 @@ def force_graph_step(monkeypatch):
 @pytest.fixture(scope="module")
 def eager_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eager")
-    result = train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=off", "run_name=eager"], out))
+    result = train(compose_config([*TINY, *COMMON, "module.cuda_graph=off", "run_name=eager"], out))
     assert result["module"].graph_step is None
     return result
 
@@ -73,7 +73,7 @@ class GradsInFlatBuffer(L.Callback):
 
 def test_graph_step_trains_exactly_like_the_eager_path(eager_run, force_graph_step, tmp_path):
     check = GradsInFlatBuffer()
-    run = train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=on", "run_name=graph"], tmp_path),
+    run = train(compose_config([*TINY, *COMMON, "module.cuda_graph=on", "run_name=graph"], tmp_path),
                 extra_callbacks=[check])
     step = run["module"].graph_step
     assert step is not None and not step.captured  # CPU: the bookkeeping without capture
@@ -89,8 +89,8 @@ def test_graph_owned_gradients_train_exactly_like_the_eager_path(force_graph_ste
     """Accumulation 1 on one process: no flat buffer, the gradients are dropped at each step
     (on a GPU the captured graph then owns them) -- the same run as the plain path."""
     accumulation_1 = [*TINY, *COMMON, "train.global_batch_tokens=256"]
-    eager = train(compose_config([*accumulation_1, "trainer.cuda_graph=off", "run_name=e1"], tmp_path))
-    run = train(compose_config([*accumulation_1, "trainer.cuda_graph=on", "run_name=g1"], tmp_path))
+    eager = train(compose_config([*accumulation_1, "module.cuda_graph=off", "run_name=e1"], tmp_path))
+    run = train(compose_config([*accumulation_1, "module.cuda_graph=on", "run_name=g1"], tmp_path))
     step = run["module"].graph_step
     assert step.graph_owns_grads and step.flat_grad is None and step.micro_steps == STEPS
     _assert_same_run(eager, run)
@@ -99,7 +99,7 @@ def test_graph_owned_gradients_train_exactly_like_the_eager_path(force_graph_ste
 def test_graph_step_resume_is_exact(eager_run, force_graph_step, tmp_path):
     mid = eager_run["run_dir"] / "checkpoints" / "step0000003.ckpt"
     assert mid.is_file()
-    resumed = train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=on", "run_name=resumed",
+    resumed = train(compose_config([*TINY, *COMMON, "module.cuda_graph=on", "run_name=resumed",
                                     f"ckpt_path={mid}"], tmp_path))
     assert resumed["module"].graph_step is not None
     assert sorted(_global_losses(resumed["run_dir"])) == [3, 4, 5]
@@ -108,12 +108,12 @@ def test_graph_step_resume_is_exact(eager_run, force_graph_step, tmp_path):
 
 def test_cuda_graph_on_is_refused_with_the_reasons(tmp_path):
     with pytest.raises(CudaGraphError, match=r"device is cpu.*nan_policy=skip.*cuda_graph=auto or off"):
-        train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "trainer.cuda_graph=on",
+        train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "module.cuda_graph=on",
                               "train.nan_policy=skip"], tmp_path))
 
 
 def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path):
-    run = train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "trainer.cuda_graph=auto"],
+    run = train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "module.cuda_graph=auto"],
                                tmp_path))
     assert run["module"].graph_step is None and run["trainer"].global_step == 1
     summary = json.loads((run["run_dir"] / "summary.json").read_text())
@@ -121,10 +121,10 @@ def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path):
 
 
 def test_unknown_cuda_graph_mode_is_a_config_error(tmp_path):
-    with pytest.raises(ValueError, match="trainer.cuda_graph must be one of"):
-        train(compose_config([*TINY, *COMMON, "trainer.cuda_graph=yes"], tmp_path))
-    with pytest.raises(ValueError, match="trainer.cuda_graph_allreduce must be one of"):
-        train(compose_config([*TINY, *COMMON, "trainer.cuda_graph_allreduce=within"], tmp_path))
+    with pytest.raises(ValueError, match="module.cuda_graph must be one of"):
+        train(compose_config([*TINY, *COMMON, "module.cuda_graph=yes"], tmp_path))
+    with pytest.raises(ValueError, match="module.cuda_graph_allreduce must be one of"):
+        train(compose_config([*TINY, *COMMON, "module.cuda_graph_allreduce=within"], tmp_path))
 
 
 def test_all_reduce_inside_the_graph_needs_accumulation_1(monkeypatch):
@@ -144,7 +144,7 @@ def test_graph_step_under_ddp_all_reduces_itself(eager_run, tmp_path):
     all-reduce (DDP's reducer switched off) gives the 1-process trajectory."""
     script = Path(__file__).parent / "helpers" / "train_graph_step_on_cpu.py"
     cmd = [sys.executable, str(script), *TINY, *COMMON, "trainer.devices=2", "strategy=ddp",
-           "trainer.cuda_graph=on", "run_name=ddp", f"paths.output_dir={tmp_path}"]
+           "module.cuda_graph=on", "run_name=ddp", f"paths.output_dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]
     losses, reference = _global_losses(tmp_path / "ddp"), _global_losses(eager_run["run_dir"])
@@ -178,4 +178,4 @@ def test_auto_keeps_ddp_overlap_across_nodes(monkeypatch):
     trainer = SimpleNamespace(strategy=DDPStrategy(), num_nodes=2)
     step, reason = cuda_graph_mod.start_graph_step(trainer, None, "auto")
     assert step is None and "across nodes" in reason
-    assert cuda_graph_mod.start_graph_step(trainer, None, "off") == (None, "eager: trainer.cuda_graph=off")
+    assert cuda_graph_mod.start_graph_step(trainer, None, "off") == (None, "eager: module.cuda_graph=off")

@@ -213,7 +213,7 @@ def test_edited_hf_config_wins_over_stash(exported, tmp_path, caplog):
 
 def test_export_from_lightning_checkpoint(tmp_path):
     """``export_hf`` takes any path ``read_weights`` reads; a mamba_train .ckpt included."""
-    from mamba_train.export.load import CKPT_CONFIG_KEY, CKPT_MODEL_PREFIX
+    from mamba_train.checkpoint import CKPT_CONFIG_KEY, CKPT_MODEL_PREFIX
 
     cfg = MambaLMConfig(**CONFIGS["mamba1_untied"])
     model = perturbed_model(cfg)

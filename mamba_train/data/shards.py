@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -48,20 +49,6 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 def shard_name(i: int) -> str:
     return f"shard_{i:05d}.bin"
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write-then-rename so that a crash never leaves a half-written file under ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class ShardWriter:

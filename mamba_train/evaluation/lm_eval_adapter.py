@@ -99,7 +99,7 @@ class MambaTrainLM(TemplateLM):
         if kwargs:
             log.warning("mamba_train adapter: ignoring unknown model args %s", sorted(kwargs))
         from mamba_train.data.tokenizer import load_tokenizer
-        from mamba_train.export.load import load_model
+        from mamba_train.checkpoint import load_model
 
         run_config = None
         if isinstance(pretrained, torch.nn.Module):  # in-process (eval after training)

@@ -127,5 +127,5 @@ class MambaLM(nn.Module):
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = False) -> Path:
         """Write the mamba_ssm format (``config.json`` + ``pytorch_model.bin`` or safetensors)."""
-        from mamba_train.export.mamba_ssm_format import save_mamba_ssm
+        from mamba_train.models.mamba_ssm_format import save_mamba_ssm
         return save_mamba_ssm(self, save_directory, safe_serialization=safe_serialization)

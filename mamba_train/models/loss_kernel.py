@@ -10,7 +10,7 @@ over the logits in their own dtype. The row's loss is stored in fp32.
 
 Written by hand: Liger-Kernel's cross-entropy kernel does the same arithmetic, but its Python
 entry point counts the non-ignored tokens and checks the targets with ``.item()``. Those are host
-syncs, which cannot run inside a captured CUDA graph (``trainer.cuda_graph``), and it keeps the
+syncs, which cannot run inside a captured CUDA graph (``module.cuda_graph``), and it keeps the
 per-row losses in the input dtype (bf16).
 
 On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set before import),

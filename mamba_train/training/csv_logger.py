@@ -10,12 +10,13 @@ file reads as one uninterrupted run.
 from __future__ import annotations
 
 import csv
-import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from mamba_train.fileio import atomic_write
 
 
 class _KeepingExperimentWriter(ExperimentWriter):
@@ -32,12 +33,12 @@ class _KeepingExperimentWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             keys = list(reader.fieldnames or [])
             rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
-        tmp = self.metrics_file_path + ".tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.metrics_file_path, write)
 
 
 class ResumableCSVLogger(CSVLogger):

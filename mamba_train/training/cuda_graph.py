@@ -1,8 +1,9 @@
-"""A CUDA-graph-captured forward + backward for the training step (``trainer.cuda_graph``).
+"""A CUDA-graph-captured forward + backward for the training step (``module.cuda_graph``).
 
 Why: Mamba-2's step is bound by the host enqueueing its many small Triton kernels, not by the
-GPU (shared/reference/training-facts.md: the same mamba2-370m step takes 373 ms eager and runs
-2.1x faster as one CUDA graph). ``torch.compile`` cannot capture it for us -- mamba_ssm's kernels
+GPU (benchmarks/RESULTS.md measures the mamba2-370m step eager and captured; the PyTorch
+guide to CUDA graphs, https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs, explains
+why launch-bound steps gain). ``torch.compile`` cannot capture it for us -- mamba_ssm's kernels
 are not registered custom ops -- so the graph is captured by hand with ``torch.cuda.graph``.
 
 How it sits inside Lightning (automatic optimization is kept, so gradient accumulation, the LR
@@ -18,7 +19,7 @@ schedule, clipping, logging, checkpointing and resume work exactly as in the eag
 * ``LightningModule.backward`` becomes a no-op for that micro-batch (the graph did it); under
   DDP the flat buffer is all-reduced there once per optimizer step, outside the graph (one
   collective, with no reducer hooks: DDP's own gradient sync is switched off). With
-  accumulation 1, ``trainer.cuda_graph_allreduce=inside`` captures that all-reduce into the
+  accumulation 1, ``module.cuda_graph_allreduce=inside`` captures that all-reduce into the
   graph instead (NCCL collectives can be captured); benchmarks/scaling.py measures both.
 * The flat buffer is zeroed in place at the first micro-batch of each optimizer step (Lightning's
   ``optimizer_zero_grad`` would run after our backward and drop the gradients, so it is a no-op),
@@ -52,7 +53,7 @@ ALLREDUCE_PLACES = ("outside", "inside")
 
 
 class CudaGraphError(MambaTrainError, RuntimeError):
-    """``trainer.cuda_graph=on`` where the step cannot be captured."""
+    """``module.cuda_graph=on`` where the step cannot be captured."""
 
 
 def graph_blockers(trainer, module) -> list[str]:
@@ -85,12 +86,12 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
     from lightning.pytorch.utilities import rank_zero_info
 
     if mode == "off":
-        return None, "eager: trainer.cuda_graph=off"
+        return None, "eager: module.cuda_graph=off"
     blockers = graph_blockers(trainer, module)
     if blockers:
         if mode == "on":
-            raise CudaGraphError("trainer.cuda_graph=on, but the step cannot be captured: "
-                                 + "; ".join(blockers) + ". Set trainer.cuda_graph=auto or off.")
+            raise CudaGraphError("module.cuda_graph=on, but the step cannot be captured: "
+                                 + "; ".join(blockers) + ". Set module.cuda_graph=auto or off.")
         rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
         return None, "eager: " + "; ".join(blockers)
     strategy = trainer.strategy
@@ -99,7 +100,7 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
         # all gradients does not, which across nodes can cost more than the graph saves
         # (measured within one node only: 2xH200, benchmarks/RESULTS.md session 2, run 7)
         reason = ("eager: across nodes DDP's overlapped all-reduce is kept "
-                  "(trainer.cuda_graph=on captures anyway)")
+                  "(module.cuda_graph=on captures anyway)")
         rank_zero_info(f"cuda_graph=auto: {reason}")
         return None, reason
     ddp = getattr(strategy, "model", None)
@@ -115,9 +116,9 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
     reduce_in_graph = trainer.world_size > 1 and module.cuda_graph_allreduce == "inside"
     if reduce_in_graph and trainer.accumulate_grad_batches > 1:
         raise CudaGraphError(
-            "trainer.cuda_graph_allreduce=inside needs gradient accumulation 1 (every replay "
+            "module.cuda_graph_allreduce=inside needs gradient accumulation 1 (every replay "
             f"ends an optimizer step), but this run accumulates {trainer.accumulate_grad_batches} "
-            "micro-batches; set trainer.cuda_graph_allreduce=outside or raise data.micro_batch_size")
+            "micro-batches; set module.cuda_graph_allreduce=outside or raise data.micro_batch_size")
     params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
     step = GraphedTrainStep(module._loss, params, accumulate=trainer.accumulate_grad_batches,
                             mode=mode, process_group=getattr(strategy, "process_group", None),
@@ -317,8 +318,8 @@ class GraphedTrainStep:
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             if self.mode == "on":
                 raise CudaGraphError(
-                    f"trainer.cuda_graph=on but capturing the training step failed ({reason}); "
-                    "set trainer.cuda_graph=auto (falls back to eager) or off") from e
+                    f"module.cuda_graph=on but capturing the training step failed ({reason}); "
+                    "set module.cuda_graph=auto (falls back to eager) or off") from e
             self.fallback_reason = reason
             self._static_loss = None
             torch.cuda.synchronize()

@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.export.load import CKPT_CONFIG_KEY
-from mamba_train.models.config import MambaLMConfig
+from mamba_train.checkpoint import CKPT_CONFIG_KEY
+from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
 from mamba_train.training.lightning_compat import should_accumulate
@@ -32,27 +32,38 @@ class NonFiniteLossError(MambaTrainError, FloatingPointError):
 class MambaLMModule(L.LightningModule):
     def __init__(
         self,
-        model: dict | MambaLMConfig,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        model_config: dict | MambaLMConfig | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         backend: str = "auto",
         weight_decay: float = 0.1,
         loss_chunk_size: int = 4096,
         nan_policy: str = "stop",
         run_config: str | None = None,
-        cuda_graph: str = "off",
+        cuda_graph: str = "auto",
         cuda_graph_allreduce: str = "outside",
         mamba1_recompute: bool = True,
+        **unknown: Any,
     ):
+        """``model_config`` describes the network (``self.model`` is the ``nn.Module`` built from
+        it in ``configure_model``); ``optimizer`` is a partial taking the parameter groups."""
+        if "model" in unknown:
+            raise ConfigError("MambaLMModule takes model_config= (a MambaLMConfig or its dict), "
+                              "not model=; self.model is the nn.Module built from it")
+        if unknown:
+            raise TypeError(f"MambaLMModule got unexpected arguments {sorted(unknown)}")
+        if model_config is None or optimizer is None:
+            raise TypeError("MambaLMModule needs model_config= and optimizer=")
         super().__init__()
         if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+            raise ConfigError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if cuda_graph not in GRAPH_MODES:
-            raise ValueError(f"trainer.cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
+            raise ConfigError(f"module.cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
         if cuda_graph_allreduce not in ALLREDUCE_PLACES:
-            raise ValueError(f"trainer.cuda_graph_allreduce must be one of {ALLREDUCE_PLACES}, "
+            raise ConfigError(f"module.cuda_graph_allreduce must be one of {ALLREDUCE_PLACES}, "
                              f"got {cuda_graph_allreduce!r}")
-        self.model_config = model if isinstance(model, MambaLMConfig) else MambaLMConfig.from_dict(dict(model))
+        self.model_config = (model_config if isinstance(model_config, MambaLMConfig)
+                             else MambaLMConfig.from_dict(dict(model_config)))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backend = backend
@@ -64,7 +75,7 @@ class MambaLMModule(L.LightningModule):
         self.cuda_graph_allreduce = cuda_graph_allreduce
         self.mamba1_recompute = mamba1_recompute
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
-        self._eager_reason = "eager: trainer.cuda_graph=off"
+        self._eager_reason = "eager: training has not started"  # set in on_train_start
         self.model = None
         self.skipped_steps = 0
         self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step

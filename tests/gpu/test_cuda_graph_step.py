@@ -1,4 +1,4 @@
-"""The captured training step (``trainer.cuda_graph=on``) computes what the eager one does.
+"""The captured training step (``module.cuda_graph=on``) computes what the eager one does.
 
 * Mamba-2, whole training runs: 24 optimizer steps with accumulation 2 and validation inside,
   under the deterministic mode (MAMBA_DETERMINISTIC), captured vs eager, bit for bit. Run this
@@ -26,7 +26,7 @@ def _config(out: Path, recipe: str, mode: str, suffix: str = "", accumulate: int
         f"recipe={recipe}", "model.n_layer=4", "data=default", "model.vocab_size=4096",
         "backend=fused", "data.seq_len=1024", "data.micro_batch_size=4",
         f"train.global_batch_tokens={4096 * accumulate}",
-        f"trainer.max_steps={STEPS}", "trainer.deterministic=true", f"trainer.cuda_graph={mode}",
+        f"trainer.max_steps={STEPS}", "trainer.deterministic=true", f"module.cuda_graph={mode}",
         "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2", "train.val_every_n_steps=8",
         "train.checkpoint_every_n_steps=100000", "logger=csv", f"run_name={recipe}-{mode}{suffix}",
     ]

@@ -56,7 +56,7 @@ class StepThroughputMonitor(ThroughputMonitor):
         peak_flops: peak FLOP/s of one device for MFU; None = Lightning's table.
         window_size: number of logged steps the rates are averaged over (2 = the last logging
             interval).
-        tokens_per_step: global tokens per optimizer step (set by ``train.py``).
+        tokens_per_step: global tokens per optimizer step (``${train.global_batch_tokens}`` in conf/callbacks).
     """
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 2,

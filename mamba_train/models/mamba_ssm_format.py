@@ -7,28 +7,16 @@ here loads there, and ``load_mamba_ssm`` reads what ``MambaLMHeadModel.save_pret
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from mamba_train.fileio import atomic_write
 from mamba_train.models.config import MambaLMConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 SAFE_WEIGHTS_NAME = "model.safetensors"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_mamba_ssm(model, save_directory: str | Path, safe_serialization: bool = False) -> Path:
@@ -40,11 +28,11 @@ def save_mamba_ssm(model, save_directory: str | Path, safe_serialization: bool =
         # safetensors refuses shared storage; the tied head is re-tied on load.
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)
-        _atomic_write(out / SAFE_WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(out / SAFE_WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     else:
-        _atomic_write(out / WEIGHTS_NAME, lambda p: torch.save(state, p))
+        atomic_write(out / WEIGHTS_NAME, lambda p: torch.save(state, p))
     # config last: a directory with a config.json is complete
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(
         json.dumps(model.config.to_dict(), indent=2) + "\n"))
     return out
 

@@ -1,11 +1,13 @@
-"""``load_model``: one entry for every place weights come from.
+"""Weights and checkpoint loading, ``load_model``: one entry for every place weights come from
+(training resume checks, evaluation, export, the Python API). Below ``training/``, ``evaluation/``
+and ``export/``; imports only ``models/`` and the format readers beside it.
 
 Accepts a ``mamba_ssm``-format directory, a Hugging Face ``transformers`` directory
 (``MambaForCausalLM`` / ``Mamba2ForCausalLM``), or a Lightning training checkpoint (``.ckpt``).
 Weights are assigned into a meta-device skeleton, so no init routine runs after loading and
 every tensor is bit-identical to the file (transformers >= 5 re-runs ``_init_weights`` after
 ``from_pretrained``, which has overwritten trained weights -- Δ bias in some versions, out_proj
-in 5.23 (see export/hf.py): we never do).
+in 5.23 (see hf_format.py): we never do).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Mapping
 
 import torch
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.lm import MambaLM
 
@@ -23,7 +26,7 @@ CKPT_MODEL_PREFIX = "model."
 CKPT_CONFIG_KEY = "mamba_train_model_config"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MambaTrainError, ValueError):
     """A path that is not a loadable model; the message says what was expected."""
 
 
@@ -94,9 +97,9 @@ def read_weights(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tenso
         raise CheckpointError(f"{path} has no config.json{hint}")
     raw = json.loads(cfg_file.read_text())
     if raw.get("model_type") in ("mamba", "mamba2"):
-        from mamba_train.export.hf import read_hf
+        from mamba_train.hf_format import read_hf
         return read_hf(path)
-    from mamba_train.export.mamba_ssm_format import read_mamba_ssm
+    from mamba_train.models.mamba_ssm_format import read_mamba_ssm
     return read_mamba_ssm(path)
 
 

@@ -1,0 +1,144 @@
+"""The layout holds: config groups mirror objects, no import cycles, models/ stays at the bottom."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import OmegaConf
+
+from mamba_train.models.config import ConfigError, MambaLMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "mamba_train"
+
+
+def test_every_trainer_key_is_a_lightning_trainer_argument():
+    cfg = OmegaConf.load(PKG / "conf" / "trainer" / "default.yaml")
+    params = set(inspect.signature(L.Trainer.__init__).parameters)
+    keys = set(cfg) - {"_target_"}
+    assert keys and keys <= params, sorted(keys - params)
+
+
+def test_module_defaults_match_the_config():
+    """One default per setting: the constructor's defaults are the module group's values."""
+    from mamba_train.training.module import MambaLMModule
+
+    cfg = OmegaConf.load(PKG / "conf" / "module" / "default.yaml")
+    sig = inspect.signature(MambaLMModule.__init__).parameters
+    for key in ("cuda_graph", "cuda_graph_allreduce"):
+        assert sig[key].default == cfg[key], key
+
+
+def test_old_trainer_cuda_graph_override_names_the_new_key(make_config):
+    from mamba_train.train import train
+
+    cfg = make_config("+trainer.cuda_graph=on")
+    with pytest.raises(ConfigError, match=r"trainer.cuda_graph is now module.cuda_graph"):
+        train(cfg)
+    res = subprocess.run([sys.executable, "-m", "mamba_train", "trainer.cuda_graph_allreduce=inside"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "module.cuda_graph_allreduce" in lines[0]
+
+
+def test_callbacks_get_tokens_per_step_from_the_config(make_config):
+    from hydra.utils import instantiate
+
+    cfg = make_config("train.global_batch_tokens=4096")
+    for name in ("throughput", "run_summary"):
+        assert instantiate(cfg.callbacks[name]).tokens_per_step == 4096
+
+
+def test_module_takes_model_config_not_model():
+    from mamba_train.training.module import MambaLMModule
+
+    with pytest.raises(ConfigError, match="model_config="):
+        MambaLMModule(model=MambaLMConfig(d_model=16, n_layer=1, vocab_size=32), optimizer=print)
+
+
+# ------------------------------------------------------------------------------ imports
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """mamba_train module -> the mamba_train modules it imports (anywhere in the file)."""
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        deps: set[str] = set()
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = name.split(".") if is_pkg else name.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                           for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in files and t != name}
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle_among_mamba_train_modules():
+    graph = _import_graph()
+    assert len(graph) > 30 and graph["mamba_train.checkpoint"]  # the parser found the imports
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_models_import_nothing_above_them():
+    above = ("mamba_train.training", "mamba_train.evaluation", "mamba_train.export",
+             "mamba_train.data", "mamba_train.checkpoint", "mamba_train.train")
+    graph = _import_graph()
+    bad = {m: sorted(d for d in deps if d.startswith(above))
+           for m, deps in graph.items() if m.startswith("mamba_train.models")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_every_user_error_subclasses_the_base():
+    from mamba_train.errors import MambaTrainError
+
+    graph = _import_graph()
+    names = []
+    for module in graph:
+        path = PKG.parent / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PKG.parent / module.replace(".", "/") / "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                names.append((module, node.name))
+    assert len(names) >= 10
+    import importlib
+    for module, cls in names:
+        assert issubclass(getattr(importlib.import_module(module), cls), MambaTrainError), (module, cls)
