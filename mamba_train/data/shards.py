@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 

@@ -1,1 +1,2 @@
-"""Interchange: the mamba_ssm directory format, Hugging Face transformers, and load_model."""
+"""Export to other formats: Hugging Face transformers (``hf.py``) and the ``python -m
+mamba_train.export`` entry. Loading any format is ``mamba_train.checkpoint.load_model``."""

@@ -20,4 +20,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+
+        atomic_write(path, write)

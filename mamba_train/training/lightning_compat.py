@@ -2,10 +2,20 @@
 
 Each accessor wraps one name that has no public equivalent in Lightning 2.5-2.6 (the range
 ``pyproject.toml`` pins); when Lightning changes one of them, this file is the one to fix.
-Subclasses that *override* private hooks (the CPU-process strategy shims in
-``training/strategies/cpu_shims.py``: ``_setup_model``, ``_setup_model_and_optimizer``,
-``_format_config``, ``_full_state_dict_context``; the CSV logger's ``_check_log_dir_exists``)
-are listed here for the same reason but must live in their classes.
+Subclasses that *override* private hooks or read a parent's private attributes must do so in
+their own classes; they are listed here so that one file names every private dependency:
+
+* ``training/strategies/cpu_shims.py`` (CPU-process runs for the tests): ``_setup_model``,
+  ``_full_state_dict_context``, ``_state_dict_type``, ``_activation_checkpointing_kwargs``
+  (FSDP); ``_setup_model_and_optimizer``, ``_init_deepspeed_distributed`` (DeepSpeed). No public
+  hook lets a subclass change how the wrapped model or the process group is built.
+* ``training/strategies/deepspeed.py``: ``_format_config``, the only place Lightning turns the
+  precision flag into DeepSpeed config sections.
+* ``training/strategies/fsdp.py``: ``_precision_plugin`` (the plugin swap behind the public
+  ``precision_plugin`` property, to clip FSDP gradients by global norm).
+* ``training/csv_logger.py``: ``ExperimentWriter._check_log_dir_exists`` (Lightning deletes
+  ``metrics.csv`` there on restart; the resumable logger keeps it) and ``CSVLogger``'s
+  ``_experiment`` / ``_fs`` (the ``experiment`` property it re-implements to use that writer).
 """
 
 from __future__ import annotations
