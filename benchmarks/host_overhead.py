@@ -1,6 +1,6 @@
 """Host time mamba_train adds per optimizer step, measured against a plain loop, in one process.
 
-Why it matters: with the captured step (``trainer.cuda_graph``) the GPU work of a step is one
+Why it matters: with the captured step (``module.cuda_graph``) the GPU work of a step is one
 graph replay, so what is left on the host -- Lightning's loop, callbacks, ``self.log``, the
 logger -- must stay below the GPU time of a step or it becomes the bound again. This measures
 that host cost without a GPU: a model so small that its own compute is negligible runs (a) in

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.cuda_graph:
             window = StepWindowProfiler(args.warmup, args.steps)
             framework(args.model, args.micro_batch, total + 1, 0, 1, data, Path(tmp) / "runs",
-                      [*args.override, f"trainer.cuda_graph={mode}"], tag=f"-{mode}",
+                      [*args.override, f"module.cuda_graph={mode}"], tag=f"-{mode}",
                       extra_callbacks=[_FrameworkHook(window)])
             arms[mode] = window.summary()
             _print_arm(f"{args.model} mb={args.micro_batch} mamba_train cuda_graph={mode}", arms[mode])

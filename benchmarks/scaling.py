@@ -42,8 +42,8 @@ ARMS = {  # name -> (GPUs, strategy overrides)
     "ddp": (2, ["strategy=ddp"]),
     # the captured step's all-reduce inside the graph (needs accumulation 1 per rank), and DDP's
     # own overlapped bucketed all-reduce with the eager step
-    "ddp_allreduce_in_graph": (2, ["strategy=ddp", "trainer.cuda_graph_allreduce=inside"]),
-    "ddp_eager": (2, ["strategy=ddp", "trainer.cuda_graph=off"]),
+    "ddp_allreduce_in_graph": (2, ["strategy=ddp", "module.cuda_graph_allreduce=inside"]),
+    "ddp_eager": (2, ["strategy=ddp", "module.cuda_graph=off"]),
     "fsdp": (2, ["strategy=fsdp"]),
     "fsdp_sharded_ac": (2, ["strategy=fsdp", "strategy.activation_checkpointing=true"]),
     "deepspeed_zero1": (2, ["strategy=deepspeed_zero1"]),

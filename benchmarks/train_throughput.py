@@ -13,7 +13,7 @@ over the bf16 peak of the GPU from Lightning's table).
 
 Prints per model and micro-batch a THROUGHPUT line with the same-batch ratio b/a, a BEST line
 with each arm's best micro-batch over ``--micro-batches`` (a larger batch is not the same-batch
-ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``trainer.cuda_graph=off``, the
+ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``module.cuda_graph=off``, the
 measured gain of the captured step. ``--json`` writes everything.
 
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--ablate-graph", action="store_true",
-                    help="also run (b) with trainer.cuda_graph=off at the first micro-batch")
+                    help="also run (b) with module.cuda_graph=off at the first micro-batch")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="dense bf16 FLOP/s of the GPU for MFU where Lightning's table lacks it "
                          "(e.g. 989e12 for an H200 that reports itself as just 'NVIDIA H200')")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.ablate_graph:
                 mb = args.micro_batches[0]
                 c = framework(name, mb, *timing, data, runs,
-                              [*args.override, "trainer.cuda_graph=off"], tag="-eager")
+                              [*args.override, "module.cuda_graph=off"], tag="-eager")
                 c["mfu"] = mfu(c["tok_s"], fpt, peak)
                 b = per_mb[mb]["mamba_train"]
                 entry["eager_step"] = c
