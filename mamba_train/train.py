@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.conf import MOVED_KEYS
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.config import ConfigError, MambaLMConfig
+from mamba_train.models.config import ConfigError
 from mamba_train.training.batch import grad_accumulation
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
+from mamba_train.training.init_from import model_and_source
 from mamba_train.training.module import MambaLMModule
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,13 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned
     L.seed_everything(cfg.seed, workers=True)
 
-    model_config: MambaLMConfig = instantiate(cfg.model, _convert_="all")
-    datamodule = instantiate(cfg.data, expected_vocab_size=model_config.vocab_size)
-    module: MambaLMModule = _instantiate(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True))
+    # the model group's config, or init_from=<source>'s (continued pretraining)
+    model_config, init_from = model_and_source(cfg, run_dir)
+    # with init_from the vocabulary is checked against the source instead (module setup)
+    datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
+    source = {"model_config": model_config.to_dict(), "init_from": init_from} if init_from else {}
+    module: MambaLMModule = _instantiate(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True),
+                                         **source)
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = _instantiate_dict(cfg.get("logger"))

@@ -43,6 +43,7 @@ class MambaLMModule(L.LightningModule):
         cuda_graph: str = "auto",
         cuda_graph_allreduce: str = "outside",
         mamba1_recompute: bool = True,
+        init_from: Any = None,
         **unknown: Any,
     ):
         """``model_config`` describes the network (``self.model`` is the ``nn.Module`` built from
@@ -74,6 +75,8 @@ class MambaLMModule(L.LightningModule):
         self.cuda_graph = cuda_graph
         self.cuda_graph_allreduce = cuda_graph_allreduce
         self.mamba1_recompute = mamba1_recompute
+        self.init_from = init_from  # training/init_from.py: InitFrom, the source of a continued run
+        self.loaded_weights = None  # its fingerprints once loaded (checked by the init guard)
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
         self._eager_reason = "eager: training has not started"  # set in on_train_start
         self.model = None
@@ -82,13 +85,24 @@ class MambaLMModule(L.LightningModule):
         self._first_bad_step: torch.Tensor | None = None  # device scalar, -1 = all finite
 
     # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        # init_from: the vocabulary comes from the data (validated by the datamodule's setup)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if self.init_from is not None and self.model is None and hasattr(datamodule, "vocab_size"):
+            self.model_config = self.init_from.fit_vocabulary(datamodule.vocab_size,
+                                                              getattr(datamodule, "eos_id", None))
+
     def configure_model(self) -> None:
         # Called by Lightning inside the strategy's init contexts (meta device for sharded
         # strategies, which then materialise through MambaLM.reset_parameters).
         if self.model is None:
             from mamba_train.training.strategies.sharded import build_model_for  # strategy-aware (ZeRO-3)
             strategy = self._trainer.strategy if self._trainer is not None else None
-            self.model = build_model_for(strategy, self.model_config, backend=self.backend)
+            weights = None
+            if self.init_from is not None and not self.init_from.resuming:
+                weights, self.loaded_weights = self.init_from.take_state()
+            self.model = build_model_for(strategy, self.model_config, backend=self.backend,
+                                         weights=weights)
             if getattr(self.model, "backend", None) == "fused" and not self.mamba1_recompute:
                 from mamba_train.models.fused import set_mamba1_recompute
                 set_mamba1_recompute(self.model, recompute=False)
@@ -155,6 +169,8 @@ class MambaLMModule(L.LightningModule):
             self.graph_step.release()
 
     def on_train_start(self) -> None:
+        if self.init_from is not None:
+            self.init_from.check_resumed(self.trainer.ckpt_path)
         self._start_graph_step()
         # a resumed run redoes the steps after its checkpoint: drop their rows from the CSV log
         if self.global_step > 0:

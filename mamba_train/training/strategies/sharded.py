@@ -27,8 +27,13 @@ def _is_fsdp(strategy) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
-def build_model_for(strategy, config, backend: str = "auto") -> nn.Module:
+def build_model_for(strategy, config, backend: str = "auto",
+                    weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """``build_model`` as the strategy needs it (called from ``configure_model``).
+
+    With ``weights`` (a full state dict: ``init_from``) no init runs: they are assigned into a
+    meta skeleton (``checkpoint.model_from_state_dict``) or, under ZeRO-3, copied into the
+    gathered parameters in place of ``reset_parameters``.
 
     * ZeRO-3: Lightning runs ``configure_model`` inside ``deepspeed.zero.Init``, which partitions
       every parameter as its module is constructed, so an init afterwards would write into empty
@@ -44,6 +49,9 @@ def build_model_for(strategy, config, backend: str = "auto") -> nn.Module:
     from mamba_train.models.lm import MambaLM
 
     if not _is_zero3(strategy):
+        if weights is not None:
+            from mamba_train.checkpoint import model_from_state_dict
+            return model_from_state_dict(config, weights, backend=backend, source="init_from")
         return build_model(config, backend=backend)
     import deepspeed  # only ZeRO-3 gets here, so DeepSpeed is installed
 
@@ -53,7 +61,12 @@ def build_model_for(strategy, config, backend: str = "auto") -> nn.Module:
     with torch.random.fork_rng(devices=devices):
         model = MambaLM(config, backend=backend)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-        model.reset_parameters()
+        if weights is None:
+            model.reset_parameters()
+        else:
+            with torch.no_grad():
+                for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                    tensor.copy_(weights[name])
     deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
     return model
 
