@@ -77,3 +77,14 @@ def test_scheduler_group_composes(tmp_path):
     fn = sched.lr_lambdas[0]
     assert isinstance(fn, WarmupStableDecay)
     assert (fn.warmup_steps, fn.decay_steps, fn.decay_shape, fn.start_lr) == (10, 200, "cosine", 1e-5)
+
+
+def test_constant_scheduler_trains_at_the_optimizer_lr(make_config):
+    """scheduler=constant (a null group) reaches the module as an empty node: no schedule."""
+    from mamba_train.train import train
+
+    result = train(make_config("scheduler=constant", "trainer.max_steps=2", "optim.lr=1e-3",
+                               "trainer.accelerator=cpu", "logger=csv"))
+    optimizer = result["trainer"].optimizers[0]
+    assert result["trainer"].lr_scheduler_configs == []
+    assert optimizer.param_groups[0]["lr"] == 1e-3

@@ -66,7 +66,7 @@ class MambaLMModule(L.LightningModule):
         self.model_config = (model_config if isinstance(model_config, MambaLMConfig)
                              else MambaLMConfig.from_dict(dict(model_config)))
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.scheduler_factory = scheduler or None  # scheduler=constant interpolates to {}
         self.backend = backend
         self.weight_decay = weight_decay
         self.loss_chunk_size = loss_chunk_size
