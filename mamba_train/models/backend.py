@@ -66,12 +66,12 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def mixer_classes(backend: str) -> dict[str, type[nn.Module]]:
-    """{'Mamba1': cls, 'Mamba2': cls} for a resolved backend."""
+    """{'Mamba1': cls, 'Mamba2': cls, 'Mamba3': cls} for a resolved backend."""
     if backend == "fused":
-        from mamba_train.models.fused import FusedMamba, FusedMamba2
-        return {"Mamba1": FusedMamba, "Mamba2": FusedMamba2}
-    from mamba_train.models.reference import Mamba, Mamba2
-    return {"Mamba1": Mamba, "Mamba2": Mamba2}
+        from mamba_train.models.fused import FusedMamba, FusedMamba2, FusedMamba3
+        return {"Mamba1": FusedMamba, "Mamba2": FusedMamba2, "Mamba3": FusedMamba3}
+    from mamba_train.models.reference import Mamba, Mamba2, Mamba3
+    return {"Mamba1": Mamba, "Mamba2": Mamba2, "Mamba3": Mamba3}
 
 
 def add_norm_fn(backend: str, fused_add_norm: bool) -> Callable:

@@ -17,7 +17,7 @@ from typing import Any
 
 from mamba_train.errors import MambaTrainError
 
-MIXER_LAYERS = ("Mamba1", "Mamba2")
+MIXER_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
 
 # Keyword arguments each mixer accepts (mamba_ssm 2.x signatures). Anything else in ``ssm_cfg``
 # is a typo or a knob of another version, and silently ignoring it would train the wrong model.
@@ -29,6 +29,12 @@ MAMBA2_KWARGS = {
     "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
     "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
     "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
+}
+# mamba_ssm 2.3.2's Mamba3 signature, plus our A_activation (see models/reference/mamba3.py)
+MAMBA3_KWARGS = {
+    "d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min", "dt_max",
+    "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size",
+    "dropout", "A_activation",
 }
 ATTN_KWARGS = {
     "num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
@@ -46,6 +52,16 @@ MAMBA2_DEFAULTS: dict[str, Any] = dict(
     dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True,
     chunk_size=256,
 )
+MAMBA3_DEFAULTS: dict[str, Any] = dict(
+    d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, dt_min=0.001, dt_max=0.1,
+    dt_init_floor=1e-4, A_floor=1e-4, is_outproj_norm=False, is_mimo=False, mimo_rank=4,
+    chunk_size=64,
+)
+_MIXERS = {
+    "Mamba1": (MAMBA1_KWARGS, MAMBA1_DEFAULTS),
+    "Mamba2": (MAMBA2_KWARGS, MAMBA2_DEFAULTS),
+    "Mamba3": (MAMBA3_KWARGS, MAMBA3_DEFAULTS),
+}
 ATTN_DEFAULTS: dict[str, Any] = dict(
     num_heads_kv=None, head_dim=None, mlp_dim=0, qkv_proj_bias=True, out_proj_bias=True,
     softmax_scale=None, causal=False, d_conv=0, rotary_emb_dim=0, rotary_emb_base=10000.0,
@@ -68,8 +84,8 @@ class MambaLMConfig:
         n_layer: number of blocks.
         vocab_size: tokenizer vocabulary; the embedding is padded up to a multiple of
             ``pad_vocab_size_multiple`` (50277 -> 50280 for GPT-NeoX).
-        ssm_cfg: mixer keyword arguments; ``layer`` is ``"Mamba1"`` (default, as in mamba_ssm)
-            or ``"Mamba2"``, the rest are the mixer's own (``d_state``, ``headdim``, ...).
+        ssm_cfg: mixer keyword arguments; ``layer`` is ``"Mamba1"`` (default, as in mamba_ssm),
+            ``"Mamba2"`` or ``"Mamba3"``, the rest are the mixer's own (``d_state``, ``headdim``, ...).
         attn_layer_idx: indices of blocks whose mixer is causal self-attention (hybrids).
         attn_cfg: keyword arguments of those attention mixers (``num_heads``, ``rotary_emb_dim``...).
         rms_norm: RMSNorm (True) or LayerNorm (False) for the block and final norms.
@@ -124,8 +140,7 @@ class MambaLMConfig:
 
     def mixer_kwargs(self) -> dict[str, Any]:
         """The mixer's keyword arguments with mamba_ssm's defaults filled in (no ``layer``)."""
-        defaults = MAMBA2_DEFAULTS if self.layer == "Mamba2" else MAMBA1_DEFAULTS
-        kwargs = dict(defaults)
+        kwargs = dict(_MIXERS[self.layer][1])
         kwargs.update({k: v for k, v in self.ssm_cfg.items() if k != "layer"})
         if self.layer == "Mamba1" and kwargs["dt_rank"] == "auto":
             kwargs["dt_rank"] = math.ceil(self.d_model / 16)
@@ -155,7 +170,7 @@ class MambaLMConfig:
             raise ConfigError(
                 f"model.ssm_cfg.layer must be one of {MIXER_LAYERS}, got {self.layer!r}"
             )
-        allowed = MAMBA2_KWARGS if self.layer == "Mamba2" else MAMBA1_KWARGS
+        allowed = _MIXERS[self.layer][0]
         unknown = set(self.ssm_cfg) - allowed - {"layer"}
         if unknown:
             raise ConfigError(
@@ -174,6 +189,8 @@ class MambaLMConfig:
             )
         if self.layer == "Mamba2":
             self._validate_mamba2(kw)
+        if self.layer == "Mamba3":
+            self._validate_mamba3(kw)
         if self.attn_layer_idx:
             self._validate_attention()
 
@@ -200,6 +217,29 @@ class MambaLMConfig:
         lo, hi = kw["A_init_range"]
         if not (0 < lo <= hi):
             raise ConfigError(f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
+
+    def _validate_mamba3(self, kw: dict[str, Any]) -> None:
+        d_inner = int(kw["expand"] * self.d_model)
+        if d_inner % kw["headdim"]:
+            raise ConfigError(
+                f"Mamba3 needs d_model*expand (= {d_inner}) to be divisible by "
+                f"ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim")
+        if (d_inner // kw["headdim"]) % kw["ngroups"]:
+            raise ConfigError(f"Mamba3 needs the {d_inner // kw['headdim']} heads to split into "
+                              f"ssm_cfg.ngroups={kw['ngroups']} equal groups")
+        if kw["rope_fraction"] not in (0.5, 1.0):
+            raise ConfigError(f"Mamba3 ssm_cfg.rope_fraction must be 0.5 or 1.0, got "
+                              f"{kw['rope_fraction']}")
+        if int(kw["d_state"] * kw["rope_fraction"]) < 2:
+            raise ConfigError(f"Mamba3 ssm_cfg.d_state={kw['d_state']} leaves no RoPE angle")
+        if kw.get("A_activation", "softplus") not in ("softplus", "heavy_tail"):
+            raise ConfigError(f"Mamba3 ssm_cfg.A_activation must be softplus (mamba_ssm 2.3.2) "
+                              f"or heavy_tail (newer mamba_ssm), got {kw['A_activation']!r}")
+        cs = kw["chunk_size"]
+        if cs <= 0 or cs & (cs - 1):
+            raise ConfigError(f"Mamba3 ssm_cfg.chunk_size must be a power of two, got {cs}")
+        if kw["A_floor"] <= 0:
+            raise ConfigError(f"Mamba3 ssm_cfg.A_floor must be > 0, got {kw['A_floor']}")
 
     def _validate_attention(self) -> None:
         kw = self.attn_kwargs()

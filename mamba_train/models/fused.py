@@ -4,7 +4,8 @@ Imported only when the fused backend is chosen, so ``import mamba_train`` works 
 The subclasses add nothing to the maths; they (1) record the init arguments and expose
 ``reset_parameters`` so framework materialisation re-runs the SSM init, (2) swap Mamba-1's
 ``dt_proj`` ``nn.Linear`` for a ``DeltaProjection`` holding the same parameters (see
-``models/init.py``), and (3) accept ``seq_idx`` uniformly.
+``models/init.py``), and (3) accept ``seq_idx`` uniformly. Mamba-3 is the exception: the
+reference module with its scan swapped for mamba_ssm's kernel (see ``FusedMamba3``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.layers import RMSNorm
+from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
+from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
 
 
 class FusedMamba(_Mamba):
@@ -86,6 +89,69 @@ class FusedMamba2(_Mamba2):
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32).contiguous()
         return super().forward(hidden_states, seq_idx=seq_idx, inference_params=inference_params)
+
+
+class FusedMamba3(_ReferenceMamba3):
+    """Mamba-3 on mamba_ssm's kernels: the reference module's parameters and preprocessing
+    (identical to ``mamba_ssm.modules.mamba3.Mamba3.forward``), with the scan replaced by
+    ``mamba3_siso_combined`` (Triton). Document boundaries go in as ``cu_seqlens``: the
+    micro-batch is flattened to one varlen sequence cut at every window and document start
+    (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
+
+    def __init__(self, d_model, **kwargs):
+        super().__init__(d_model, **kwargs)
+        if self.is_mimo:
+            _mimo_kernel()  # fail at build time, not at the first step
+            if self.A_activation != "softplus":
+                raise ValueError("Mamba-3 MIMO runs mamba_ssm 2.3.2's own forward, which uses "
+                                 "A_activation=softplus; drop ssm_cfg.A_activation")
+
+    def scan(self, inputs, seq_idx):
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+
+        z = None if self.is_outproj_norm else inputs["Z"]
+        args = dict(Q=inputs["Q"].squeeze(2), K=inputs["K"].squeeze(2), V=inputs["V"],
+                    ADT=inputs["ADT"], DT=inputs["DT"], Trap=inputs["Trap"],
+                    Angles=inputs["Angles"], Z=z)
+        common = dict(Q_bias=self.C_bias.squeeze(1), K_bias=self.B_bias.squeeze(1), D=self.D,
+                      chunk_size=self.chunk_size)
+        if seq_idx is None:
+            return mamba3_siso_combined(**args, **common)
+        batch = args["V"].shape[0]
+        flat = {k: (None if v is None else
+                    rearrange(v, "b h l -> 1 h (b l)") if k in ("ADT", "DT", "Trap")
+                    else rearrange(v, "b l ... -> 1 (b l) ..."))
+                for k, v in args.items()}
+        y = mamba3_siso_combined(**flat, **common, cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
+        return rearrange(y, "1 (b l) h p -> b l h p", b=batch)
+
+    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+        if not self.is_mimo:
+            return super().forward(hidden_states, seq_idx=seq_idx,
+                                   inference_params=inference_params)
+        if inference_params is not None:
+            raise NotImplementedError("the Mamba-3 mixers here have no incremental decoding")
+        upstream = _mimo_kernel()
+        if seq_idx is None:
+            return upstream.forward(self, hidden_states)
+        batch = hidden_states.shape[0]
+        out = upstream.forward(self, rearrange(hidden_states, "b l d -> 1 (b l) d"),
+                               cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
+        return rearrange(out, "1 (b l) d -> b l d", b=batch)
+
+
+def _mimo_kernel():
+    """mamba_ssm's Mamba3 class when its MIMO (TileLang) kernels import, else a clear error."""
+    from mamba_ssm.modules import mamba3 as upstream
+
+    if getattr(upstream, "mamba3_mimo_combined", None) is None:
+        from mamba_train.models.backend import BackendError
+
+        raise BackendError(
+            "Mamba-3 MIMO (ssm_cfg.is_mimo=true) needs mamba_ssm's TileLang kernels, which did "
+            "not import: `pip install tilelang` (mamba_ssm's MIMO kernels are written in it), or "
+            "set ssm_cfg.is_mimo=false for the Triton SISO kernels")
+    return upstream.Mamba3
 
 
 def add_norm_fused(hidden, residual, norm, residual_in_fp32: bool, prenorm: bool = True):

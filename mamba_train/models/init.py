@@ -108,22 +108,51 @@ class DeltaProjection(nn.Module):
 
 
 def mixer_kind(module: nn.Module) -> str | None:
-    """'mamba1', 'mamba2' or None, by parameter layout (works for fused and reference mixers)."""
+    """'mamba1', 'mamba2', 'mamba3' or None, by parameter layout (fused and reference mixers)."""
     if hasattr(module, "A_log") and hasattr(module, "dt_proj"):
         return "mamba1"
     if hasattr(module, "A_log") and hasattr(module, "dt_bias"):
         return "mamba2"
+    if hasattr(module, "B_bias") and hasattr(module, "dt_bias"):
+        return "mamba3"  # data-dependent A: no A_log
     return None
+
+
+def checked_parameters(mixer: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``check_ssm_init`` reads for one mixer (to gather them when sharded)."""
+    kind = mixer_kind(mixer)
+    if kind == "mamba1":
+        return [mixer.A_log, mixer.D, mixer.dt_proj.weight, mixer.dt_proj.bias]
+    if kind == "mamba2":
+        return [mixer.A_log, mixer.D, mixer.dt_bias]
+    if kind == "mamba3":
+        return [mixer.D, mixer.dt_bias, mixer.B_bias, mixer.C_bias]
+    return []
+
+
+def _init_mamba3_(mixer: nn.Module, spec: SSMInitSpec) -> None:
+    """mamba_ssm's Mamba-3 draws: dt_bias as Mamba-2's, B/C biases 1, MIMO x/o 1/R and z 1."""
+    init_delta_bias_(mixer.dt_bias, spec)
+    mixer.B_bias.fill_(1.0)
+    mixer.C_bias.fill_(1.0)
+    if hasattr(mixer, "mimo_x"):
+        rank = mixer.mimo_x.shape[1]
+        mixer.mimo_x.fill_(1.0 / rank)
+        mixer.mimo_z.fill_(1.0)
+        mixer.mimo_o.fill_(1.0 / rank)
 
 
 @torch.no_grad()
 def init_ssm_parameters_(mixer: nn.Module) -> None:
-    """Re-run the SSM init of one Mamba-1/2 mixer in place (Δ, A_log, D; Mamba-2 conv_init)."""
+    """Re-run the SSM init of one mixer in place (Δ, A_log, D; Mamba-2 conv_init; Mamba-3
+    B/C biases and MIMO projections)."""
     spec: SSMInitSpec = mixer.ssm_init
     kind = mixer_kind(mixer)
-    if mixer.A_log.is_meta:
+    if mixer.D.is_meta:
         return
-    if kind == "mamba1":
+    if kind == "mamba3":
+        _init_mamba3_(mixer, spec)
+    elif kind == "mamba1":
         mixer.dt_proj.reset_parameters()
         d_state = mixer.A_log.shape[-1]
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=mixer.A_log.device)
@@ -138,7 +167,7 @@ def init_ssm_parameters_(mixer: nn.Module) -> None:
     else:
         raise TypeError(f"{type(mixer).__name__} is not a Mamba mixer")
     mixer.D.fill_(1.0)
-    for p in (mixer.A_log, mixer.D, getattr(mixer, "dt_bias", None)):
+    for p in (getattr(mixer, "A_log", None), mixer.D, getattr(mixer, "dt_bias", None)):
         if p is not None:
             p._no_weight_decay = True  # informational; optimizer groups go by name (optim.py)
 
@@ -197,7 +226,8 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
     Checks, per mixer: softplus(Δ bias) inside [dt_init_floor, dt_max] and spread over the range
     (a zeroed bias gives softplus(0)=0.693 everywhere; PyTorch's default Linear bias init gives
     values far outside); Mamba-1 A = -(1..d_state) per channel exactly, Mamba-2 exp(A_log) inside
-    A_init_range; D == 1; the Mamba-1 Δ projection weight inside ±dt_rank^-0.5·dt_scale.
+    A_init_range; Mamba-3 B/C biases == 1; D == 1; the Mamba-1 Δ projection weight inside
+    ±dt_rank^-0.5·dt_scale.
     Only meaningful before training: trained parameters legitimately move away.
     """
     checked = 0
@@ -206,7 +236,9 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
         kind = mixer_kind(mixer)
         dt_bias = mixer.dt_proj.bias if kind == "mamba1" else mixer.dt_bias
         bias_name = f"{name}.dt_proj.bias" if kind == "mamba1" else f"{name}.dt_bias"
-        for pname, p in (("A_log", mixer.A_log), ("D", mixer.D), (bias_name, dt_bias)):
+        named = [(n, getattr(mixer, n)) for n in ("A_log", "D", "B_bias", "C_bias")
+                 if hasattr(mixer, n)] + [(bias_name, dt_bias)]
+        for pname, p in named:
             if p.is_meta:
                 raise SSMInitError(f"{name}: {pname} is on the meta device (not materialised)")
             if not torch.isfinite(p).all():
@@ -227,8 +259,14 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
                 f"{bias_name}: softplus(Δ bias) is nearly constant ({dt.min():.4g}..{dt.max():.4g}); "
                 "Mamba draws it log-uniformly in [dt_min, dt_max] -- it was overwritten"
             )
-        a = torch.exp(mixer.A_log.float())
-        if kind == "mamba1":
+        if kind == "mamba3":
+            for pname in ("B_bias", "C_bias"):
+                if not torch.all(getattr(mixer, pname) == 1):
+                    raise SSMInitError(
+                        f"{name}.{pname}: Mamba-3 initialises the B/C biases to 1 -- something "
+                        "re-initialised it after the model was built (a generic bias hook?)")
+        elif kind == "mamba1":
+            a = torch.exp(mixer.A_log.float())
             want = torch.arange(1, a.shape[-1] + 1, device=a.device, dtype=a.dtype).expand_as(a)
             if not torch.allclose(a, want, rtol=rtol):
                 raise SSMInitError(
@@ -241,6 +279,7 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
                     f"dt_rank^-0.5*dt_scale={std:.4g}: re-initialised by a generic hook"
                 )
         else:
+            a = torch.exp(mixer.A_log.float())
             a_lo, a_hi = spec.A_init_range
             if a.min() < a_lo * (1 - rtol) or a.max() > a_hi * (1 + rtol):
                 raise SSMInitError(
@@ -254,12 +293,6 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
 
 
 def ssm_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that ``check_ssm_init`` reads: A_log, D, Δ bias (and the Mamba-1 Δ weight)."""
-    params: list[nn.Parameter] = []
-    for module in model.modules():
-        kind = mixer_kind(module)
-        if kind is None:
-            continue
-        params += [module.A_log, module.D]
-        params += [module.dt_proj.weight, module.dt_proj.bias] if kind == "mamba1" else [module.dt_bias]
-    return params
+    """The parameters that ``check_ssm_init`` reads (A_log, D, Δ bias, Mamba-1 Δ weight, Mamba-3
+    B/C biases), to gather them where they are sharded."""
+    return [p for module in model.modules() for p in checked_parameters(module)]
