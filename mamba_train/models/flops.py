@@ -36,6 +36,12 @@ Sequence-mixing terms, forward, per token and per layer:
     - the inter-chunk state recurrence (``2·N·d_ssm`` per *chunk*) is ``1/Q`` of the above and
       left out; the ``D`` skip adds ``d_ssm``.
   So ``2·Q·(N·G + d_ssm) + 4·N·d_ssm + d_ssm``.
+* **Mamba-3 SISO, chunked** (chunk Q, ``H`` heads of ``P`` channels, ``d_inner = H·P``, state N):
+  the same three terms as SSD, but B and C are per *head* (each head adds its own bias and
+  RoPE angle), so the intra-chunk ``C·Bᵀ`` is ``2·Q·N·H`` per token; plus the diagonal
+  correction ``q_t·k_t`` (``2·N·H``): ``2·Q·(N·H + d_inner) + 4·N·d_inner + d_inner + 2·N·H``.
+  MIMO of rank R is counted as R× the state terms (``4·N·d_inner·R``) and ``R²``× the
+  intra-chunk ``C·Bᵀ`` -- an approximation of what the TileLang kernels do.
 * **Attention** (``n_heads·head_dim = d_attn``, sequence length T): ``Q·Kᵀ`` and ``A·V`` are each
   ``2·T·d_attn`` per token: ``4·T·d_attn`` forward, i.e. the familiar ``12·n_layer·T·d_model``
   training term when ``d_attn = d_model``.
@@ -87,9 +93,14 @@ def ssm_flops_per_token(config: MambaLMConfig, seq_len: int) -> int:
     if config.layer == "Mamba1":
         d_inner = int(kw["expand"] * config.d_model)
         return 9 * d_inner * n + 2 * d_inner
+    q = min(kw["chunk_size"], seq_len)
+    if config.layer == "Mamba3":
+        d_inner = int(kw["expand"] * config.d_model)
+        h = d_inner // kw["headdim"]
+        r = kw["mimo_rank"] if kw["is_mimo"] else 1
+        return 2 * q * (n * h * r * r + d_inner * r) + 4 * n * d_inner * r + d_inner + 2 * n * h * r
     d_inner = kw["expand"] * config.d_model
     d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]
-    q = min(kw["chunk_size"], seq_len)
     return 2 * q * (n * kw["ngroups"] + d_ssm) + 4 * n * d_ssm + d_ssm
 
 

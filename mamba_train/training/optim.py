@@ -3,7 +3,7 @@
 Parameter attributes such as mamba_ssm's ``_no_weight_decay`` do not survive FSDP2/DTensor and
 PyTorch optimizers ignore them, so the rule is a function of the name alone (the names are
 mamba_ssm's, identical on both backends). Following the Mamba papers: no weight decay on
-A_log, D, the Δ bias, norm weights and any bias; decay on every other weight (projections,
+A_log, D, the Δ bias, Mamba-3's B/C biases, norm weights (B/C norms included) and any bias; decay on every other weight (projections,
 convolution, embedding / tied head). Groups are built in sorted-name order so a resumed
 optimizer state lines up with the same parameters.
 """
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 _NO_DECAY = re.compile(
-    r"(^|\.)(A_log|D|dt_bias)$"          # SSM parameters
+    r"(^|\.)(A_log|D|dt_bias|B_bias|C_bias)$"  # SSM parameters (Mamba-3's B/C biases too)
     r"|\.bias$"                          # every bias, the Mamba-1 Δ bias (dt_proj.bias) included
-    r"|(^|\.)(norm|norm2|norm_f)\.weight$"  # block, MLP, final and Mamba-2 gated norms
+    r"|(^|\.)(norm|norm2|norm_f|B_norm|C_norm)\.weight$"  # block/MLP/final, gated, B/C norms
 )
 
 

@@ -111,13 +111,14 @@ class Mamba3(nn.Module):
         B = rearrange(B, "b l (r g n) -> b l r g n", r=self.mimo_rank, g=self.num_bc_heads)
         C = rearrange(C, "b l (r g n) -> b l r g n", r=self.mimo_rank, g=self.num_bc_heads)
         act = F.softplus if self.A_activation == "softplus" else heavy_tail
-        A = torch.clamp(-act(dd_A.to(torch.float32)), max=-self.A_floor)
+        f32 = torch.promote_types(dd_A.dtype, torch.float32)  # fp32, as mamba_ssm (fp64 stays)
+        A = torch.clamp(-act(dd_A.to(f32)), max=-self.A_floor)
         DT = F.softplus(dd_dt + self.dt_bias)
         return dict(
             Q=self.C_norm(C), K=self.B_norm(B), V=x,
             ADT=rearrange(A * DT, "b l h -> b h l"), DT=rearrange(DT, "b l h -> b h l"),
             Trap=rearrange(trap, "b l h -> b h l"),
-            Angles=angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1).to(torch.float32),
+            Angles=angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1).to(f32),
             Z=z,
         )
 

@@ -1,0 +1,201 @@
+"""Mamba-3 on the reference backend: the chunked scan against the per-token oracle (float64,
+outputs and gradients), packed documents against separate runs, the flattened varlen layout the
+fused backend uses, init and its guard, weight-decay groups, and mamba_ssm 2.3.2's names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba_train.models.build import build_model
+from mamba_train.models.config import ConfigError, MambaLMConfig
+from mamba_train.models.flops import flops_breakdown, ssm_flops_per_token
+from mamba_train.models.init import SSMInitError, check_ssm_init
+from mamba_train.models.reference import Mamba3, mamba3_siso_chunked, mamba3_siso_sequential
+from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
+from mamba_train.training.optim import no_weight_decay
+
+F64 = torch.float64
+KEYS = json.loads((Path(__file__).parent / "data" / "mamba_ssm_keys_mamba3_layer.json").read_text())
+
+
+def scan_inputs(b=2, l=37, g=2, h=4, n=16, p=8, s=4, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    dt = torch.rand(b, h, l, generator=gen, dtype=dtype) * 0.5 + 0.01
+    return dict(Q=r(b, l, g, n), K=r(b, l, g, n), V=r(b, l, h, p),
+                ADT=-torch.rand(b, h, l, generator=gen, dtype=dtype) * dt * 3, DT=dt,
+                Trap=r(b, h, l), Q_bias=r(h, n), K_bias=r(h, n), Angles=3 * r(b, l, h, s),
+                D=r(h), Z=r(b, l, h, p))
+
+
+def docs(b, l, cuts):
+    """seq_idx (b, l): row r gets a new document at each position in cuts[r]."""
+    seq = torch.zeros(b, l, dtype=torch.int32)
+    for row, starts in enumerate(cuts):
+        for c in starts:
+            seq[row, c:] += 1
+    return seq
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_matches_sequential_oracle(chunk, packed):
+    x = scan_inputs()
+    seq_idx = docs(2, 37, [[1, 16], [9, 30, 36]]) if packed else None  # one cut on a chunk edge
+    leaves = {k: v.requires_grad_() for k, v in x.items()}
+    y = mamba3_siso_chunked(**leaves, chunk_size=chunk, seq_idx=seq_idx)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), g)
+    y0 = mamba3_siso_sequential(**leaves, seq_idx=seq_idx)
+    grads0 = torch.autograd.grad(y0, list(leaves.values()), g)
+    assert rel(y, y0) < 1e-12
+    for name, a, b in zip(leaves, grads, grads0):
+        assert rel(a, b) < 1e-10, name
+
+
+def test_document_start_restarts_every_state():
+    """Changing the first document must not change anything in the second."""
+    x = scan_inputs(b=1, l=20)
+    seq_idx = docs(1, 20, [[11]])
+    y = mamba3_siso_chunked(**x, chunk_size=8, seq_idx=seq_idx)
+    x2 = {k: v.clone() for k, v in x.items()}
+    for k in ("Q", "K", "V", "Angles", "Z"):
+        x2[k][:, :11] = torch.randn_like(x2[k][:, :11])
+    for k in ("ADT", "DT", "Trap"):
+        x2[k][:, :, :11] = x2[k][:, :, :11] * 0.5
+    y2 = mamba3_siso_chunked(**x2, chunk_size=8, seq_idx=seq_idx)
+    assert torch.allclose(y[:, 11:], y2[:, 11:], atol=1e-12)
+    assert not torch.allclose(y[:, :11], y2[:, :11])
+    alone = {k: (v[:, :, 11:] if k in ("ADT", "DT", "Trap") else v[:, 11:]) if v.dim() > 2 else v
+             for k, v in x.items()}
+    assert rel(mamba3_siso_chunked(**alone, chunk_size=8), y[:, 11:]) < 1e-12
+
+
+def test_flattened_varlen_layout_equals_batched():
+    """The fused backend's layout: the micro-batch as one sequence cut by cu_seqlens."""
+    x = scan_inputs(b=3, l=24)
+    seq_idx = docs(3, 24, [[], [5], [10, 17]])
+    y = mamba3_siso_chunked(**x, chunk_size=8, seq_idx=seq_idx)
+    cu = cu_seqlens_from_seq_idx(seq_idx)
+    assert cu.tolist() == [0, 24, 29, 48, 58, 65, 72]
+    flat_idx = torch.zeros(1, 72, dtype=torch.int32)
+    for i, start in enumerate(cu[1:-1].tolist()):
+        flat_idx[0, start:] = i + 1
+    flat = {k: (v.permute(1, 0, 2).reshape(1, v.shape[1], -1) if k in ("ADT", "DT", "Trap")
+                else v.reshape(1, -1, *v.shape[2:])) if v.dim() > 2 else v for k, v in x.items()}
+    y_flat = mamba3_siso_chunked(**flat, chunk_size=8, seq_idx=flat_idx)
+    assert rel(y_flat.reshape(y.shape), y) < 1e-12
+
+
+# ------------------------------------------------------------------------------- the mixer / LM
+def tiny_config(**ssm):
+    cfg = dict(layer="Mamba3", d_state=16, headdim=16, chunk_size=16, **ssm)
+    return MambaLMConfig(d_model=32, n_layer=2, vocab_size=97, ssm_cfg=cfg)
+
+
+@pytest.mark.parametrize("ssm", [{}, {"is_outproj_norm": True, "ngroups": 2, "rope_fraction": 1.0},
+                                 {"A_activation": "heavy_tail"}])
+def test_lm_packed_equals_separate(ssm):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**ssm), backend="reference").double()
+    ids = torch.randint(0, 97, (2, 24))
+    seq_idx = docs(2, 24, [[7], [13, 20]])
+    out = model(ids, seq_idx=seq_idx).logits
+    out.square().sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0
+    for row, cuts in enumerate([[0, 7, 24], [0, 13, 20, 24]]):
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            piece = model(ids[row:row + 1, a:b]).logits
+            assert rel(piece, out[row:row + 1, a:b]) < 1e-11
+            total = total + piece.square().sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        assert rel(p.grad, packed_grads[n]) < 1e-9, n
+
+
+def test_mixer_trains_under_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), backend="reference")
+    ids = torch.randint(0, 97, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("case", sorted(KEYS))
+def test_parameter_names_shapes_dtypes_match_mamba_ssm_232(case):
+    kw = dict(KEYS[case]["kwargs"])
+    mixer = Mamba3(**kw)
+    got = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in mixer.state_dict().items()}
+    assert got == KEYS[case]["params"]
+
+
+def test_init_matches_mamba_ssm_and_is_guarded():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(is_mimo=True, mimo_rank=2), backend="reference")
+    assert check_ssm_init(model) == 2
+    mixer = model.backbone.layers[0].mixer
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 and dt.max() / dt.min() > 1.5
+    assert torch.all(mixer.B_bias == 1) and torch.all(mixer.C_bias == 1) and torch.all(mixer.D == 1)
+    assert torch.allclose(mixer.mimo_x, torch.full_like(mixer.mimo_x, 0.5))
+    assert torch.all(mixer.mimo_z == 1) and torch.allclose(mixer.mimo_o, mixer.mimo_x)
+    with torch.no_grad():
+        mixer.B_bias.zero_()  # what a generic "zero every bias" hook would do
+    with pytest.raises(SSMInitError, match="B_bias"):
+        check_ssm_init(model)
+    model.reset_parameters()
+    check_ssm_init(model)
+    with torch.no_grad():
+        mixer.dt_bias.zero_()
+    with pytest.raises(SSMInitError, match="dt_bias"):
+        check_ssm_init(model)
+
+
+def test_mimo_reference_forward_says_what_to_do():
+    model = build_model(tiny_config(is_mimo=True, mimo_rank=2), backend="reference")
+    with pytest.raises(NotImplementedError, match="MIMO.*fused"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_no_weight_decay_on_mamba3_ssm_parameters():
+    model = build_model(tiny_config(is_outproj_norm=True), backend="reference")
+    names = {n for n, _ in model.named_parameters()}
+    off = {n for n in names if no_weight_decay(n)}
+    for suffix in ("dt_bias", "D", "B_bias", "C_bias", "B_norm.weight", "C_norm.weight", "norm.weight"):
+        assert f"backbone.layers.0.mixer.{suffix}" in off, suffix
+    assert "backbone.layers.0.mixer.in_proj.weight" not in off
+    assert "backbone.layers.0.mixer.out_proj.weight" not in off
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="d_conv"):
+        MambaLMConfig(d_model=32, n_layer=1, vocab_size=8, ssm_cfg={"layer": "Mamba3", "d_conv": 4})
+    with pytest.raises(ConfigError, match="rope_fraction"):
+        tiny_config(rope_fraction=0.25)
+    with pytest.raises(ConfigError, match="A_activation"):
+        tiny_config(A_activation="relu")
+    cfg = tiny_config()
+    assert MambaLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.to_dict()["ssm_cfg"]["layer"] == "Mamba3"  # as mamba_ssm's create_block reads it
+
+
+def test_flops_count_the_mamba3_scan():
+    cfg = tiny_config()
+    d_inner, h, n, q = 64, 4, 16, 16
+    assert ssm_flops_per_token(cfg, 128) == 2 * q * (n * h + d_inner) + 4 * n * d_inner + d_inner + 2 * n * h
+    fb = flops_breakdown(cfg, 128)
+    in_proj = 32 * (2 * 64 + 2 * 16 + 3 * 4 + 4)
+    assert fb.matmul == 2 * (2 * (in_proj + 64 * 32) + 32 * 104)  # 2 layers + LM head (97 -> 104)
