@@ -223,3 +223,8 @@ def test_debug_mamba3_trains_through_the_cli_with_document_boundaries(recipe, tm
     summary = json.loads((out / recipe / "summary.json").read_text())
     assert all(torch.isfinite(torch.tensor(v)) for k, v in summary.items()
                if "loss" in k and isinstance(v, float))
+
+
+def test_config_rejects_an_odd_number_of_rope_angles():
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        tiny_config(d_state=12)  # 12 * 0.5 / 2 = 3 angles

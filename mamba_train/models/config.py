@@ -230,8 +230,11 @@ class MambaLMConfig:
         if kw["rope_fraction"] not in (0.5, 1.0):
             raise ConfigError(f"Mamba3 ssm_cfg.rope_fraction must be 0.5 or 1.0, got "
                               f"{kw['rope_fraction']}")
-        if int(kw["d_state"] * kw["rope_fraction"]) < 2:
-            raise ConfigError(f"Mamba3 ssm_cfg.d_state={kw['d_state']} leaves no RoPE angle")
+        angles = int(kw["d_state"] * kw["rope_fraction"]) // 2
+        if angles < 2 or angles % 2:
+            raise ConfigError(
+                f"Mamba3 ssm_cfg.d_state*rope_fraction (= {kw['d_state'] * kw['rope_fraction']:g}) "
+                "must be a multiple of 4: the SISO kernel needs an even number of RoPE angles")
         if kw.get("A_activation", "softplus") not in ("softplus", "heavy_tail"):
             raise ConfigError(f"Mamba3 ssm_cfg.A_activation must be softplus (mamba_ssm 2.3.2) "
                               f"or heavy_tail (newer mamba_ssm), got {kw['A_activation']!r}")

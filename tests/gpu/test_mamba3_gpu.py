@@ -8,10 +8,24 @@ Tolerances, and why they are not tighter:
   in bf16.
 * fused vs reference: the SISO kernel evaluates tanh, sigmoid, cos and sin with hardware
   approximations (``tanh_approx``, ``sigmoid_approx``, ``cos_approx`` in
-  mamba_ssm/ops/triton/mamba3/utils.py) and accumulates the chunked products in a different
-  order -> ~1e-3 relative in "fp32" (run with TRITON_F32_DEFAULT=ieee, else TF32 dots); under
-  bf16 autocast Q/K/V/Z enter the kernel in bf16 (8 mantissa bits) -> ~1e-2.
+  mamba_ssm/ops/triton/mamba3/utils.py) and sums in another order -> outputs ~1e-3 relative in
+  "fp32" (TRITON_F32_DEFAULT=ieee, else TF32 dots). The gradients are looser even in fp32: the
+  forward saves the per-chunk states for the backward in bf16 (``SSM_States`` is allocated
+  bfloat16 in mamba3_siso_fwd.py) -> ~1e-2. Under bf16 autocast Q/K/V/Z enter the kernel in
+  bf16 (8 mantissa bits) -> a few 1e-2.
+* packed vs separate (fused): the varlen path cuts chunks at document starts, so the saved
+  bf16 chunk states differ -> gradients ~1e-2 even in fp32; the fp32 forward stays ~1e-5.
 """
+OUT_KEYS = ("out", "logits")
+
+
+def check(errs, tol_out, tol_grad):
+    """Largest error over outputs and over gradients, each against its own tolerance."""
+    worst_out = max((v for k, v in errs.items() if k in OUT_KEYS), default=0.0)
+    grads = {k: v for k, v in errs.items() if k not in OUT_KEYS}
+    worst = max(grads, key=grads.get)
+    ok = worst_out < tol_out and grads[worst] < tol_grad
+    return ok, f"out {worst_out:.2e} (tol {tol_out:g}), worst grad {worst} {grads[worst]:.2e} (tol {tol_grad:g})"
 
 from __future__ import annotations
 
@@ -48,7 +62,8 @@ def grads_of(module, u, dtype, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("dtype, tol_upstream, tol_ref", [("fp32", 1e-4, 5e-3), ("bf16", 2e-2, 4e-2)])
+@pytest.mark.parametrize("dtype, tol_upstream, tol_ref", [
+    ("fp32", (1e-4, 1e-3), (5e-3, 3e-2)), ("bf16", (2e-2, 3e-2), (3e-2, 6e-2))])
 def test_mixer_vs_mamba_ssm_module(variant, dtype, tol_upstream, tol_ref, record):
     """Weights drawn by mamba_ssm's Mamba3 load unchanged (strict) into ours; outputs and every
     gradient agree with its forward/backward, for the fused and the reference mixer."""
@@ -67,16 +82,14 @@ def test_mixer_vs_mamba_ssm_module(variant, dtype, tol_upstream, tol_ref, record
         mod.load_state_dict(upstream.state_dict(), strict=True)
         got = grads_of(mod, u, dtype)
         errs = {k: rel_err(got[k], want[k]) for k in want}
-        worst = max(errs, key=errs.get)
-        tol = tol_upstream if name == "fused" else tol_ref
-        record(f"mamba3 {name} vs mamba_ssm.Mamba3 {variant} {dtype}: out {errs['out']:.2e}, "
-               f"worst {worst} {errs[worst]:.2e} (tol {tol:g})")
-        assert errs[worst] < tol, errs
+        ok, line = check(errs, *(tol_upstream if name == "fused" else tol_ref))
+        record(f"mamba3 {name} vs mamba_ssm.Mamba3 {variant} {dtype}: {line}")
+        assert ok, errs
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 200), (1, 1000)])
-@pytest.mark.parametrize("dtype, tol", [("fp32", 5e-3), ("bf16", 4e-2)])
+@pytest.mark.parametrize("dtype, tol", [("fp32", (5e-3, 3e-2)), ("bf16", (3e-2, 6e-2))])
 def test_lm_fused_vs_reference(shape, dtype, tol, record):
     torch.manual_seed(0)
     cfg = MambaLMConfig(**LM)
@@ -93,14 +106,13 @@ def test_lm_fused_vs_reference(shape, dtype, tol, record):
         res.append({"logits": logits.detach(),
                     **{n: p.grad.clone() for n, p in model.named_parameters()}})
     errs = {k: rel_err(res[0][k], res[1][k]) for k in res[1]}
-    worst = max(errs, key=errs.get)
-    record(f"mamba3 LM fused vs reference {shape} {dtype}: logits {errs['logits']:.2e}, "
-           f"worst {worst} {errs[worst]:.2e} (tol {tol:g})")
-    assert errs[worst] < tol, errs
+    ok, line = check(errs, *tol)
+    record(f"mamba3 LM fused vs reference {shape} {dtype}: {line}")
+    assert ok, errs
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-4), ("bf16", 2e-2)])
+@pytest.mark.parametrize("dtype, tol", [("fp32", (1e-4, 2e-2)), ("bf16", (2e-2, 4e-2))])
 def test_fused_packed_equals_separate(dtype, tol, record):
     """seq_idx -> cu_seqlens: documents packed in the micro-batch give the logits and gradients
     of running each document alone."""
@@ -125,10 +137,9 @@ def test_fused_packed_equals_separate(dtype, tol, record):
     alone = torch.cat([torch.cat(pieces[:2], 1), torch.cat(pieces[2:], 1)], 0)
     errs = {"logits": rel_err(packed, alone)}
     errs.update({n: rel_err(g_packed[n], p.grad) for n, p in model.named_parameters()})
-    worst = max(errs, key=errs.get)
-    record(f"mamba3 fused packed vs separate {dtype}: logits {errs['logits']:.2e}, worst {worst} "
-           f"{errs[worst]:.2e} (tol {tol:g})")
-    assert errs[worst] < tol, errs
+    ok, line = check(errs, *tol)
+    record(f"mamba3 fused packed vs separate {dtype}: {line}")
+    assert ok, errs
 
 
 @pytest.mark.gpu
@@ -191,6 +202,6 @@ def test_mimo_runs_or_names_the_missing_package(record):
     ours.load_state_dict(ref.state_dict(), strict=True)
     u = torch.randn(2, 256, 256, device="cuda")
     want, got = grads_of(ref, u, "bf16"), grads_of(ours, u, "bf16")
-    err = max(rel_err(got[k], want[k]) for k in want)
-    record(f"mamba3 MIMO fused vs mamba_ssm.Mamba3: worst rel err {err:.2e}")
-    assert err < 2e-2
+    ok, line = check({k: rel_err(got[k], want[k]) for k in want}, 2e-2, 3e-2)
+    record(f"mamba3 MIMO fused vs mamba_ssm.Mamba3 (the same forward): {line}")
+    assert ok
