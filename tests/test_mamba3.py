@@ -97,7 +97,7 @@ def test_flattened_varlen_layout_equals_batched():
 
 # ------------------------------------------------------------------------------- the mixer / LM
 def tiny_config(**ssm):
-    cfg = dict(layer="Mamba3", d_state=16, headdim=16, chunk_size=16, **ssm)
+    cfg = {"layer": "Mamba3", "d_state": 16, "headdim": 16, "chunk_size": 16, **ssm}
     return MambaLMConfig(d_model=32, n_layer=2, vocab_size=97, ssm_cfg=cfg)
 
 
