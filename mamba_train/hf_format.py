@@ -76,6 +76,10 @@ def check_hf_compatible(cfg: MambaLMConfig) -> None:
     gate *before* the norm (``norm_before_gate=False``), over the full inner width, with a
     per-head ``D``, and reads its eps from ``layer_norm_epsilon``.
     """
+    if cfg.layer not in HF_MODEL_TYPES:
+        raise ExportError(
+            f"model.ssm_cfg.layer={cfg.layer}: transformers has no {cfg.layer} model class; "
+            "export format=mamba_ssm (mamba_ssm's MambaLMHeadModel reads it)")
     cant = "transformers' {cls} cannot represent it"
     cls = "MambaForCausalLM" if cfg.layer == "Mamba1" else "Mamba2ForCausalLM"
     if cfg.d_intermediate > 0:

@@ -228,3 +228,41 @@ def test_debug_mamba3_trains_through_the_cli_with_document_boundaries(recipe, tm
 def test_config_rejects_an_odd_number_of_rope_angles():
     with pytest.raises(ConfigError, match="multiple of 4"):
         tiny_config(d_state=12)  # 12 * 0.5 / 2 = 3 angles
+
+
+def test_ssm_health_reports_mamba3_dt_and_bc_biases():
+    from mamba_train.training.callbacks.ssm_health import SSMHealthMonitor
+
+    model = build_model(tiny_config(), backend="reference")
+    mixer = model.backbone.layers[1].mixer
+    with torch.no_grad():
+        mixer.C_bias.mul_(3.0)
+    stats = SSMHealthMonitor(every_n_steps=1).health_stats(model)
+    keys = {k.split("/")[-1] for k in stats if k.startswith("ssm/layer01/")}
+    assert keys == {"dt_min", "dt_median", "dt_max", "B_bias_rms", "C_bias_rms", "param_norm"}
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert stats["ssm/layer01/dt_median"] == pytest.approx(dt.median().item())
+    assert stats["ssm/layer01/B_bias_rms"] == pytest.approx(1.0)
+    assert stats["ssm/layer01/C_bias_rms"] == pytest.approx(3.0)
+
+
+def test_mamba_ssm_directory_round_trip(tmp_path):
+    """save_pretrained writes mamba_ssm's config.json (ssm_cfg.layer = "Mamba3", as
+    mixer_seq_simple.create_block reads it) and loads back to the same logits."""
+    from mamba_train.export.load import load_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), backend="reference")
+    path = model.save_pretrained(tmp_path / "m3")
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    assert cfg["ssm_cfg"] == {"layer": "Mamba3", "d_state": 16, "headdim": 16, "chunk_size": 16}
+    loaded = load_model(path, backend="reference")
+    ids = torch.randint(0, 97, (1, 20))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_hf_export_refuses_mamba3_with_the_fix():
+    from mamba_train.export.hf import ExportError, check_hf_compatible
+
+    with pytest.raises(ExportError, match="format=mamba_ssm"):
+        check_hf_compatible(tiny_config())

@@ -8,6 +8,9 @@ Per layer ``i`` (keys ``ssm/layer{i:02d}/...``):
   forget everything at once.
 * ``A_min`` / ``A_max``: the range of A = -exp(A_log) (always negative; the decay rate per
   unit Δ). A drifting towards 0 means state that never decays; very negative, no memory.
+* Mamba-3 (A is computed from the input, so no A range): the same ``dt_*`` of its Δ bias, and
+  ``B_bias_rms`` / ``C_bias_rms``, the RMS of the learned B/C biases (1 at init; they replace
+  the short convolution, so their collapse to 0 or blow-up shows first here).
 * ``param_norm``: L2 norm of all the block's parameters (mixer, norms, MLP).
 * ``update_norm``: L2 norm of the change of those parameters since the previous health log,
   and ``update_ratio`` = update_norm / param_norm (the effective relative learning rate).
@@ -84,6 +87,13 @@ class SSMHealthMonitor(L.Callback):
                 keys += [f"{prefix}/dt_min", f"{prefix}/dt_median", f"{prefix}/dt_max",
                          f"{prefix}/A_min", f"{prefix}/A_max"]
                 values += [dt.min(), dt.median(), dt.max(), A.min(), A.max()]
+            elif bias is not None and hasattr(mixer, "B_bias"):  # Mamba-3: A is data-dependent
+                dt = F.softplus(bias.detach().float())
+                keys += [f"{prefix}/dt_min", f"{prefix}/dt_median", f"{prefix}/dt_max",
+                         f"{prefix}/B_bias_rms", f"{prefix}/C_bias_rms"]
+                values += [dt.min(), dt.median(), dt.max(),
+                           mixer.B_bias.detach().float().square().mean().sqrt(),
+                           mixer.C_bias.detach().float().square().mean().sqrt()]
             named = [(f"backbone.layers.{block.layer_idx}.{n}", p) for n, p in block.named_parameters()]
             sq = torch.stack([p.detach().float().square().sum() for _, p in named]).sum()
             keys.append(f"{prefix}/param_norm")
