@@ -266,3 +266,34 @@ def test_hf_export_refuses_mamba3_with_the_fix():
 
     with pytest.raises(ExportError, match="format=mamba_ssm"):
         check_hf_compatible(tiny_config())
+
+
+def test_lm_eval_adapter_scores_a_trained_mamba3(tmp_path):
+    """lm-eval through our adapter on a Mamba-3 checkpoint: batched scores equal the direct
+    log-probabilities, and the model in it is a Mamba-3 stack."""
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    from conftest import TINY, compose_config
+    from mamba_train.data.tokenizer import load_tokenizer
+    from mamba_train.evaluation.lm_eval_adapter import MambaTrainLM
+    from mamba_train.train import train
+
+    result = train(compose_config([*TINY, "recipe=debug-mamba3", "backend=reference", "logger=csv",
+                                   "trainer.max_steps=2", "train.checkpoint_every_n_steps=2",
+                                   "trainer.limit_val_batches=1", "train.val_every_n_steps=1000"],
+                                  tmp_path))
+    lm = MambaTrainLM(pretrained=str(result["last_checkpoint"]), batch_size=2, dtype="float32",
+                      device="cpu")
+    assert isinstance(lm.model.backbone.layers[0].mixer, Mamba3)
+    tok = load_tokenizer("default")
+    pairs = [("The primary must evaluate to", " an object"), ("which most", " objects do.")]
+    scores = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=0)
+                               for p in pairs])
+    for (ctx, cont), (score, _) in zip(pairs, scores):
+        ids = tok.encode(ctx + cont)
+        n_ctx = len(tok.encode(ctx))
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids])).logits[0].float()
+        lp = F.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert score == pytest.approx(lp[n_ctx - 1:].sum().item(), abs=1e-4)
