@@ -17,6 +17,10 @@ ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``module.cuda_
 measured gain of the captured step. ``--json`` writes everything.
 
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
+
+Mamba-3 recipes (``--models mamba3-180m mamba3-440m``) get arm (a) from ``mamba3_plain.py``
+(mamba_ssm 2.3.2's ``MambaLMHeadModel`` has no Mamba-3 blocks). Every arm also reports its first
+step's time (Triton compile and autotune, and the graph capture for (b)).
 """
 
 from __future__ import annotations
@@ -62,14 +66,19 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
 
     cfg, run_cfg = model_config(name)
     torch.manual_seed(0)
-    fields = {k: v for k, v in cfg.to_dict().items() if k in MambaConfig.__dataclass_fields__}
-    model = MambaLMHeadModel(MambaConfig(**fields), device="cuda")
+    if cfg.layer == "Mamba3":  # mamba_ssm 2.3.2's MambaLMHeadModel has no Mamba3 blocks
+        from mamba3_plain import PlainMamba3LM
+        model = PlainMamba3LM(cfg)
+    else:
+        fields = {k: v for k, v in cfg.to_dict().items() if k in MambaConfig.__dataclass_fields__}
+        model = MambaLMHeadModel(MambaConfig(**fields), device="cuda")
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups(model, 0.1)]
     opt = torch.optim.AdamW(groups, lr=float(run_cfg.optim.lr), betas=(0.9, 0.95), fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     stamps, losses = [], []
     steps = warmup + windows * window
+    t_start = time.perf_counter()
     for step in range(steps + 1):
         x = torch.randint(0, VOCAB, (micro_batch, SEQ_LEN + 1), device="cuda", generator=gen)
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -81,13 +90,17 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
         opt.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step)
+        if step == 0:  # the first step: Triton compile + autotune
+            torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - t_start
         if step >= warmup and (step - warmup) % window == 0:
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             losses.append(loss.item())
     tok = windows_tok_s(stamps, micro_batch * SEQ_LEN, window)
     result = {"tok_s": statistics.median(tok) if tok else float("nan"), "windows": tok,
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses,
+              "first_step_s": first_step_s}
     del model, opt
     torch.cuda.empty_cache()
     return result
@@ -101,6 +114,10 @@ class StepTimer(L.Callback):
         self.warmup, self.window = warmup, window
         self.stamps: list[float] = []
         self.peak = 0
+        self.first_step_s = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.t_start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.peak = max(self.peak, torch.cuda.max_memory_allocated())
@@ -108,6 +125,9 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+        if self.first_step_s is None:  # the first step: Triton compile + autotune (+ capture)
+            torch.cuda.synchronize()
+            self.first_step_s = time.perf_counter() - self.t_start
         if step >= self.warmup and (step - self.warmup) % self.window == 0:
             torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
@@ -144,7 +164,8 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     train(cfg, extra_callbacks=[timer, *extra_callbacks])
     tok = windows_tok_s(timer.stamps, micro_batch * SEQ_LEN, window)
     result = {"tok_s": statistics.median(tok) if tok else float("nan"), "windows": tok,
-              "peak_mem_gib": max(timer.peak, torch.cuda.max_memory_allocated()) / 2**30}
+              "peak_mem_gib": max(timer.peak, torch.cuda.max_memory_allocated()) / 2**30,
+              "first_step_s": timer.first_step_s}
     # Finalise this run's loader iterators (and their worker processes) before the next run
     # forks new workers: a stale iterator collected inside a forked child breaks it.
     gc.collect()
@@ -174,6 +195,8 @@ def mfu(tok_s: float, flops_per_token: int, peak: float | None) -> float | None:
 
 def _fmt_arm(r: dict) -> str:
     m = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    if r.get("first_step_s") is not None:
+        m += f", first step {r['first_step_s']:.1f} s"
     return f"{r['tok_s']:,.0f} tok/s ({r['peak_mem_gib']:.1f} GiB{m})"
 
 
