@@ -98,6 +98,10 @@ class FusedMamba3(_ReferenceMamba3):
     micro-batch is flattened to one varlen sequence cut at every window and document start
     (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
 
+    # cu_seqlens' length is the document count: a host sync, so no CUDA-graph capture with
+    # document boundaries (training/cuda_graph.py reads this flag)
+    varlen_needs_host_sync = True
+
     def __init__(self, d_model, **kwargs):
         super().__init__(d_model, **kwargs)
         if self.is_mimo:

@@ -72,6 +72,10 @@ def graph_blockers(trainer, module) -> list[str]:
         reasons.append("fp16 loss scaling decides on the host whether to step; use bf16-mixed")
     if module.nan_policy != "stop":
         reasons.append("train.nan_policy=skip decides on the host every micro-batch; use stop")
+    if getattr(trainer.datamodule, "document_boundaries", False) and any(
+            getattr(m, "varlen_needs_host_sync", False) for m in module.modules()):
+        reasons.append("Mamba-3's fused kernel takes document boundaries as cu_seqlens, whose "
+                       "length (the document count) is read on the host every micro-batch")
     params = [p for p in module.parameters() if p.requires_grad]
     if len({(p.dtype, p.device) for p in params}) > 1:
         reasons.append("the trainable parameters differ in dtype or device")
