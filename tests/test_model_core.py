@@ -42,7 +42,7 @@ def test_config_accepts_a_mamba_ssm_config_json():
 @pytest.mark.parametrize("override, message", [
     (dict(d_model=100, ssm_cfg={"layer": "Mamba2", "headdim": 64}), "divisible by ssm_cfg.headdim"),
     (dict(ssm_cfg={"layer": "Mamba2", "chunk_size": 100}), "power of two"),
-    (dict(ssm_cfg={"layer": "Mamba3"}), "ssm_cfg.layer must be one of"),
+    (dict(ssm_cfg={"layer": "Mamba4"}), "ssm_cfg.layer must be one of"),
     (dict(ssm_cfg={"layer": "Mamba1", "headdim": 64}), "does not take"),
     (dict(attn_layer_idx=[5]), "outside"),
     (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 4}), "causal must be true"),
