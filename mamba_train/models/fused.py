@@ -104,6 +104,17 @@ class FusedMamba3(_ReferenceMamba3):
 
     def __init__(self, d_model, **kwargs):
         super().__init__(d_model, **kwargs)
+        from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as TritonGatedRMSNorm
+
+        # the B/C (and output) norms on mamba_ssm's Triton kernel, as its Mamba3 does: same
+        # parameter (``weight``), same maths, fewer kernels than the PyTorch form
+        for name in ("B_norm", "C_norm", "norm"):
+            old = getattr(self, name, None)
+            if old is not None:
+                setattr(self, name, TritonGatedRMSNorm(
+                    old.weight.shape[0], eps=old.eps, group_size=old.group_size,
+                    norm_before_gate=old.norm_before_gate, device=old.weight.device,
+                    dtype=old.weight.dtype))
         if self.is_mimo:
             _mimo_kernel()  # fail at build time, not at the first step
             if self.A_activation != "softplus":
