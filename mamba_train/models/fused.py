@@ -21,6 +21,7 @@ from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.layers import RMSNorm
 from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
+from mamba_train.models.reference.mamba3 import MimoKernelError
 from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
 
 
@@ -160,9 +161,7 @@ def _mimo_kernel():
     from mamba_ssm.modules import mamba3 as upstream
 
     if getattr(upstream, "mamba3_mimo_combined", None) is None:
-        from mamba_train.models.backend import BackendError
-
-        raise BackendError(
+        raise MimoKernelError(
             "Mamba-3 MIMO (ssm_cfg.is_mimo=true) needs mamba_ssm's TileLang kernels, which did "
             "not import: `pip install tilelang` (mamba_ssm's MIMO kernels are written in it), or "
             "set ssm_cfg.is_mimo=false for the Triton SISO kernels")

@@ -188,14 +188,13 @@ def test_captured_step_matches_eager(accumulate, record):
 def test_mimo_runs_or_names_the_missing_package(record):
     from mamba_ssm.modules import mamba3 as upstream
 
-    from mamba_train.models.backend import BackendError
-    from mamba_train.models.fused import FusedMamba3
+    from mamba_train.models.fused import FusedMamba3, MimoKernelError
 
     kw = {**LAYER, "is_mimo": True, "mimo_rank": 2, "chunk_size": 32}
     if upstream.mamba3_mimo_combined is None:
-        with pytest.raises(BackendError, match="pip install tilelang"):
+        with pytest.raises(MimoKernelError, match="pip install tilelang"):
             FusedMamba3(**kw, device="cuda")
-        record("mamba3 MIMO: tilelang not installed -> BackendError naming `pip install tilelang`")
+        record("mamba3 MIMO: tilelang not installed -> MimoKernelError naming `pip install tilelang`")
         return
     torch.manual_seed(0)
     ref = upstream.Mamba3(**kw, device="cuda")

@@ -19,11 +19,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.models.init import SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.reference.mamba2 import GatedRMSNorm
 from mamba_train.models.reference.mamba3_ops import mamba3_siso_chunked
 
 A_ACTIVATIONS = ("softplus", "heavy_tail")
+
+
+class MimoKernelError(MambaTrainError, ImportError):
+    """mamba_ssm's Mamba-3 MIMO kernels (TileLang) are not importable here (fused backend)."""
 
 
 def heavy_tail(x: torch.Tensor) -> torch.Tensor:
