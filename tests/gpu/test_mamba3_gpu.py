@@ -2,20 +2,21 @@
 pure-PyTorch reference, on the same weights; packed documents (cu_seqlens) against separate runs;
 the captured (CUDA-graph) training step against eager. GPU only (see tests/gpu/run_all.sh).
 
-Tolerances, and why they are not tighter:
-* fused vs mamba_ssm's module: the same Triton kernel on the same inputs; only the B/C RMS norms
-  differ (ours in PyTorch, theirs in Triton) -> ~1e-6 in fp32, bf16 rounding of the norm output
-  in bf16.
-* fused vs reference: the SISO kernel evaluates tanh, sigmoid, cos and sin with hardware
-  approximations (``tanh_approx``, ``sigmoid_approx``, ``cos_approx`` in
-  mamba_ssm/ops/triton/mamba3/utils.py) and sums in another order -> outputs ~1e-3 relative in
-  "fp32" (TRITON_F32_DEFAULT=ieee, else TF32 dots). The gradients are looser even in fp32: the
-  forward saves the per-chunk states for the backward in bf16 (``SSM_States`` is allocated
-  bfloat16 in mamba3_siso_fwd.py) -> ~1e-2. Under bf16 autocast Q/K/V/Z enter the kernel in
-  bf16 (8 mantissa bits) -> a few 1e-2.
-* packed vs separate (fused): the varlen path cuts chunks at document starts, so the saved
-  bf16 chunk states differ -> gradients ~1e-2 even in fp32; the fp32 forward stays ~1e-5.
+Tolerances, and why they are not tighter (measured on an H200, benchmarks/RESULTS.md, 2026-12-02):
+* fused vs mamba_ssm's module: the same Triton kernel and norms on the same inputs -> bit-identical
+  (measured 0 in fp32 and bf16); the bounds only leave room for another reduction order.
+* fused (or mamba_ssm's module) vs reference: "fp32" is not fp32 inside the SISO kernel. It casts
+  its derived inputs to bf16 whatever the caller's dtype (state-spaces/mamba PR #876), evaluates
+  tanh/sigmoid/cos/sin with approximations (``tanh_approx``, ``sigmoid_approx``, ``cos_approx``
+  in mamba_ssm/ops/triton/mamba3/utils.py) and saves its per-chunk states for the backward in
+  bf16 (``SSM_States`` in mamba3_siso_fwd.py). So one mixer is 3.8e-3 from the exact reference in
+  fp32 -- the same as in bf16 (3.9e-3, bf16's 2^-8) -- a 2-layer LM 5.4e-3 (logits) and up to
+  1.5e-2 (gradients: B/C biases and norms, dt_bias); under autocast 7.3e-3 / 1.8e-2.
+* packed vs separate (fused): the varlen path starts its chunks at every document start, so other
+  partial sums are rounded to bf16 and other chunk states saved: logits 8.7e-4, gradients 5.7e-3
+  in fp32.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -90,7 +91,7 @@ def test_mixer_vs_mamba_ssm_module(variant, dtype, tol_upstream, tol_ref, record
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 200), (1, 1000)])
-@pytest.mark.parametrize("dtype, tol", [("fp32", (5e-3, 3e-2)), ("bf16", (3e-2, 6e-2))])
+@pytest.mark.parametrize("dtype, tol", [("fp32", (1.5e-2, 3e-2)), ("bf16", (3e-2, 6e-2))])
 def test_lm_fused_vs_reference(shape, dtype, tol, record):
     torch.manual_seed(0)
     cfg = MambaLMConfig(**LM)
@@ -113,7 +114,7 @@ def test_lm_fused_vs_reference(shape, dtype, tol, record):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [("fp32", (1e-4, 2e-2)), ("bf16", (2e-2, 4e-2))])
+@pytest.mark.parametrize("dtype, tol", [("fp32", (3e-3, 2e-2)), ("bf16", (2e-2, 4e-2))])
 def test_fused_packed_equals_separate(dtype, tol, record):
     """seq_idx -> cu_seqlens: documents packed in the micro-batch give the logits and gradients
     of running each document alone."""
