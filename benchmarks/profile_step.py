@@ -9,12 +9,16 @@ prints per arm:
                  idle share of the wall time, kernels per step
   GAP     the five longest idle stretches in the window, between which kernels
   KERNEL  <name>: ms/step in (a), ms/step in (b), difference -- the largest differences first
+  BUDGET  a markdown table: ms/step per kernel family and arm against the matmul-only lower
+          bound (``kernel_budget.py``); ``--variant LABEL:OVERRIDE`` adds a column
 
 Busy time is the union of intervals, so overlapping streams are not counted twice; idle time
 is what the host (or a sync) left the GPU waiting. With ``cuda_graph=on`` the kernels inside a
 replay are listed only where CUPTI reports graph kernels; the kernel count says whether it did.
 
     python benchmarks/profile_step.py --model mamba-370m --micro-batch 8 --cuda-graph off auto
+    python benchmarks/profile_step.py --model mamba2-370m --cuda-graph auto \
+        --variant fla:+model.ssm_cfg.ssd_kernel=fla --peak-flops 989e12
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_budget import print_budget  # noqa: E402
 from train_throughput import framework, plain_loop, ready_cuda, synthetic_shards  # noqa: E402
 
 
@@ -111,32 +116,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-graph", nargs="+", default=["off", "auto"])
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for (b)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDE",
+                    help="also profile (b) with cuda_graph=auto and this extra override, e.g. "
+                         "fla:+model.ssm_cfg.ssd_kernel=fla (a column of the kernel budget)")
+    ap.add_argument("--skip-plain", action="store_true", help="leave out arm (a)")
+    ap.add_argument("--peak-flops", type=float, default=None,
+                    help="dense bf16 FLOP/s for the matmul-only bound (e.g. 989e12 for an H200)")
     args = ap.parse_args(argv)
     if not ready_cuda():
         return 2
     total = args.warmup + args.steps
-    window = StepWindowProfiler(args.warmup, args.steps)
-    # warm-up past the profiled steps: the arms' own timing syncs fall after the window
-    plain_loop(args.model, args.micro_batch, total + 1, 0, 1, on_step=window.after_step)
-    arms = {"plain": window.summary()}
-    _print_arm(f"{args.model} mb={args.micro_batch} plain", arms["plain"])
+    arms = {}
+    if not args.skip_plain:
+        window = StepWindowProfiler(args.warmup, args.steps)
+        # warm-up past the profiled steps: the arms' own timing syncs fall after the window
+        plain_loop(args.model, args.micro_batch, total + 1, 0, 1, on_step=window.after_step)
+        arms["plain"] = window.summary()
+        _print_arm(f"{args.model} mb={args.micro_batch} plain", arms["plain"])
+    runs = [(f"cuda_graph={mode}", [f"module.cuda_graph={mode}"]) for mode in args.cuda_graph]
+    runs += [(label, ["module.cuda_graph=auto", override])
+             for label, override in (v.split(":", 1) for v in args.variant)]
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_shards(Path(tmp) / "data")
-        for mode in args.cuda_graph:
+        for label, extra in runs:
             window = StepWindowProfiler(args.warmup, args.steps)
             framework(args.model, args.micro_batch, total + 1, 0, 1, data, Path(tmp) / "runs",
-                      [*args.override, f"module.cuda_graph={mode}"], tag=f"-{mode}",
+                      [*args.override, *extra], tag=f"-{label.replace('=', '-')}",
                       extra_callbacks=[_FrameworkHook(window)])
-            arms[mode] = window.summary()
-            _print_arm(f"{args.model} mb={args.micro_batch} mamba_train cuda_graph={mode}", arms[mode])
-    base = arms["plain"]["by_name"]
-    for mode in args.cuda_graph:
-        other = arms[mode]["by_name"]
+            arms[label] = window.summary()
+            _print_arm(f"{args.model} mb={args.micro_batch} mamba_train {label}", arms[label])
+    base = arms.get("plain", {}).get("by_name", collections.Counter())
+    for label, _ in (runs if "plain" in arms else []):
+        other = arms[label]["by_name"]
         diffs = sorted(set(base) | set(other), key=lambda k: -abs(other[k] - base[k]))
-        print(f"-- kernels, plain vs mamba_train cuda_graph={mode} (ms/step), largest differences:")
+        print(f"-- kernels, plain vs mamba_train {label} (ms/step), largest differences:")
         for k in diffs[: args.top]:
             print(f"KERNEL {k[:90]:<90} plain {base[k]:7.2f} | mamba_train {other[k]:7.2f} "
                   f"| diff {other[k] - base[k]:+7.2f}")
+    print_budget(args.model, args.micro_batch, arms, args.peak_flops)
     return 0
 
 

@@ -14,7 +14,10 @@ over the bf16 peak of the GPU from Lightning's table).
 Prints per model and micro-batch a THROUGHPUT line with the same-batch ratio b/a, a BEST line
 with each arm's best micro-batch over ``--micro-batches`` (a larger batch is not the same-batch
 ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``module.cuda_graph=off``, the
-measured gain of the captured step. ``--json`` writes everything.
+measured gain of the captured step. ``--fla-peer`` adds a PEER line: the same model through
+flash-linear-attention's ``fla.models`` in the plain loop, ours/fla beside ours/plain;
+``--ssd-kernel-fla`` an SSD line: (b) with ``model.ssm_cfg.ssd_kernel=fla`` vs the default
+(Mamba-2 models; both in ``fla_arms.py``). ``--json`` writes everything.
 
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
 
@@ -39,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/fla_arms.py
+
 SEQ_LEN = 2048
 VOCAB = 50277
 
@@ -62,8 +67,6 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    from mamba_train.training.optim import param_groups
-
     cfg, run_cfg = model_config(name)
     torch.manual_seed(0)
     if cfg.layer == "Mamba3":  # mamba_ssm 2.3.2's MambaLMHeadModel has no Mamba3 blocks
@@ -72,8 +75,23 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
     else:
         fields = {k: v for k, v in cfg.to_dict().items() if k in MambaConfig.__dataclass_fields__}
         model = MambaLMHeadModel(MambaConfig(**fields), device="cuda")
+
+    def loss_of(m, x):  # loss on an fp32 copy of the logits
+        logits = m(x[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+    return timed_loop(model, float(run_cfg.optim.lr), micro_batch, warmup, windows, window,
+                      loss_of, on_step)
+
+
+def timed_loop(model, lr: float, micro_batch: int, warmup: int, windows: int, window: int,
+               loss_of, on_step=None) -> dict:
+    """A plain training loop around ``model`` (bf16 autocast, fused AdamW over our decay groups,
+    clip 1.0); ``loss_of(model, tokens)`` gives the loss of a (micro_batch, SEQ_LEN + 1) batch."""
+    from mamba_train.training.optim import param_groups
+
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups(model, 0.1)]
-    opt = torch.optim.AdamW(groups, lr=float(run_cfg.optim.lr), betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     stamps, losses = [], []
@@ -82,8 +100,7 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
     for step in range(steps + 1):
         x = torch.randint(0, VOCAB, (micro_batch, SEQ_LEN + 1), device="cuda", generator=gen)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss = loss_of(model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -200,6 +217,26 @@ def _fmt_arm(r: dict) -> str:
     return f"{r['tok_s']:,.0f} tok/s ({r['peak_mem_gib']:.1f} GiB{m})"
 
 
+def fla_lines(args, name: str, same_mb: dict, entry: dict, timing, data, runs, add_mfu) -> None:
+    """The fla peer arm (PEER line) and the fla SSD kernel arm (SSD line), where asked for."""
+    from fla_arms import fla_peer_loop, ssd_kernel_arm
+
+    mb, ours, plain = args.micro_batches[0], same_mb["mamba_train"], same_mb["plain"]
+    if args.fla_peer:
+        c = fla_peer_loop(name, mb, *timing)
+        add_mfu(c)
+        entry["fla_peer"] = c
+        print(f"PEER {name} mb={mb}: fla {_fmt_arm(c)} | mamba_train {_fmt_arm(ours)} | ours/fla "
+              f"{ours['tok_s'] / c['tok_s']:.2f} | ours/plain {ours['tok_s'] / plain['tok_s']:.2f}",
+              flush=True)
+    if args.ssd_kernel_fla and model_config(name)[0].layer == "Mamba2":
+        c = ssd_kernel_arm(name, mb, timing, data, runs, args.override)
+        add_mfu(c)
+        entry["ssd_kernel_fla"] = c
+        print(f"SSD {name} mb={mb}: ssd_kernel=fla {_fmt_arm(c)} | ssd_kernel=mamba_ssm "
+              f"{_fmt_arm(ours)} | fla/mamba_ssm {c['tok_s'] / ours['tok_s']:.2f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mamba-130m", "mamba-370m", "mamba2-130m", "mamba2-370m"])
@@ -210,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--ablate-graph", action="store_true",
                     help="also run (b) with module.cuda_graph=off at the first micro-batch")
+    ap.add_argument("--fla-peer", action="store_true",
+                    help="also run the same model through fla.models in the plain loop "
+                         "(first micro-batch; benchmarks/fla_arms.py)")
+    ap.add_argument("--ssd-kernel-fla", action="store_true",
+                    help="also run (b) with model.ssm_cfg.ssd_kernel=fla for Mamba-2 models")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="dense bf16 FLOP/s of the GPU for MFU where Lightning's table lacks it "
                          "(e.g. 989e12 for an H200 that reports itself as just 'NVIDIA H200')")
@@ -255,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["eager_step"] = c
                 print(f"GRAPH {name} mb={mb}: cuda_graph=auto {_fmt_arm(b)} | cuda_graph=off "
                       f"{_fmt_arm(c)} | gain {b['tok_s'] / c['tok_s']:.2f}", flush=True)
+            fla_lines(args, name, per_mb[args.micro_batches[0]], entry, timing, data, runs,
+                      lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)))
             results["models"][name] = entry
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

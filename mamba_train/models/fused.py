@@ -76,10 +76,14 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
 
 
 class FusedMamba2(_Mamba2):
+    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels) or ``fla``
+    (flash-linear-attention's simple-GLA chunk kernels for the SSD part, ``models/ssd_fla.py``)."""
+
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 A_init_range=(1, 16), conv_init=None, **kwargs):
+                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", **kwargs):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
+        self.ssd_kernel = ssd_kernel
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     A_init_range=tuple(A_init_range), conv_init=conv_init)
 
@@ -87,6 +91,14 @@ class FusedMamba2(_Mamba2):
         init_ssm_parameters_(self)
 
     def forward(self, hidden_states, seq_idx=None, inference_params=None):
+        if self.ssd_kernel == "fla" and inference_params is None:
+            if seq_idx is not None:
+                from mamba_train.models.backend import BackendError
+                raise BackendError(
+                    "model.ssm_cfg.ssd_kernel=fla does not take document boundaries (seq_idx): "
+                    "set data.document_boundaries=false or ssd_kernel=mamba_ssm")
+            from mamba_train.models.ssd_fla import mamba2_forward_fla
+            return mamba2_forward_fla(self, hidden_states)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32).contiguous()
         return super().forward(hidden_states, seq_idx=seq_idx, inference_params=inference_params)
