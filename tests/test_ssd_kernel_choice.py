@@ -36,6 +36,20 @@ def test_ssd_kernel_not_saved_and_ignored_by_reference():
     torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=0)
 
 
+def test_resume_across_ssd_kernels_but_not_across_models():
+    import functools
+
+    from mamba_train.export.load import CKPT_CONFIG_KEY
+    from mamba_train.training.module import MambaLMModule
+
+    module = MambaLMModule(model=tiny(ssd_kernel="fla"),
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    module.on_load_checkpoint({CKPT_CONFIG_KEY: tiny().to_dict()})  # same model, other kernel
+    other = MambaLMConfig(d_model=48, n_layer=1, vocab_size=64, ssm_cfg=SSM)
+    with pytest.raises(ValueError, match="different model config"):
+        module.on_load_checkpoint({CKPT_CONFIG_KEY: other.to_dict()})
+
+
 def test_group_broadcast_and_its_gradient_are_adjoint():
     a, b = torch.randn(2, 5, 2, 3), torch.randn(2, 5, 6, 3)
     # <expand(a), b> == <a, sum_over_group(b)>

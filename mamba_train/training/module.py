@@ -269,7 +269,8 @@ class MambaLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
-        if saved is not None and MambaLMConfig.from_dict(saved) != self.model_config:
+        # compared as saved (to_dict): kernel choices such as ssm_cfg.ssd_kernel may differ
+        if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
             raise ValueError(
                 "the checkpoint was written for a different model config than the one "
                 "configured now; resume with the same model.* settings (or start a new run)"
