@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU-bound step, one device call: throughput with the fla peer arm and the fla SSD kernel arm,
-# the fla SSD GPU tests, and the per-kernel-family budget of the captured steps. Each part runs
+# The GPU-bound step, one device call: kernel budgets of the captured steps, throughput with the fla
+# peer arm, the fla SSD kernel check and micro-benchmark, the fla SSD GPU tests. Each part runs
 # under what is left of BUDGET_S seconds (default 290; the wheel install comes before it), in
 # priority order; a part that would start with < 25 s left is skipped and says so. Logs: $OUT.
 #   after the wheels (fla's included) and the project are installed:
-#   bash benchmarks/gpu_perf.sh [parts...]   parts: tp2 tests prof2 tp1 prof1 (default: all)
+#   bash benchmarks/gpu_perf.sh [parts...]   parts: prof2 prof1 tp1 refusal ssd tests tp2
+#   (default: all but tp2, whose fla SSD arm is refused on Hopper + Triton < 3.7.1)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
 BUDGET_S=${BUDGET_S:-290}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|KERNEL|fla-ssd|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
-parts=${*:-tp2 tests prof2 tp1 prof1}
+SHOW='SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|KERNEL|fla-ssd|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+parts=${*:-prof2 prof1 tp1 refusal ssd tests}
 
 run_part() {  # name, command...
   local name=$1; shift
@@ -37,13 +38,15 @@ for p in $parts; do
   case $p in
     tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \
            --ssd-kernel-fla "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
+    refusal) run_part gpu_tests_refusal python3 -m pytest -q -p no:cacheprovider \
+           tests/gpu/test_fla_ssd.py -k "refused or boundaries" ;;
     tests) run_part gpu_tests env TRITON_F32_DEFAULT=ieee python3 -m pytest -q -p no:cacheprovider \
            tests/gpu/test_fla_ssd.py ;;
-    prof2) run_part prof_mamba2 python3 benchmarks/profile_step.py --model mamba2-370m "${PROF[@]}" \
-           --variant fla:+model.ssm_cfg.ssd_kernel=fla ;;
+    prof2) run_part prof_mamba2 python3 benchmarks/profile_step.py --model mamba2-370m "${PROF[@]}" ;;
     tp1) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m --fla-peer \
            "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
     prof1) run_part prof_mamba1 python3 benchmarks/profile_step.py --model mamba-370m "${PROF[@]}" ;;
+    ssd) run_part ssd_kernels python3 benchmarks/ssd_kernels.py --lift-fla-guard ;;
     *) echo "unknown part $p" ;;
   esac
 done

@@ -230,6 +230,10 @@ def fla_lines(args, name: str, same_mb: dict, entry: dict, timing, data, runs, a
               f"{ours['tok_s'] / c['tok_s']:.2f} | ours/plain {ours['tok_s'] / plain['tok_s']:.2f}",
               flush=True)
     if args.ssd_kernel_fla and model_config(name)[0].layer == "Mamba2":
+        from mamba_train.models.ssd_fla import fla_stack_problem
+        if fla_stack_problem():
+            print(f"SSD {name} mb={mb}: ssd_kernel=fla not run: {fla_stack_problem()}", flush=True)
+            return
         c = ssd_kernel_arm(name, mb, timing, data, runs, args.override)
         add_mfu(c)
         entry["ssd_kernel_fla"] = c

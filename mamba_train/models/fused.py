@@ -84,6 +84,9 @@ class FusedMamba2(_Mamba2):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
         self.ssd_kernel = ssd_kernel
+        if ssd_kernel == "fla":
+            from mamba_train.models.ssd_fla import check_fla_stack
+            check_fla_stack()
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     A_init_range=tuple(A_init_range), conv_init=conv_init)
 

@@ -13,7 +13,13 @@ grouped tensors and sums the per-head gradients back over each group, so the exp
 activation memory. Document boundaries (``seq_idx``) are refused: fla's varlen path flattens the
 batch and needs the boundary offsets on the host, which a captured step cannot provide.
 
-fla is imported lazily: ``ssm_cfg.ssd_kernel=fla`` without the package fails with one line.
+fla is imported lazily: ``ssm_cfg.ssd_kernel=fla`` without the package fails with one line, and
+so does a stack where fla's gated backward is known to be wrong: on Hopper GPUs, Triton 3.4.0 up
+to (not including) 3.7.1 miscompiles a transposed wgmma result in ``chunk_bwd_kernel_dqkwg``
+(wrong dk / dg; fla-org/flash-linear-attention #640, fixed in Triton 3.7.1 per fla PR #983).
+fla itself raises there at the first backward; ``check_fla_stack`` says so when the model is
+built. torch 2.11 pins Triton 3.6.0, so on an H100/H200 with torch 2.11 this kernel choice
+cannot train (measured 2026-12-02, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -36,6 +42,31 @@ def _fla():
             f"model.ssm_cfg.ssd_kernel=fla needs flash-linear-attention ({e}); install "
             "`flash-linear-attention` or set ssd_kernel=mamba_ssm") from e
     return chunk_simple_gla_fwd, chunk_simple_gla_bwd, chunk_local_cumsum, RCP_LN2
+
+
+def fla_stack_problem() -> str | None:
+    """None where fla's simple-GLA training kernels can run, else why not (one sentence)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fla") is None:
+        return ("model.ssm_cfg.ssd_kernel=fla needs flash-linear-attention; install "
+                "`flash-linear-attention` or set ssd_kernel=mamba_ssm")
+    import triton
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+    if (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+            and importlib.util.find_spec("tilelang") is None):
+        return (f"model.ssm_cfg.ssd_kernel=fla cannot train here: Triton {triton.__version__} on a "
+                "Hopper GPU computes fla's gated chunk backward wrongly (fla-org/flash-linear-"
+                "attention #640); it needs Triton >= 3.7.1 (or tilelang). Use ssd_kernel=mamba_ssm")
+    return None
+
+
+def check_fla_stack() -> None:
+    problem = fla_stack_problem()
+    if problem:
+        from mamba_train.models.backend import BackendError
+        raise BackendError(problem)
 
 
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
