@@ -33,7 +33,7 @@ for p in ('torch', 'triton', 'mamba_ssm', 'causal_conv1d', 'flash-linear-attenti
     except PackageNotFoundError: print(p, 'MISSING')
 " | tee -a "$OUT/device.txt"
 TIMING=(--warmup 4 --windows 2 --window 6 --peak-flops "$PEAK")
-PROF=(--warmup 4 --steps 4 --cuda-graph auto --top 8 --peak-flops "$PEAK")
+PROF=(--warmup 6 --steps 4 --cuda-graph auto --top 8 --peak-flops "$PEAK")
 for p in $parts; do
   case $p in
     tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \
