@@ -39,10 +39,10 @@ def test_ssd_kernel_not_saved_and_ignored_by_reference():
 def test_resume_across_ssd_kernels_but_not_across_models():
     import functools
 
-    from mamba_train.export.load import CKPT_CONFIG_KEY
+    from mamba_train.checkpoint import CKPT_CONFIG_KEY
     from mamba_train.training.module import MambaLMModule
 
-    module = MambaLMModule(model=tiny(ssd_kernel="fla"),
+    module = MambaLMModule(model_config=tiny(ssd_kernel="fla"),
                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
     module.on_load_checkpoint({CKPT_CONFIG_KEY: tiny().to_dict()})  # same model, other kernel
     other = MambaLMConfig(d_model=48, n_layer=1, vocab_size=64, ssm_cfg=SSM)

@@ -96,8 +96,8 @@ class FusedMamba2(_Mamba2):
     def forward(self, hidden_states, seq_idx=None, inference_params=None):
         if self.ssd_kernel == "fla" and inference_params is None:
             if seq_idx is not None:
-                from mamba_train.models.backend import BackendError
-                raise BackendError(
+                from mamba_train.models.ssd_fla import SSDKernelError
+                raise SSDKernelError(
                     "model.ssm_cfg.ssd_kernel=fla does not take document boundaries (seq_idx): "
                     "set data.document_boundaries=false or ssd_kernel=mamba_ssm")
             from mamba_train.models.ssd_fla import mamba2_forward_fla

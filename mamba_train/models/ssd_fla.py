@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-SSD_KERNELS = ("mamba_ssm", "fla")
+from mamba_train.errors import MambaTrainError
+
+
+class SSDKernelError(MambaTrainError, RuntimeError):
+    """The chosen Mamba-2 SSD kernel cannot run here or on this input; the message says why."""
 
 
 def _fla():
@@ -37,8 +41,7 @@ def _fla():
         from fla.ops.utils import chunk_local_cumsum
         from fla.ops.utils.constant import RCP_LN2
     except ImportError as e:
-        from mamba_train.models.backend import BackendError
-        raise BackendError(
+        raise SSDKernelError(
             f"model.ssm_cfg.ssd_kernel=fla needs flash-linear-attention ({e}); install "
             "`flash-linear-attention` or set ssd_kernel=mamba_ssm") from e
     return chunk_simple_gla_fwd, chunk_simple_gla_bwd, chunk_local_cumsum, RCP_LN2
@@ -65,8 +68,7 @@ def fla_stack_problem() -> str | None:
 def check_fla_stack() -> None:
     problem = fla_stack_problem()
     if problem:
-        from mamba_train.models.backend import BackendError
-        raise BackendError(problem)
+        raise SSDKernelError(problem)
 
 
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:

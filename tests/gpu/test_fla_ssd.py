@@ -19,7 +19,6 @@ import torch
 pytest.importorskip("fla", reason="flash-linear-attention is not installed (copy its wheels into .whl/)")
 
 from mamba_train import MambaLMConfig, build_model  # noqa: E402
-from mamba_train.models.backend import BackendError  # noqa: E402
 from mamba_train.models.lm import MambaLM  # noqa: E402
 from mamba_train.models import ssd_fla  # noqa: E402
 
@@ -80,7 +79,7 @@ def test_fla_refused_where_its_backward_is_wrong(record):
         models("ngroups1", "fla")
         record("fla-ssd: this stack trains with fla's kernels")
     else:
-        with pytest.raises(BackendError, match="Triton"):
+        with pytest.raises(ssd_fla.SSDKernelError, match="Triton"):
             models("ngroups1", "fla")
         record(f"fla-ssd refused: {PROBLEM}")
 
@@ -152,7 +151,7 @@ def test_fla_refuses_document_boundaries(forward_only):
     mixer = fla.backbone.layers[0].mixer
     u = torch.randn(1, 64, 1024, device="cuda")
     seq_idx = torch.zeros(1, 64, dtype=torch.int32, device="cuda")
-    with pytest.raises(BackendError, match="document boundaries"):
+    with pytest.raises(ssd_fla.SSDKernelError, match="document boundaries"):
         mixer(u, seq_idx=seq_idx)
 
 
