@@ -11,7 +11,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mamba_train.errors import user_errors
 
@@ -22,14 +22,16 @@ log = logging.getLogger("mamba_train")
 def _hydra_main(cfg: DictConfig) -> None:
     from mamba_train.train import train  # heavy imports after argument parsing (--help is fast)
 
-    log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
     try:
-        train(cfg)
+        result = train(cfg)
     except user_errors() as e:  # evaluated only when something was raised
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result.get("exit_code"):  # stopped by a signal after saving: 128 + signal number
+        sys.exit(result["exit_code"])
 
 
 def _refuse_moved_overrides(argv: list[str]) -> None:

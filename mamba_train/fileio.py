@@ -3,16 +3,50 @@
 The data goes to a temporary file in the target's directory (same filesystem, so the rename is
 atomic on POSIX), the file is fsync'ed, renamed over the target with ``os.replace`` and the
 directory is fsync'ed so the rename itself survives a power loss. A crash at any point leaves
-either the old file or the new one, never a truncated mix.
+either the old file or the new one, never a truncated mix. A full disk (or quota) is a
+:class:`DiskFullError` naming the file: the partial temporary file is removed, the earlier
+files are untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from mamba_train.errors import MambaTrainError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(MambaTrainError, OSError):
+    """No space left on the device (or quota exceeded) while writing a file."""
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """Also through torch.save, which reports a failed write as a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full_error(path: Path) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"no space left on the device while writing {path} ({free}); the files written before "
+        "it are intact: free some space (or move the output elsewhere) and rerun -- a training "
+        "run resumes with ckpt_path=last, prepare continues where it stopped")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -40,6 +74,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        if _is_disk_full(e):
+            raise disk_full_error(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

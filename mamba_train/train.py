@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.conf import MOVED_KEYS
+from mamba_train.config_checks import check_config, write_resolved_config
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import ConfigError
 from mamba_train.training.batch import grad_accumulation
@@ -24,6 +25,8 @@ from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
 from mamba_train.training.module import MambaLMModule
+from mamba_train.training.resume import clean_checkpoint_dir, resolve_ckpt_path, resume_command
+from mamba_train.training.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,6 @@ def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
             f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "
             "ckpt_path=last, or start a new run with run_name=<new name>."
         )
-    if ckpt_path not in (None, "last") and not Path(ckpt_path).exists():  # sharded: a directory
-        raise RunDirError(f"ckpt_path={ckpt_path} does not exist")
 
 
 def max_steps(cfg: DictConfig) -> int:
@@ -93,14 +94,21 @@ def max_steps(cfg: DictConfig) -> int:
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
     check_moved_keys(cfg)
+    check_config(cfg)  # every bad value in one line, before anything is built or written
     run_dir = Path(cfg.run_dir)
+    lock_run_dir(run_dir)  # a second run in the same directory refuses here
     _check_run_dir(run_dir, cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(run_dir / "checkpoints", cfg.ckpt_path)  # newest that loads
+    if launching_rank_zero():
+        clean_checkpoint_dir(run_dir / "checkpoints", int(cfg.train.keep_last_k_checkpoints),
+                             keep=ckpt_path)
+        log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
     if cfg.trainer.get("deterministic"):
         enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned
     L.seed_everything(cfg.seed, workers=True)
 
     # the model group's config, or init_from=<source>'s (continued pretraining)
-    model_config, init_from = model_and_source(cfg, run_dir)
+    model_config, init_from = model_and_source(cfg, run_dir, resuming=ckpt_path is not None)
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
     source = {"model_config": model_config.to_dict(), "init_from": init_from} if init_from else {}
@@ -134,12 +142,21 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                  cfg.data.micro_batch_size, cfg.data.seq_len, accum,
                  cfg.train.global_batch_tokens, trainer.max_steps, cfg.backend)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     ckpt_cb = trainer.checkpoint_callback
     last = getattr(ckpt_cb, "last_model_path", "") or ""
-    if trainer.is_global_zero:
+    stopped = next((cb for cb in callbacks if getattr(cb, "stopped_by", None) is not None), None)
+    exit_code = 0
+    if stopped is not None:  # SIGTERM/SIGINT/SIGUSR1: saved at a step boundary, then stopped
+        # 128 + signal, as a shell reports a signal's death; 0 where the job requeued itself
+        last, exit_code = stopped.saved_path, 0 if stopped.requeue else 128 + int(stopped.stopped_by)
+        if trainer.is_global_zero:
+            print(f"stopped by {stopped.stopped_by.name} after step {stopped.saved_step}; saved "
+                  f"{last}; resume with: {resume_command()}", flush=True)
+    elif trainer.is_global_zero:
         print(f"training done: {trainer.global_step} steps; last checkpoint: {last or '(none)'}")
+    unlock_run_dir(run_dir)
     return {"trainer": trainer, "module": module, "datamodule": datamodule,
-            "run_dir": run_dir, "last_checkpoint": last,
+            "run_dir": run_dir, "last_checkpoint": last, "exit_code": exit_code,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}

@@ -119,3 +119,47 @@ def test_parse_args():
     assert (cfg.tokens_per_shard, cfg.val_fraction, cfg.max_shards) == (1_000_000, 0.05, None)
     with pytest.raises(UsageError, match="unknown argument .bogus."):
         parse_args(["source=a", "out=o", "bogus=1"])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "is not valid UTF-8 text"),
+    ("latin1.txt", b"caf\xe9 au lait\n", "is not valid UTF-8 text"),
+    ("broken.jsonl", b'{"text": "ok"}\n{"text": oops\n', "cannot parse it"),
+])
+def test_undecodable_source_is_one_line_naming_the_file(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    assert main([f"source={tmp_path / name}", f"out={tmp_path / 'o'}", "num_proc=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"prepare: error: source '{tmp_path / name}'" in err and message in err
+    assert "Traceback" not in err
+
+
+def test_full_disk_while_writing_a_shard_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    """The second shard's write fails with ENOSPC half-way: one line naming the file; the first
+    shard is whole and no partial file is left."""
+    import errno
+
+    import mamba_train.data.shards as shards
+    from mamba_train.fileio import atomic_write
+
+    d, _ = corpus
+    real, calls = shards.atomic_write_bytes, {"n": 0}
+
+    def fill_disk_at_second_shard(path, data):
+        calls["n"] += Path(path).suffix == ".bin"
+        if calls["n"] != 2 or Path(path).suffix != ".bin":
+            return real(path, data)
+
+        def half_then_full(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(bytes(data)[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        atomic_write(path, half_then_full)
+    monkeypatch.setattr(shards, "atomic_write_bytes", fill_disk_at_second_shard)
+    out = tmp_path / "out"
+    rc = main([f"source={d / 'docs.jsonl'}", f"out={out}", "tokens_per_shard=1000", "num_proc=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no space left on the device while writing" in err and "shard_00001.bin" in err, err
+    assert "Traceback" not in err
+    assert [p.name for p in out.rglob("*shard*")] == ["shard_00000.bin"]
+    assert next(out.rglob("*.bin")).stat().st_size == 2000  # whole (uint16 tokens)

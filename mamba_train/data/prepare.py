@@ -129,7 +129,8 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # errors reach the user as one DataError line (below), not also as datasets log records
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     resolved = resolve_files(cfg.source)
     try:
         if resolved is None:
@@ -147,7 +148,7 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
                         f"({e.__class__.__name__}: {e}). For a hub dataset without internet, "
                         "download it elsewhere and pass the local files") from e
     text_key = "text" if resolved is not None and resolved[0] == "text" else cfg.text_key
-    for record in ds:
+    for record in _readable(ds, cfg.source):
         if text_key not in record:
             raise DataError(f"source {cfg.source!r}: records have no {text_key!r} field; fields "
                             f"present: {sorted(record)}. Pass text_key=<one of them>")
@@ -157,6 +158,24 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
                             f"{type(text).__name__}, not text")
         if text:
             yield text
+
+
+def _readable(records, source: str):
+    """The records, with a file that is not valid UTF-8 / JSON reported as a DataError."""
+    it = iter(records)
+    while True:
+        try:
+            record = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            raise DataError(f"source {source!r} is not valid UTF-8 text ({e.reason} at byte "
+                            f"{e.start}); re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        except ValueError as e:  # pyarrow's ArrowInvalid: a JSON line that does not parse
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"source {source!r}: cannot parse it ({first}); every line of a "
+                            ".jsonl file must be one JSON object") from None
+        yield record
 
 
 # ----------------------------------------------------------------------------- tokenizing

@@ -70,8 +70,6 @@ def graph_blockers(trainer, module) -> list[str]:
                        "gradients inside the step; only single-device and DDP steps are captured")
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         reasons.append("fp16 loss scaling decides on the host whether to step; use bf16-mixed")
-    if module.nan_policy != "stop":
-        reasons.append("train.nan_policy=skip decides on the host every micro-batch; use stop")
     if getattr(trainer.datamodule, "document_boundaries", False) and any(
             getattr(m, "varlen_needs_host_sync", False) for m in module.modules()):
         reasons.append("Mamba-3's fused kernel takes document boundaries as cu_seqlens, whose "

@@ -385,13 +385,18 @@ def will_resume(ckpt_path: str | None, run_dir: Path) -> bool:
     return SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt"))
 
 
-def model_and_source(cfg, run_dir: Path) -> tuple[MambaLMConfig, InitFrom | None]:
-    """The run's model config and, with ``cfg.init_from``, its source (``train.py``)."""
+def model_and_source(cfg, run_dir: Path,
+                     resuming: bool | None = None) -> tuple[MambaLMConfig, InitFrom | None]:
+    """The run's model config and, with ``cfg.init_from``, its source (``train.py``).
+    ``resuming``: whether a checkpoint will be restored, where the caller has resolved it
+    (``training/resume.py``); else decided by Lightning's rules (:func:`will_resume`)."""
     from hydra.utils import instantiate
 
     configured = instantiate(cfg.model, _convert_="all") if cfg.get("model") else None
     if cfg.get("init_from"):
-        source = InitFrom.from_run_config(cfg, configured, will_resume(cfg.ckpt_path, Path(run_dir)))
+        if resuming is None:
+            resuming = will_resume(cfg.ckpt_path, Path(run_dir))
+        source = InitFrom.from_run_config(cfg, configured, resuming)
         return source.config, source
     if configured is None:
         raise InitFromError("model=source takes the architecture from init_from=<source>; set "

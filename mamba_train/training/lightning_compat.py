@@ -14,7 +14,8 @@ their own classes; they are listed here so that one file names every private dep
 * ``training/strategies/fsdp.py``: ``_precision_plugin`` (the plugin swap behind the public
   ``precision_plugin`` property, to clip FSDP gradients by global norm).
 * ``training/csv_logger.py``: ``ExperimentWriter._check_log_dir_exists`` (Lightning deletes
-  ``metrics.csv`` there on restart; the resumable logger keeps it) and ``CSVLogger``'s
+  ``metrics.csv`` there on restart; the resumable logger keeps it), ``_rewrite_with_new_header``
+  (rewritten through the atomic writer: Lightning rewrites the file in place) and ``CSVLogger``'s
   ``_experiment`` / ``_fs`` (the ``experiment`` property it re-implements to use that writer).
 """
 

@@ -12,21 +12,17 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mamba_train.errors import MambaTrainError
 from mamba_train.checkpoint import CKPT_CONFIG_KEY
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
 from mamba_train.training.lightning_compat import should_accumulate
+from mamba_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401
 from mamba_train.training.optim import build_optimizer
 
 RNG_KEY = "mamba_train_rng"
 RUN_CONFIG_KEY = "mamba_train_run_config"
 NAN_POLICIES = ("stop", "skip")
-
-
-class NonFiniteLossError(MambaTrainError, FloatingPointError):
-    """The loss became NaN/inf and ``train.nan_policy=stop``."""
 
 
 class MambaLMModule(L.LightningModule):
@@ -44,6 +40,7 @@ class MambaLMModule(L.LightningModule):
         cuda_graph_allreduce: str = "outside",
         mamba1_recompute: bool = True,
         init_from: Any = None,
+        max_consecutive_skips: int = 10,
         **unknown: Any,
     ):
         """``model_config`` describes the network (``self.model`` is the ``nn.Module`` built from
@@ -80,9 +77,9 @@ class MambaLMModule(L.LightningModule):
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
         self._eager_reason = "eager: training has not started"  # set in on_train_start
         self.model = None
-        self.skipped_steps = 0
         self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
-        self._first_bad_step: torch.Tensor | None = None  # device scalar, -1 = all finite
+        # non-finite loss/gradients: decided on the device before each optimizer step
+        self.nonfinite = NonFiniteGuard(nan_policy, max_consecutive_skips)
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -121,17 +118,37 @@ class MambaLMModule(L.LightningModule):
             loss = self.graph_step.forward_backward(batch, starts_window)
         else:
             loss = self._loss(batch)
-        if self.nan_policy == "skip":
-            # Deciding before the optimizer step needs the value now: one host sync per step.
-            if not torch.isfinite(loss):
-                self.skipped_steps += 1
-                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-                return None  # Lightning skips backward and the optimizer step for this batch
-        else:
-            self._note_nonfinite(loss)
+        self.nonfinite.note_loss(loss)  # a device flag; the step's fate is decided before it
         n_tokens = batch["input_ids"].numel()
+        # the step's own loss, also when it is skipped (NaN/inf then), never a stale value
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_tokens)
+        if self.nan_policy == "skip":
+            self.log("train/skipped_steps", self.nonfinite.skipped_total(), on_step=True)
         return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite loss/gradients (reads the device: a sync)."""
+        self.nonfinite.poll_counts()
+        return self.nonfinite.skipped
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+        reduce_max = None
+        if self.trainer.world_size > 1 and not self._gradients_replicated():
+            strategy = self.trainer.strategy
+            reduce_max = lambda f: strategy.reduce(f.float(), reduce_op="sum") > 0  # noqa: E731
+        # DeepSpeed's engine applies the step itself: there the flag is recorded, not applied
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        self.nonfinite.before_optimizer_step(optimizer, self.global_step, reduce_max,
+                                             mask=not deepspeed)
+
+    def _gradients_replicated(self) -> bool:
+        """DDP (and the graph step's own all-reduce) leave every rank the same full gradients;
+        sharded strategies leave each rank a shard, so the flag must be agreed."""
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+        strategy = self.trainer.strategy
+        return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
 
     # ------------------------------------------------------------------ CUDA graph (see cuda_graph.py)
     def _start_graph_step(self) -> None:
@@ -163,7 +180,7 @@ class MambaLMModule(L.LightningModule):
             return super().on_validation_model_zero_grad()
         self.graph_step.zero_grad()
 
-    def on_train_end(self) -> None:
+    def _release_graph_step(self) -> None:
         if self.graph_step is not None:  # the graph's private memory pool goes with it
             rank_zero_info(f"training step: {self.graph_step.describe()}")
             self.graph_step.release()
@@ -171,36 +188,34 @@ class MambaLMModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.init_from is not None:
             self.init_from.check_resumed(self.trainer.ckpt_path)
-        self._start_graph_step()
-        # a resumed run redoes the steps after its checkpoint: drop their rows from the CSV log
-        if self.global_step > 0:
-            for logger in self.loggers:
-                if hasattr(logger, "prune_from_step"):
-                    logger.prune_from_step(self.global_step)
-
-    # ------------------------------------------------------------------ non-finite loss, policy "stop"
-    # The check must not synchronise the host every step: Mamba-2 training is bound by the CPU
-    # enqueueing kernels, and a per-step `if not isfinite(loss)` stalls that pipeline. So the
-    # first bad step is recorded on the device and read (one sync) every log interval and before
-    # any checkpoint is written -- a checkpoint never contains the weights of a NaN step.
-    def _note_nonfinite(self, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        if self._first_bad_step is None:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._first_bad_step
-        self._first_bad_step = torch.where(bad & (first < 0), self.global_step, first)
-
-    def raise_if_nonfinite(self) -> None:
-        if self._first_bad_step is not None and (step := int(self._first_bad_step)) >= 0:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+        if self.nan_policy == "skip" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             raise NonFiniteLossError(
-                f"non-finite training loss (NaN/inf) at step {step}; the run stopped before "
-                "saving a checkpoint after it, so the last checkpoint is the last good state. "
-                "Lower the LR, check the data, or set train.nan_policy=skip to skip such steps."
-            )
+                "train.nan_policy=skip cannot skip a step under DeepSpeed (its engine applies "
+                "the optimizer step itself); use train.nan_policy=stop or strategy=fsdp")
+        self.nonfinite.window = 2 * max(1, self.trainer.log_every_n_steps)
+        self._start_graph_step()
+        # a restarted or resumed run redoes the steps from global_step on: drop their rows from
+        # the CSV log (all of them when a run killed before its first checkpoint starts over)
+        for logger in self.loggers:
+            if hasattr(logger, "prune_from_step"):
+                logger.prune_from_step(self.global_step)
+
+    # ------------------------------------------------------------------ non-finite steps (nonfinite.py)
+    # Not read every step: Mamba-2 training is bound by the CPU enqueueing kernels, and a
+    # per-step host read stalls that pipeline. The device bookkeeping is read every log
+    # interval and before any checkpoint is written (a checkpoint never holds a NaN step).
+    def raise_if_nonfinite(self) -> None:
+        ckpt_cb = self.trainer.checkpoint_callback if self._trainer is not None else None
+        self.nonfinite.poll(getattr(ckpt_cb, "last_model_path", None) or None)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.raise_if_nonfinite()
+
+    def on_train_end(self) -> None:
+        self.raise_if_nonfinite()
+        self._release_graph_step()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self._loss(batch)
@@ -256,6 +271,8 @@ class MambaLMModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite()  # never write the weights of a NaN step
+        for logger in self.loggers:  # the metrics up to here are on disk before the checkpoint
+            logger.save()
         checkpoint[CKPT_CONFIG_KEY] = self.model_config.to_dict()
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config

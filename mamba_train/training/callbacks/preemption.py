@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
+import signal as _signal
 import subprocess
 import threading
 from pathlib import Path
@@ -33,36 +33,60 @@ log = logging.getLogger(__name__)
 
 class PreemptionCheckpoint(L.Callback):
     """Args:
-        signal: the signal that announces the end (``SIGUSR1``: ``#SBATCH --signal=B:USR1@N``).
+        signal: the signal(s) that announce the end (``SIGUSR1``: ``#SBATCH --signal=B:USR1@N``;
+            the default config also stops on ``[SIGTERM, SIGINT]``: a scheduler's kill, Ctrl-C).
         requeue: run ``scontrol requeue $SLURM_JOB_ID`` (rank 0) after the checkpoint is saved.
+
+    A second signal while the first is still waiting for the step boundary ends the process at
+    once (the signal's default action), for a user who really wants out now. After a stop
+    ``stopped_by`` names the signal; ``train`` turns that into the exit status 128 + signal.
     """
 
-    def __init__(self, signal: str = "SIGUSR1", requeue: bool = True):
-        self.signum = parse_signal(signal)
+    def __init__(self, signal: str | list[str] = "SIGUSR1", requeue: bool = True):
+        names = [signal] if isinstance(signal, (str, int)) else list(signal)
+        self.signums = [parse_signal(s) for s in names]
+        self.signum = self.signums[0]
         self.requeue = requeue
         self.received = False
+        self.stopped_by: _signal.Signals | None = None
         self.saved_step: int | None = None
-        self._previous = None
+        self.saved_path: str | None = None
+        self._previous: dict | None = None
         self._last_step = -1
         self._pending: _FlagOnHost | None = None
 
     # ------------------------------------------------------------------ signal
     def _handler(self, signum, frame) -> None:
+        if self.received:  # a second signal: leave now, with the signal's default action
+            _signal.signal(signum, _signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = True  # only a flag: the work happens at the next step boundary
+        self.signum = _signal.Signals(signum)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = {s: _signal.signal(s, self._handler) for s in self.signums}
+        if self._previous is None:
+            self._previous = previous
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._handler)
+        self._install()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._previous)
+            for s, handler in self._previous.items():
+                _signal.signal(s, handler)
             self._previous = None
         if self.saved_step is not None and self.requeue and trainer.is_global_zero:
             self._requeue()
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its SIGTERM handler after ``setup``; it would stop the run at the
+        # end of the current micro-batch, unsaved. Ours replaces it (it is restored at teardown).
+        self._install()
         self._last_step = trainer.global_step
         log.info("training starts at step %d (rank %d, SLURM_RESTART_COUNT=%s, SLURM_JOB_ID=%s)",
                  trainer.global_step, trainer.global_rank, os.environ.get("SLURM_RESTART_COUNT", "0"),
@@ -77,7 +101,7 @@ class PreemptionCheckpoint(L.Callback):
             return
         path = self._checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # every rank: a collective for sharded strategies
-        self.saved_step = trainer.global_step
+        self.saved_step, self.saved_path, self.stopped_by = trainer.global_step, path, self.signum
         if trainer.is_global_zero:
             log.warning("preemption signal (%s): saved step %d to %s; stopping%s",
                         self.signum.name, trainer.global_step, path,

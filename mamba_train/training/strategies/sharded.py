@@ -22,6 +22,18 @@ def _is_zero3(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.config) and strategy.zero_stage_3
 
 
+def _offload_full_params(strategy) -> bool:
+    """Gather FSDP's full parameters into CPU memory (no GPU memory needed) -- except where
+    nothing is sharded: FSDP turns FULL_SHARD into NO_SHARD at world size 1, and torch refuses
+    ``offload_to_cpu=True`` with NO_SHARD (``NotImplementedError``); the parameters are whole
+    on the device there already."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    sharding = getattr(strategy, "sharding_strategy", None)
+    unsharded = strategy.world_size == 1 or sharding == ShardingStrategy.NO_SHARD
+    return strategy.root_device.type == "cuda" and not unsharded
+
+
 def _is_fsdp(strategy) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
     return isinstance(strategy, FSDPStrategy)
@@ -86,8 +98,8 @@ def gathered_parameters(strategy, module: nn.Module,
 
         root = strategy.model
         if isinstance(root, FSDP):
-            offload = strategy.root_device.type == "cuda"
-            with FSDP.summon_full_params(root, writeback=False, offload_to_cpu=offload):
+            with FSDP.summon_full_params(root, writeback=False,
+                                         offload_to_cpu=_offload_full_params(strategy)):
                 yield module
             return
     if strategy is not None and _is_zero3(strategy):

@@ -1,0 +1,108 @@
+"""Check the composed config's values before anything is built, all at once, in one line.
+
+Hydra checks the keys (a typo is "Could not override ..."), not the values: a zero batch size
+or sequence length surfaces as a ``ZeroDivisionError`` deep in the batch arithmetic, a
+negative learning rate as a traceback from the optimizer, ``seq_len=abc`` without the key's
+name. Here every bad value is named with its key and what to set instead, before the run
+directory is touched; the resolved config goes to ``<run dir>/config.resolved.yaml`` instead
+of the terminal, so the error line is not buried under it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from mamba_train.errors import MambaTrainError
+
+RESOLVED_CONFIG = "config.resolved.yaml"
+
+
+class ConfigValueError(MambaTrainError, ValueError):
+    """A config value of the right key but an impossible value."""
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def positive_int(v): return _int(v) and v > 0
+def non_negative_int(v): return _int(v) and v >= 0
+def positive_number(v): return _num(v) and v > 0
+def non_negative_number(v): return _num(v) and v >= 0
+
+
+# key -> (accepts, what it must be); a missing key is not checked here (Hydra owns the keys)
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.micro_batch_size": (positive_int, "a positive integer (sequences per micro-batch), e.g. 8"),
+    "data.seq_len": (positive_int, "a positive integer (tokens per sequence), e.g. 2048"),
+    "data.num_workers": (non_negative_int, "an integer >= 0 (DataLoader workers)"),
+    "train.global_batch_tokens": (positive_int, "a positive integer (tokens per optimizer step), "
+                                                "a multiple of micro_batch_size x seq_len x GPUs"),
+    "train.total_tokens": (lambda v: v is None or positive_int(v), "null or a positive integer"),
+    "train.val_every_n_steps": (positive_int, "a positive integer (optimizer steps)"),
+    "train.checkpoint_every_n_steps": (positive_int, "a positive integer (optimizer steps)"),
+    "train.keep_last_k_checkpoints": (lambda v: _int(v) and v >= -1,
+                                      "-1 (keep all), 0 (only last.ckpt) or a positive integer"),
+    "train.loss_chunk_size": (positive_int, "a positive integer (tokens per loss chunk)"),
+    "train.nan_policy": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    "train.max_consecutive_skips": (positive_int, "a positive integer (skipped steps in a row "
+                                                  "before nan_policy=skip gives up)"),
+    "optim.lr": (positive_number, "a positive number, e.g. 3e-4"),
+    "optim.weight_decay": (non_negative_number, "a number >= 0, e.g. 0.1"),
+    "trainer.max_steps": (lambda v: v is None or v == -1 or positive_int(v),
+                          "a positive integer, or null to derive it from train.total_tokens"),
+    "trainer.log_every_n_steps": (positive_int, "a positive integer"),
+    "trainer.gradient_clip_val": (lambda v: v is None or non_negative_number(v),
+                                  "null or a number >= 0 (e.g. 1.0)"),
+    "seed": (_int, "an integer"),
+}
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """One ``key=value: must be ...`` entry per bad value (empty: all good)."""
+    problems = []
+    for key, (accepts, must_be) in RULES.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True, default=_ABSENT)
+        except Exception as e:  # noqa: BLE001 -- an interpolation that does not resolve
+            problems.append(f"{key}: cannot be resolved ({e})".splitlines()[0])
+            continue
+        if value is _ABSENT:
+            continue
+        if not accepts(value):
+            problems.append(f"{key}={value!r} must be {must_be}")
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    if max_steps in (None, -1) and OmegaConf.select(cfg, "train.total_tokens", default=None) is None:
+        problems.append("trainer.max_steps and train.total_tokens are both unset: set one of them")
+    ckpt = OmegaConf.select(cfg, "ckpt_path", default=None)
+    if ckpt is not None and not isinstance(ckpt, str):
+        problems.append(f"ckpt_path={ckpt!r} must be null, last or a path to a .ckpt file")
+    return problems
+
+
+_ABSENT = object()
+
+
+def check_config(cfg: DictConfig) -> None:
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigValueError("invalid config: " + "; ".join(problems)
+                               + " (set them on the command line, e.g. data.seq_len=2048)")
+
+
+def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """The fully resolved config, for the record (also what a resume must match)."""
+    path = Path(run_dir) / RESOLVED_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+    return path
