@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mamba_train.models.attention import CausalSelfAttention
 from mamba_train.models.backend import add_norm_fn, mixer_classes, resolve_backend
@@ -24,7 +25,12 @@ CausalLMOutput = namedtuple("CausalLMOutput", ["logits", "loss"], defaults=(None
 
 
 class Block(nn.Module):
-    """Add -> norm -> mixer (-> add -> norm2 -> MLP); returns (hidden, residual) like mamba_ssm."""
+    """Add -> norm -> mixer (-> add -> norm2 -> MLP); returns (hidden, residual) like mamba_ssm.
+
+    ``checkpoint_activations`` (set by ``training/activation_checkpointing.py``): keep only the
+    inputs for the backward and recompute the block there."""
+
+    checkpoint_activations: bool = False
 
     def __init__(self, config: MambaLMConfig, layer_idx: int, backend: str, device=None, dtype=None):
         super().__init__()
@@ -47,6 +53,13 @@ class Block(nn.Module):
             self.mlp = None
 
     def forward(self, hidden, residual=None, seq_idx=None):
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # no RNG state to restore: the blocks have no stochastic layers
+            return checkpoint(self._forward, hidden, residual, seq_idx, use_reentrant=False,
+                              preserve_rng_state=False)
+        return self._forward(hidden, residual, seq_idx)
+
+    def _forward(self, hidden, residual, seq_idx):
         hidden, residual = self._add_norm(hidden, residual, self.norm, self.residual_in_fp32)
         hidden = self.mixer(hidden, seq_idx=seq_idx)
         if self.mlp is not None:

@@ -14,6 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.checkpoint import CKPT_CONFIG_KEY
 from mamba_train.models.config import ConfigError, MambaLMConfig
+from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
+                                                          checkpointed_block_indices,
+                                                          normalize_policy)
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
 from mamba_train.training.lightning_compat import should_accumulate
@@ -41,6 +44,8 @@ class MambaLMModule(L.LightningModule):
         mamba1_recompute: bool = True,
         init_from: Any = None,
         max_consecutive_skips: int = 10,
+        activation_checkpointing: str | bool = "off",
+        activation_checkpointing_k: int = 2,
         **unknown: Any,
     ):
         """``model_config`` describes the network (``self.model`` is the ``nn.Module`` built from
@@ -60,6 +65,9 @@ class MambaLMModule(L.LightningModule):
         if cuda_graph_allreduce not in ALLREDUCE_PLACES:
             raise ConfigError(f"module.cuda_graph_allreduce must be one of {ALLREDUCE_PLACES}, "
                              f"got {cuda_graph_allreduce!r}")
+        self.activation_checkpointing = normalize_policy(activation_checkpointing)
+        checkpointed_block_indices(1, self.activation_checkpointing, activation_checkpointing_k)
+        self.activation_checkpointing_k = activation_checkpointing_k
         self.model_config = (model_config if isinstance(model_config, MambaLMConfig)
                              else MambaLMConfig.from_dict(dict(model_config)))
         self.optimizer_factory = optimizer
@@ -103,6 +111,9 @@ class MambaLMModule(L.LightningModule):
             if getattr(self.model, "backend", None) == "fused" and not self.mamba1_recompute:
                 from mamba_train.models.fused import set_mamba1_recompute
                 set_mamba1_recompute(self.model, recompute=False)
+            # the one place it is applied, for every strategy (before any sharding wrapper)
+            apply_activation_checkpointing(self.model, self.activation_checkpointing,
+                                           self.activation_checkpointing_k)
 
     def forward(self, input_ids, seq_idx=None, labels=None):
         return self.model(input_ids, seq_idx=seq_idx, labels=labels,
