@@ -87,7 +87,7 @@ def _assert_init_checked_on_both_ranks(run_dir: Path) -> None:
 @pytest.mark.parametrize("strategy", [
     pytest.param(["strategy=ddp"], id="ddp"),
     # per-Block activation checkpointing and sharded (one file per rank) checkpoints on top
-    pytest.param(["strategy=fsdp", "strategy.activation_checkpointing=true",
+    pytest.param(["strategy=fsdp", "train.activation_checkpointing=all",
                   "strategy.state_dict_type=sharded"], id="fsdp"),
     # bf16-mixed: DeepSpeed's torch_autocast mode with fp32 module parameters (the fp32 guard runs
     # on every rank); the same numbers as DDP under Lightning's bf16 autocast, bit for bit, here
@@ -96,6 +96,10 @@ def _assert_init_checked_on_both_ranks(run_dir: Path) -> None:
     pytest.param(["strategy=deepspeed_zero1", "strategy.allow_cpu=true"], id="deepspeed_zero1",
                  marks=[has_deepspeed, pytest.mark.slow]),
     pytest.param(["strategy=deepspeed_zero2", "strategy.allow_cpu=true"], id="deepspeed_zero2",
+                 marks=[has_deepspeed, pytest.mark.slow]),
+    # every block recomputed under ZeRO-3 (its hooks re-gather the parameters for the recompute)
+    pytest.param(["strategy=deepspeed_zero3", "strategy.allow_cpu=true",
+                  "train.activation_checkpointing=all"], id="deepspeed_zero3-checkpointed",
                  marks=[has_deepspeed, pytest.mark.slow]),
 ])
 def test_two_processes_match_one_process(strategy, single_process, tmp_path):
@@ -144,15 +148,17 @@ def test_fsdp_strategy_wraps_blocks_with_fp32_parameters(tmp_path):
 
     from mamba_train.models.lm import Block
 
-    cfg = compose_config(["strategy=fsdp", "strategy.activation_checkpointing=true",
-                          "strategy.state_dict_type=sharded"], tmp_path)
+    cfg = compose_config(["strategy=fsdp", "strategy.state_dict_type=sharded"], tmp_path)
     s = instantiate(cfg.strategy)
     policy = s.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
     assert s.kwargs["use_orig_params"] is True and s._state_dict_type == "sharded"
     mp = s.mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
-    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert not s._activation_checkpointing_kwargs  # recompute is train.activation_checkpointing's
+    moved = compose_config(["strategy=fsdp", "strategy.activation_checkpointing=true"], tmp_path)
+    with pytest.raises(ParallelConfigError, match="train.activation_checkpointing=all"):
+        train(moved)
     # gradient clipping by norm works (Lightning's FSDPPrecision refuses it)
     from lightning.pytorch.plugins.precision import FSDPPrecision
     assert type(s.precision_plugin).clip_grad_by_norm is not FSDPPrecision.clip_grad_by_norm

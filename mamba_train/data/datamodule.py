@@ -57,8 +57,12 @@ class TokenDataModule(L.LightningDataModule):
             ``sources``) uses the embedded default corpus, built on first use.
         sources: a mixture instead of ``path``: ``[{"path": dir, "weight": w}, ...]``. Training
             interleaves them by weight; validation covers every source's ``val/``.
-        seq_len: tokens per sample.
-        micro_batch_size: samples per batch on each rank.
+        seq_len: tokens per training sample.
+        micro_batch_size: samples per training batch on each rank.
+        val_seq_len: tokens per validation window; ``None`` = ``seq_len``. Another length
+            measures length extrapolation (train at 2k, validate at 8k). Validation batches keep
+            the training batch's token count: ``max(1, micro_batch_size * seq_len // val_seq_len)``
+            windows each.
         num_workers: DataLoader worker processes (0 = load in the training process).
         seed: data order seed.
         tokenizer: the tokenizer the run uses (name/path, as for ``prepare``); the data must
@@ -85,7 +89,8 @@ class TokenDataModule(L.LightningDataModule):
                  expected_vocab_size: int | None = None, val_windows: int | None = None,
                  checksums: bool = False, pin_memory: bool | None = None,
                  cache_dir: str | None = None, epoch_batches: int | None = None,
-                 document_boundaries: bool = False, mask_cross_document_loss: bool = False):
+                 document_boundaries: bool = False, mask_cross_document_loss: bool = False,
+                 val_seq_len: int | None = None):
         super().__init__()
         self.document_boundaries = document_boundaries
         self.mask_cross_document_loss = mask_cross_document_loss
@@ -97,6 +102,11 @@ class TokenDataModule(L.LightningDataModule):
         self.path = path
         self.sources = [dict(s) for s in sources] if sources else None
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
+        self.val_seq_len = self.seq_len if val_seq_len is None else int(val_seq_len)
+        if self.val_seq_len < 1:
+            raise ValueError(f"data.val_seq_len must be >= 1 (or null = seq_len), got {val_seq_len}")
+        # validation batches hold as many tokens as training micro-batches (memory stays put)
+        self.val_batch_size = max(1, self.micro_batch_size * self.seq_len // self.val_seq_len)
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.tokenizer = tokenizer
         self.expected_vocab_size = expected_vocab_size
@@ -119,16 +129,17 @@ class TokenDataModule(L.LightningDataModule):
         roots, weights = self._roots()
         rank, world = self._rank_world()
         if self.index is None:  # once: with checksums=True it reads every byte
-            indexes = [self._validate(root / split) for root in roots for split in ("train", "val")]
+            indexes = [self._validate(root / split, length) for root in roots
+                       for split, length in (("train", self.seq_len), ("val", self.val_seq_len))]
             self._check_tokenizer(indexes)
             self.index = indexes[0]
         if self._train_ds is None or (self._train_ds.rank, self._train_ds.world_size) != (rank, world):
             # (re)built when the rank is known: setup() may have run before a Trainer attached
             self._train_ds = TokenWindowDataset([r / "train" for r in roots], self.seq_len, weights,
                                                 self.seed, rank, world)
-            self._val_ds = ValWindowDataset([r / "val" for r in roots], self.seq_len, rank, world,
-                                            self.val_windows)
-            self._val_ds.set_range(0, len(self._val_ds), self.micro_batch_size)
+            self._val_ds = ValWindowDataset([r / "val" for r in roots], self.val_seq_len, rank,
+                                            world, self.val_windows)
+            self._val_ds.set_range(0, len(self._val_ds), self.val_batch_size)
             if self._train_loader is not None:
                 state, self._train_loader = self._train_loader.state_dict(), None
                 self.train_dataloader().load_state_dict(state)
@@ -145,7 +156,7 @@ class TokenDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self._val_ds is None:
             self.setup("validate")
-        return DataLoader(self._val_ds, batch_size=self.micro_batch_size,
+        return DataLoader(self._val_ds, batch_size=self.val_batch_size,
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -178,13 +189,13 @@ class TokenDataModule(L.LightningDataModule):
         return ([Path(s["path"]).expanduser() for s in self.sources],
                 [float(s.get("weight", 1.0)) for s in self.sources])
 
-    def _validate(self, split_dir: Path) -> dict:
+    def _validate(self, split_dir: Path, seq_len: int) -> dict:
         parent = split_dir.parent
         if not split_dir.is_dir() and parent.is_dir() and (parent / "index.json").is_file():
             raise DataError(f"{parent} is a single split, not a prepare output; give the "
                             f"directory that holds train/ and val/ (probably {parent.parent})")
         return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
-                                min_tokens=self.seq_len + 1)
+                                min_tokens=seq_len + 1)
 
     def _check_tokenizer(self, indexes: list[dict]) -> None:
         toks = {(i["tokenizer"]["vocab_size"], i["tokenizer"]["eos_id"]) for i in indexes}

@@ -46,7 +46,7 @@ class MambaFSDPStrategy(FSDPOnCPU, FSDPStrategy):
         FSDPStrategy.precision_plugin.fset(self, plugin)
 
 
-def fsdp_strategy(activation_checkpointing: bool = False, state_dict_type: str = "full",
+def fsdp_strategy(activation_checkpointing: bool | None = None, state_dict_type: str = "full",
                   sharding_strategy: str = "FULL_SHARD", param_dtype: str = "float32",
                   reduce_dtype: str = "float32", cpu_offload: bool = False,
                   sync_module_states: bool = True, allow_low_precision_params: bool = False,
@@ -54,8 +54,8 @@ def fsdp_strategy(activation_checkpointing: bool = False, state_dict_type: str =
     """Lightning ``FSDPStrategy`` for a ``MambaLM``: one FSDP unit per ``Block``.
 
     Args:
-        activation_checkpointing: recompute each Block in the backward (saves activation memory,
-            costs ~25-33% more compute; mamba_ssm's kernels already recompute inside).
+        activation_checkpointing: moved to ``train.activation_checkpointing`` (the same recompute
+            on every strategy, ``training/activation_checkpointing.py``); a true value is refused.
         state_dict_type: ``full`` (one ``.ckpt`` file gathered on rank 0) or ``sharded`` (a
             directory per checkpoint, every rank writes its shard: fast for large models).
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3-like), ``SHARD_GRAD_OP`` (ZeRO-2-like),
@@ -73,12 +73,15 @@ def fsdp_strategy(activation_checkpointing: bool = False, state_dict_type: str =
     rdt = parse_dtype(reduce_dtype, "strategy.reduce_dtype", ParallelConfigError)
     if pdt != torch.float32:
         refuse_low_precision(f"FSDP with param_dtype={param_dtype}", allow_low_precision_params)
+    if activation_checkpointing:
+        raise ParallelConfigError("strategy.activation_checkpointing is now "
+                                  "train.activation_checkpointing=all (or every_k), the same on "
+                                  "every strategy; drop the strategy key")
     if state_dict_type not in ("full", "sharded"):
         raise ParallelConfigError("strategy.state_dict_type must be 'full' or 'sharded', "
                                   f"got {state_dict_type!r}")
     return MambaFSDPStrategy(
         auto_wrap_policy={Block},
-        activation_checkpointing_policy={Block} if activation_checkpointing else None,
         mixed_precision=MixedPrecision(param_dtype=pdt, reduce_dtype=rdt, buffer_dtype=torch.float32),
         sharding_strategy=sharding_strategy,
         state_dict_type=state_dict_type,
