@@ -14,12 +14,13 @@ parts=${*:-tests train bench determinism}
 
 if [[ " $parts " == *" tests "* ]]; then
   # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
-  TRITON_F32_DEFAULT=ieee python3 -m pytest -q tests/gpu --deselect tests/gpu/test_cuda_graph_step.py -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+  TRITON_F32_DEFAULT=ieee python3 -m pytest -q tests/gpu --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
 fi
 
 if [[ " $parts " == *" graph "* ]]; then
   # captured vs eager step, bit for bit under the deterministic mode: a process of its own
   python3 -m pytest -q tests/gpu/test_cuda_graph_step.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_graph_tests.log" | tail -n 25
+  python3 -m pytest -q tests/gpu/test_activation_checkpointing_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_ac_tests.log" | tail -n 25
 fi
 
 if [[ " $parts " == *" train "* ]]; then
