@@ -17,6 +17,7 @@ from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
                                                           checkpointed_block_indices,
                                                           normalize_policy)
+from mamba_train.training.activation_checkpointing import describe as describe_checkpointing
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
 from mamba_train.training.lightning_compat import should_accumulate
@@ -112,8 +113,9 @@ class MambaLMModule(L.LightningModule):
                 from mamba_train.models.fused import set_mamba1_recompute
                 set_mamba1_recompute(self.model, recompute=False)
             # the one place it is applied, for every strategy (before any sharding wrapper)
-            apply_activation_checkpointing(self.model, self.activation_checkpointing,
-                                           self.activation_checkpointing_k)
+            if apply_activation_checkpointing(self.model, self.activation_checkpointing,
+                                              self.activation_checkpointing_k):
+                rank_zero_info(describe_checkpointing(self.model))
 
     def forward(self, input_ids, seq_idx=None, labels=None):
         return self.model(input_ids, seq_idx=seq_idx, labels=labels,
