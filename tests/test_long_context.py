@@ -4,6 +4,8 @@ chunked loss keeps nothing of size tokens x vocab, validation runs at its own le
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -98,3 +100,16 @@ def test_window_trains_with_boundaries_and_validates_at_another_length(tmp_path)
     assert max(int(b["seq_idx"].max()) for b in seen.train) >= 1
     assert seen.val == [torch.Size([1, 4096])]  # 4x the training length
     assert torch.isfinite(torch.tensor(result["metrics"]["val/loss"]))
+
+
+def test_dense_document_mask_in_attention_warns_at_long_lengths(monkeypatch):
+    from mamba_train.models import attention
+
+    monkeypatch.setattr(attention, "DENSE_MASK_WARN_LEN", 16)
+    layer = attention.CausalSelfAttention(32, num_heads=2, causal=True)
+    x, idx = torch.randn(1, 32, 32), torch.zeros(1, 32, dtype=torch.int32)
+    with pytest.warns(UserWarning, match="dense 32x32 mask"):
+        layer(x, seq_idx=idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x[:, :16], seq_idx=idx[:, :16])  # at or below the threshold: silent

@@ -12,10 +12,15 @@ the rotary embedding (GPT-NeoX "rotate half" layout, as flash_attn's non-interle
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# above this many tokens, a dense document mask (seq_len^2 booleans) is worth a warning
+DENSE_MASK_WARN_LEN = 8192
 
 
 def rotary_tables(seqlen: int, dim: int, base: float, device, dtype=torch.float32):
@@ -99,6 +104,12 @@ class CausalSelfAttention(nn.Module):
         if seq_idx is None:
             ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
+            if seqlen > DENSE_MASK_WARN_LEN:  # Python shows a warning once per call site
+                warnings.warn(
+                    f"attention with document boundaries at seq_len={seqlen} builds a dense "
+                    f"{seqlen}x{seqlen} mask per sequence ({batch * seqlen * seqlen / 2**30:.1f} "
+                    "GiB) and cannot use the flash kernel; leave data.document_boundaries off for "
+                    "long-context attention layers (docs/long_context.md)", stacklevel=2)
             pos = torch.arange(seqlen, device=x.device)
             causal = pos[:, None] >= pos[None, :]
             same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
