@@ -155,7 +155,6 @@ def test_fsdp_strategy_wraps_blocks_with_fp32_parameters(tmp_path):
     assert s.kwargs["use_orig_params"] is True and s._state_dict_type == "sharded"
     mp = s.mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
-    assert not s._activation_checkpointing_kwargs  # recompute is train.activation_checkpointing's
     moved = compose_config(["strategy=fsdp", "strategy.activation_checkpointing=true"], tmp_path)
     with pytest.raises(ParallelConfigError, match="train.activation_checkpointing=all"):
         train(moved)

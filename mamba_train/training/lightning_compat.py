@@ -6,8 +6,7 @@ Subclasses that *override* private hooks or read a parent's private attributes m
 their own classes; they are listed here so that one file names every private dependency:
 
 * ``training/strategies/cpu_shims.py`` (CPU-process runs for the tests): ``_setup_model``,
-  ``_full_state_dict_context``, ``_state_dict_type``, ``_activation_checkpointing_kwargs``
-  (FSDP); ``_setup_model_and_optimizer``, ``_init_deepspeed_distributed`` (DeepSpeed). No public
+  ``_full_state_dict_context``, ``_state_dict_type`` (FSDP); ``_setup_model_and_optimizer``, ``_init_deepspeed_distributed`` (DeepSpeed). No public
   hook lets a subclass change how the wrapped model or the process group is built.
 * ``training/strategies/deepspeed.py``: ``_format_config``, the only place Lightning turns the
   precision flag into DeepSpeed config sections.
@@ -58,12 +57,3 @@ def log_metrics(trainer: L.Trainer, metrics: dict[str, Any]) -> None:
     ``epoch`` column, same loggers as ``LightningModule.log`` -- a callback's public
     ``self.log`` cannot be called from ``on_train_batch_end`` with host floats at a chosen step."""
     trainer._logger_connector.log_metrics(metrics)
-
-
-def setup_activation_checkpointing(module, kwargs: dict) -> None:
-    """Fabric's FSDP activation-checkpoint wrapper (``lightning.fabric.strategies.fsdp.
-    _setup_activation_checkpointing``): the CPU FSDP shim builds the FSDP module itself and
-    must apply the same policy Lightning would."""
-    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
-
-    _setup_activation_checkpointing(module, kwargs)

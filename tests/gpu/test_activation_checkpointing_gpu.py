@@ -1,6 +1,6 @@
 """Activation checkpointing on the fused kernels (bf16 autocast) and inside the captured step.
 
-* Captured step (``trainer.cuda_graph=on``) with every block checkpointed: the step is really
+* Captured step (``module.cuda_graph=on``) with every block checkpointed: the step is really
   captured and replayed, and, under the deterministic mode (run in a process of its own: the
   kernels read the flag at import), its losses equal the captured run without checkpointing
   bit for bit.
@@ -26,7 +26,7 @@ def _run(tmp_path, policy: str):
         "recipe=mamba2-130m", "model.n_layer=4", "data=default", "model.vocab_size=4096",
         "backend=fused", "data.seq_len=1024", "data.micro_batch_size=4",
         "train.global_batch_tokens=4096", "trainer.max_steps=8", "trainer.deterministic=true",
-        "trainer.cuda_graph=on", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+        "module.cuda_graph=on", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
         "train.val_every_n_steps=100000", "train.checkpoint_every_n_steps=100000", "logger=csv",
         f"train.activation_checkpointing={policy}", f"run_name=graph-{policy}"], tmp_path)
     result = train(cfg)

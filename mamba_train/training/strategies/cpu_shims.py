@@ -18,8 +18,6 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
-from mamba_train.training.lightning_compat import setup_activation_checkpointing
-
 
 class FSDPOnCPU:
     """Mixin for ``FSDPStrategy``: FSDP accepts CPU modules only with ``device_id=cpu`` (Lightning
@@ -73,7 +71,6 @@ class FSDPOnCPU:
                 mixed_precision=self.mixed_precision_config,
                 sharding_strategy=self.sharding_strategy, device_id=self.root_device,
                 **kwargs)
-        setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
 
 
