@@ -1,6 +1,6 @@
 """Activation checkpointing (``train.activation_checkpointing``) changes memory, not numbers:
 losses and every gradient are bit-identical with and without it (fp32, reference backend) for
-Mamba-1, Mamba-2 and a hybrid with attention, with packed documents, on one process, through the
+Mamba-1, Mamba-2, Mamba-3 and a hybrid with attention, with packed documents, on one process, through the
 real training task, and under 2-process DDP."""
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ MAMBA2 = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16}
 CONFIGS = {
     "mamba1": dict(d_model=32, n_layer=3, vocab_size=96, ssm_cfg={"layer": "Mamba1", "d_state": 8}),
     "mamba2": dict(d_model=32, n_layer=3, vocab_size=96, ssm_cfg=MAMBA2),
+    "mamba3": dict(d_model=32, n_layer=3, vocab_size=96,
+                   ssm_cfg={"layer": "Mamba3", "d_state": 16, "headdim": 16, "chunk_size": 16}),
     "hybrid": dict(d_model=32, n_layer=3, vocab_size=96, d_intermediate=64, ssm_cfg=MAMBA2,
                    attn_layer_idx=[1], attn_cfg={"causal": True, "num_heads": 2, "rotary_emb_dim": 8,
                                                  "qkv_proj_bias": False, "out_proj_bias": False}),

@@ -4,7 +4,7 @@
   captured and replayed, and, under the deterministic mode (run in a process of its own: the
   kernels read the flag at import), its losses equal the captured run without checkpointing
   bit for bit.
-* Mamba-1, Mamba-2 and a hybrid with attention: the loss is identical with and without
+* Mamba-1, Mamba-2, Mamba-3 and a hybrid with attention: the loss is identical with and without
   checkpointing (the recompute runs the same kernels on the same inputs), and every gradient
   differs by no more than two runs without checkpointing differ (the backward kernels'
   atomic adds)."""
@@ -47,6 +47,7 @@ MAMBA2 = {"layer": "Mamba2", "d_state": 64, "headdim": 32, "chunk_size": 64}
 KINDS = {
     "mamba1": dict(ssm_cfg={"layer": "Mamba1"}),
     "mamba2": dict(ssm_cfg=MAMBA2),
+    "mamba3": dict(ssm_cfg={"layer": "Mamba3"}),
     "hybrid": dict(ssm_cfg=MAMBA2, d_intermediate=512, attn_layer_idx=[1],
                    attn_cfg={"causal": True, "num_heads": 4, "rotary_emb_dim": 32}),
 }
