@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import compose_config, metric_by_step
+from gpu.graph_step import eager_and_captured_gradients
 from mamba_train.train import train
 
 STEPS = 24
@@ -67,35 +68,12 @@ def test_captured_gradients_match_eager(recipe, accumulate, record):
     from hydra.utils import instantiate
 
     from mamba_train.models.build import build_model
-    from mamba_train.training.cuda_graph import GraphedTrainStep
 
     model_cfg = instantiate(_config(Path("unused"), recipe, "off").model, _convert_="all")
     torch.manual_seed(0)
     model = build_model(model_cfg, backend="fused", device="cuda")
-    params = list(model.parameters())
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    batches = []
-    for _ in range(6):
-        t = torch.randint(0, model_cfg.vocab_size, (4, 1025), device="cuda", generator=gen)
-        batches.append({"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()})
-
-    def loss_fn(b):
-        return model(b["input_ids"], labels=b["labels"]).loss
-
-    def accumulated(warmup: int) -> tuple[torch.Tensor, int]:
-        step = GraphedTrainStep(loss_fn, params, accumulate=accumulate, mode="on", warmup=warmup)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            for i, b in enumerate(batches):
-                step.forward_backward(b, starts_window=i % accumulate == 0)
-        torch.cuda.synchronize()
-        grads = torch.cat([p.grad.flatten() for p in params]).clone()
-        replays = step.replays
-        step.release()
-        return grads, replays
-
-    eager, r0 = accumulated(warmup=10**9)
-    eager_again, _ = accumulated(warmup=10**9)
-    captured, replays = accumulated(warmup=2)
+    eager, eager_again, captured, r0, replays = eager_and_captured_gradients(
+        model, model_cfg.vocab_size, accumulate)
     assert r0 == 0 and replays == 4
     norm = eager.norm().item()
     noise = (eager_again - eager).norm().item() / norm

@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpu.graph_step import eager_and_captured_gradients
 from mamba_train import MambaLMConfig, build_model
 from mamba_train.models.lm import MambaLM
 
@@ -147,34 +148,9 @@ def test_fused_packed_equals_separate(dtype, tol, record):
 @pytest.mark.gpu
 @pytest.mark.parametrize("accumulate", [6, 1], ids=["flat-grad-buffer", "graph-owned-grads"])
 def test_captured_step_matches_eager(accumulate, record):
-    from mamba_train.training.cuda_graph import GraphedTrainStep
-
     torch.manual_seed(0)
     model = build_model(MambaLMConfig(**{**LM, "n_layer": 4}), backend="fused", device="cuda")
-    params = list(model.parameters())
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    batches = []
-    for _ in range(6):
-        t = torch.randint(0, 1000, (4, 1025), device="cuda", generator=gen)
-        batches.append({"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()})
-
-    def loss_fn(b):
-        return model(b["input_ids"], labels=b["labels"]).loss
-
-    def run(warmup):
-        step = GraphedTrainStep(loss_fn, params, accumulate=accumulate, mode="on", warmup=warmup)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            for i, b in enumerate(batches):
-                step.forward_backward(b, starts_window=i % accumulate == 0)
-        torch.cuda.synchronize()
-        grads = torch.cat([p.grad.flatten() for p in params]).clone()
-        replays = step.replays
-        step.release()
-        return grads, replays
-
-    eager, r0 = run(10**9)
-    eager_again, _ = run(10**9)
-    captured, replays = run(2)
+    eager, eager_again, captured, r0, replays = eager_and_captured_gradients(model, 1000, accumulate)
     assert r0 == 0 and replays == 4, "the Mamba-3 step was not captured"
     norm = eager.norm().item()
     noise = (eager_again - eager).norm().item() / norm
