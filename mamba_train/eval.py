@@ -1,4 +1,4 @@
-"""``python -m mamba_train.eval ckpt=<path> tasks=<preset|a,b,...> [key=value ...]``: zero-shot
+"""``mamba-train-eval ckpt=<path> tasks=<preset|a,b,...> [key=value ...]``: zero-shot
 lm-eval on a checkpoint, with reports next to it.
 
     python -m mamba_train.eval ckpt=outputs/mamba-130m/checkpoints/last.ckpt tasks=paper
@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
 
-USAGE = "usage: python -m mamba_train.eval ckpt=<path> tasks=<preset|task,...> [key=value ...] (--help)"
+USAGE = "usage: mamba-train-eval (or python -m mamba_train.eval) ckpt=<path> tasks=<preset|task,...> [key=value ...] (--help)"
 
 
 @dataclass

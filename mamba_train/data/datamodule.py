@@ -251,7 +251,7 @@ def ensure_default_data(tokenizer: str = "default", cache_dir: str | Path | None
         return out
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    prepare(PrepareConfig(source="default", out=str(tmp), tokenizer=tokenizer, num_proc=1))
+    prepare(PrepareConfig(source="default", out=str(tmp), tokenizer=tokenizer, num_proc=1), final_dir=out)
     try:
         os.rename(tmp, out)
     except OSError:  # another process finished first

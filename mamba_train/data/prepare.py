@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m mamba_train.data.prepare source=<file|glob|dir|hub-name|default> out=<dir> \\
+    mamba-train-prepare source=<file|glob|dir|hub-name|default> out=<dir> \\
         [tokenizer=default] [text_key=text] [tokens_per_shard=33554432] [num_proc=N] \\
         [val_fraction=0.01] [source_config=NAME] [source_split=train] [max_shards=N]
 
@@ -43,7 +43,7 @@ from mamba_train.data.shards import FORMAT_VERSION, DataError, ShardWriter, atom
 from mamba_train.data.tokenizer import load_backend
 from mamba_train.errors import MambaTrainError
 
-USAGE = ("usage: python -m mamba_train.data.prepare source=<file|glob|dir|hub-name|default> "
+USAGE = ("usage: mamba-train-prepare (or python -m mamba_train.data.prepare) source=<file|glob|dir|hub-name|default> "
          "out=<dir> [key=value ...] (--help)")
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
@@ -266,8 +266,11 @@ class _SplitProgress:
                 "documents": self.documents - len(self.pending)}
 
 
-def prepare(cfg: PrepareConfig, console=None) -> dict:
-    """Run (or resume) a prepare; returns ``progress.json``'s content."""
+def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = None) -> dict:
+    """Run (or resume) a prepare; returns ``progress.json``'s content.
+
+    ``final_dir``: where the caller moves ``cfg.out`` afterwards (a build in a temporary
+    directory); the messages name it instead of the temporary one."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -305,7 +308,7 @@ def prepare(cfg: PrepareConfig, console=None) -> dict:
                  cfg.source == "default")
     batches = _encoded_batches(cfg, docs, start_doc, init_args)
     with _progress_bar(console) as bar:
-        task = bar.add_task(f"tokenizing {cfg.source}", total=None, docs=0, tokens=0, rate=0.0)
+        task = bar.add_task(f"tokenizing {cfg.source} into {final_dir or out}", total=None, docs=0, tokens=0, rate=0.0)
         try:
             for first, is_val, arrays in batches:
                 for k, (val, tokens) in enumerate(zip(is_val, arrays)):
@@ -332,7 +335,7 @@ def prepare(cfg: PrepareConfig, console=None) -> dict:
         p.writer.finish()
     state["done"] = True
     save()
-    console.print(f"[green]wrote {out}[/]: {_summary(state)} in {time.time() - t0:.1f}s")
+    console.print(f"[green]wrote {final_dir or out}[/]: {_summary(state)} in {time.time() - t0:.1f}s")
     if state["splits"]["val"]["documents"] == 0:
         console.print("[yellow]warning: the val split is empty; raise val_fraction to validate[/]")
     return state

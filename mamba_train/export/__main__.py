@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m mamba_train.export ckpt=<path> out=<dir> format=hf|mamba_ssm \\
+    mamba-train-export ckpt=<path> out=<dir> format=hf|mamba_ssm \\
         [dtype=float32|bfloat16] [tokenizer=<name or path>]
 
 ``ckpt`` is anything ``mamba_train.load_model`` reads: a Lightning ``.ckpt`` written by
@@ -26,7 +26,7 @@ from mamba_train.errors import MambaTrainError
 FORMATS = ("hf", "mamba_ssm")
 DTYPES = ("float32", "bfloat16")
 REQUIRED = ("ckpt", "out", "format")
-USAGE = ("usage: python -m mamba_train.export ckpt=<path> out=<dir> format=hf|mamba_ssm "
+USAGE = ("usage: mamba-train-export (or python -m mamba_train.export) ckpt=<path> out=<dir> format=hf|mamba_ssm "
          "[dtype=float32|bfloat16] [tokenizer=<name or path>]")
 
 

@@ -57,3 +57,13 @@ def log_metrics(trainer: L.Trainer, metrics: dict[str, Any]) -> None:
     ``epoch`` column, same loggers as ``LightningModule.log`` -- a callback's public
     ``self.log`` cannot be called from ``on_train_batch_end`` with host floats at a chosen step."""
     trainer._logger_connector.log_metrics(metrics)
+
+
+def drop_unset_wandb_anonymous(logger) -> None:
+    """Lightning 2.5-2.6's ``WandbLogger`` always passes ``anonymous=None`` to ``wandb.init``
+    (kept in ``_wandb_init``); wandb >= 0.22 answers any explicit value with "The anonymous
+    setting has no effect and will be removed" on every run. Not passing an unset value is the
+    same init without the warning."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)

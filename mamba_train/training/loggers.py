@@ -27,6 +27,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mamba_train.training.lightning_compat import drop_unset_wandb_anonymous
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
@@ -51,14 +53,15 @@ def resolve_run_id(run_dir: str | Path, resume: bool) -> str:
 
 
 def wandb_logger(run_dir: str, ckpt_path: str | None = None, **kwargs: Any):
-    """Hydra target for ``logger=wandb``: a :class:`RunWandbLogger`, or a do-nothing logger with a
-    warning when ``wandb`` is not installed (it is an optional dependency: ``pip install wandb``),
+    """Hydra target for ``logger=wandb``: a :class:`RunWandbLogger`, or a do-nothing logger with
+    one INFO line saying how to turn W&B on when ``wandb`` is not installed (it is an optional dependency: ``pip install wandb``),
     so the default config still trains on a bare install."""
     try:
         import wandb  # noqa: F401
     except ImportError:
-        log.warning("wandb is not installed: W&B logging is off for this run (pip install "
-                    "wandb, or choose logger=csv / logger=tensorboard to silence this)")
+        log.info("W&B logging is off (the wandb package is not installed); metrics go to "
+                 "%s/metrics/metrics.csv. To turn it on: pip install wandb (offline by default; "
+                 "WANDB_MODE=online after `wandb login` to log live)", run_dir)
         return DummyLogger()
     return RunWandbLogger(run_dir=run_dir, ckpt_path=ckpt_path, **kwargs)
 
@@ -78,6 +81,7 @@ class RunWandbLogger(WandbLogger):
         if not (kwargs.get("id") or kwargs.get("version")):
             kwargs["id"] = resolve_run_id(run_dir, resume=ckpt_path is not None)
         super().__init__(**kwargs)
+        drop_unset_wandb_anonymous(self)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

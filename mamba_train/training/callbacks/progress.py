@@ -1,43 +1,219 @@
-"""Rich progress bar that knows the step budget (so it shows an ETA on a streaming dataset, whose
-length is unknown) and shows global tokens/s beside the loss."""
+"""Training progress in optimizer steps of the run: a Rich bar on a terminal, log lines elsewhere.
+
+``mode=auto`` draws the bar when stdout is a terminal and otherwise (``sbatch``, ``nohup``,
+``> file``) writes one ``logging`` line every ``every_n_steps`` optimizer steps -- to the console
+and the run's log file -- so a redirected run is never silent::
+
+    step 50/200 | loss 5.412 | lr 2.48e-03 | grad 0.91 | 5,310 tok/s | MFU 38.1% | elapsed 0:00:21 | ETA 0:01:03
+    val  step 50/200 | loss 5.377 | ppl 216.4
+
+Both count optimizer steps against ``trainer.max_steps`` (not epochs of the corpus, nor
+micro-batches), with the ETA of the whole run.
+
+No host syncs beyond Lightning's own: values are read only at logging steps, where Lightning
+reads the loss anyway. The rate is the host clock over the last interval, read after that loss
+value (so queued GPU work has finished), minus validation time. MFU uses the FLOPs/token and peak
+FLOP/s that the throughput callback (``StepThroughputMonitor``) determined.
+"""
 
 from __future__ import annotations
 
-import math
+import logging
+import sys
 import time
+from datetime import timedelta
+from typing import Any
 
-from lightning.pytorch.callbacks import RichProgressBar
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+
+from mamba_train.errors import MambaTrainError
+
+log = logging.getLogger("mamba_train.progress")
+MODES = ("auto", "bar", "lines")
 
 
-class TokenProgressBar(RichProgressBar):
-    def __init__(self, smoothing: float = 0.9, **kwargs):
-        super().__init__(**kwargs)
-        self.smoothing = smoothing
-        self._last_time: float | None = None
-        self._tokens_per_s: float | None = None
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+def _value(metrics: dict, key: str) -> float | None:
+    v = metrics.get(key)
+    return None if v is None else float(v)  # a device tensor: read at logging steps only
+
+
+class StepProgress(ProgressBar):
+    """Args:
+        mode: ``auto`` (bar on a terminal, lines otherwise), ``bar`` or ``lines``.
+        every_n_steps: optimizer steps between updates (``${trainer.log_every_n_steps}``).
+        tokens_per_step: global tokens per optimizer step, for tok/s.
+    """
+
+    def __init__(self, mode: str = "auto", every_n_steps: int = 10, tokens_per_step: int | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise MambaTrainError(f"callbacks.progress_bar.mode must be one of {MODES}, got {mode!r}")
+        self.mode = ("bar" if sys.stdout.isatty() else "lines") if mode == "auto" else mode
+        self.every_n_steps = max(1, int(every_n_steps))
+        self.tokens_per_step = tokens_per_step
+        self._enabled = True
+        self._bar = None  # rich Progress in bar mode
+        self._task = None
+        self._swapped: list = []
+        self._t_start = self._t_last = self._t_first_step = 0.0
+        self._val_time = self._val_started = 0.0
+        self._step_last = self._step_start = self._first_step = 0
+        self._fields: dict[str, str] = {}
+
+    # ProgressBar's interface
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
 
     @property
-    def total_train_batches(self):
-        total = super().total_train_batches
-        trainer = self.trainer
-        if trainer.max_steps and trainer.max_steps > 0:
-            budget = trainer.max_steps * trainer.accumulate_grad_batches
-            if total is None or math.isinf(total) or budget < total:
-                return budget
-        return total
+    def is_enabled(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._last_time is not None and isinstance(batch, dict) and "input_ids" in batch:
-            rate = batch["input_ids"].numel() * trainer.world_size / max(now - self._last_time, 1e-9)
-            s = self.smoothing
-            self._tokens_per_s = rate if self._tokens_per_s is None else s * self._tokens_per_s + (1 - s) * rate
-        self._last_time = now
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    # ------------------------------------------------------------------ train
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_start = self._t_last = time.perf_counter()
+        self._step_last = self._step_start = trainer.global_step
+        self._first_step = 0
+        if self.is_enabled and self.mode == "bar":
+            self._start_bar(trainer)
 
-    def get_metrics(self, trainer, pl_module):
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        if self._tokens_per_s is not None:
-            items["tok/s"] = f"{self._tokens_per_s:,.0f}"
-        return items
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not self.is_enabled:
+            return
+        step = trainer.global_step
+        if not self._first_step and step > self._step_start:
+            self._first_step, self._t_first_step = step, time.perf_counter()
+        if step == self._step_last or (step % self.every_n_steps and step != trainer.max_steps):
+            return
+        values = self._train_values(trainer)
+        if self.mode == "lines":
+            log.info(self._train_line(trainer, values))
+        else:
+            self._update_bar(trainer, values)
+
+    def _train_values(self, trainer: L.Trainer) -> dict[str, float | None]:
+        metrics = trainer.callback_metrics
+        values = {"loss": _value(metrics, "train/loss"), "grad": _value(metrics, "train/grad_norm")}
+        now = time.perf_counter()  # after the loss was read: the device has caught up
+        step = trainer.global_step
+        busy = now - self._t_last - self._val_time
+        values["tok_s"] = ((step - self._step_last) * self.tokens_per_step / busy
+                           if self.tokens_per_step and busy > 0 else None)
+        values["mfu"] = self._mfu(trainer, values["tok_s"])
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        values["lr"] = float(opt.param_groups[0]["lr"]) if opt is not None else None
+        values["elapsed"] = now - self._t_start
+        values["eta"] = None
+        if self._first_step and step > self._first_step and trainer.max_steps > 0:
+            per_step = (now - self._t_first_step) / (step - self._first_step)
+            values["eta"] = per_step * (trainer.max_steps - step)
+        self._t_last, self._step_last, self._val_time = now, step, 0.0
+        return values
+
+    @staticmethod
+    def _mfu(trainer: L.Trainer, tok_s: float | None) -> float | None:
+        monitor = next((cb for cb in trainer.callbacks if hasattr(cb, "flops_per_token")
+                        and hasattr(cb, "available_flops")), None)
+        if tok_s is None or monitor is None or not monitor.flops_per_token or not monitor.available_flops:
+            return None
+        return tok_s * monitor.flops_per_token / (monitor.available_flops * trainer.world_size)
+
+    def _train_line(self, trainer: L.Trainer, v: dict[str, float | None]) -> str:
+        parts = [f"step {trainer.global_step}/{trainer.max_steps}"]
+        if v["loss"] is not None:
+            parts.append(f"loss {v['loss']:.4f}")
+        if v["lr"] is not None:
+            parts.append(f"lr {v['lr']:.3g}")
+        if v["grad"] is not None:
+            parts.append(f"grad {v['grad']:.3g}")
+        if v["tok_s"] is not None:
+            parts.append(f"{v['tok_s']:,.0f} tok/s")
+        if v["mfu"] is not None:
+            parts.append(f"MFU {100 * v['mfu']:.1f}%")
+        parts.append(f"elapsed {_clock(v['elapsed'])}")
+        parts.append(f"ETA {_clock(v['eta'])}" if v["eta"] is not None else "ETA -")
+        return " | ".join(parts)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_started = time.perf_counter()
+        if self._bar is not None and not trainer.sanity_checking:
+            self._bar.update(self._task, description="validating")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - self._val_started
+        self._val_time += seconds
+        if not self.is_enabled or trainer.sanity_checking:
+            return
+        loss = _value(trainer.callback_metrics, "val/loss")
+        ppl = _value(trainer.callback_metrics, "val/ppl")
+        if self.mode == "lines":
+            parts = [f"val  step {trainer.global_step}/{trainer.max_steps}"]
+            if loss is not None:
+                parts.append(f"loss {loss:.4f}")
+            if ppl is not None:
+                parts.append(f"ppl {ppl:.1f}")
+            parts.append(f"{seconds:.1f}s")
+            log.info(" | ".join(parts))
+        elif self._bar is not None:
+            if loss is not None:
+                self._fields["val"] = f"val {loss:.3f}"
+            self._bar.update(self._task, description="train", info=" ".join(self._fields.values()))
+
+    # ------------------------------------------------------------------ the bar (terminal)
+    def _start_bar(self, trainer: L.Trainer) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"),
+                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                             refresh_per_second=2)
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        self._task = self._bar.add_task("train", total=total, completed=trainer.global_step, info="")
+        self._bar.start()
+        self._route_logging_through(sys.stdout)  # now Rich's proxy: log lines print above the bar
+
+    def _update_bar(self, trainer: L.Trainer, v: dict[str, float | None]) -> None:
+        if v["loss"] is not None:
+            self._fields["loss"] = f"loss {v['loss']:.3f}"
+        if v["tok_s"] is not None:
+            self._fields["tok_s"] = f"{v['tok_s']:,.0f} tok/s"
+        self._bar.update(self._task, completed=trainer.global_step,
+                         info=" ".join(self._fields.values()))
+
+    def _route_logging_through(self, stream) -> None:
+        """Point console log handlers at ``stream`` (Rich's stdout proxy) while the bar is live."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                if handler.stream in (sys.__stdout__, sys.__stderr__):
+                    self._swapped.append((handler, handler.stream))
+                    handler.setStream(stream)
+
+    def _stop_bar(self) -> None:
+        if self._bar is None:
+            return
+        for handler, stream in self._swapped:
+            handler.setStream(stream)
+        self._swapped.clear()
+        self._bar.stop()
+        self._bar = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=trainer.global_step)
+        self._stop_bar()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._stop_bar()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_bar()

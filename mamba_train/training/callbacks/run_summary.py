@@ -74,6 +74,9 @@ class RunSummary(L.Callback):
             "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
             "skipped_nonfinite_steps": getattr(pl_module, "skipped_steps", 0),
             "training_step": getattr(pl_module, "training_step_mode", None),
+            # first optimizer step incl. kernel compile/autotune (training/callbacks/run_start.py)
+            "time_to_first_step_s": next((cb.time_to_first_step_s for cb in trainer.callbacks
+                                          if getattr(cb, "time_to_first_step_s", None) is not None), None),
         }
         csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         if csv_logger is not None:

@@ -1,0 +1,128 @@
+"""What the console shows: one line per message, no third-party noise, kernel caches that persist.
+
+Called by the command-line entries (``mamba-train`` and friends) before any heavy import, and
+again once Lightning is imported (:func:`quiet_third_party`); library users calling
+``mamba_train.train.train`` directly keep their own logging setup.
+
+**One line per message.** ``import lightning`` (2.x, ``lightning/__init__.py``) puts its own
+``StreamHandler`` ("INFO: ...") on the ``lightning`` logger while leaving it propagating to the
+root logger, where Hydra's job logging has its console handler: every Lightning message printed
+twice. Removing Lightning's handler (and letting its records propagate) leaves Hydra's handler,
+which also writes them to the run's log file.
+
+**Noise filtered at its source** (each filter names the message and the versions that emit it;
+a filter that matches nothing costs nothing when a version stops emitting it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+# (logger name, message start): INFO/WARNING lines that say nothing about this run.
+_NOISE = (
+    # lightning 2.5-2.6 (trainer/connectors/callback_connector.py): advert for litlogger / litmodels
+    ("lightning.pytorch", "💡 Tip:"),
+    # lightning 2.x (trainer/connectors/data_connector.py / setup.py): restates limit_val_batches=1.0
+    ("lightning.pytorch", "`Trainer(limit_"),
+    # lightning 2.x (fabric/utilities/throughput.py): the peak-FLOPs table has no entry for the
+    # device (e.g. "FLOPs not found for 'NVIDIA H200'"); MFU then needs train.peak_flops, which
+    # the project's own model summary says once
+    ("lightning.fabric", "FLOPs not found"),
+    # matplotlib >= 3.x (font_manager): "Matplotlib is building the font cache; this may take a moment."
+    ("matplotlib", "Matplotlib is building the font cache"),
+)
+
+# message regexes for warnings.warn calls (Lightning's rank_zero_warn issues warnings)
+_NOISE_WARNINGS = (
+    # lightning 2.5-2.6 (pytorch/utilities/_pytree.py) on torch >= 2.9: "`isinstance(treespec,
+    # LeafSpec)` is deprecated" -- Lightning's own call into torch.utils._pytree, nothing to fix here
+    r".*LeafSpec.*is deprecated",
+    # lightning 2.x (trainer/connectors/data_connector.py): "The 'train_dataloader' does not have
+    # many workers" -- the token-window loader reads memory-mapped shards; data.num_workers sets it
+    r"The '\w+' does not have many workers",
+    # lightning 2.x (fabric/plugins/environments/slurm.py): "The `srun` command is available on
+    # your system but is not used" -- on a login node or in a plain shell that is intended
+    r"The `srun` command is available",
+    # lightning 2.x (fabric/utilities/throughput.py), issued as a warning: see _NOISE
+    r"FLOPs not found",
+)
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Remove Lightning's duplicate console handler and install the noise filters (idempotent)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's console handler, not a file
+                logger.removeHandler(handler)
+        logger.propagate = True
+    by_logger: dict[str, list[str]] = {}
+    for name, prefix in _NOISE:
+        by_logger.setdefault(name, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        _install_filter(name, tuple(prefixes))
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _install_filter(logger_name: str, prefixes: tuple[str, ...]) -> None:
+    """A filter on the logger and on every handler reached through it: records of child loggers
+    (``lightning.pytorch.utilities.rank_zero``) skip their ancestors' logger filters, so the
+    handlers (root's, once Hydra configured it) carry it too."""
+    flt = _DropPrefixes(prefixes)
+    targets = [logging.getLogger(logger_name), *logging.getLogger().handlers]
+    for target in targets:
+        if not any(isinstance(f, _ScopedFilter) and f.scope == logger_name for f in target.filters):
+            target.addFilter(_ScopedFilter(logger_name, flt))
+
+
+class _ScopedFilter(logging.Filter):
+    """Apply ``inner`` only to records of ``scope`` and its children."""
+
+    def __init__(self, scope: str, inner: _DropPrefixes):
+        super().__init__()
+        self.scope, self.inner, self.prefixes = scope, inner, inner.prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == self.scope or record.name.startswith(self.scope + "."):
+            return self.inner.filter(record)
+        return True
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/mamba_train/...`` (default ``~/.cache``): stable across runs and jobs."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root, "mamba_train", *parts)
+
+
+def default_kernel_caches() -> dict[str, str]:
+    """Keep Triton's compiled kernels and autotune choices between runs; returns what was set.
+
+    * ``TRITON_CACHE_DIR``: Triton compiles each kernel specialisation once and stores the binary
+      there (its own default is ``~/.triton/cache``); a stable directory under the user cache
+      makes the second run of the same shapes skip compilation. Left alone when set.
+    * ``TRITON_CACHE_AUTOTUNING=1``: Triton >= 3.4 also stores ``@triton.autotune`` results on
+      disk (keyed by kernel source, configs and tuning key). Without it, the autotune choices of
+      mamba_ssm's Triton kernels live in the process only and every run benchmarks them again.
+      Left alone when set (``TRITON_CACHE_AUTOTUNING=0`` turns it off). Older Triton ignores it.
+    """
+    chosen: dict[str, str] = {}
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        chosen["TRITON_CACHE_DIR"] = str(user_cache_dir("triton"))
+    if "TRITON_CACHE_AUTOTUNING" not in os.environ:
+        chosen["TRITON_CACHE_AUTOTUNING"] = "1"
+    os.environ.update(chosen)
+    return chosen

@@ -1,0 +1,99 @@
+"""What a run says when it starts: the model summary, and the first step's kernel warm-up.
+
+Replaces Lightning's model summary table (its FLOPs column reads 0 for this model, and it says
+nothing about the backend or the training step) by one block: parameters, FLOPs per token,
+backend, mixer per layer, precision, strategy and whether the step runs as a CUDA graph (and why).
+
+**Warm-up.** On a GPU the first optimizer step compiles and autotunes mamba_ssm's Triton kernels
+(a minute or more for Mamba-2; several for new kernels). It is announced before it starts and
+timed once (one ``cuda.synchronize`` on the first step only): ``time_to_first_step_s`` (from the
+start of training) goes to the log and to ``summary.json``. Compiled kernels and autotune results
+persist across runs of the same shapes through ``TRITON_CACHE_DIR`` / ``TRITON_CACHE_AUTOTUNING``
+(``mamba_train.console.default_kernel_caches``, set by the command-line entry).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger("mamba_train.run")
+
+
+def _mixers(config) -> str:
+    """``Mamba2 x 22, attention at 5, 13`` style description of the block stack."""
+    attn = sorted(int(i) for i in config.attn_layer_idx)
+    kind = config.layer
+    text = f"{kind} x {config.n_layer - len(attn)}"
+    if attn:
+        text += f", attention x {len(attn)} (layers {', '.join(map(str, attn))})"
+    return text
+
+
+def model_summary(trainer: L.Trainer, pl_module: L.LightningModule, seq_len: int | None) -> str:
+    from mamba_train.models.flops import flops_per_token
+
+    config, model = pl_module.model_config, pl_module.model
+    n_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(
+        p.numel() for p in model.parameters())
+    lines = [f"parameters: {n_params / 1e6:,.2f} M ({config.n_layer} layers, d_model {config.d_model}, "
+             f"vocab {config.vocab_size})"]
+    if seq_len:
+        lines.append(f"FLOPs/token (training, seq_len {seq_len}): {flops_per_token(config, seq_len) / 1e6:,.1f} M")
+    lines.append(f"backend: {getattr(model, 'backend', 'unknown')}")
+    lines.append(f"mixers: {_mixers(config)}")
+    lines.append(f"precision: {trainer.precision}")
+    lines.append(f"strategy: {type(trainer.strategy).__name__} x {trainer.world_size}")
+    lines.append(f"training step: {getattr(pl_module, 'training_step_mode', 'eager')}")
+    return "model summary:\n  " + "\n  ".join(lines)
+
+
+class RunStartReport(L.Callback):
+    """Logs the model summary before the first step, announces and times the kernel warm-up.
+
+    Attributes:
+        time_to_first_step_s: seconds from the start of training to the end of the first
+            optimizer step (read by ``RunSummary`` into ``summary.json``).
+    """
+
+    def __init__(self, seq_len: int | None = None):
+        self.seq_len = seq_len
+        self.time_to_first_step_s: float | None = None
+        self._t0: float | None = None
+        self._start_step = 0
+        self._announced = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+        self._start_step = trainer.global_step
+        self._announced = False
+        self.time_to_first_step_s = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._announced:
+            return
+        self._announced = True  # after the module's on_train_start: the graph decision is made
+        if not trainer.is_global_zero:
+            return
+        log.info(model_summary(trainer, pl_module, self.seq_len))
+        if getattr(pl_module.model, "backend", None) == "fused":
+            cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache (Triton's default)")
+            log.info("compiling/autotuning kernels for the first step (Triton cache: %s; a later "
+                     "run of the same shapes reuses it)...", cache)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.time_to_first_step_s is not None or trainer.global_step == self._start_step:
+            return
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # once: the first step's kernels have run
+        self.time_to_first_step_s = round(time.perf_counter() - self._t0, 2)
+        if trainer.is_global_zero:
+            log.info("first optimizer step done after %.1f s", self.time_to_first_step_s)

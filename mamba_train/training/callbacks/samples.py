@@ -1,0 +1,87 @@
+"""Greedy continuations of a few fixed prompts at each validation: a glance that the model learns.
+
+The text goes to the log (``mamba_train.samples``) and, as text, to W&B (a table) and TensorBoard
+(``add_text``). Generation re-runs the forward over the whole prefix for each new token (no
+recurrent-state cache): for a few prompts of a few dozen tokens that is a few hundred
+milliseconds on the debug model on a CPU -- its measured time is part of each log line.
+
+Runs on rank 0 only, on the unwrapped model, so it is skipped under sharded strategies (FSDP,
+DeepSpeed), whose parameters live across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+import torch
+
+log = logging.getLogger("mamba_train.samples")
+
+
+def greedy_continue(model: torch.nn.Module, ids: list[int], new_tokens: int, device) -> list[int]:
+    out = list(ids)
+    for _ in range(new_tokens):
+        x = torch.tensor([out], dtype=torch.long, device=device)
+        logits = model(x, num_last_tokens=1).logits[0, -1]
+        out.append(int(logits.argmax()))
+    return out[len(ids):]
+
+
+class TextSamples(L.Callback):
+    """Args:
+        prompts: the prompt strings (fixed across the run, so the samples are comparable).
+        new_tokens: tokens generated per prompt.
+        tokenizer: name/path as for the data (``${data.tokenizer}``); ``default`` = bundled.
+    """
+
+    def __init__(self, prompts: list[str] | tuple[str, ...] = (), new_tokens: int = 24,
+                 tokenizer: str | None = "default"):
+        self.prompts = [str(p) for p in prompts]
+        self.new_tokens = int(new_tokens)
+        self.tokenizer_name = tokenizer
+        self._tokenizer = None
+        self.last_seconds: float | None = None
+
+    def _sharded(self, trainer: L.Trainer) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+        return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
+
+    @torch.no_grad()
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (not self.prompts or self.new_tokens <= 0 or trainer.sanity_checking
+                or not trainer.is_global_zero or self._sharded(trainer)):
+            return
+        if self._tokenizer is None:
+            from mamba_train.data.tokenizer import load_tokenizer
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            texts = []
+            for prompt in self.prompts:
+                ids = self._tokenizer.encode(prompt, add_special_tokens=False)
+                new = greedy_continue(model, ids, self.new_tokens, pl_module.device)
+                texts.append(self._tokenizer.decode(new))
+        finally:
+            model.train(was_training)
+        self.last_seconds = time.perf_counter() - t0
+        step = trainer.global_step
+        lines = [f"{p!r} -> {t!r}" for p, t in zip(self.prompts, texts)]
+        log.info("samples at step %d (greedy, %d tokens, %.2f s):\n  %s", step, self.new_tokens,
+                 self.last_seconds, "\n  ".join(lines))
+        self._to_loggers(trainer, texts, step)
+
+    def _to_loggers(self, trainer: L.Trainer, texts: list[str], step: int) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text("samples", columns=["step", "prompt", "continuation"],
+                                data=[[step, p, t] for p, t in zip(self.prompts, texts)], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                body = "\n\n".join(f"**{p}** {t}" for p, t in zip(self.prompts, texts))
+                logger.experiment.add_text("samples", body, global_step=step)
