@@ -103,9 +103,11 @@ class _ScopedFilter(logging.Filter):
 
 
 def user_cache_dir(*parts: str) -> Path:
-    """``$XDG_CACHE_HOME/mamba_train/...`` (default ``~/.cache``): stable across runs and jobs."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root, "mamba_train", *parts)
+    """``$MAMBA_TRAIN_CACHE/...``, default ``$XDG_CACHE_HOME/mamba_train/...`` (``~/.cache``):
+    stable across runs and jobs (the default corpus is cached there too)."""
+    root = os.environ.get("MAMBA_TRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mamba_train")
+    return Path(root, *parts)
 
 
 def default_kernel_caches() -> dict[str, str]:

@@ -31,7 +31,11 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_metrics(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a dependency, but a bare GPU image may lack it: the summary still counts
+        log.info("no loss plot: matplotlib is not installed (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,9 +1,11 @@
 """Greedy continuations of a few fixed prompts at each validation: a glance that the model learns.
 
 The text goes to the log (``mamba_train.samples``) and, as text, to W&B (a table) and TensorBoard
-(``add_text``). Generation re-runs the forward over the whole prefix for each new token (no
-recurrent-state cache): for a few prompts of a few dozen tokens that is a few hundred
-milliseconds on the debug model on a CPU -- its measured time is part of each log line.
+(``add_text``). All prompts form one batch, left-padded with the end-of-document token (the
+boundary the model is trained to start a new document after), and each new token re-runs the
+forward over the whole prefix (no recurrent-state cache): ``new_tokens`` forwards of a few
+dozen tokens. The measured time is part of each log line; the cost per validation is stated in
+``conf/callbacks/default.yaml``.
 
 Runs on rank 0 only, on the unwrapped model, so it is skipped under sharded strategies (FSDP,
 DeepSpeed), whose parameters live across ranks.
@@ -20,13 +22,16 @@ import torch
 log = logging.getLogger("mamba_train.samples")
 
 
-def greedy_continue(model: torch.nn.Module, ids: list[int], new_tokens: int, device) -> list[int]:
-    out = list(ids)
+def greedy_continue(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int,
+                    device) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (one batch, left-padded with ``pad_id``)."""
+    width = max(len(p) for p in prompts)
+    x = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long,
+                     device=device)
     for _ in range(new_tokens):
-        x = torch.tensor([out], dtype=torch.long, device=device)
-        logits = model(x, num_last_tokens=1).logits[0, -1]
-        out.append(int(logits.argmax()))
-    return out[len(ids):]
+        logits = model(x, num_last_tokens=1).logits[:, -1]
+        x = torch.cat([x, logits.argmax(-1, keepdim=True)], dim=1)
+    return x[:, width:].tolist()  # one host read at the end
 
 
 class TextSamples(L.Callback):
@@ -61,11 +66,12 @@ class TextSamples(L.Callback):
         model.eval()
         t0 = time.perf_counter()
         try:
-            texts = []
-            for prompt in self.prompts:
-                ids = self._tokenizer.encode(prompt, add_special_tokens=False)
-                new = greedy_continue(model, ids, self.new_tokens, pl_module.device)
-                texts.append(self._tokenizer.decode(new))
+            from mamba_train.data.tokenizer import eos_id
+
+            ids = [self._tokenizer.encode(p, add_special_tokens=False) or [eos_id(self._tokenizer)]
+                   for p in self.prompts]
+            new = greedy_continue(model, ids, self.new_tokens, eos_id(self._tokenizer), pl_module.device)
+            texts = [self._tokenizer.decode(t) for t in new]
         finally:
             model.train(was_training)
         self.last_seconds = time.perf_counter() - t0
