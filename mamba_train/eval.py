@@ -90,6 +90,7 @@ def run(args: EvalArgs) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or wants_help(argv):
+        print(USAGE)
         print(__doc__)
         return 0 if argv else 2
     try:

@@ -78,7 +78,7 @@ def _assert_same_trajectory(reference: dict[int, float], losses: dict[int, float
 
 
 def _assert_init_checked_on_both_ranks(run_dir: Path) -> None:
-    rank0 = (run_dir / "__main__.log").read_text()            # Hydra's log of the launching process
+    rank0 = (run_dir / "mamba-train.log").read_text()         # Hydra's log of the launching process
     rank1 = (run_dir / "train_ddp_process_1.log").read_text()  # Lightning's child process, rank 1
     assert "SSM init check passed for 2 mixers on rank 0" in rank0
     assert "SSM init check passed for 2 mixers on rank 1" in rank1

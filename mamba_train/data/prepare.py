@@ -385,6 +385,7 @@ def _progress_bar(console):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
+        print(USAGE)
         print(__doc__)
         return 0
     try:

@@ -1,0 +1,186 @@
+"""What a user sees: progress lines without a terminal, one line per message, no third-party
+noise, one run directory, and every console script answering --help."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# shrunk debug recipe: 4 optimizer steps, a line every step, a validation (with samples) at 2 and 4
+SMALL = ["recipe=debug", "model.d_model=64", "model.n_layer=2", "data.seq_len=64",
+         "data.micro_batch_size=4", "train.global_batch_tokens=256", "data.num_workers=0",
+         "trainer.max_steps=4", "trainer.log_every_n_steps=1", "train.val_every_n_steps=2",
+         "trainer.limit_val_batches=1", "callbacks.samples.new_tokens=4", "logger=csv"]
+NOISE = ["LeafSpec", "litlogger", "litmodels", "limit_val_batches", "does not have many workers",
+         "FLOPs not found", "Total FLOPs", "font cache", "wandb is not installed", "srun",
+         "Epoch ", "__main__"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def _scripts() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_every_entry_point_is_a_console_script():
+    assert set(_scripts()) == {"mamba-train", "mamba-train-prepare", "mamba-train-eval",
+                               "mamba-train-export", "mamba-train-lm-eval"}
+
+
+@pytest.mark.parametrize("name", ["mamba-train-prepare", "mamba-train-eval", "mamba-train-export",
+                                  "mamba-train-lm-eval"])
+def test_key_value_entry_points_answer_help(name, capsys):
+    if name == "mamba-train-lm-eval":
+        pytest.importorskip("lm_eval")
+    module, func = _scripts()[name].split(":")
+    main = getattr(importlib.import_module(module), func)
+    try:
+        rc = main(["--help"])
+    except SystemExit as e:  # lm-eval's argparse exits itself
+        rc = e.code
+    assert rc in (0, None)
+    out = capsys.readouterr().out
+    assert "usage" in out.lower()
+    expected = {"mamba-train-prepare": "source=", "mamba-train-eval": "ckpt=",
+                "mamba-train-export": "format=", "mamba-train-lm-eval": "--model"}[name]
+    assert expected in out
+
+
+def test_train_help_names_the_program_recipes_and_groups():
+    proc = subprocess.run([sys.executable, "-m", "mamba_train", "--help"], capture_output=True,
+                          text=True, env=_env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("mamba-train:")
+    assert "is powered by Hydra" not in proc.stdout
+    recipes = re.search(r"^recipe: (.*)$", proc.stdout, re.M)
+    assert recipes and "debug" in recipes.group(1).split(", ") and "mamba2-130m" in recipes.group(1)
+    for group in ("model:", "data:", "logger:", "strategy:"):
+        assert f"\n{group} " in proc.stdout
+
+
+def test_csv_is_flushed_every_log_interval_and_in_every_logger_choice(make_config):
+    for choice in ("csv", "wandb", "tensorboard"):
+        cfg = make_config(f"logger={choice}", "trainer.log_every_n_steps=7")
+        assert cfg.logger.csv.flush_logs_every_n_steps == 7, choice
+
+
+def test_conflicting_run_dirs_are_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mamba_train", *SMALL, f"run_dir={tmp_path}/a",
+                           f"hydra.run.dir={tmp_path}/b"], capture_output=True, text=True,
+                          env=_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "run_dir=" in proc.stderr and "hydra.run.dir=" in proc.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_redirected_run_prints_progress_lines_once_in_one_directory(tmp_path):
+    """The debug recipe (shrunk) with stdout to a file and hydra.run.dir set: periodic step
+    lines before the end, each message once, no noise, and everything in hydra.run.dir."""
+    run_dir = tmp_path / "chosen"
+    stdout = tmp_path / "stdout.txt"
+    with open(stdout, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "mamba_train", *SMALL,
+                               f"paths.output_dir={tmp_path / 'elsewhere'}", f"hydra.run.dir={run_dir}"],
+                              stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path, timeout=600)
+    text = stdout.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    lines = text.splitlines()
+    step_lines = [i for i, line in enumerate(lines) if re.search(r"\] step \d+/4 \| loss [\d.]+ \|", line)]
+    assert len(step_lines) == 4, text
+    end = next(i for i, line in enumerate(lines) if "run summary" in line)
+    assert all(i < end for i in step_lines)
+    assert all("tok/s" in lines[i] and "ETA" in lines[i] and "elapsed" in lines[i] for i in step_lines)
+    assert sum(bool(re.search(r"\] val  step [24]/4 \| loss", line)) for line in lines) == 2
+    assert sum("samples at step" in line for line in lines) == 2
+    # one line per message: compare messages without the time stamp (continuation lines excluded)
+    messages = [re.sub(r"^\[[^\]]*\]\[[A-Z]+\] ", "", line) for line in lines
+                if line.strip() and not line.startswith(" ")]
+    duplicated = {m for m in messages if messages.count(m) > 1}
+    assert not duplicated, duplicated
+    for noise in NOISE:
+        assert noise not in text, noise
+    assert "model summary:" in text and "backend: reference" in text and "training step: eager" in text
+
+    # one run directory
+    assert not (tmp_path / "elsewhere").exists()
+    for rel in ("checkpoints/last.ckpt", "metrics/metrics.csv", ".hydra/config.yaml",
+                "mamba-train.log", "summary.json"):
+        assert (run_dir / rel).exists(), rel
+    log_text = (run_dir / "mamba-train.log").read_text()
+    assert len(re.findall(r"step \d+/4 \| loss", log_text)) == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["time_to_first_step_s"] > 0 and summary["steps"] == 4
+
+
+def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys):
+    import lightning  # noqa: F401  (adds its console handler)
+    from mamba_train.console import quiet_third_party
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stdout)
+    root.addHandler(handler)
+    try:
+        quiet_third_party()
+        assert not [h for h in logging.getLogger("lightning").handlers if type(h) is logging.StreamHandler]
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        rank_zero.warning("💡 Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero.warning("GPU available: False, used: False")
+        logging.getLogger("mamba_train.x").warning("💡 Tip: kept: not a Lightning record")
+        out = capsys.readouterr().out
+        assert "litlogger" not in out
+        assert out.count("GPU available: False") == 1 and "kept" in out
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            quiet_third_party()  # re-installs the filters over simplefilter
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("something else", UserWarning)
+        assert [str(w.message) for w in caught] == ["something else"]
+    finally:
+        root.removeHandler(handler)
+
+
+def test_triton_caches_default_to_a_stable_user_dir(monkeypatch, tmp_path):
+    from mamba_train.console import default_kernel_caches
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    monkeypatch.setenv("MAMBA_TRAIN_CACHE", str(tmp_path))
+    assert default_kernel_caches() == {"TRITON_CACHE_DIR": str(tmp_path / "triton"),
+                                       "TRITON_CACHE_AUTOTUNING": "1"}
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere")
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    assert default_kernel_caches() == {}
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere"
+
+
+def test_batched_greedy_samples_match_one_prompt_at_a_time():
+    import torch
+
+    from mamba_train.models.build import build_model
+    from mamba_train.models.config import MambaLMConfig
+    from mamba_train.training.callbacks.samples import greedy_continue
+
+    torch.manual_seed(0)
+    model = build_model(MambaLMConfig(d_model=32, n_layer=2, vocab_size=64), backend="reference").eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    with torch.no_grad():
+        batched = greedy_continue(model, prompts, 5, pad_id=0, device="cpu")
+        alone = greedy_continue(model, prompts[:1], 5, pad_id=0, device="cpu")
+    assert [len(t) for t in batched] == [5, 5]
+    assert batched[0] == alone[0]  # the longest prompt has no padding: same tokens
