@@ -122,7 +122,7 @@ def test_redirected_run_prints_progress_lines_once_in_one_directory(tmp_path):
                 "mamba-train.log", "summary.json"):
         assert (run_dir / rel).exists(), rel
     log_text = (run_dir / "mamba-train.log").read_text()
-    assert len(re.findall(r"step \d+/4 \| loss", log_text)) == 4
+    assert len(re.findall(r"\] - step \d+/4 \| loss", log_text)) == 4
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["time_to_first_step_s"] > 0 and summary["steps"] == 4
 
@@ -184,3 +184,88 @@ def test_batched_greedy_samples_match_one_prompt_at_a_time():
         alone = greedy_continue(model, prompts[:1], 5, pad_id=0, device="cpu")
     assert [len(t) for t in batched] == [5, 5]
     assert batched[0] == alone[0]  # the longest prompt has no padding: same tokens
+
+
+class _FakeTrainer:
+    """The few Trainer attributes StepProgress reads, stepping like a real fit."""
+
+    def __init__(self, max_steps: int):
+        import torch
+
+        self.global_step, self.max_steps, self.world_size = 0, max_steps, 1
+        self.is_global_zero, self.sanity_checking = True, False
+        self.callbacks = []
+        self.optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)]
+        self.callback_metrics = {}
+
+    clock = [0.0]  # fake perf_counter: one second per optimizer step
+
+    def step(self, bar, loss: float):
+        import torch
+
+        self.clock[0] += 1.0
+        self.global_step += 1
+        self.callback_metrics["train/loss"] = torch.tensor(loss)
+        bar.on_train_batch_end(self, None, None, None, self.global_step - 1)
+
+
+def _drive(mode: str, steps: int = 6, every: int = 2):
+    import torch
+
+    from mamba_train.training.callbacks.progress import StepProgress
+
+    _FakeTrainer.clock[0] = 0.0
+    bar = StepProgress(mode=mode, every_n_steps=every, tokens_per_step=1000)
+    trainer = _FakeTrainer(steps)
+    bar.setup(trainer, None, "fit")
+    bar.on_train_start(trainer, None)
+    for i in range(steps):
+        trainer.step(bar, 5.0 - i / 10)
+        if trainer.global_step == 4:
+            bar.on_validation_start(trainer, None)
+            trainer.callback_metrics["val/loss"] = torch.tensor(4.25)
+            bar.on_validation_end(trainer, None)
+    bar.on_train_end(trainer, None)
+    return bar
+
+
+def test_progress_lines_count_optimizer_steps_of_the_run(caplog, monkeypatch):
+    import types
+
+    import mamba_train.training.callbacks.progress as progress
+
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: _FakeTrainer.clock[0]))
+    caplog.set_level(logging.INFO, logger="mamba_train.progress")
+    _drive("lines")
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [m for m in lines if m.startswith("step ")]
+    assert [m.split(" | ")[0] for m in steps] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert "loss 4.9000" in steps[0] and "lr 0.5" in steps[0] and "| 1,000 tok/s |" in steps[0]
+    # 1 s per step, measured from the end of the first step (its warm-up is not extrapolated)
+    assert [m.split(" | ")[-1] for m in steps] == ["ETA 0:00:04", "ETA 0:00:02", "ETA 0:00:00"]
+    assert "elapsed 0:00:06" in steps[-1]
+    assert [m for m in lines if m.startswith("val ")] == [
+        next(m for m in lines if m.startswith("val  step 4/6 | loss 4.2500 |"))]
+
+
+def test_progress_bar_counts_steps_and_shows_val_loss():
+    import torch
+
+    from mamba_train.training.callbacks.progress import StepProgress
+
+    bar = StepProgress(mode="bar", every_n_steps=2, tokens_per_step=1000)
+    trainer = _FakeTrainer(6)
+    bar.setup(trainer, None, "fit")
+    bar.on_train_start(trainer, None)
+    progress, task = bar._bar, bar._bar.tasks[0]
+    assert (task.total, task.completed) == (6, 0)  # optimizer steps of the run, not an epoch
+    for i in range(4):
+        trainer.step(bar, 5.0 - i / 10)
+    assert task.completed == 4 and "loss 4.700" in task.fields["info"] and "tok/s" in task.fields["info"]
+    trainer.callback_metrics["val/loss"] = torch.tensor(4.25)
+    bar.on_validation_start(trainer, None)
+    assert task.description == "validating"
+    bar.on_validation_end(trainer, None)
+    assert "val 4.250" in task.fields["info"] and task.description == "train"
+    bar.on_train_end(trainer, None)
+    assert bar._bar is None and progress.finished is False and task.completed == 4
