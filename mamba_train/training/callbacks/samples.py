@@ -60,7 +60,13 @@ class TextSamples(L.Callback):
             return
         if self._tokenizer is None:
             from mamba_train.data.tokenizer import load_tokenizer
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            try:
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            except Exception as e:  # e.g. a hub tokenizer on an offline node: not worth a failed run
+                log.info("no text samples: tokenizer %r did not load (%s: %s)", self.tokenizer_name,
+                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.prompts = []
+                return
         model = pl_module.model
         was_training = model.training
         model.eval()
