@@ -50,7 +50,21 @@ def model_summary(trainer: L.Trainer, pl_module: L.LightningModule, seq_len: int
     lines.append(f"precision: {trainer.precision}")
     lines.append(f"strategy: {type(trainer.strategy).__name__} x {trainer.world_size}")
     lines.append(f"training step: {getattr(pl_module, 'training_step_mode', 'eager')}")
+    lines.append(_peak_flops(trainer))
     return "model summary:\n  " + "\n  ".join(lines)
+
+
+def _peak_flops(trainer: L.Trainer) -> str:
+    """Where MFU's denominator comes from, or why there is no MFU (said once, here)."""
+    monitor = next((cb for cb in trainer.callbacks if hasattr(cb, "available_flops")), None)
+    peak = getattr(monitor, "available_flops", None)
+    if monitor is None:
+        return "MFU: off (callbacks.throughput is disabled)"
+    if peak:
+        return f"MFU: peak {peak / 1e12:,.0f} TFLOP/s per device"
+    device = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"MFU: off (no peak FLOP/s known for {name}; set train.peak_flops=<FLOP/s per device>)"
 
 
 class RunStartReport(L.Callback):
