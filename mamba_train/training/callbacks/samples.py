@@ -76,7 +76,9 @@ class TextSamples(L.Callback):
 
             ids = [self._tokenizer.encode(p, add_special_tokens=False) or [eos_id(self._tokenizer)]
                    for p in self.prompts]
-            new = greedy_continue(model, ids, self.new_tokens, eos_id(self._tokenizer), pl_module.device)
+            # the validation step's precision context: same dtypes, so no new kernel compiles on GPU
+            with trainer.precision_plugin.val_step_context():
+                new = greedy_continue(model, ids, self.new_tokens, eos_id(self._tokenizer), pl_module.device)
             texts = [self._tokenizer.decode(t) for t in new]
         finally:
             model.train(was_training)
