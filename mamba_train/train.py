@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -116,6 +117,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                                          **source)
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
+    # callbacks.progress_bar=null means no progress display, not Lightning's default (epoch) bar
+    bar = {} if "enable_progress_bar" in cfg.trainer else {
+        "enable_progress_bar": any(isinstance(cb, ProgressBar) for cb in callbacks)}
     loggers = _instantiate_dict(cfg.get("logger"))
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
@@ -125,6 +129,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         precision=resolve_precision(cfg.trainer.precision),
         strategy=_strategy(cfg.strategy),
         callbacks=callbacks,
+        **bar,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO(), *_instantiate_dict((cfg.get("cluster") or {}).get("plugins"))],
         check_val_every_n_epoch=None,

@@ -269,3 +269,14 @@ def test_progress_bar_counts_steps_and_shows_val_loss():
     assert "val 4.250" in task.fields["info"] and task.description == "train"
     bar.on_train_end(trainer, None)
     assert bar._bar is None and progress.finished is False and task.completed == 4
+
+
+def test_no_progress_callback_means_no_lightning_epoch_bar(make_config, capsys):
+    from mamba_train.train import train
+
+    cfg = make_config("recipe=debug", "trainer.max_steps=1", "train.val_every_n_steps=1000",
+                      "trainer.limit_val_batches=0", "logger=csv", "callbacks.samples=null")
+    assert cfg.callbacks.progress_bar is None  # TINY disables it
+    result = train(cfg)
+    assert result["trainer"].progress_bar_callback is None
+    assert "Epoch 0" not in capsys.readouterr().err
