@@ -52,13 +52,16 @@ _NOISE_WARNINGS = (
 
 
 class _DropPrefixes(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
+    """Drop records of logger ``scope`` (and its children) whose message starts with a prefix."""
+
+    def __init__(self, scope: str, prefixes: tuple[str, ...]):
         super().__init__()
-        self.prefixes = prefixes
+        self.scope, self.prefixes = scope, prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not message.startswith(self.prefixes)
+        if record.name != self.scope and not record.name.startswith(self.scope + "."):
+            return True
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def quiet_third_party() -> None:
@@ -79,27 +82,12 @@ def quiet_third_party() -> None:
 
 
 def _install_filter(logger_name: str, prefixes: tuple[str, ...]) -> None:
-    """A filter on the logger and on every handler reached through it: records of child loggers
+    """A filter on the logger and on every root handler: records of child loggers
     (``lightning.pytorch.utilities.rank_zero``) skip their ancestors' logger filters, so the
     handlers (root's, once Hydra configured it) carry it too."""
-    flt = _DropPrefixes(prefixes)
-    targets = [logging.getLogger(logger_name), *logging.getLogger().handlers]
-    for target in targets:
-        if not any(isinstance(f, _ScopedFilter) and f.scope == logger_name for f in target.filters):
-            target.addFilter(_ScopedFilter(logger_name, flt))
-
-
-class _ScopedFilter(logging.Filter):
-    """Apply ``inner`` only to records of ``scope`` and its children."""
-
-    def __init__(self, scope: str, inner: _DropPrefixes):
-        super().__init__()
-        self.scope, self.inner, self.prefixes = scope, inner, inner.prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == self.scope or record.name.startswith(self.scope + "."):
-            return self.inner.filter(record)
-        return True
+    for target in (logging.getLogger(logger_name), *logging.getLogger().handlers):
+        if not any(isinstance(f, _DropPrefixes) and f.scope == logger_name for f in target.filters):
+            target.addFilter(_DropPrefixes(logger_name, prefixes))
 
 
 def user_cache_dir(*parts: str) -> Path:
