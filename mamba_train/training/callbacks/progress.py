@@ -4,8 +4,10 @@
 ``> file``) writes one ``logging`` line every ``every_n_steps`` optimizer steps -- to the console
 and the run's log file -- so a redirected run is never silent::
 
-    step 50/200 | loss 5.412 | lr 2.48e-03 | grad 0.91 | 5,310 tok/s | MFU 38.1% | elapsed 0:00:21 | ETA 0:01:03
-    val  step 50/200 | loss 5.377 | ppl 216.4
+    step 50/200 | loss 4.7659 | lr 0.0028 | grad 0.706 | 1,840 tok/s | elapsed 0:00:57 | ETA 0:02:50
+    val  step 50/200 | loss 5.6532 | ppl 285.2 | 3.1s
+
+(the debug recipe on a 2-core CPU; with a known peak FLOP/s an ``MFU <x>%`` field follows tok/s)
 
 Both count optimizer steps against ``trainer.max_steps`` (not epochs of the corpus, nor
 micro-batches), with the ETA of the whole run.
