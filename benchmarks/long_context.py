@@ -37,6 +37,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/train_throughput.py
+import train_throughput  # noqa: E402
+
 VOCAB = 50277
 SEQ_LENS = [2048, 4096, 8192, 16384, 32768, 65536]
 BASE = ["recipe=mamba2-370m"]  # optimizer, precision, data settings shared by every arm
@@ -77,25 +80,15 @@ def plan(arms: list[str], seq_lens: list[int], probe: list[int]) -> list[tuple[s
 
 
 def synthetic_shards(root: Path, train_tokens: int = 8_000_000, val_tokens: int = 600_000) -> Path:
-    """Uniform random tokens (GPT-NeoX vocabulary) as prepared shards; val holds one 256k window."""
-    import numpy as np
-
-    from mamba_train.data.shards import write_tokens
-    rng = np.random.default_rng(0)
-    tok = {"name": "synthetic", "vocab_size": VOCAB, "eos_id": 0}
-    write_tokens(root / "train", rng.integers(1, VOCAB, train_tokens, dtype=np.uint16), tok)
-    write_tokens(root / "val", rng.integers(1, VOCAB, val_tokens, dtype=np.uint16), tok, split="val")
-    return root
+    """``train_throughput.synthetic_shards`` at this benchmark's sizes (val holds one 256k window)."""
+    return train_throughput.synthetic_shards(root, train_tokens, val_tokens, vocab=VOCAB)
 
 
 def peak_bf16_flops(override: float | None) -> float:
-    """Dense bf16 peak of this GPU: ``override``, Lightning's table, else the H100/H200 989e12."""
-    if override:
-        return override
-    from lightning.fabric.utilities.throughput import get_available_flops
+    """``train_throughput.peak_bf16_flops``, else the H100/H200 dense bf16 peak (989e12)."""
     try:
-        return get_available_flops(torch.device("cuda"), torch.bfloat16) or 989e12
-    except Exception:  # noqa: BLE001
+        return train_throughput.peak_bf16_flops(override) or 989e12
+    except Exception:  # noqa: BLE001 -- no table entry for this device: the H100/H200 figure
         return 989e12
 
 
@@ -305,10 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.time()
     deadline = t0 + args.budget_s
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not train_throughput.ready_cuda():
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     arms = [a for a in args.arms if a != "mamba3-370m" or mamba3_available()]

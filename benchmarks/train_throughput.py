@@ -150,12 +150,14 @@ class StepTimer(L.Callback):
             self.stamps.append(time.perf_counter())
 
 
-def synthetic_shards(root: Path) -> Path:
+def synthetic_shards(root: Path, train_tokens: int = 40_000_000, val_tokens: int = 100_000,
+                     vocab: int = VOCAB) -> Path:
+    """Uniform random tokens (GPT-NeoX vocabulary by default) as prepared train/val shards."""
     from mamba_train.data.shards import write_tokens
     rng = np.random.default_rng(0)
-    tok = {"name": "synthetic", "vocab_size": VOCAB, "eos_id": 0}
-    write_tokens(root / "train", rng.integers(1, VOCAB, 40_000_000, dtype=np.uint16), tok)
-    write_tokens(root / "val", rng.integers(1, VOCAB, 100_000, dtype=np.uint16), tok, split="val")
+    tok = {"name": "synthetic", "vocab_size": vocab, "eos_id": 0}
+    write_tokens(root / "train", rng.integers(1, vocab, train_tokens, dtype=np.uint16), tok)
+    write_tokens(root / "val", rng.integers(1, vocab, val_tokens, dtype=np.uint16), tok, split="val")
     return root
 
 
@@ -200,6 +202,7 @@ def ready_cuda() -> bool:
 
 
 def peak_bf16_flops(override: float | None) -> float | None:
+    """Dense bf16 peak FLOP/s of this GPU: ``override``, else Lightning's table (None if absent)."""
     if override:
         return override
     from lightning.fabric.utilities.throughput import get_available_flops
