@@ -39,6 +39,8 @@ MAMBA3_KWARGS = {
 # Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
 # would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels (models/ssd_fla.py).
 KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "fla")}
+# Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
+A_ACTIVATIONS = ("softplus", "heavy_tail")
 ATTN_KWARGS = {
     "num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
     "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base",
@@ -241,7 +243,7 @@ class MambaLMConfig:
             raise ConfigError(
                 f"Mamba3 ssm_cfg.d_state*rope_fraction (= {kw['d_state'] * kw['rope_fraction']:g}) "
                 "must be a multiple of 4: the SISO kernel needs an even number of RoPE angles")
-        if kw.get("A_activation", "softplus") not in ("softplus", "heavy_tail"):
+        if kw.get("A_activation", "softplus") not in A_ACTIVATIONS:
             raise ConfigError(f"Mamba3 ssm_cfg.A_activation must be softplus (mamba_ssm 2.3.2) "
                               f"or heavy_tail (newer mamba_ssm), got {kw['A_activation']!r}")
         cs = kw["chunk_size"]
