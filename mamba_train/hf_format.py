@@ -1,15 +1,12 @@
-"""Hugging Face ``transformers`` Mamba/Mamba2 format: the config and state-dict mapping, and
-reading a transformers directory (``read_hf``). Writing one is ``mamba_train.export.hf``.
-Lives below ``export/`` so that loading (``mamba_train.checkpoint``) needs nothing above it.
-
-Hugging Face ``transformers`` interchange: ``MambaForCausalLM`` / ``Mamba2ForCausalLM``.
+"""Hugging Face ``transformers`` Mamba/Mamba2 format (``MambaForCausalLM`` /
+``Mamba2ForCausalLM``): the config and state-dict mapping, and reading a transformers directory.
+Writing one (``export_hf``) is ``mamba_train.export.hf``; this module sits outside ``export/`` so
+that loading (``mamba_train.checkpoint``) does not import the exporter.
 
 * ``to_hf_config(cfg)`` maps a :class:`MambaLMConfig` to ``transformers.MambaConfig`` (Mamba-1) or
   ``transformers.Mamba2Config`` (Mamba-2), refusing with an :class:`ExportError` naming the field
   whatever transformers' modules cannot compute (MLPs, attention layers, LayerNorm, Mamba-2
-  variants without the gated RMSNorm, ...).
-* ``export_hf(model_or_path, out_dir)`` writes ``config.json`` + ``model.safetensors`` that
-  ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads (optionally a tokenizer).
+  variants without the gated RMSNorm, Mamba-3, ...).
 * ``read_hf(path)`` is the inverse: ``(MambaLMConfig, state dict in mamba_ssm key names)``. It
   reads the weight files directly and never instantiates the transformers model, so no
   ``_init_weights`` can touch the trained Δ bias / A_log / D on the way in.
