@@ -1,5 +1,5 @@
-"""Long-context training throughput on one GPU: Mamba, Mamba-2, Transformer++ (and Mamba-3 where
-the mixer exists), seq_len 2k-64k at a constant number of tokens per micro-batch.
+"""Long-context training throughput on one GPU: Mamba, Mamba-2, Transformer++ and Mamba-3,
+seq_len 2k-64k at a constant number of tokens per micro-batch.
 
 Every measurement is a real ``mamba_train.train.train`` run (Lightning module, the captured CUDA
 graph step where it applies, the chunked loss, the token-shard loader over synthetic tokens,
@@ -51,11 +51,6 @@ ARMS = {  # name -> Hydra overrides selecting the model (same width 1024)
 }
 SSMS = ("mamba2-370m", "mamba-370m", "mamba3-370m")
 BASELINE = "transformerpp-370m"
-
-
-def mamba3_available() -> bool:
-    from mamba_train.models.config import MIXER_LAYERS
-    return "Mamba3" in MIXER_LAYERS
 
 
 def plan(arms: list[str], seq_lens: list[int], probe: list[int]) -> list[tuple[str, int, str]]:
@@ -166,7 +161,7 @@ def measure(arm: str, seq_len: int, policy: str, args, data: Path, runs: Path, d
     if row["tok_s"] is not None:
         fpt = flops.get((arm, seq_len))
         row["flops_per_token"] = fpt
-        row["mfu"] = row["tok_s"] * fpt / peak if fpt and peak else None
+        row["mfu"] = train_throughput.mfu(row["tok_s"], fpt, peak) if fpt else None
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -277,7 +272,7 @@ def write(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("long_context_out"))
-    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=SEQ_LENS)
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per micro-batch")
     ap.add_argument("--probe", nargs="*", type=int, default=[131072, 262144],
@@ -302,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    arms = [a for a in args.arms if a != "mamba3-370m" or mamba3_available()]
-    if "mamba3-370m" in args.arms and "mamba3-370m" not in arms:
-        print("LONGCTX mamba3-370m skipped: no Mamba3 in models/config.py MIXER_LAYERS", flush=True)
+    arms = args.arms
     args.out.mkdir(parents=True, exist_ok=True)
     peak = peak_bf16_flops(args.peak_flops)
     results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
