@@ -74,7 +74,7 @@ def check_fla_stack() -> None:
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(b, l, groups, n) -> (b, l, heads, n), each group's row repeated for its heads."""
     b, l, g, n = t.shape
-    return t.unsqueeze(3).expand(b, l, g, heads // g, n).reshape(b, l, heads, n).contiguous()
+    return t.unsqueeze(3).expand(b, l, g, heads // g, n).reshape(b, l, heads, n)  # a copy unless g == heads
 
 
 def _per_group(t: torch.Tensor, groups: int) -> torch.Tensor:
