@@ -95,16 +95,16 @@ class TokenDataModule(L.LightningDataModule):
         self.document_boundaries = document_boundaries
         self.mask_cross_document_loss = mask_cross_document_loss
         if mask_cross_document_loss and not document_boundaries:
-            raise ValueError("data.mask_cross_document_loss needs data.document_boundaries=true")
+            raise DataError("data.mask_cross_document_loss needs data.document_boundaries=true")
         if path is not None and sources:
-            raise ValueError("give either path or sources, not both")
+            raise DataError("give either data.path or data.sources, not both")
         self.save_hyperparameters()
         self.path = path
         self.sources = [dict(s) for s in sources] if sources else None
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.val_seq_len = self.seq_len if val_seq_len is None else int(val_seq_len)
         if self.val_seq_len < 1:
-            raise ValueError(f"data.val_seq_len must be >= 1 (or null = seq_len), got {val_seq_len}")
+            raise DataError(f"data.val_seq_len must be >= 1 (or null = seq_len), got {val_seq_len}")
         # validation batches hold as many tokens as training micro-batches (memory stays put)
         self.val_batch_size = max(1, self.micro_batch_size * self.seq_len // self.val_seq_len)
         self.num_workers, self.seed = int(num_workers), int(seed)
@@ -185,7 +185,7 @@ class TokenDataModule(L.LightningDataModule):
             return [Path(self.path).expanduser()], [1.0]
         for s in self.sources:
             if "path" not in s:
-                raise ValueError(f"each of sources needs a 'path' (and optional 'weight'), got {s}")
+                raise DataError(f"each of data.sources needs a 'path' (and optional 'weight'), got {s}")
         return ([Path(s["path"]).expanduser() for s in self.sources],
                 [float(s.get("weight", 1.0)) for s in self.sources])
 
