@@ -36,13 +36,11 @@ from mamba_train.models.config import (
     ConfigError,
     MambaLMConfig,
 )
+from mamba_train.models.mamba_ssm_format import CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 STASH_KEY = "mamba_train_config"
 HF_MODEL_TYPES = {"Mamba1": "mamba", "Mamba2": "mamba2"}
