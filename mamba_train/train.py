@@ -109,7 +109,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     L.seed_everything(cfg.seed, workers=True)
 
     # the model group's config, or init_from=<source>'s (continued pretraining)
-    model_config, init_from = model_and_source(cfg, run_dir, resuming=ckpt_path is not None)
+    model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
     source = {"model_config": model_config.to_dict(), "init_from": init_from} if init_from else {}

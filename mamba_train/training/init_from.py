@@ -46,7 +46,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -370,32 +369,14 @@ class InitFrom:
         return state, LoadedWeights(self.spec, {n: fingerprint(state[n]) for n in names})
 
 
-def will_resume(ckpt_path: str | None, run_dir: Path) -> bool:
-    """Whether ``fit`` will restore a checkpoint, by Lightning's rules (decided before ``fit``:
-    ``configure_model`` runs before Lightning records the path): an explicit path; ``last``
-    with a ``last*.ckpt`` in the run's checkpoint directory; on SLURM, a requeue checkpoint
-    (``hpc_ckpt_*.ckpt``) in the run directory. ``MambaLMModule.on_train_start`` checks it."""
-    if ckpt_path not in (None, "last"):
-        return True
-    if ckpt_path == "last" and any(re.match(r"^last(-\d+)?$", p.stem)
-                                   for p in (run_dir / "checkpoints").glob("*.ckpt")):
-        return True
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    return SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt"))
-
-
-def model_and_source(cfg, run_dir: Path,
-                     resuming: bool | None = None) -> tuple[MambaLMConfig, InitFrom | None]:
+def model_and_source(cfg, resuming: bool) -> tuple[MambaLMConfig, InitFrom | None]:
     """The run's model config and, with ``cfg.init_from``, its source (``train.py``).
-    ``resuming``: whether a checkpoint will be restored, where the caller has resolved it
-    (``training/resume.py``); else decided by Lightning's rules (:func:`will_resume`)."""
+    ``resuming``: whether a checkpoint will be restored, as ``training/resume.py`` resolved it
+    (``MambaLMModule.on_train_start`` checks that one was)."""
     from hydra.utils import instantiate
 
     configured = instantiate(cfg.model, _convert_="all") if cfg.get("model") else None
     if cfg.get("init_from"):
-        if resuming is None:
-            resuming = will_resume(cfg.ckpt_path, Path(run_dir))
         source = InitFrom.from_run_config(cfg, configured, resuming)
         return source.config, source
     if configured is None:
