@@ -80,13 +80,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _refuse_moved_overrides(argv: list[str]) -> None:
     """``trainer.cuda_graph=on`` would fail inside Hydra's composition with a long message; say
     in one line where the key went (train.check_moved_keys covers configs composed elsewhere)."""
-    from mamba_train.conf import MOVED_KEYS
+    from mamba_train.conf import MOVED_KEYS, moved_key_message
 
     for arg in argv:
         key = arg.split("=", 1)[0].lstrip("+~")
         if key in MOVED_KEYS:
-            print(f"error: {key} is now {MOVED_KEYS[key]} (the trainer group holds only "
-                  f"lightning.Trainer arguments); use {MOVED_KEYS[key]}=...", file=sys.stderr)
+            print(f"error: {moved_key_message(key)}", file=sys.stderr)
             sys.exit(2)
 
 

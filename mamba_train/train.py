@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mamba_train.conf import MOVED_KEYS
+from mamba_train.conf import MOVED_KEYS, moved_key_message
 from mamba_train.config_checks import check_config, write_resolved_config
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import ConfigError
@@ -68,10 +68,9 @@ def _strategy(cfg: DictConfig):
 
 
 def check_moved_keys(cfg: DictConfig) -> None:
-    for old, new in MOVED_KEYS.items():
+    for old in MOVED_KEYS:
         if OmegaConf.select(cfg, old, default=None) is not None:
-            raise ConfigError(f"{old} is now {new} (the trainer group holds only "
-                              f"lightning.Trainer arguments); use {new}=...")
+            raise ConfigError(moved_key_message(old))
 
 
 def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
