@@ -17,6 +17,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.training.nonfinite import NAN_POLICIES
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 
@@ -52,7 +53,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.keep_last_k_checkpoints": (lambda v: _int(v) and v >= -1,
                                       "-1 (keep all), 0 (only last.ckpt) or a positive integer"),
     "train.loss_chunk_size": (positive_int, "a positive integer (tokens per loss chunk)"),
-    "train.nan_policy": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    "train.nan_policy": (lambda v: v in NAN_POLICIES, " or ".join(NAN_POLICIES)),
     "train.max_consecutive_skips": (positive_int, "a positive integer (skipped steps in a row "
                                                   "before nan_policy=skip gives up)"),
     "optim.lr": (positive_number, "a positive number, e.g. 3e-4"),

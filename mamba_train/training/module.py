@@ -21,12 +21,11 @@ from mamba_train.training.activation_checkpointing import describe as describe_c
 from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
                                              start_graph_step)
 from mamba_train.training.lightning_compat import should_accumulate
-from mamba_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401
+from mamba_train.training.nonfinite import NAN_POLICIES, NonFiniteGuard, NonFiniteLossError  # noqa: F401
 from mamba_train.training.optim import build_optimizer
 
 RNG_KEY = "mamba_train_rng"
 RUN_CONFIG_KEY = "mamba_train_run_config"
-NAN_POLICIES = ("stop", "skip")
 
 
 class MambaLMModule(L.LightningModule):

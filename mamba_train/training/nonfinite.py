@@ -33,6 +33,7 @@ import torch
 from mamba_train.errors import MambaTrainError
 
 log = logging.getLogger(__name__)
+NAN_POLICIES = ("stop", "skip")  # train.nan_policy
 
 
 class NonFiniteLossError(MambaTrainError, FloatingPointError):
