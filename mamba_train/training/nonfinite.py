@@ -61,6 +61,8 @@ class NonFiniteGuard:
         self._warned_up_to = -1
         self.skipped = 0  # host copy, as of the last poll
         self._host_path_noted = False
+        self._params_key: tuple | None = None
+        self._params: tuple[list, list[str]] = ([], [])
 
     # ------------------------------------------------------------------ per micro-batch / step
     def note_loss(self, loss: torch.Tensor) -> None:
@@ -82,15 +84,19 @@ class NonFiniteGuard:
 
         ``reduce_max``: agree across ranks where each holds only a shard of the gradients.
         ``mask=False``: only record (an engine that applies the step itself, DeepSpeed)."""
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        names = [n for g in optimizer.param_groups
-                 for n in g.get("param_names", [f"param{i}" for i in range(len(g["params"]))])]
-        with_grad = [(p, n) for p, n in zip(params, names) if p.grad is not None]
-        grads = [p.grad for p, _ in with_grad]
+        params, names = self._parameters(optimizer)
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # e.g. unused parameters: only those with a gradient
+            kept = [(p, n) for p, n in zip(params, names) if p.grad is not None]
+            params, names = [p for p, _ in kept], [n for _, n in kept]
+            grads = [p.grad for p in params]
         if grads:
             device = grads[0].device
             norms = torch._foreach_norm(grads, float("inf"))
-            per_param = ~torch.isfinite(torch.stack([n.to(device) for n in norms]))
+            try:
+                per_param = ~torch.isfinite(torch.stack(norms))
+            except RuntimeError:  # gradients on more than one device
+                per_param = ~torch.isfinite(torch.stack([n.to(device) for n in norms]))
         elif self._loss_bad is not None:  # no gradient visible here (partitioned): the loss only
             device = self._loss_bad.device
             per_param = torch.zeros(0, dtype=torch.bool, device=device)
@@ -104,7 +110,7 @@ class NonFiniteGuard:
             found = reduce_max(found)
         if self._state is None or self._state["first_params"].numel() != len(grads):
             self._state = self._init_state(len(grads), device)
-            self._names = [n for _, n in with_grad]
+            self._names = list(names)
         s = self._state
         first_time = found & (s["first_bad"] < 0)
         s["first_params"] = torch.where(first_time, per_param, s["first_params"])
@@ -120,7 +126,18 @@ class NonFiniteGuard:
         # stop: nothing is applied from the first bad step on, until poll() raises
         apply_none = found | (s["first_bad"] >= 0) if self.policy == "stop" else found
         if mask and grads:
-            self._mask(optimizer, apply_none, [p for p, _ in with_grad])
+            self._mask(optimizer, apply_none, params)
+
+    def _parameters(self, optimizer: torch.optim.Optimizer) -> tuple[list, list[str]]:
+        """The optimizer's parameters and their names, flattened once per optimizer (not every
+        step: a Python pass over every parameter per step costs the host-bound loop)."""
+        key = (id(optimizer), tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
+        if self._params_key != key:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            names = [n for g in optimizer.param_groups
+                     for n in g.get("param_names", [f"param{i}" for i in range(len(g["params"]))])]
+            self._params_key, self._params = key, (params, names)
+        return self._params
 
     def _mask(self, optimizer, found: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
         if getattr(optimizer, "defaults", {}).get("fused"):
