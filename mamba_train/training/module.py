@@ -88,6 +88,7 @@ class MambaLMModule(L.LightningModule):
         self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
         # non-finite loss/gradients: decided on the device before each optimizer step
         self.nonfinite = NonFiniteGuard(nan_policy, max_consecutive_skips)
+        self._polled_step = -1  # the optimizer step whose bookkeeping was last read
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -206,6 +207,7 @@ class MambaLMModule(L.LightningModule):
                 "train.nan_policy=skip cannot skip a step under DeepSpeed (its engine applies "
                 "the optimizer step itself); use train.nan_policy=stop or strategy=fsdp")
         self.nonfinite.window = 2 * max(1, self.trainer.log_every_n_steps)
+        self._polled_step = -1
         self._start_graph_step()
         # a restarted or resumed run redoes the steps from global_step on: drop their rows from
         # the CSV log (all of them when a run killed before its first checkpoint starts over)
@@ -222,7 +224,10 @@ class MambaLMModule(L.LightningModule):
         self.nonfinite.poll(getattr(ckpt_cb, "last_model_path", None) or None)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        # once per logged optimizer step, not on every micro-batch of the window after it
+        step = self.global_step
+        if step != self._polled_step and step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._polled_step = step
             self.raise_if_nonfinite()
 
     def on_train_end(self) -> None:
