@@ -21,13 +21,19 @@ class GoodStepCheckpoint(ModelCheckpoint):
     def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
         super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
         self.save_every = every_n_train_steps or 0
+        self._checked_step, self._holding = -1, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         guard = getattr(pl_module, "nonfinite", None)
-        due = self.save_every and trainer.global_step % self.save_every == 0
-        if due and guard is not None and guard.policy == "skip" and guard.in_skip_run():
-            log.warning("not saving the step-%d checkpoint: the last step was skipped for "
-                        "non-finite loss/gradients (the last good checkpoint stays: %s)",
-                        trainer.global_step, self.last_model_path or "none yet")
-            return
+        step = trainer.global_step
+        due = self.save_every and step % self.save_every == 0
+        if due and guard is not None and guard.policy == "skip":
+            if step != self._checked_step:  # once per step (one sync), not per micro-batch after it
+                self._checked_step, self._holding = step, guard.in_skip_run()
+                if self._holding:
+                    log.warning("not saving the step-%d checkpoint: the last step was skipped for "
+                                "non-finite loss/gradients (the last good checkpoint stays: %s)",
+                                step, self.last_model_path or "none yet")
+            if self._holding:
+                return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
