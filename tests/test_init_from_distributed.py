@@ -37,7 +37,7 @@ def test_loaded_weights_survive_strategy_setup_on_every_rank(strategy, tmp_path)
                           env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + "\n" + proc.stderr[-6000:]
     run_dir = tmp_path / "two"
-    logs = [(run_dir / "__main__.log").read_text(), (run_dir / "train_ddp_process_1.log").read_text()]
+    logs = [(run_dir / "mamba-train.log").read_text(), (run_dir / "train_ddp_process_1.log").read_text()]
     for rank, text in enumerate(logs):
         assert (f"loaded weights preserved: {n} tensors bit-identical to {src} on rank {rank}"
                 in text), text[-3000:]
