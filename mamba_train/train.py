@@ -26,7 +26,8 @@ from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
 from mamba_train.training.module import MambaLMModule
-from mamba_train.training.resume import clean_checkpoint_dir, resolve_ckpt_path, resume_command
+from mamba_train.training.resume import (checkpoint_files, clean_checkpoint_dir, resolve_ckpt_path,
+                                         resume_command)
 from mamba_train.training.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def check_moved_keys(cfg: DictConfig) -> None:
 
 def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     """Never silently train over an existing run's checkpoints."""
-    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    existing = sorted(checkpoint_files(run_dir / "checkpoints"))
     if existing and ckpt_path is None:
         raise RunDirError(
             f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "

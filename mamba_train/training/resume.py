@@ -75,7 +75,8 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _candidates(ckpt_dir: Path) -> list[Path]:
+def checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """The checkpoints of a run directory (partial writes are dot-files and never count)."""
     if not ckpt_dir.is_dir():
         return []
     return [p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
@@ -99,7 +100,7 @@ def resolve_ckpt_path(ckpt_dir: Path, ckpt_path: str | None) -> str | None:
             raise ResumeError(f"ckpt_path={ckpt_path} is not a loadable checkpoint: {found.problem}; "
                               "point it at a .ckpt written by mamba_train, or use ckpt_path=last")
         return str(path)
-    paths = _candidates(ckpt_dir)
+    paths = checkpoint_files(ckpt_dir)
     if not paths:
         log.info("ckpt_path=last: no checkpoint in %s yet, starting at step 0", ckpt_dir)
         return None
