@@ -9,7 +9,7 @@ Where fla's gated backward is known to be wrong (Hopper + Triton in [3.4.0, 3.7.
 is unaffected; the refusal is lifted for those tests only) and the gradient tests skip, naming why.
 
 d_model 1024 / d_state 128 / headdim 64 (32 heads) are mamba2-370m's: fla autotunes and compiles
-per head count and shape, so these tests reuse the benchmark's kernels (benchmarks/gpu_perf.sh runs
+per head count and shape, so these tests reuse the benchmark's kernels (benchmarks/device_call.sh runs
 the benchmark first). ngroups 2 checks the head/group broadcast of B and C.
 """
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels and the project, then run the named parts in order,
+# each under what is left of BUDGET_S seconds (default 540); a part that would start with < 25 s
+# left is skipped and says so. Each part's full output is in $OUT/<part>.log; its key lines are
+# printed. The wheels come from .whl (see benchmarks/RESULTS.md for the set), fla's only for the
+# parts that use it.
+#   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
+# parts:
+#   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
+#   m3learn   Mamba-3 vs Mamba-2 learning check, 180M shape, stdlib text (benchmarks/mamba3_vs_mamba2.py)
+#   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train
+#   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed)
+#   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
+#   prof2 prof1  per-kernel-family budget of the captured mamba2-370m / mamba-370m steps
+#   tp1       mamba-370m throughput with the fla peer arm (needs fla's wheels)
+#   tp2       mamba2-370m with the fla peer arm and the fla SSD arm (refused on Hopper + Triton < 3.7.1)
+#   refusal ssd flatests   the fla SSD kernel refusal tests, micro-benchmark, parity tests
+#   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
+#   longctx3  the Mamba-3 arm of benchmarks/long_context.py
+#   gputests  every other file under tests/gpu
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
+BUDGET_S=${BUDGET_S:-540}
+PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
+SHOW='SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+
+python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+
+run_part() {  # name, command...
+  local name=$1; shift
+  local left=$(( BUDGET_S - SECONDS ))
+  if (( left < 25 )); then echo "== $name SKIPPED (${left}s left of ${BUDGET_S})"; return; fi
+  echo "== $name (limit ${left}s): $*"
+  timeout -k 5 "$left" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$? at ${SECONDS}s"
+  grep -E "$SHOW" "$OUT/$name.log" | grep -v "^KERNEL" | cut -c1-240
+  grep -E "^KERNEL" "$OUT/$name.log" | head -n 16 | cut -c1-200
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "
+from importlib.metadata import version, PackageNotFoundError
+for p in ('torch', 'triton', 'mamba_ssm', 'causal_conv1d', 'flash-linear-attention', 'lightning'):
+    try: print(p, version(p))
+    except PackageNotFoundError: print(p, 'MISSING')
+" | tee -a "$OUT/device.txt"
+TIMING=(--warmup 4 --windows 2 --window 6 --peak-flops "$PEAK")
+PROF=(--warmup 6 --steps 4 --cuda-graph auto --top 8 --peak-flops "$PEAK")
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
+for p in "$@"; do
+  case $p in
+    # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
+    m3tests) run_part m3tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_mamba3_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    m3learn) run_part m3learn python3 benchmarks/mamba3_vs_mamba2.py --json "$OUT/mamba3_vs_mamba2.json" ;;
+    m3bench) run_part m3bench python3 benchmarks/train_throughput.py --models mamba3-180m mamba3-440m \
+           "${TIMING[@]}" --json "$OUT/throughput_mamba3.json" ;;
+    reliab) run_part reliab "${PYTEST[@]}" tests/gpu/test_reliability_gpu.py ;;
+    first) run_part first bash benchmarks/first_step.sh ;;
+    prof2) run_part prof_mamba2 python3 benchmarks/profile_step.py --model mamba2-370m "${PROF[@]}" ;;
+    prof1) run_part prof_mamba1 python3 benchmarks/profile_step.py --model mamba-370m "${PROF[@]}" ;;
+    tp1) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m --fla-peer \
+           "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
+    tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \
+           --ssd-kernel-fla "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
+    refusal) run_part fla_refusal "${PYTEST[@]}" tests/gpu/test_fla_ssd.py -k "refused or boundaries" ;;
+    ssd) run_part ssd_kernels python3 benchmarks/ssd_kernels.py --lift-fla-guard ;;
+    flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
+    ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ;;
+    # captured vs eager bit for bit under the deterministic mode: a process of its own
+    graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
+    longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \
+           --out "$OUT" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
+           --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
+           --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \
+           --deselect tests/gpu/test_fla_ssd.py ;;
+    *) echo "unknown part $p" ;;
+  esac
+done
+echo "== done at ${SECONDS}s"; ls "$OUT"
