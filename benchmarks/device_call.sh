@@ -7,7 +7,8 @@
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
 # parts:
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
-#   m3learn   Mamba-3 vs Mamba-2 learning check, 180M shape, stdlib text (benchmarks/mamba3_vs_mamba2.py)
+#   m3learn   Mamba-3 vs Mamba-2 learning check, 180M shape, stdlib text (benchmarks/mamba3_vs_mamba2.py;
+#             M3_ARGS passes its options, e.g. other --arm specs)
 #   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train
 #   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed)
 #   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
@@ -21,6 +22,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
+# Triton's autotune results cached on disk too (what the mamba-train CLI sets), for every part
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
 SHOW='SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
@@ -54,7 +57,7 @@ for p in "$@"; do
     # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
     m3tests) run_part m3tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_mamba3_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    m3learn) run_part m3learn python3 benchmarks/mamba3_vs_mamba2.py --json "$OUT/mamba3_vs_mamba2.json" ;;
+    m3learn) run_part m3learn python3 benchmarks/mamba3_vs_mamba2.py ${M3_ARGS:-} --json "$OUT/mamba3_vs_mamba2.json" ;;
     m3bench) run_part m3bench python3 benchmarks/train_throughput.py --models mamba3-180m mamba3-440m \
            "${TIMING[@]}" --json "$OUT/throughput_mamba3.json" ;;
     reliab) run_part reliab "${PYTEST[@]}" tests/gpu/test_reliability_gpu.py ;;

@@ -30,6 +30,17 @@ import torch
 ARMS = {"mamba3": "mamba3-180m", "mamba2": "mamba2-130m"}
 
 
+def parse_arm(spec: str) -> tuple[str, str, list[str]]:
+    """``name=recipe[:override,override...]`` (or just a name of ARMS) -> (name, recipe, overrides)."""
+    name, _, rest = spec.partition("=")
+    if not rest:
+        if name not in ARMS:
+            raise SystemExit(f"--arm {spec!r}: give name=recipe[:overrides] or one of {list(ARMS)}")
+        return name, ARMS[name], []
+    recipe, _, overrides = rest.partition(":")
+    return name, recipe, [o for o in overrides.split(",") if o]
+
+
 def stdlib_corpus(dst: Path, max_mb: float) -> int:
     """Copy the standard library's .py files as .txt documents (prepare reads .txt files)."""
     root = Path(os.__file__).parent
@@ -52,8 +63,8 @@ def prepare(text_dir: Path, out: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def train_arm(recipe: str, data: Path, runs: Path, steps: int, micro_batch: int, seq_len: int,
-              lr: float, n_layer: int) -> dict:
+def train_arm(name: str, recipe: str, data: Path, runs: Path, steps: int, micro_batch: int,
+              seq_len: int, lr: float, n_layer: int, extra: list[str] = ()) -> dict:
     from hydra import compose, initialize_config_module
 
     from mamba_train.train import train
@@ -65,7 +76,7 @@ def train_arm(recipe: str, data: Path, runs: Path, steps: int, micro_batch: int,
         f"train.global_batch_tokens={micro_batch * seq_len}", f"trainer.max_steps={steps}",
         f"optim.lr={lr}", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=8",
         f"train.val_every_n_steps={steps // 2}", f"train.checkpoint_every_n_steps={steps}",
-        "logger=csv", f"paths.output_dir={runs}", f"run_name={recipe}-learn", "seed=0",
+        "logger=csv", f"paths.output_dir={runs}", f"run_name={name}-learn", "seed=0", *extra,
     ]
     with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -73,18 +84,20 @@ def train_arm(recipe: str, data: Path, runs: Path, steps: int, micro_batch: int,
     result = train(cfg)
     wall = time.perf_counter() - t0
     run_dir = Path(result["run_dir"])
-    train_loss, val_loss = {}, {}
+    train_loss, val_loss, grad_norm = {}, {}, {}
     with open(run_dir / "metrics" / "metrics.csv") as f:
         for row in csv.DictReader(f):
             if row.get("train/loss"):
                 train_loss[int(row["step"])] = float(row["train/loss"])
+            if row.get("train/grad_norm"):
+                grad_norm[int(row["step"])] = float(row["train/grad_norm"])
             if row.get("val/loss"):
                 val_loss[int(row["step"])] = float(row["val/loss"])
     n_params = sum(p.numel() for p in {id(p): p for p in result["module"].model.parameters()}.values()) \
         if "module" in result else None
     torch.cuda.empty_cache()
-    return {"recipe": recipe, "train_loss": train_loss, "val_loss": val_loss, "wall_s": wall,
-            "params": n_params}
+    return {"recipe": recipe, "overrides": list(extra), "train_loss": train_loss,
+            "val_loss": val_loss, "grad_norm": grad_norm, "wall_s": wall, "params": n_params}
 
 
 def main(argv=None) -> int:
@@ -95,7 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-layer", type=int, default=37)
     ap.add_argument("--corpus-mb", type=float, default=40.0)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arm", action="append", default=None, metavar="NAME=RECIPE[:OVERRIDES]",
+                    help="an arm: a name of ARMS, or name=recipe with comma-separated Hydra "
+                         "overrides after a colon (repeat; default: mamba3 and mamba2)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -113,18 +128,19 @@ def main(argv=None) -> int:
         results["corpus_mb"] = size / 1e6
         print(f"CORPUS {size / 1e6:.1f} MB of stdlib sources prepared in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        for arm in args.arms:
-            r = train_arm(ARMS[arm], tmp / "data", tmp / "runs", args.steps, args.micro_batch,
-                          args.seq_len, args.lr, args.n_layer)
-            results["arms"][arm] = r
+        for name, recipe, extra in map(parse_arm, args.arm or list(ARMS)):
+            r = train_arm(name, recipe, tmp / "data", tmp / "runs", args.steps, args.micro_batch,
+                          args.seq_len, args.lr, args.n_layer, extra)
+            results["arms"][name] = r
             print(f"ARM {arm}: {r['params'] or 0:,} parameters, {r['wall_s']:.0f} s", flush=True)
     arms = list(results["arms"])
     steps = sorted(set().union(*(results["arms"][a]["train_loss"] for a in arms)))
-    print("LOSS step " + " ".join(f"{a:>8}" for a in arms))
+    print("LOSS step " + " ".join(f"{a:>12}" for a in arms) + "   (grad norm before clipping)")
     for s in steps:
         if s % 10 == 0 or s == steps[-1]:
             print(f"LOSS {s:4d} " + " ".join(
-                f"{results['arms'][a]['train_loss'].get(s, float('nan')):8.4f}" for a in arms))
+                f"{results['arms'][a]['train_loss'].get(s, float('nan')):6.3f} "
+                f"{results['arms'][a]['grad_norm'].get(s, float('nan')):5.2f}" for a in arms))
     for a in arms:
         tl = results["arms"][a]["train_loss"]
         last = [tl[s] for s in sorted(tl)[-20:]]
