@@ -95,7 +95,8 @@ def train_arm(name: str, recipe: str, data: Path, runs: Path, steps: int, micro_
                 val_loss[int(row["step"])] = float(row["val/loss"])
     n_params = sum(p.numel() for p in {id(p): p for p in result["module"].model.parameters()}.values()) \
         if "module" in result else None
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"recipe": recipe, "overrides": list(extra), "train_loss": train_loss,
             "val_loss": val_loss, "grad_norm": grad_norm, "wall_s": wall, "params": n_params}
 
@@ -112,12 +113,15 @@ def main(argv=None) -> int:
                     help="an arm: a name of ARMS, or name=recipe with comma-separated Hydra "
                          "overrides after a colon (repeat; default: mamba3 and mamba2)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="run without a GPU (reference backend): only to smoke-test this script "
+                         "with tiny sizes, e.g. --n-layer 1 --seq-len 64 --micro-batch 1 --steps 2")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.allow_cpu:
         print("needs a CUDA GPU (the reference backend would take hours at this size)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"),
                "steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
                "lr": args.lr, "arms": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
             r = train_arm(name, recipe, tmp / "data", tmp / "runs", args.steps, args.micro_batch,
                           args.seq_len, args.lr, args.n_layer, extra)
             results["arms"][name] = r
-            print(f"ARM {arm}: {r['params'] or 0:,} parameters, {r['wall_s']:.0f} s", flush=True)
+            print(f"ARM {name}: {r['params'] or 0:,} parameters, {r['wall_s']:.0f} s", flush=True)
     arms = list(results["arms"])
     steps = sorted(set().union(*(results["arms"][a]["train_loss"] for a in arms)))
     print("LOSS step " + " ".join(f"{a:>12}" for a in arms) + "   (grad norm before clipping)")
