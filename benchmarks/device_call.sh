@@ -12,7 +12,8 @@
 #   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train
 #   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed)
 #   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
-#   prof2 prof1  per-kernel-family budget of the captured mamba2-370m / mamba-370m steps
+#   prof2 prof1 prof3  per-kernel-family budget of the captured mamba2-370m / mamba-370m /
+#             mamba3-180m steps
 #   tp1       mamba-370m throughput with the fla peer arm (needs fla's wheels)
 #   tp2       mamba2-370m with the fla peer arm and the fla SSD arm (refused on Hopper + Triton < 3.7.1)
 #   refusal ssd flatests   the fla SSD kernel refusal tests, micro-benchmark, parity tests
@@ -64,6 +65,7 @@ for p in "$@"; do
     first) run_part first bash benchmarks/first_step.sh ;;
     prof2) run_part prof_mamba2 python3 benchmarks/profile_step.py --model mamba2-370m "${PROF[@]}" ;;
     prof1) run_part prof_mamba1 python3 benchmarks/profile_step.py --model mamba-370m "${PROF[@]}" ;;
+    prof3) run_part prof_mamba3 python3 benchmarks/profile_step.py --model mamba3-180m "${PROF[@]}" ;;
     tp1) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m --fla-peer \
            "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
     tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \

@@ -5,9 +5,10 @@ directory of ``os.py``, site-/dist-packages left out), one document per file, pr
 the bundled 4096-token BPE through the prepare CLI (``python -m mamba_train.data.prepare``).
 Both models are 37 x 768 (``recipe=mamba3-180m``; the Mamba-2 is ``recipe=mamba2-130m`` at the
 same depth: both ~3.8M parameters per layer), trained through ``mamba_train.train.train`` on the
-fused backend with the same data order, micro-batch (8 x 2048), LR schedule (3e-3 peak,
-10% warm-up, cosine) and seed. Prints both loss curves side by side and the mean of the last 20
-steps; ``--json`` writes the curves (for benchmarks/RESULTS.md).
+fused backend with the same data order, micro-batch (8 x 2048), schedule (10% warm-up, cosine)
+and seed; each at its recipe's peak LR (``--lr`` sets one for all arms). Prints the loss
+curves side by side (with the grad norm) and the mean of the last 20 steps; ``--json`` writes
+the curves (for benchmarks/RESULTS.md).
 
     python benchmarks/mamba3_vs_mamba2.py --steps 250 --json out.json     # ~3-4 min on an H200
 """
@@ -64,17 +65,19 @@ def prepare(text_dir: Path, out: Path) -> None:
 
 
 def train_arm(name: str, recipe: str, data: Path, runs: Path, steps: int, micro_batch: int,
-              seq_len: int, lr: float, n_layer: int, extra: list[str] = ()) -> dict:
+              seq_len: int, lr: float | None, n_layer: int, extra: list[str] = (),
+              d_model: int = 768) -> dict:
     from hydra import compose, initialize_config_module
 
     from mamba_train.train import train
 
     overrides = [
         f"recipe={recipe}", f"data.path={data}", "data.tokenizer=null", "data.num_workers=2",
-        "model.vocab_size=4096", f"model.n_layer={n_layer}", "model.d_model=768",
+        "model.vocab_size=4096", f"model.n_layer={n_layer}", f"model.d_model={d_model}",
         f"data.seq_len={seq_len}", f"data.micro_batch_size={micro_batch}",
         f"train.global_batch_tokens={micro_batch * seq_len}", f"trainer.max_steps={steps}",
-        f"optim.lr={lr}", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=8",
+        *([f"optim.lr={lr}"] if lr is not None else []),
+        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=8",
         f"train.val_every_n_steps={steps // 2}", f"train.checkpoint_every_n_steps={steps}",
         "logger=csv", f"paths.output_dir={runs}", f"run_name={name}-learn", "seed=0", *extra,
     ]
@@ -106,8 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=None, help="peak LR of every arm (default: each recipe's)")
     ap.add_argument("--n-layer", type=int, default=37)
+    ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--corpus-mb", type=float, default=40.0)
     ap.add_argument("--arm", action="append", default=None, metavar="NAME=RECIPE[:OVERRIDES]",
                     help="an arm: a name of ARMS, or name=recipe with comma-separated Hydra "
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for name, recipe, extra in map(parse_arm, args.arm or list(ARMS)):
             r = train_arm(name, recipe, tmp / "data", tmp / "runs", args.steps, args.micro_batch,
-                          args.seq_len, args.lr, args.n_layer, extra)
+                          args.seq_len, args.lr, args.n_layer, extra, args.d_model)
             results["arms"][name] = r
             print(f"ARM {name}: {r['params'] or 0:,} parameters, {r['wall_s']:.0f} s", flush=True)
     arms = list(results["arms"])
