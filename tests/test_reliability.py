@@ -54,6 +54,10 @@ def _assert_same(a, b):
         assert a.keys() == b.keys()
         for k in a:
             _assert_same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):  # (weights, optimizer state): `==` would compare tensors
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
     else:
         assert a == b
 
