@@ -91,6 +91,27 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
 _ABSENT = object()
 
+# A 37 x 768 Mamba-3 (softplus A) at peak LR 3e-3 collapsed to unigram loss within 30 steps on an
+# H200 while 1e-3 trained (benchmarks/RESULTS.md, 2026-12-02 session 5); at 4-8 x 256 on the CPU,
+# 3e-3 trained. So warn from this width and LR on, not for the debug sizes.
+MAMBA3_LR_WARN = 1.5e-3
+MAMBA3_WIDTH_WARN = 512
+
+
+def config_warnings(cfg: DictConfig) -> list[str]:
+    """Settings that run but were measured to train badly: one line each, logged at the start."""
+    warnings = []
+    ssm_cfg = OmegaConf.select(cfg, "model.ssm_cfg", default=None) or {}
+    lr = OmegaConf.select(cfg, "optim.lr", default=None)
+    d_model = OmegaConf.select(cfg, "model.d_model", default=0) or 0
+    if (ssm_cfg.get("layer") == "Mamba3" and ssm_cfg.get("A_activation", "softplus") == "softplus"
+            and _num(lr) and lr > MAMBA3_LR_WARN and _int(d_model) and d_model >= MAMBA3_WIDTH_WARN):
+        warnings.append(
+            f"optim.lr={lr:g} for a Mamba-3 of d_model {d_model}: a 37 x 768 Mamba-3 collapsed at "
+            "3e-3 and trained at 1e-3 (docs/design.md, Mamba-3); consider optim.lr<=1e-3 or "
+            "+model.ssm_cfg.A_activation=heavy_tail")
+    return warnings
+
 
 def check_config(cfg: DictConfig) -> None:
     problems = config_problems(cfg)

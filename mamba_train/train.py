@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.conf import MOVED_KEYS, moved_key_message
-from mamba_train.config_checks import check_config, write_resolved_config
+from mamba_train.config_checks import check_config, config_warnings, write_resolved_config
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import ConfigError
 from mamba_train.training.batch import grad_accumulation
@@ -104,6 +104,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         clean_checkpoint_dir(run_dir / "checkpoints", int(cfg.train.keep_last_k_checkpoints),
                              keep=ckpt_path)
         log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
+        for warning in config_warnings(cfg):
+            log.warning(warning)
     if cfg.trainer.get("deterministic"):
         enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned
     L.seed_everything(cfg.seed, workers=True)

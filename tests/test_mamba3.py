@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mamba_train.config_checks import config_warnings
 from mamba_train.models.build import build_model
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.flops import flops_breakdown, ssm_flops_per_token
@@ -297,3 +298,17 @@ def test_lm_eval_adapter_scores_a_trained_mamba3(tmp_path):
             logits = lm.model(torch.tensor([ids])).logits[0].float()
         lp = F.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
         assert score == pytest.approx(lp[n_ctx - 1:].sum().item(), abs=1e-4)
+
+
+def test_start_warns_of_the_measured_mamba3_lr_hazard(make_config):
+    # the recipes' LRs pass; the Mamba-2 ladder's 3e-3 at the 180M width is named with the fix;
+    # heavy-tail A, the debug width and Mamba-2 at 3e-3 are left alone
+    assert config_warnings(make_config("recipe=mamba3-180m", tiny=False)) == []
+    warned = config_warnings(make_config("recipe=mamba3-180m", "optim.lr=3e-3", tiny=False))
+    assert len(warned) == 1 and "optim.lr<=1e-3" in warned[0] and "heavy_tail" in warned[0]
+    assert config_warnings(make_config("recipe=mamba3-180m", "optim.lr=3e-3",
+                                       "+model.ssm_cfg.A_activation=heavy_tail", tiny=False)) == []
+    assert config_warnings(make_config("recipe=debug-mamba3", tiny=False)) == []
+    assert config_warnings(make_config("recipe=mamba2-130m", tiny=False)) == []
+    for size in ("440m", "820m", "1.5b"):
+        assert config_warnings(make_config(f"recipe=mamba3-{size}", tiny=False)) == [], size
