@@ -114,6 +114,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
+    datamodule.check_paths()  # a missing data directory refuses before any logger starts a run
     source = {"model_config": model_config.to_dict(), "init_from": init_from} if init_from else {}
     module: MambaLMModule = _instantiate(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True),
                                          **source)

@@ -3,6 +3,8 @@ Lightning checkpoint (the loader state Lightning itself saves and restores)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,16 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path):
     for step, workers in [(3, 2), (5, 1), (7, 0)]:
         resumed = _fit(root, tmp_path / f"ckpt{step}", workers, tmp_path / "ckpt" / f"step={step}.ckpt")
         assert resumed == full[2 * step:], f"resume from step {step}"
+
+
+def test_missing_data_path_refuses_before_any_logger_starts(make_config, tmp_path):
+    """W&B (offline) would otherwise open a run, and print how to sync it, for a run that
+    cannot start; the refusal comes before the loggers and the Trainer are built."""
+    pytest.importorskip("wandb", reason="the check is about the W&B logger's side effects")
+    from mamba_train.train import train
+
+    cfg = make_config(f"data.path={tmp_path}/nowhere", "logger=wandb", "logger.wandb.mode=offline")
+    with pytest.raises(DataError, match="nowhere/train does not exist"):
+        train(cfg)
+    run_dir = Path(cfg.run_dir)
+    assert not (run_dir / "wandb").exists() and not (run_dir / "checkpoints").exists()

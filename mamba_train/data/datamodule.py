@@ -164,6 +164,16 @@ class TokenDataModule(L.LightningDataModule):
             add_document_boundaries(batch, self.eos_id, self.mask_cross_document_loss)
         return batch
 
+    def check_paths(self) -> None:
+        """Refuse a missing split before loggers and the Trainer start (setup() reads the data
+        later, once the rank is known); the default corpus is built in prepare_data instead."""
+        if self._uses_default_data():
+            return
+        for root in self._roots()[0]:
+            for split, length in (("train", self.seq_len), ("val", self.val_seq_len)):
+                if not (root / split).is_dir():
+                    self._validate(root / split, length)  # raises the DataError that says what to do
+
     # ------------------------------------------------------------------ facts for the model
     @property
     def vocab_size(self) -> int:
