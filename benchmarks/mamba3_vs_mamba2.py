@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU (the reference backend would take hours at this size)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"device": device, "date": time.strftime("%Y-%m-%d"),
                "steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
                "lr": args.lr, "arms": {}}
     with tempfile.TemporaryDirectory() as tmp:

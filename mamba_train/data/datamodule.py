@@ -130,7 +130,7 @@ class TokenDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         if self.index is None:  # once: with checksums=True it reads every byte
             indexes = [self._validate(root / split, length) for root in roots
-                       for split, length in (("train", self.seq_len), ("val", self.val_seq_len))]
+                       for split, length in self._split_lengths()]
             self._check_tokenizer(indexes)
             self.index = indexes[0]
         if self._train_ds is None or (self._train_ds.rank, self._train_ds.world_size) != (rank, world):
@@ -170,7 +170,7 @@ class TokenDataModule(L.LightningDataModule):
         if self._uses_default_data():
             return
         for root in self._roots()[0]:
-            for split, length in (("train", self.seq_len), ("val", self.val_seq_len)):
+            for split, length in self._split_lengths():
                 if not (root / split).is_dir():
                     self._validate(root / split, length)  # raises the DataError that says what to do
 
@@ -187,6 +187,10 @@ class TokenDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ helpers
     def _uses_default_data(self) -> bool:
         return self.path is None and not self.sources
+
+    def _split_lengths(self) -> tuple[tuple[str, int], ...]:
+        """Each split and the window length it must hold at least one of (plus one token)."""
+        return ("train", self.seq_len), ("val", self.val_seq_len)
 
     def _roots(self) -> tuple[list[Path], list[float]]:
         if self._uses_default_data():
