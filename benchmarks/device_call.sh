@@ -2,8 +2,9 @@
 # One device call: install the carried wheels and the project, then run the named parts in order,
 # each under what is left of BUDGET_S seconds (default 540); a part that would start with < 25 s
 # left is skipped and says so. Each part's full output is in $OUT/<part>.log; its key lines are
-# printed. The wheels come from .whl (see benchmarks/RESULTS.md for the set), fla's only for the
-# parts that use it.
+# printed. The wheels come from .whl, or the folder WHL names (see benchmarks/RESULTS.md for the set),
+# fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
+# pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
 # parts:
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
@@ -46,7 +47,7 @@ run_part() {  # name, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "
 from importlib.metadata import version, PackageNotFoundError
-for p in ('torch', 'triton', 'mamba_ssm', 'causal_conv1d', 'flash-linear-attention', 'lightning'):
+for p in ('torch', 'triton', 'mamba_ssm', 'causal_conv1d', 'flash-linear-attention', 'lightning', 'deepspeed'):
     try: print(p, version(p))
     except PackageNotFoundError: print(p, 'MISSING')
 " | tee -a "$OUT/device.txt"
