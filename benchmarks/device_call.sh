@@ -15,6 +15,7 @@
 #   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
 #   prof2 prof1 prof3  per-kernel-family budget of the captured mamba2-370m / mamba-370m /
 #             mamba3-180m steps
+#   ops3      mamba3-180m: the eager step's aten operators by GPU time, and the captured budget
 #   tp1       mamba-370m throughput with the fla peer arm (needs fla's wheels)
 #   tp2       mamba2-370m with the fla peer arm and the fla SSD arm (refused on Hopper + Triton < 3.7.1)
 #   refusal ssd flatests   the fla SSD kernel refusal tests, micro-benchmark, parity tests
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='OPS|SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -67,6 +68,9 @@ for p in "$@"; do
     prof2) run_part prof_mamba2 python3 benchmarks/profile_step.py --model mamba2-370m "${PROF[@]}" ;;
     prof1) run_part prof_mamba1 python3 benchmarks/profile_step.py --model mamba-370m "${PROF[@]}" ;;
     prof3) run_part prof_mamba3 python3 benchmarks/profile_step.py --model mamba3-180m "${PROF[@]}" ;;
+    # the eager step's operators by GPU time (names the elementwise kernels), then the captured step
+    ops3) run_part ops_mamba3 python3 benchmarks/profile_step.py --model mamba3-180m --skip-plain \
+           --warmup 6 --steps 4 --cuda-graph off auto --ops 40 --top 8 --peak-flops "$PEAK" ;;
     tp1) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m --fla-peer \
            "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
     tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \

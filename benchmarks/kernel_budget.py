@@ -20,6 +20,7 @@ import re
 
 # first match wins; patterns on the kernel name as CUPTI reports it
 FAMILIES: list[tuple[str, str]] = [
+    ("Mamba-3 SISO kernels", r"mamba3_siso|angle_dt"),
     ("SSD chunk kernels", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ddAcs"
                           r"|chunk_fwd_kernel|chunk_bwd_kernel|chunk_local_cumsum"),
     ("selective scan", r"selective_scan"),

@@ -11,6 +11,10 @@ prints per arm:
   KERNEL  <name>: ms/step in (a), ms/step in (b), difference -- the largest differences first
   BUDGET  a markdown table: ms/step per kernel family and arm against the matmul-only lower
           bound (``kernel_budget.py``); ``--variant LABEL:OVERRIDE`` adds a column
+  OPS     with ``--ops N``: the N aten operators with the most GPU time per step and their input
+          shapes (eager arms only: a graph replay has no operators). This is what names the
+          source of anonymous kernels such as ``vectorized_elementwise_kernel``; the host-side
+          recording slows the wall time of those arms, so read their PROFILE line for GPU time only
 
 Busy time is the union of intervals, so overlapping streams are not counted twice; idle time
 is what the host (or a sync) left the GPU waiting. With ``cuda_graph=on`` the kernels inside a
@@ -43,8 +47,8 @@ class StepWindowProfiler:
     """Profiles steps ``[start, start + n)``: starts after step ``start - 1``, stops after
     step ``start + n - 1``, with a device sync at both ends so the wall time is exact."""
 
-    def __init__(self, start: int, n: int):
-        self.start, self.n = start, n
+    def __init__(self, start: int, n: int, ops: bool = False):
+        self.start, self.n, self.ops = start, n, ops
         self.prof = None
         self.wall_s = None
         self._t0 = 0.0
@@ -52,7 +56,8 @@ class StepWindowProfiler:
     def after_step(self, step: int) -> None:
         if step == self.start - 1:
             torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if self.ops else [])
+            self.prof = profile(activities=activities, record_shapes=self.ops)
             self.prof.__enter__()
             self._t0 = time.perf_counter()
         elif step == self.start + self.n - 1 and self.prof is not None:
@@ -87,7 +92,21 @@ class StepWindowProfiler:
             by_name[e.name] += e.time_range.elapsed_us() / 1e3 / self.n
         wall_ms = self.wall_s * 1e3 / self.n
         return {"wall_ms": wall_ms, "busy_ms": busy / 1e3 / self.n,
-                "kernels_per_step": len(events) / self.n, "by_name": by_name, "gaps": gaps[:5]}
+                "kernels_per_step": len(events) / self.n, "by_name": by_name, "gaps": gaps[:5],
+                "ops": self._ops() if self.ops else []}
+
+    def _ops(self) -> list[tuple[float, str, str]]:
+        """(ms/step of GPU time launched by the op itself, op name, input shapes), aten ops only."""
+        rows = []
+        for avg in self.prof.key_averages(group_by_input_shape=True):
+            if not avg.key.startswith("aten::"):
+                continue
+            us = getattr(avg, "self_device_time_total", None)
+            if us is None:  # torch < 2.4 spelling
+                us = avg.self_cuda_time_total
+            if us > 0:
+                rows.append((us / 1e3 / self.n, avg.key, str(avg.input_shapes)))
+        return sorted(rows, reverse=True)
 
 
 class _FrameworkHook(L.Callback):
@@ -104,6 +123,8 @@ def _print_arm(label: str, r: dict) -> None:
           f"| idle {idle:.1%} | {r['kernels_per_step']:.0f} kernels/step", flush=True)
     for ms, before, after in r["gaps"]:
         print(f"GAP {label}: {ms:.2f} ms after {before[:50]} | before {after[:50]}", flush=True)
+    for ms, op, shapes in r["ops"]:
+        print(f"OPS {label}: {ms:6.2f} ms/step {op} {shapes[:150]}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="profiled steps; 10 holds one logged step of the 370m recipes")
     ap.add_argument("--cuda-graph", nargs="+", default=["off", "auto"])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--ops", type=int, default=0, metavar="N",
+                    help="record operators in the eager arms and print the N with the most GPU time")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for (b)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDE",
                     help="also profile (b) with cuda_graph=auto and this extra override, e.g. "
@@ -128,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     total = args.warmup + args.steps
     arms = {}
     if not args.skip_plain:
-        window = StepWindowProfiler(args.warmup, args.steps)
+        window = StepWindowProfiler(args.warmup, args.steps, ops=args.ops > 0)
         # warm-up past the profiled steps: the arms' own timing syncs fall after the window
         plain_loop(args.model, args.micro_batch, total + 1, 0, 1, on_step=window.after_step)
         arms["plain"] = window.summary()
+        arms["plain"]["ops"] = arms["plain"]["ops"][: args.ops]
         _print_arm(f"{args.model} mb={args.micro_batch} plain", arms["plain"])
     runs = [(f"cuda_graph={mode}", [f"module.cuda_graph={mode}"]) for mode in args.cuda_graph]
     runs += [(label, ["module.cuda_graph=auto", override])
@@ -139,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_shards(Path(tmp) / "data")
         for label, extra in runs:
-            window = StepWindowProfiler(args.warmup, args.steps)
+            window = StepWindowProfiler(args.warmup, args.steps, ops=args.ops > 0 and "=off" in label)
             framework(args.model, args.micro_batch, total + 1, 0, 1, data, Path(tmp) / "runs",
                       [*args.override, *extra], tag=f"-{label.replace('=', '-')}",
                       extra_callbacks=[_FrameworkHook(window)])
             arms[label] = window.summary()
+            arms[label]["ops"] = arms[label]["ops"][: args.ops]
             _print_arm(f"{args.model} mb={args.micro_batch} mamba_train {label}", arms[label])
     base = arms.get("plain", {}).get("by_name", collections.Counter())
     for label, _ in (runs if "plain" in arms else []):

@@ -15,6 +15,8 @@ from kernel_budget import OTHER, budget_table, by_family, family_of  # noqa: E40
     ("_chunk_scan_chunk_state_bwd_dx_kernel", "SSD chunk kernels"),
     ("_state_passing_fwd_kernel", "SSD chunk kernels"),
     ("chunk_bwd_kernel_dqkwg", "SSD chunk kernels"),  # fla's simple GLA
+    ("mamba3_siso_bwd_kernel_dqkv", "Mamba-3 SISO kernels"),
+    ("angle_dt_bwd_kernel", "Mamba-3 SISO kernels"),
     ("void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<128, 16, true, true>>",
      "selective scan"),
     ("void causal_conv1d_bwd_kernel<Causal_conv1d_bwd_kernel_traits<128, 4, true>>", "conv1d"),

@@ -137,6 +137,16 @@ class FusedMamba3(_ReferenceMamba3):
                 raise ValueError("Mamba-3 MIMO runs mamba_ssm 2.3.2's own forward, which uses "
                                  "A_activation=softplus; drop ssm_cfg.A_activation")
 
+    def angles_per_head(self, angles):
+        # mamba3_siso_combined rounds Angles to bf16 first thing, so from a bf16 projection
+        # (autocast) mamba_ssm's fp32 copy per head goes bf16 -> fp32 -> bf16 unchanged. Handing
+        # the kernel the stride-0 bf16 view instead gives the same values, and the same gradient
+        # (autograd rounds it to bf16 before the sum over heads either way), without writing two
+        # (b, l, nheads, n_angles) tensors per layer (angle_dt reads through strides).
+        if angles.dtype == torch.bfloat16:
+            return angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1)
+        return super().angles_per_head(angles)
+
     def scan(self, inputs, seq_idx):
         from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
 

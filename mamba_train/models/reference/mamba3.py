@@ -122,9 +122,14 @@ class Mamba3(nn.Module):
             Q=self.C_norm(C), K=self.B_norm(B), V=x,
             ADT=rearrange(A * DT, "b l h -> b h l"), DT=rearrange(DT, "b l h -> b h l"),
             Trap=rearrange(trap, "b l h -> b h l"),
-            Angles=angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1).to(f32),
+            Angles=self.angles_per_head(angles),
             Z=z,
         )
+
+    def angles_per_head(self, angles: torch.Tensor) -> torch.Tensor:
+        """(b, l, n_angles) -> (b, l, nheads, n_angles), fp32 (fp64 stays), as mamba_ssm."""
+        f32 = torch.promote_types(angles.dtype, torch.float32)
+        return angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1).to(f32)
 
     def scan(self, inputs: dict, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """The SISO scan (b, l, h, p); the fused backend overrides this one method."""
