@@ -10,7 +10,7 @@
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
 #   m3learn   Mamba-3 vs Mamba-2 learning check, 180M shape, stdlib text (benchmarks/mamba3_vs_mamba2.py;
 #             M3_ARGS passes its options, e.g. other --arm specs)
-#   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train
+#   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train (M3BENCH_MODELS)
 #   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed)
 #   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
 #   prof2 prof1 prof3  per-kernel-family budget of the captured mamba2-370m / mamba-370m /
@@ -61,7 +61,7 @@ for p in "$@"; do
     m3tests) run_part m3tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_mamba3_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"} ;;
     m3learn) run_part m3learn python3 benchmarks/mamba3_vs_mamba2.py ${M3_ARGS:-} --json "$OUT/mamba3_vs_mamba2.json" ;;
-    m3bench) run_part m3bench python3 benchmarks/train_throughput.py --models mamba3-180m mamba3-440m \
+    m3bench) run_part m3bench python3 benchmarks/train_throughput.py --models ${M3BENCH_MODELS:-mamba3-180m mamba3-440m} \
            "${TIMING[@]}" --json "$OUT/throughput_mamba3.json" ;;
     reliab) run_part reliab "${PYTEST[@]}" tests/gpu/test_reliability_gpu.py ;;
     first) run_part first bash benchmarks/first_step.sh ;;

@@ -67,7 +67,10 @@ class StepWindowProfiler:
 
     def summary(self) -> dict:
         """Per-step wall, busy (interval union) and kernel time by name."""
-        events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # GPU time only: kernels, memcpys, memsets -- not the annotation ranges (e.g. the
+        # optimizer's record_function) that CPU recording puts on the GPU timeline too
+        events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)]
         spans = sorted((e.time_range.start, e.time_range.end) for e in events)
         busy, cur_start, cur_end = 0.0, None, None
         for s, e in spans:

@@ -23,6 +23,7 @@ from mamba_train.models.layers import RMSNorm
 from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
 from mamba_train.models.reference.mamba3 import MimoKernelError
 from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
+from mamba_train.models.split_linear import SplitOutputLinear
 
 
 class FusedMamba(_Mamba):
@@ -131,11 +132,24 @@ class FusedMamba3(_ReferenceMamba3):
                     old.weight.shape[0], eps=old.eps, group_size=old.group_size,
                     norm_before_gate=old.norm_before_gate, device=old.weight.device,
                     dtype=old.weight.dtype))
+        if not self.is_mimo:  # (MIMO runs mamba_ssm's forward, which wants one in_proj tensor)
+            # z and x as GEMM outputs of their own: see models/split_linear.py for the copies
+            # and the cat this saves; same parameter, same name
+            split = SplitOutputLinear(d_model, [self.d_inner, self.d_inner,
+                                                sum(self.split_sizes[2:])], device="meta")
+            split.weight = self.in_proj.weight
+            self.in_proj = split
         if self.is_mimo:
             _mimo_kernel()  # fail at build time, not at the first step
             if self.A_activation != "softplus":
                 raise ValueError("Mamba-3 MIMO runs mamba_ssm 2.3.2's own forward, which uses "
                                  "A_activation=softplus; drop ssm_cfg.A_activation")
+
+    def in_proj_parts(self, u):
+        if self.is_mimo:
+            return super().in_proj_parts(u)
+        z, x, rest = self.in_proj(u)
+        return (z, x, *torch.split(rest, self.split_sizes[2:], -1))
 
     def angles_per_head(self, angles):
         # mamba3_siso_combined rounds Angles to bf16 first thing, so from a bf16 projection

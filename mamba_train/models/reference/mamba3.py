@@ -109,7 +109,7 @@ class Mamba3(nn.Module):
     def project(self, u: torch.Tensor):
         """in_proj and the elementwise preprocessing, exactly as mamba_ssm's forward: the
         keyword arguments of ``mamba3_siso_combined`` (biases still (nheads, R, d_state))."""
-        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(self.in_proj(u), self.split_sizes, -1)
+        z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj_parts(u)
         z = rearrange(z, "b l (h p) -> b l h p", p=self.headdim)
         x = rearrange(x, "b l (h p) -> b l h p", p=self.headdim)
         B = rearrange(B, "b l (r g n) -> b l r g n", r=self.mimo_rank, g=self.num_bc_heads)
@@ -125,6 +125,10 @@ class Mamba3(nn.Module):
             Angles=self.angles_per_head(angles),
             Z=z,
         )
+
+    def in_proj_parts(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """in_proj's output as [z, x, B, C, dd_dt, dd_A, trap, angles] (views of one tensor)."""
+        return torch.split(self.in_proj(u), self.split_sizes, -1)
 
     def angles_per_head(self, angles: torch.Tensor) -> torch.Tensor:
         """(b, l, n_angles) -> (b, l, nheads, n_angles), fp32 (fp64 stays), as mamba_ssm."""
