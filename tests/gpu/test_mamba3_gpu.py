@@ -3,8 +3,12 @@ pure-PyTorch reference, on the same weights; packed documents (cu_seqlens) again
 the captured (CUDA-graph) training step against eager. GPU only (see tests/gpu/run_all.sh).
 
 Tolerances, and why they are not tighter (measured on an H200, benchmarks/RESULTS.md, 2026-12-02):
-* fused vs mamba_ssm's module: the same Triton kernel and norms on the same inputs -> bit-identical
-  (measured 0 in fp32 and bf16); the bounds only leave room for another reduction order.
+* fused vs mamba_ssm's module: the same Triton kernel and norms; was bit-identical (0 in fp32 and
+  bf16) until our in_proj became one GEMM per output group (models/split_linear.py, session 8).
+  Each projected value is the same dot product, but cuBLAS picks other kernels (another fp32
+  summation order) for the narrower GEMMs, and the kernel rounds its inputs to bf16, so a last-bit
+  difference now and then flips a bf16 rounding: 2.1e-4 on the output, 4.6e-4 on the worst
+  gradient (B_bias) in fp32 (siso, H200). The fp32 bounds leave 5x room over that.
 * fused (or mamba_ssm's module) vs reference: "fp32" is not fp32 inside the SISO kernel. It casts
   its derived inputs to bf16 whatever the caller's dtype (state-spaces/mamba PR #876), evaluates
   tanh/sigmoid/cos/sin with approximations (``tanh_approx``, ``sigmoid_approx``, ``cos_approx``
@@ -66,7 +70,7 @@ def grads_of(module, u, dtype, **kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype, tol_upstream, tol_ref", [
-    ("fp32", (1e-4, 1e-3), (5e-3, 3e-2)), ("bf16", (2e-2, 3e-2), (3e-2, 6e-2))])
+    ("fp32", (1e-3, 3e-3), (5e-3, 3e-2)), ("bf16", (2e-2, 3e-2), (3e-2, 6e-2))])
 def test_mixer_vs_mamba_ssm_module(variant, dtype, tol_upstream, tol_ref, record):
     """Weights drawn by mamba_ssm's Mamba3 load unchanged (strict) into ours; outputs and every
     gradient agree with its forward/backward, for the fused and the reference mixer."""
