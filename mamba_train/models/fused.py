@@ -110,8 +110,8 @@ class FusedMamba2(_Mamba2):
 
 class FusedMamba3(_ReferenceMamba3):
     """Mamba-3 on mamba_ssm's kernels: the reference module's parameters and preprocessing
-    (identical to ``mamba_ssm.modules.mamba3.Mamba3.forward``), with the scan replaced by
-    ``mamba3_siso_combined`` (Triton). Document boundaries go in as ``cu_seqlens``: the
+    (``mamba_ssm.modules.mamba3.Mamba3.forward``'s maths; in_proj as grouped GEMMs and the angles
+    as a bf16 view, for speed), with the scan replaced by ``mamba3_siso_combined`` (Triton). Document boundaries go in as ``cu_seqlens``: the
     micro-batch is flattened to one varlen sequence cut at every window and document start
     (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
 
