@@ -47,8 +47,8 @@ class StepWindowProfiler:
     """Profiles steps ``[start, start + n)``: starts after step ``start - 1``, stops after
     step ``start + n - 1``, with a device sync at both ends so the wall time is exact."""
 
-    def __init__(self, start: int, n: int, ops: bool = False):
-        self.start, self.n, self.ops = start, n, ops
+    def __init__(self, start: int, n: int, ops: int = 0):
+        self.start, self.n, self.ops = start, n, ops  # ops: how many operators to report
         self.prof = None
         self.wall_s = None
         self._t0 = 0.0
@@ -57,7 +57,7 @@ class StepWindowProfiler:
         if step == self.start - 1:
             torch.cuda.synchronize()
             activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if self.ops else [])
-            self.prof = profile(activities=activities, record_shapes=self.ops)
+            self.prof = profile(activities=activities, record_shapes=self.ops > 0)
             self.prof.__enter__()
             self._t0 = time.perf_counter()
         elif step == self.start + self.n - 1 and self.prof is not None:
@@ -96,7 +96,7 @@ class StepWindowProfiler:
         wall_ms = self.wall_s * 1e3 / self.n
         return {"wall_ms": wall_ms, "busy_ms": busy / 1e3 / self.n,
                 "kernels_per_step": len(events) / self.n, "by_name": by_name, "gaps": gaps[:5],
-                "ops": self._ops() if self.ops else []}
+                "ops": self._ops()[: self.ops] if self.ops else []}
 
     def _ops(self) -> list[tuple[float, str, str]]:
         """(ms/step of GPU time launched by the op itself, op name, input shapes), aten ops only."""
@@ -104,11 +104,9 @@ class StepWindowProfiler:
         for avg in self.prof.key_averages(group_by_input_shape=True):
             if not avg.key.startswith("aten::"):
                 continue
-            us = getattr(avg, "self_device_time_total", None)
-            if us is None:  # torch < 2.4 spelling
-                us = avg.self_cuda_time_total
-            if us > 0:
-                rows.append((us / 1e3 / self.n, avg.key, str(avg.input_shapes)))
+            if avg.self_device_time_total > 0:
+                rows.append((avg.self_device_time_total / 1e3 / self.n, avg.key,
+                             str(avg.input_shapes)))
         return sorted(rows, reverse=True)
 
 
@@ -154,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     total = args.warmup + args.steps
     arms = {}
     if not args.skip_plain:
-        window = StepWindowProfiler(args.warmup, args.steps, ops=args.ops > 0)
+        window = StepWindowProfiler(args.warmup, args.steps, ops=args.ops)
         # warm-up past the profiled steps: the arms' own timing syncs fall after the window
         plain_loop(args.model, args.micro_batch, total + 1, 0, 1, on_step=window.after_step)
         arms["plain"] = window.summary()
-        arms["plain"]["ops"] = arms["plain"]["ops"][: args.ops]
         _print_arm(f"{args.model} mb={args.micro_batch} plain", arms["plain"])
     runs = [(f"cuda_graph={mode}", [f"module.cuda_graph={mode}"]) for mode in args.cuda_graph]
     runs += [(label, ["module.cuda_graph=auto", override])
@@ -166,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_shards(Path(tmp) / "data")
         for label, extra in runs:
-            window = StepWindowProfiler(args.warmup, args.steps, ops=args.ops > 0 and "=off" in label)
+            window = StepWindowProfiler(args.warmup, args.steps,
+                                        ops=args.ops if "=off" in label else 0)
             framework(args.model, args.micro_batch, total + 1, 0, 1, data, Path(tmp) / "runs",
                       [*args.override, *extra], tag=f"-{label.replace('=', '-')}",
                       extra_callbacks=[_FrameworkHook(window)])
             arms[label] = window.summary()
-            arms[label]["ops"] = arms[label]["ops"][: args.ops]
             _print_arm(f"{args.model} mb={args.micro_batch} mamba_train {label}", arms[label])
     base = arms.get("plain", {}).get("by_name", collections.Counter())
     for label, _ in (runs if "plain" in arms else []):

@@ -111,8 +111,8 @@ class FusedMamba2(_Mamba2):
 class FusedMamba3(_ReferenceMamba3):
     """Mamba-3 on mamba_ssm's kernels: the reference module's parameters and preprocessing
     (``mamba_ssm.modules.mamba3.Mamba3.forward``'s maths; in_proj as grouped GEMMs and the angles
-    as a bf16 view, for speed), with the scan replaced by ``mamba3_siso_combined`` (Triton). Document boundaries go in as ``cu_seqlens``: the
-    micro-batch is flattened to one varlen sequence cut at every window and document start
+    as a bf16 view, for speed), with the scan replaced by ``mamba3_siso_combined`` (Triton).
+    Document boundaries go in as ``cu_seqlens``: the micro-batch is flattened to one varlen sequence cut at every window and document start
     (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
 
     # cu_seqlens' length is the document count: a host sync, so no CUDA-graph capture with
@@ -132,21 +132,21 @@ class FusedMamba3(_ReferenceMamba3):
                     old.weight.shape[0], eps=old.eps, group_size=old.group_size,
                     norm_before_gate=old.norm_before_gate, device=old.weight.device,
                     dtype=old.weight.dtype))
-        if not self.is_mimo:  # (MIMO runs mamba_ssm's forward, which wants one in_proj tensor)
+        if self.is_mimo:  # mamba_ssm's own forward: one in_proj tensor, its A activation
+            _mimo_kernel()  # fail at build time, not at the first step
+            if self.A_activation != "softplus":
+                raise ValueError("Mamba-3 MIMO runs mamba_ssm 2.3.2's own forward, which uses "
+                                 "A_activation=softplus; drop ssm_cfg.A_activation")
+        else:
             # z and x as GEMM outputs of their own: see models/split_linear.py for the copies
             # and the cat this saves; same parameter, same name
             split = SplitOutputLinear(d_model, [self.d_inner, self.d_inner,
                                                 sum(self.split_sizes[2:])], device="meta")
             split.weight = self.in_proj.weight
             self.in_proj = split
-        if self.is_mimo:
-            _mimo_kernel()  # fail at build time, not at the first step
-            if self.A_activation != "softplus":
-                raise ValueError("Mamba-3 MIMO runs mamba_ssm 2.3.2's own forward, which uses "
-                                 "A_activation=softplus; drop ssm_cfg.A_activation")
 
     def in_proj_parts(self, u):
-        if self.is_mimo:
+        if not isinstance(self.in_proj, SplitOutputLinear):  # MIMO
             return super().in_proj_parts(u)
         z, x, rest = self.in_proj(u)
         return (z, x, *torch.split(rest, self.split_sizes[2:], -1))
