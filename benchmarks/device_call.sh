@@ -18,6 +18,11 @@
 #   ops3      mamba3-180m: the eager step's aten operators by GPU time, and the captured budget
 #   tp1       mamba-370m throughput with the fla peer arm (needs fla's wheels)
 #   tp2       mamba2-370m with the fla peer arm and the fla SSD arm (refused on Hopper + Triton < 3.7.1)
+#   norms     the RMSNorm backward kernels alone: mamba_ssm's vs models/norm_backward.py
+#   normtests tests/gpu/test_norm_backward_gpu.py (mamba_train's norm backward vs mamba_ssm's)
+#   prof2ab   mamba2-370m captured step with train.norm_backward=mamba_train vs =mamba_ssm, one process
+#   tp2only tp1only  mamba2-370m / mamba-370m throughput, plain loop vs mamba_train (no peer arm)
+#   ssdcfg    the SSD kernels alone: mamba_ssm's autotune lists vs wider ones (benchmarks/ssd_configs.py)
 #   refusal ssd flatests   the fla SSD kernel refusal tests, micro-benchmark, parity tests
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
@@ -29,7 +34,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='OPS|SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='NORMKERNEL|SSDCFG|OPS|SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -76,6 +81,15 @@ for p in "$@"; do
     tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \
            --ssd-kernel-fla "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
     refusal) run_part fla_refusal "${PYTEST[@]}" tests/gpu/test_fla_ssd.py -k "refused or boundaries" ;;
+    norms) run_part norm_kernels python3 benchmarks/norm_kernels.py ;;
+    normtests) run_part norm_tests "${PYTEST[@]}" tests/gpu/test_norm_backward_gpu.py ;;
+    prof2ab) run_part prof2ab python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
+           "${PROF[@]}" --variant norm_backward=mamba_ssm:train.norm_backward=mamba_ssm ;;
+    tp2only) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m \
+           "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
+    tp1only) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m \
+           "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
+    ssdcfg) run_part ssd_configs python3 benchmarks/ssd_configs.py ;;
     ssd) run_part ssd_kernels python3 benchmarks/ssd_kernels.py --lift-fla-guard ;;
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
     ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ;;

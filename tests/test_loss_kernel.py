@@ -2,22 +2,16 @@
 run on CPU under Triton's interpreter in a process of its own. On the GPU the kernel runs
 compiled inside the fused training path (tests/gpu, benchmarks)."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from conftest import helper_json
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' has it)")
 
 
 @pytest.fixture(scope="module")
 def results():
-    script = Path(__file__).parent / "helpers" / "loss_kernel_under_interpreter.py"
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return helper_json("loss_kernel_under_interpreter.py")
 
 
 @pytest.mark.parametrize("case", ["fp32_one_block", "fp32_three_blocks"])

@@ -24,6 +24,8 @@ from mamba_train.training.lightning_compat import should_accumulate
 from mamba_train.training.nonfinite import NAN_POLICIES, NonFiniteGuard, NonFiniteLossError  # noqa: F401
 from mamba_train.training.optim import build_optimizer
 
+NORM_BACKWARDS = ("mamba_train", "mamba_ssm")  # train.norm_backward: models/norm_backward.py
+
 RNG_KEY = "mamba_train_rng"
 RUN_CONFIG_KEY = "mamba_train_run_config"
 
@@ -42,6 +44,7 @@ class MambaLMModule(L.LightningModule):
         cuda_graph: str = "auto",
         cuda_graph_allreduce: str = "outside",
         mamba1_recompute: bool = True,
+        norm_backward: str = "mamba_train",
         init_from: Any = None,
         max_consecutive_skips: int = 10,
         activation_checkpointing: str | bool = "off",
@@ -65,6 +68,9 @@ class MambaLMModule(L.LightningModule):
         if cuda_graph_allreduce not in ALLREDUCE_PLACES:
             raise ConfigError(f"module.cuda_graph_allreduce must be one of {ALLREDUCE_PLACES}, "
                              f"got {cuda_graph_allreduce!r}")
+        if norm_backward not in NORM_BACKWARDS:
+            raise ConfigError(f"train.norm_backward must be one of {NORM_BACKWARDS}, "
+                              f"got {norm_backward!r}")
         self.activation_checkpointing = normalize_policy(activation_checkpointing)
         checkpointed_block_indices(1, self.activation_checkpointing, activation_checkpointing_k)
         self.activation_checkpointing_k = activation_checkpointing_k
@@ -80,6 +86,7 @@ class MambaLMModule(L.LightningModule):
         self.cuda_graph = cuda_graph
         self.cuda_graph_allreduce = cuda_graph_allreduce
         self.mamba1_recompute = mamba1_recompute
+        self.norm_backward = norm_backward
         self.init_from = init_from  # training/init_from.py: InitFrom, the source of a continued run
         self.loaded_weights = None  # its fingerprints once loaded (checked by the init guard)
         self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
@@ -112,6 +119,12 @@ class MambaLMModule(L.LightningModule):
             if getattr(self.model, "backend", None) == "fused" and not self.mamba1_recompute:
                 from mamba_train.models.fused import set_mamba1_recompute
                 set_mamba1_recompute(self.model, recompute=False)
+            if getattr(self.model, "backend", None) == "fused":
+                from mamba_train.models import norm_backward  # process-wide: mamba_ssm's call sites
+                if self.norm_backward == "mamba_train":
+                    norm_backward.install()
+                else:
+                    norm_backward.uninstall()
             # the one place it is applied, for every strategy (before any sharding wrapper)
             if apply_activation_checkpointing(self.model, self.activation_checkpointing,
                                               self.activation_checkpointing_k):
