@@ -17,6 +17,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
 from mamba_train.training.nonfinite import NAN_POLICIES
 
 RESOLVED_CONFIG = "config.resolved.yaml"
@@ -56,6 +57,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.nan_policy": (lambda v: v in NAN_POLICIES, " or ".join(NAN_POLICIES)),
     "train.max_consecutive_skips": (positive_int, "a positive integer (skipped steps in a row "
                                                   "before nan_policy=skip gives up)"),
+    "train.norm_backward": (lambda v: v in NORM_BACKWARDS, " or ".join(NORM_BACKWARDS)),
     "optim.lr": (positive_number, "a positive number, e.g. 3e-4"),
     "optim.weight_decay": (non_negative_number, "a number >= 0, e.g. 0.1"),
     "trainer.max_steps": (lambda v: v is None or v == -1 or positive_int(v),

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+CHOICES = ("mamba_train", "mamba_ssm")  # train.norm_backward: this kernel, or mamba_ssm's own
 SUPPORTED_MAMBA_SSM = ("2.3.",)
 # grid width and tile size: the best of benchmarks/norm_kernels.py's sweep on an H200 for both
 # norms of mamba2-370m (RESULTS.md, 2026-12-03 session 9); rows per tile = tile_elements // N

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.checkpoint import CKPT_CONFIG_KEY
 from mamba_train.models.config import ConfigError, MambaLMConfig
+from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
 from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
                                                           checkpointed_block_indices,
                                                           normalize_policy)
@@ -23,8 +24,6 @@ from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, Grap
 from mamba_train.training.lightning_compat import should_accumulate
 from mamba_train.training.nonfinite import NAN_POLICIES, NonFiniteGuard, NonFiniteLossError  # noqa: F401
 from mamba_train.training.optim import build_optimizer
-
-NORM_BACKWARDS = ("mamba_train", "mamba_ssm")  # train.norm_backward: models/norm_backward.py
 
 RNG_KEY = "mamba_train_rng"
 RUN_CONFIG_KEY = "mamba_train_run_config"
