@@ -92,7 +92,7 @@ for p in "$@"; do
     ssdcfg) run_part ssd_configs python3 benchmarks/ssd_configs.py ;;
     ssd) run_part ssd_kernels python3 benchmarks/ssd_kernels.py --lift-fla-guard ;;
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
-    ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ;;
+    ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     # captured vs eager bit for bit under the deterministic mode: a process of its own
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
     longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \

@@ -141,3 +141,44 @@ def test_two_process_run_is_identical_with_checkpointing(tmp_path, strategy):
     run_cli(tmp_path, *common, "run_name=all", "train.activation_checkpointing=all")
     ref, losses = global_losses(tmp_path / "off"), global_losses(tmp_path / "all")
     assert len(ref) >= 3 and losses == ref
+
+
+class _ReadsSavedTensorsTwice(torch.autograd.Function):
+    """y = x * w, with a backward that reads ``ctx.saved_tensors`` twice, as mamba_ssm 2.3.2's
+    Mamba-3 scan does (a ``len`` check, then the unpacking)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.scale = 1.0
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        assert len(ctx.saved_tensors) == 2
+        x, w = ctx.saved_tensors
+        return grad * w * ctx.scale, (grad * x).sum(0) * ctx.scale
+
+
+def test_saved_tensors_read_once_lets_a_double_reading_backward_be_checkpointed():
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+
+    from mamba_train.models.checkpoint_compat import saved_tensors_read_once
+
+    x = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(3, requires_grad=True)
+
+    def grads(function, checkpointed):
+        x.grad = w.grad = None
+        run = (lambda a, b: function.apply(a, b).sin())
+        out = checkpoint(run, x, w, use_reentrant=False) if checkpointed else run(x, w)
+        out.sum().backward()
+        return x.grad.clone(), w.grad.clone()
+
+    with pytest.raises(CheckpointError, match="already unpacked once"):
+        grads(_ReadsSavedTensorsTwice, checkpointed=True)
+    read_once = saved_tensors_read_once(_ReadsSavedTensorsTwice)
+    assert read_once.__name__ == "_ReadsSavedTensorsTwiceReadOnce"
+    expected = grads(_ReadsSavedTensorsTwice, checkpointed=False)
+    for got in (grads(read_once, checkpointed=True), grads(read_once, checkpointed=False)):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))

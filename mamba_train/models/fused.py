@@ -10,6 +10,8 @@ reference module with its scan swapped for mamba_ssm's kernel (see ``FusedMamba3
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
 from einops import rearrange
@@ -18,6 +20,7 @@ from mamba_ssm.modules.mamba_simple import Mamba as _Mamba
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
+from mamba_train.models.checkpoint_compat import saved_tensors_read_once
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.layers import RMSNorm
 from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
@@ -162,8 +165,6 @@ class FusedMamba3(_ReferenceMamba3):
         return super().angles_per_head(angles)
 
     def scan(self, inputs, seq_idx):
-        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
-
         z = None if self.is_outproj_norm else inputs["Z"]
         args = dict(Q=inputs["Q"].squeeze(2), K=inputs["K"].squeeze(2), V=inputs["V"],
                     ADT=inputs["ADT"], DT=inputs["DT"], Trap=inputs["Trap"],
@@ -171,13 +172,13 @@ class FusedMamba3(_ReferenceMamba3):
         common = dict(Q_bias=self.C_bias.squeeze(1), K_bias=self.B_bias.squeeze(1), D=self.D,
                       chunk_size=self.chunk_size)
         if seq_idx is None:
-            return mamba3_siso_combined(**args, **common)
+            return mamba3_siso_scan(**args, **common)
         batch = args["V"].shape[0]
         flat = {k: (None if v is None else
                     rearrange(v, "b h l -> 1 h (b l)") if k in ("ADT", "DT", "Trap")
                     else rearrange(v, "b l ... -> 1 (b l) ..."))
                 for k, v in args.items()}
-        y = mamba3_siso_combined(**flat, **common, cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
+        y = mamba3_siso_scan(**flat, **common, cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
         return rearrange(y, "1 (b l) h p -> b l h p", b=batch)
 
     def forward(self, hidden_states, seq_idx=None, inference_params=None):
@@ -193,6 +194,37 @@ class FusedMamba3(_ReferenceMamba3):
         out = upstream.forward(self, rearrange(hidden_states, "b l d -> 1 (b l) d"),
                                cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
         return rearrange(out, "1 (b l) d -> b l d", b=batch)
+
+
+@functools.cache
+def _mamba3_siso_function():
+    # mamba_ssm's public entry point (mamba3_siso_combined) only casts the activations to bf16
+    # and calls this Function; calling it directly is what lets the backward be wrapped.
+    # A private name: checked against mamba_ssm 2.3.2 (tests/gpu/test_mamba3_gpu.py and
+    # test_activation_checkpointing_gpu.py compare it with the public entry point and Mamba3)
+    from mamba_ssm.ops.triton.mamba3 import mamba3_siso_combined as upstream
+
+    function = getattr(upstream, "_Mamba3Function", None)
+    if function is None:
+        from importlib.metadata import version
+        raise ImportError(
+            f"mamba_ssm {version('mamba_ssm')} has no mamba3_siso_combined._Mamba3Function "
+            "(mamba_train's fused Mamba-3 was checked with mamba_ssm 2.3.2): install "
+            "mamba-ssm==2.3.2, or use backend=reference")
+    return saved_tensors_read_once(function)
+
+
+def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None,
+                     chunk_size: int = 64, cu_seqlens=None):
+    """``mamba_ssm``'s ``mamba3_siso_combined`` without initial or final states (training),
+    through :func:`saved_tensors_read_once` so it can sit inside a checkpointed block. Same
+    casts as upstream: activations to bf16; ADT, DT and the parameters as they come."""
+    def bf16(t):
+        return None if t is None else t.to(torch.bfloat16)
+
+    return _mamba3_siso_function().apply(
+        bf16(Q), bf16(K), bf16(V), ADT, DT, bf16(Trap), Q_bias, K_bias, bf16(Angles), D, bf16(Z),
+        None, None, None, None, cu_seqlens, chunk_size, False)
 
 
 def _mimo_kernel():
