@@ -100,10 +100,12 @@ MAMBA3_LR_WARN = 1.5e-3
 MAMBA3_WIDTH_WARN = 512
 
 
-def config_warnings(cfg: DictConfig) -> list[str]:
-    """Settings that run but were measured to train badly: one line each, logged at the start."""
+def config_warnings(cfg: DictConfig, sm_count: int | None = None) -> list[str]:
+    """Settings that run but were measured to train badly or slowly: one line each, logged at
+    the start. ``sm_count``: the GPU's multiprocessors when the fused kernels will run, else None."""
     warnings = []
     ssm_cfg = OmegaConf.select(cfg, "model.ssm_cfg", default=None) or {}
+    warnings += _mamba3_grid_warnings(cfg, ssm_cfg, sm_count)
     lr = OmegaConf.select(cfg, "optim.lr", default=None)
     d_model = OmegaConf.select(cfg, "model.d_model", default=0) or 0
     if (ssm_cfg.get("layer") == "Mamba3" and ssm_cfg.get("A_activation", "softplus") == "softplus"
@@ -113,6 +115,31 @@ def config_warnings(cfg: DictConfig) -> list[str]:
             "3e-3 and trained at 1e-3 (docs/design.md, Mamba-3); consider optim.lr<=1e-3 or "
             "+model.ssm_cfg.A_activation=heavy_tail")
     return warnings
+
+
+def _mamba3_grid_warnings(cfg: DictConfig, ssm_cfg, sm_count: int | None) -> list[str]:
+    # mamba_ssm 2.3.2 launches its Mamba-3 SISO forward and main backward kernels on a
+    # (nheads, sequences) grid, each program walking a whole sequence. Below one program per SM
+    # the GPU idles: mamba3-370m (32 heads) at 64k x 1 ran 28k tok/s against 74k at 4k x 16 on
+    # an H200's 132 SMs (benchmarks/RESULTS.md, session 11). Document boundaries add programs
+    # (one per document), so with them this is an upper bound on the idle share.
+    if not sm_count or ssm_cfg.get("layer") != "Mamba3" or ssm_cfg.get("is_mimo"):
+        return []
+    micro_batch = OmegaConf.select(cfg, "data.micro_batch_size", default=None)
+    d_model = OmegaConf.select(cfg, "model.d_model", default=None)
+    expand, headdim = ssm_cfg.get("expand", 2), ssm_cfg.get("headdim", 64)
+    if not all(_int(v) and v > 0 for v in (micro_batch, d_model, expand, headdim)):
+        return []
+    nheads = expand * d_model // headdim
+    programs = micro_batch * nheads
+    if 4 * programs >= 3 * sm_count:  # 128 programs on 132 SMs measured within 6% of full
+        return []
+    return [f"data.micro_batch_size={micro_batch} x {nheads} Mamba-3 heads = {programs} programs "
+            f"per scan kernel for this GPU's {sm_count} multiprocessors: mamba_ssm's Mamba-3 "
+            "kernels run one program per (head, sequence), so about "
+            f"{100 - 100 * programs // sm_count}% of the GPU idles in them; raise "
+            f"data.micro_batch_size to {-(-sm_count // nheads)} (train.activation_checkpointing=all "
+            "makes room at long context) or shorten data.seq_len (docs/long_context.md)"]
 
 
 def check_config(cfg: DictConfig) -> None:

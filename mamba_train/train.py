@@ -74,6 +74,16 @@ def check_moved_keys(cfg: DictConfig) -> None:
             raise ConfigError(moved_key_message(old))
 
 
+def _fused_gpu_sm_count(backend: str) -> int | None:
+    """The GPU's multiprocessor count when the fused kernels will likely run, else None. Only
+    finds mamba_ssm, does not import it: the deterministic mode must be set before that."""
+    import importlib.util
+
+    if backend == "reference" or not torch.cuda.is_available() or not importlib.util.find_spec("mamba_ssm"):
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     """Never silently train over an existing run's checkpoints."""
     existing = sorted(checkpoint_files(run_dir / "checkpoints"))
@@ -104,7 +114,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         clean_checkpoint_dir(run_dir / "checkpoints", int(cfg.train.keep_last_k_checkpoints),
                              keep=ckpt_path)
         log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
-        for warning in config_warnings(cfg):
+        for warning in config_warnings(cfg, sm_count=_fused_gpu_sm_count(cfg.backend)):
             log.warning(warning)
     if cfg.trainer.get("deterministic"):
         enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned

@@ -312,3 +312,19 @@ def test_start_warns_of_the_measured_mamba3_lr_hazard(make_config):
     assert config_warnings(make_config("recipe=mamba2-130m", tiny=False)) == []
     for size in ("440m", "820m", "1.5b"):
         assert config_warnings(make_config(f"recipe=mamba3-{size}", tiny=False)) == [], size
+
+
+def test_start_warns_when_mamba3_kernels_would_leave_the_gpu_idle(make_config):
+    # mamba3-440m: d_model 1024, so 32 heads of 64; one scan program per (head, sequence)
+    long = ["recipe=mamba3-440m", "data.seq_len=65536", "train.global_batch_tokens=262144"]
+    warned = config_warnings(make_config(*long, "data.micro_batch_size=1", tiny=False), sm_count=132)
+    assert len(warned) == 1, warned
+    assert "32 programs" in warned[0] and "132 multiprocessors" in warned[0]
+    assert "76% of the GPU idles" in warned[0] and "data.micro_batch_size to 5" in warned[0]
+    # 128 programs (micro-batch 4) measured within 6% of a full GPU: no warning; nor on the CPU
+    # (no SM count), for Mamba-2, or for a GPU the micro-batch fills
+    assert config_warnings(make_config(*long, "data.micro_batch_size=4", tiny=False), sm_count=132) == []
+    assert config_warnings(make_config(*long, "data.micro_batch_size=1", tiny=False)) == []
+    assert config_warnings(make_config(*long, "data.micro_batch_size=1", tiny=False), sm_count=24) == []
+    assert config_warnings(make_config("recipe=mamba2-370m", "data.micro_batch_size=1", tiny=False),
+                           sm_count=132) == []
