@@ -17,6 +17,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.models.config import MAMBA3_DEFAULTS
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
 from mamba_train.training.nonfinite import NAN_POLICIES
 
@@ -123,11 +124,12 @@ def _mamba3_grid_warnings(cfg: DictConfig, ssm_cfg, sm_count: int | None) -> lis
     # the GPU idles: mamba3-370m (32 heads) at 64k x 1 ran 28k tok/s against 74k at 4k x 16 on
     # an H200's 132 SMs (benchmarks/RESULTS.md, session 11). Document boundaries add programs
     # (one per document), so with them this is an upper bound on the idle share.
-    if not sm_count or ssm_cfg.get("layer") != "Mamba3" or ssm_cfg.get("is_mimo"):
+    kw = {**MAMBA3_DEFAULTS, **ssm_cfg}
+    if not sm_count or kw.get("layer") != "Mamba3" or kw["is_mimo"]:
         return []
     micro_batch = OmegaConf.select(cfg, "data.micro_batch_size", default=None)
     d_model = OmegaConf.select(cfg, "model.d_model", default=None)
-    expand, headdim = ssm_cfg.get("expand", 2), ssm_cfg.get("headdim", 64)
+    expand, headdim = kw["expand"], kw["headdim"]
     if not all(_int(v) and v > 0 for v in (micro_batch, d_model, expand, headdim)):
         return []
     nheads = expand * d_model // headdim
