@@ -109,7 +109,7 @@ def test_graph_step_resume_is_exact(eager_run, force_graph_step, tmp_path):
 def test_cuda_graph_on_is_refused_with_the_reasons(tmp_path):
     with pytest.raises(CudaGraphError, match=r"device is cpu.*cuda_graph=auto or off") as err:
         train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "module.cuda_graph=on",
-                              "train.nan_policy=skip"], tmp_path))
+                              "module.nan_policy=skip"], tmp_path))
     # nan_policy=skip decides on the device (training/nonfinite.py): no reason to stay eager
     assert "nan_policy" not in str(err.value)
 

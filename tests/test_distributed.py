@@ -87,7 +87,7 @@ def _assert_init_checked_on_both_ranks(run_dir: Path) -> None:
 @pytest.mark.parametrize("strategy", [
     pytest.param(["strategy=ddp"], id="ddp"),
     # per-Block activation checkpointing and sharded (one file per rank) checkpoints on top
-    pytest.param(["strategy=fsdp", "train.activation_checkpointing=all",
+    pytest.param(["strategy=fsdp", "module.activation_checkpointing=all",
                   "strategy.state_dict_type=sharded"], id="fsdp"),
     # bf16-mixed: DeepSpeed's torch_autocast mode with fp32 module parameters (the fp32 guard runs
     # on every rank); the same numbers as DDP under Lightning's bf16 autocast, bit for bit, here
@@ -99,7 +99,7 @@ def _assert_init_checked_on_both_ranks(run_dir: Path) -> None:
                  marks=[has_deepspeed, pytest.mark.slow]),
     # every block recomputed under ZeRO-3 (its hooks re-gather the parameters for the recompute)
     pytest.param(["strategy=deepspeed_zero3", "strategy.allow_cpu=true",
-                  "train.activation_checkpointing=all"], id="deepspeed_zero3-checkpointed",
+                  "module.activation_checkpointing=all"], id="deepspeed_zero3-checkpointed",
                  marks=[has_deepspeed, pytest.mark.slow]),
 ])
 def test_two_processes_match_one_process(strategy, single_process, tmp_path):
@@ -156,7 +156,7 @@ def test_fsdp_strategy_wraps_blocks_with_fp32_parameters(tmp_path):
     mp = s.mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
     moved = compose_config(["strategy=fsdp", "strategy.activation_checkpointing=true"], tmp_path)
-    with pytest.raises(ParallelConfigError, match="train.activation_checkpointing=all"):
+    with pytest.raises(ParallelConfigError, match="module.activation_checkpointing=all"):
         train(moved)
     # gradient clipping by norm works (Lightning's FSDPPrecision refuses it)
     from lightning.pytorch.plugins.precision import FSDPPrecision

@@ -160,7 +160,7 @@ def wandb_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("wandb")
     common = [*TINY, "recipe=debug", "logger=wandb", "logger.wandb.mode=offline",
               "train.checkpoint_every_n_steps=2", "train.val_every_n_steps=2",
-              "train.ssm_health_every_n_steps=2", "train.peak_flops=1e12", *FAST]
+              "callbacks.ssm_health.every_n_steps=2", "callbacks.throughput.peak_flops=1e12", *FAST]
     first = train(compose_config([*common, "trainer.max_steps=4"], out))
     run_id = (first["run_dir"] / RUN_ID_FILE).read_text().strip()
     first_dirs = set(glob.glob(str(first["run_dir"] / "wandb" / "offline-run-*")))

@@ -77,7 +77,7 @@ def test_skip_leaves_weights_and_optimizer_state_of_a_bad_step_untouched(
         monkeypatch.setattr(cuda_graph, "graph_blockers", lambda trainer, module: [])
     poison = PoisonGradientAt(2)
     with caplog.at_level(logging.WARNING):
-        result = train(make_config(*FAST, "trainer.max_steps=5", "train.nan_policy=skip", *mode),
+        result = train(make_config(*FAST, "trainer.max_steps=5", "module.nan_policy=skip", *mode),
                        extra_callbacks=[poison])
     module = result["module"]
     if "module.cuda_graph=on" in mode:
@@ -154,8 +154,8 @@ def test_the_fused_decision_is_never_read_on_the_host(monkeypatch):
     ("trainer.max_steps=0", "trainer.max_steps=0"),
     ("train.global_batch_tokens=0", "train.global_batch_tokens=0"),
     ("train.checkpoint_every_n_steps=0", "train.checkpoint_every_n_steps=0"),
-    ("train.nan_policy=ignore", "train.nan_policy='ignore'"),
-    ("train.max_consecutive_skips=0", "train.max_consecutive_skips=0"),
+    ("module.nan_policy=ignore", "module.nan_policy='ignore'"),
+    ("module.max_consecutive_skips=0", "module.max_consecutive_skips=0"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
 ])
 def test_each_bad_value_is_named_with_what_to_set(make_config, override, key):

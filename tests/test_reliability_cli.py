@@ -145,8 +145,8 @@ def test_skip_policy_stops_a_diverged_run_and_keeps_the_last_good_checkpoint(tmp
     about, the run stops after 3 in a row, and keep_last_k=1 still holds the step-4 state."""
     run_dir, ckpt_dir = tmp_path / "debug", tmp_path / "debug" / "checkpoints"
     proc = faults.run(tmp_path, *COMMON, "train.checkpoint_every_n_steps=2",
-                      "train.keep_last_k_checkpoints=1", "train.nan_policy=skip",
-                      "train.max_consecutive_skips=3", faults={"nan_loss_from": 5})
+                      "train.keep_last_k_checkpoints=1", "module.nan_policy=skip",
+                      "module.max_consecutive_skips=3", faults={"nan_loss_from": 5})
     _one_error_line(proc, "3 optimizer steps in a row were skipped (steps 5..7, first non-finite "
                     "in the loss itself", f"last checkpoint: {ckpt_dir / 'last.ckpt'}")
     out = proc.stdout + proc.stderr

@@ -162,7 +162,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_config, nan_at_s
 
 def test_nan_loss_skip_policy_skips_the_step(make_config, nan_at_step_3):
     result = train(make_config("recipe=debug-mamba2", "trainer.max_steps=5", *FAST,
-                               "train.nan_policy=skip"))
+                               "module.nan_policy=skip"))
     assert result["module"].skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in result["module"].parameters())
 

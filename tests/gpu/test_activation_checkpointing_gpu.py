@@ -28,7 +28,7 @@ def _run(tmp_path, policy: str):
         "train.global_batch_tokens=4096", "trainer.max_steps=8", "trainer.deterministic=true",
         "module.cuda_graph=on", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
         "train.val_every_n_steps=100000", "train.checkpoint_every_n_steps=100000", "logger=csv",
-        f"train.activation_checkpointing={policy}", f"run_name=graph-{policy}"], tmp_path)
+        f"module.activation_checkpointing={policy}", f"run_name=graph-{policy}"], tmp_path)
     result = train(cfg)
     return result, metric_by_step(result["run_dir"], "train/loss")
 

@@ -46,7 +46,7 @@ def no_sync_in_the_decision(monkeypatch):
 def test_captured_step_skips_a_non_finite_gradient_on_the_device(tmp_path, no_sync_in_the_decision,
                                                                  record):
     poison = PoisonGradientAt(5)  # after the 3 eager warm-up steps and the capture
-    result = train(compose_config([*GRAPH, "train.nan_policy=skip"], tmp_path), extra_callbacks=[poison])
+    result = train(compose_config([*GRAPH, "module.nan_policy=skip"], tmp_path), extra_callbacks=[poison])
     module = result["module"]
     assert module.graph_step is not None and module.graph_step.replays >= 4, module.training_step_mode
     _assert_same(poison.before, poison.after)  # weights and AdamW state of step 5 untouched

@@ -22,6 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from mamba_train.training.step import step_ended
+
 log = logging.getLogger("mamba_train.run")
 
 
@@ -64,7 +66,7 @@ def _peak_flops(trainer: L.Trainer) -> str:
         return f"MFU: peak {peak / 1e12:,.0f} TFLOP/s per device"
     device = trainer.strategy.root_device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"MFU: off (no peak FLOP/s known for {name}; set train.peak_flops=<FLOP/s per device>)"
+    return f"MFU: off (no peak FLOP/s known for {name}; set callbacks.throughput.peak_flops=<FLOP/s per device>)"
 
 
 class RunStartReport(L.Callback):
@@ -79,12 +81,10 @@ class RunStartReport(L.Callback):
         self.seq_len = seq_len
         self.time_to_first_step_s: float | None = None
         self._t0: float | None = None
-        self._start_step = 0
         self._announced = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
-        self._start_step = trainer.global_step
         self._announced = False
         self.time_to_first_step_s = None
 
@@ -103,7 +103,7 @@ class RunStartReport(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self.time_to_first_step_s is not None or trainer.global_step == self._start_step:
+        if self.time_to_first_step_s is not None or step_ended(pl_module) is None:
             return
         device = trainer.strategy.root_device
         if device.type == "cuda":
