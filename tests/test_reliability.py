@@ -83,20 +83,20 @@ def test_skip_leaves_weights_and_optimizer_state_of_a_bad_step_untouched(
     if "module.cuda_graph=on" in mode:
         assert module.training_step_mode.startswith("eager: graph-step bookkeeping")
     (w0, s0), (w1, s1) = poison.before, poison.after
-    _assert_same(w0, w1)  # step 2 was not applied ...
+    _assert_same(w0, w1)  # step 3 (poisoned at global_step 2) was not applied ...
     _assert_same(s0, s1)  # ... nor did it move the moments or the step count
     assert result["trainer"].global_step == 5
     assert not all(torch.equal(w0[k], v) for k, v in module.model.state_dict().items())  # went on
     assert module.skipped_steps == 1
     assert json.loads((result["run_dir"] / "summary.json").read_text())["skipped_nonfinite_steps"] == 1
-    assert "nan_policy=skip: step 2 skipped" in caplog.text
+    assert "nan_policy=skip: step 3 skipped" in caplog.text
 
 
 def test_stop_names_the_step_and_the_parameter_and_applies_nothing_after(make_config):
     poison = PoisonGradientAt(2)
     cfg = make_config(*FAST, "trainer.max_steps=6", "train.checkpoint_every_n_steps=2",
                       "trainer.log_every_n_steps=2")
-    with pytest.raises(NonFiniteLossError, match="at step 2, in backbone") as err:
+    with pytest.raises(NonFiniteLossError, match="at step 3, in backbone") as err:
         train(cfg, extra_callbacks=[poison])
     assert poison.poisoned in str(err.value) and "the loss itself" not in str(err.value)
     ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").glob("*.ckpt"))
