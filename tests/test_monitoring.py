@@ -101,7 +101,7 @@ def test_the_step_clips_and_returns_the_norm_before_clipping(clip_val, scale):
     from mamba_train.training.step import TrainStep
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
     a.grad, b.grad = torch.full((3,), 2.0), torch.full((2, 2), -1.0)
-    step = TrainStep(loss_fn=None)
+    step = TrainStep(loss_fn=None, nan_policy="stop", max_consecutive_skips=1, cuda_graph="off")
     step.kind, step.clip_val = "replicated", clip_val
     step.module = SimpleNamespace(parameters=lambda: iter([a, b]))
     assert step.clip().item() == pytest.approx(math.sqrt(3 * 4 + 4))  # 4.0, before clipping

@@ -57,18 +57,13 @@ class CudaGraphError(MambaTrainError, RuntimeError):
 
 def graph_blockers(trainer, module) -> list[str]:
     """Reasons this run's training step cannot be captured (empty: it can)."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
     reasons = []
     strategy = trainer.strategy
     if strategy.root_device.type != "cuda":
         reasons.append(f"the device is {strategy.root_device.type}, CUDA graphs need a GPU")
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-            strategy, (SingleDeviceStrategy, DDPStrategy)):
+    if module.train_step.kind != "replicated":  # training/step.py: strategy_kind
         reasons.append(f"{type(strategy).__name__} gathers or partitions parameters and "
                        "gradients inside the step; only single-device and DDP steps are captured")
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        reasons.append("fp16 loss scaling decides on the host whether to step; use bf16-mixed")
     if getattr(trainer.datamodule, "document_boundaries", False) and any(
             getattr(m, "varlen_needs_host_sync", False) for m in module.modules()):
         reasons.append("Mamba-3's fused kernel takes document boundaries as cu_seqlens, whose "

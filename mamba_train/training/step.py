@@ -80,8 +80,9 @@ def step_ended(pl_module) -> StepResult | None:
 
 
 class TrainStep:
-    def __init__(self, loss_fn, nan_policy: str = "stop", max_consecutive_skips: int = 10,
-                 cuda_graph: str = "auto"):
+    """Built by the module from its settings (``conf/module/default.yaml``), set up at fit start."""
+
+    def __init__(self, loss_fn, nan_policy: str, max_consecutive_skips: int, cuda_graph: str):
         self.loss_fn = loss_fn
         self.cuda_graph = cuda_graph
         self.nonfinite = NonFiniteGuard(nan_policy, max_consecutive_skips)
@@ -184,7 +185,11 @@ class TrainStep:
         if self.clip_val:
             return torch.nn.utils.clip_grad_norm_(params, self.clip_val)
         grads = [p.grad for p in params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else None
+        if not grads:
+            return None
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused foreach norm
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def _engine_norm(self) -> torch.Tensor | None:
         norm = self.engine.get_global_grad_norm()
