@@ -28,7 +28,7 @@ MAMBA1_KWARGS = {
 MAMBA2_KWARGS = {
     "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
     "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
-    "bias", "conv_bias", "chunk_size", "use_mem_eff_path", "ssd_kernel",
+    "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
 }
 # mamba_ssm 2.3.2's Mamba3 signature, plus our A_activation (see models/reference/mamba3.py)
 MAMBA3_KWARGS = {
@@ -36,9 +36,6 @@ MAMBA3_KWARGS = {
     "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size",
     "dropout", "A_activation",
 }
-# Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
-# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels (models/ssd_fla.py).
-KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "fla")}
 # Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 ATTN_KWARGS = {
@@ -219,9 +216,6 @@ class MambaLMConfig:
                 f"Mamba2 ssm_cfg.chunk_size must be a power of two (the Triton SSD kernels "
                 f"assume it), got {cs}"
             )
-        for key, choices in KERNEL_CHOICE_KWARGS.items():
-            if key in kw and kw[key] not in choices:
-                raise ConfigError(f"model.ssm_cfg.{key} must be one of {choices}, got {kw[key]!r}")
         lo, hi = kw["A_init_range"]
         if not (0 < lo <= hi):
             raise ConfigError(f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
@@ -277,8 +271,8 @@ class MambaLMConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default;
-        kernel choices (``ssm_cfg.ssd_kernel``) are left out: they do not change the model."""
+        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default.
+        Kernel choices are not model settings (the ``kernels`` block, ``models/kernels.py``)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -286,8 +280,6 @@ class MambaLMConfig:
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 if value == default:
                     continue
-            if f.name == "ssm_cfg":
-                value = {k: v for k, v in value.items() if k not in KERNEL_CHOICE_KWARGS}
             out[f.name] = _jsonable(value)
         return out
 

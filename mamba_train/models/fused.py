@@ -81,16 +81,14 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
 
 class FusedMamba2(_Mamba2):
     """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels) or ``fla``
-    (flash-linear-attention's simple-GLA chunk kernels for the SSD part, ``models/ssd_fla.py``)."""
+    (flash-linear-attention's simple-GLA chunk kernels for the SSD part, ``models/ssd_fla.py``),
+    chosen by ``kernels.ssd_kernel`` (``models/kernels.py``)."""
+    ssd_kernel = "mamba_ssm"
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", **kwargs):
+                 A_init_range=(1, 16), conv_init=None, **kwargs):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
-        self.ssd_kernel = ssd_kernel
-        if ssd_kernel == "fla":
-            from mamba_train.models.ssd_fla import check_fla_stack
-            check_fla_stack()
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     A_init_range=tuple(A_init_range), conv_init=conv_init)
 
@@ -102,7 +100,7 @@ class FusedMamba2(_Mamba2):
             if seq_idx is not None:
                 from mamba_train.models.ssd_fla import SSDKernelError
                 raise SSDKernelError(
-                    "model.ssm_cfg.ssd_kernel=fla does not take document boundaries (seq_idx): "
+                    "kernels.ssd_kernel=fla does not take document boundaries (seq_idx): "
                     "set data.document_boundaries=false or ssd_kernel=mamba_ssm")
             from mamba_train.models.ssd_fla import mamba2_forward_fla
             return mamba2_forward_fla(self, hidden_states)

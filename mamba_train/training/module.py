@@ -240,7 +240,7 @@ class MambaLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
-        # compared as saved (to_dict): kernel choices such as ssm_cfg.ssd_kernel may differ
+        # compared as saved (to_dict): the kernels block is not part of it and may differ
         if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
             raise ValueError(
                 "the checkpoint was written for a different model config than the one "

@@ -50,7 +50,7 @@ class Mamba2(nn.Module):
     (nheads)], ``conv1d`` depthwise over d_ssm + 2*ngroups*d_state channels, ``dt_bias`` (nheads),
     ``A_log`` (nheads), ``D`` (nheads, or d_ssm with D_has_hdim) in fp32, ``norm.weight`` (d_ssm,
     only if rmsnorm), ``out_proj`` (d_model, d_inner).
-    ``use_mem_eff_path``, ``ssd_kernel`` and ``sequence_parallel`` are accepted and ignored;
+    ``use_mem_eff_path`` and ``sequence_parallel`` are accepted and ignored;
     ``process_group`` must be None (no tensor parallelism in the reference).
     """
 
@@ -76,7 +76,6 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         use_mem_eff_path: bool = True,
-        ssd_kernel: str = "mamba_ssm",
         layer_idx: int | None = None,
         process_group=None,
         sequence_parallel: bool = True,
