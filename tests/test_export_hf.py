@@ -20,15 +20,17 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from mamba_train import MambaLMConfig, build_model, load_model  # noqa: E402
-from mamba_train.export.hf import (  # noqa: E402
+from mamba_train.formats.hf import (  # noqa: E402
     STASH_KEY,
     ExportError,
-    export_hf,
     from_hf_state_dict,
-    hf_key,
     read_hf,
     to_hf_config,
 )
+from mamba_train.formats.hf_export import export_hf  # noqa: E402
+from mamba_train.formats.hf_mamba import MAMBA  # noqa: E402
+
+hf_key = MAMBA.hf_key  # Mamba and Mamba-2 rename the same prefix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +207,7 @@ def test_edited_hf_config_wins_over_stash(exported, tmp_path, caplog):
     raw = json.loads((out / "config.json").read_text())
     raw["num_hidden_layers"] = cfg.n_layer - 1  # e.g. someone pruned the last layer
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    from mamba_train.export.hf import read_hf_config
+    from mamba_train.formats.hf import read_hf_config
     got = read_hf_config(tmp_path)
     assert got.n_layer == cfg.n_layer - 1
     assert "num_hidden_layers" in caplog.text
@@ -213,7 +215,7 @@ def test_edited_hf_config_wins_over_stash(exported, tmp_path, caplog):
 
 def test_export_from_lightning_checkpoint(tmp_path):
     """``export_hf`` takes any path ``read_weights`` reads; a mamba_train .ckpt included."""
-    from mamba_train.checkpoint import CKPT_CONFIG_KEY, CKPT_MODEL_PREFIX
+    from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, CKPT_MODEL_PREFIX
 
     cfg = MambaLMConfig(**CONFIGS["mamba1_untied"])
     model = perturbed_model(cfg)

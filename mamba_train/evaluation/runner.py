@@ -130,8 +130,9 @@ def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, flo
     return out
 
 
-def write_reports(results: dict[str, Any], out_dir: str | Path, source: str | None = None) -> tuple[Path, Path]:
-    """``results.json`` (lm-eval's results, samples left out) and ``results.md`` (its tables)."""
+def write_reports(results: dict[str, Any], out_dir: str | Path, source: str | None = None,
+                  name: str = "results") -> tuple[Path, Path]:
+    """``<name>.json`` (lm-eval's results, samples left out) and ``<name>.md`` (its tables)."""
     from lm_eval.utils import handle_non_serializable, make_table
 
     out = Path(out_dir)
@@ -139,12 +140,12 @@ def write_reports(results: dict[str, Any], out_dir: str | Path, source: str | No
     payload = {k: v for k, v in results.items() if k != "samples"}
     if source is not None:
         payload["mamba_train_source"] = source
-    json_path = out / "results.json"
+    json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2, default=handle_non_serializable,
                                     ensure_ascii=False) + "\n")
     lines = [f"# Evaluation: {source}\n" if source else "# Evaluation\n", make_table(results)]
     if results.get("groups"):
         lines += ["", make_table(results, "groups")]
-    md_path = out / "results.md"
+    md_path = out / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
