@@ -6,7 +6,7 @@ LightningModule adds the keys defined here (``training/module.py`` imports them)
 in the project names a checkpoint key.
 
 Checkpoints are shared and downloaded, and unpickling is code execution: a ``.ckpt`` whose pickle
-names ``os.system`` (or any other callable) would run it on ``torch.load(weights_only=False)``.
+names ``os.system`` (or any other callable) runs it when unpickled unrestricted.
 Every read here goes through :func:`load_checkpoint_dict`, which uses ``weights_only=True`` (tensors,
 containers and plain Python values only) and allows in addition exactly the numpy array pieces
 that RNG states saved with ``np.random.get_state()`` need. A file that needs anything else is
@@ -44,18 +44,20 @@ def _numpy_array_globals() -> list:
     """What unpickling a numpy array needs, under the names numpy 1.x and 2.x pickle it with.
 
     ``_reconstruct`` builds an empty array of a class the unpickler resolves -- itself limited
-    to this list -- so nothing here can call arbitrary code (PyTorch's ``torch.load`` docs give
-    the same list for numpy arrays)."""
+    to this list -- and the dtype classes only describe element types, so nothing here can call
+    arbitrary code (PyTorch's ``torch.load`` docs allowlist the same pieces for numpy arrays)."""
     core = getattr(np, "_core", None) or np.core
     reconstruct = core.multiarray._reconstruct
+    dtype_classes = [c for c in vars(getattr(np, "dtypes", np)).values()
+                     if isinstance(c, type) and issubclass(c, np.dtype)]
     return [(reconstruct, "numpy.core.multiarray._reconstruct"),
             (reconstruct, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+            np.ndarray, np.dtype, *dtype_classes]
 
 
 def _refused_global(error: BaseException) -> str:
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return found.group(1) if found else "an object that is not a tensor or plain data"
+    found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(error))
+    return next(g for g in found.groups() if g) if found else "an object that is not data"
 
 
 def load_checkpoint_dict(path: str | Path, mmap: bool = False) -> dict[str, Any]:
