@@ -436,3 +436,55 @@ def test_cli_conversion_error_is_one_line(fmt, tmp_path, capsys):
         assert not (tmp_path / "o" / "config.json").exists()
     else:
         assert rc == 0 and (tmp_path / "o" / "pytorch_model.bin").is_file(), err
+
+
+# ------------------------------------------------------------------------------ trained run -> HF
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """The debug recipe (tiny sizes) trained a few steps on CPU; its run config names the
+    bundled tokenizer."""
+    from conftest import TINY, compose_config
+    from mamba_train.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train(compose_config([*TINY, "recipe=debug", "logger=csv", "trainer.max_steps=3",
+                                   "train.checkpoint_every_n_steps=3", "trainer.limit_val_batches=0"],
+                                  out))
+    return Path(result["last_checkpoint"])
+
+
+@pytest.mark.parametrize("tokenizer_arg", [(), ("tokenizer=default",)], ids=["implied", "default"])
+def test_exported_training_checkpoint_generates_with_its_own_tokenizer(trained_ckpt, tokenizer_arg,
+                                                                     tmp_path, capsys):
+    """No tokenizer argument needed: the export carries the training tokenizer and its special
+    ids, so AutoTokenizer + AutoModelForCausalLM + generate() work on the directory as it is."""
+    from mamba_train.data.tokenizer import load_tokenizer
+    from mamba_train.export.__main__ import main
+
+    out = tmp_path / "hf"
+    assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=hf", *tokenizer_arg]) == 0, \
+        capsys.readouterr().err
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    trained_with = load_tokenizer("default")
+    assert len(tok) == len(trained_with) == 4096
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["eos_token_id"] == tok.eos_token_id == trained_with.eos_token_id
+    text = "The primary must evaluate to"
+    assert tok(text)["input_ids"] == trained_with.encode(text)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[0] == 1 and ids.shape[1] < gen.shape[1] <= ids.shape[1] + 5
+    assert torch.equal(gen[0, :ids.shape[1]], ids[0])
+    ours = load_model(trained_ckpt, backend="reference").eval()
+    with torch.no_grad():  # the exported model's first generated token is ours
+        assert gen[0, ids.shape[1]] == ours(ids).logits[0, -1, :len(tok)].argmax()
+
+
+def test_mamba_ssm_export_carries_the_training_tokenizer(trained_ckpt, tmp_path, capsys):
+    from mamba_train.export.__main__ import main
+
+    out = tmp_path / "ssm"
+    assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=mamba_ssm"]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 4096 and tok.eos_token == "<|endoftext|>"
