@@ -151,3 +151,22 @@ def test_no_unrestricted_unpickling_in_the_package():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "weights_only=False" in line.replace(" ", "")]
     assert not offenders
+
+
+def test_reading_a_checkpoint_for_evaluation_imports_no_lightning(tmp_path):
+    """The lm-eval adapter reads the run config and weights through ``formats``: neither
+    Lightning nor the LightningModule is imported to evaluate a checkpoint."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    path = tmp_path / "last.ckpt"
+    torch.save(genuine(), path)
+    code = ("import sys; from mamba_train.evaluation.lm_eval_adapter import MambaTrainLM; "
+            f"lm = MambaTrainLM(pretrained={str(path)!r}, device='cpu'); "
+            "assert lm.tokenizer_source == 'default', lm.tokenizer_source; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', "
+            "'pytorch_lightning') or m.startswith('mamba_train.training')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
