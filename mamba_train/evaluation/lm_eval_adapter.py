@@ -43,6 +43,8 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from mamba_train.evaluation.runner import EvalError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048
@@ -107,7 +109,7 @@ class MambaTrainLM(TemplateLM):
             getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
         vocab = self.model.config.padded_vocab_size
         if len(self.tokenizer) > vocab:
-            raise ValueError(f"tokenizer {self.tokenizer_source!r} has {len(self.tokenizer)} tokens but "
+            raise EvalError(f"tokenizer {self.tokenizer_source!r} has {len(self.tokenizer)} tokens but "
                              f"the model's vocabulary has {vocab}: wrong tokenizer= for this model?")
 
         if max_length is None:
@@ -119,7 +121,7 @@ class MambaTrainLM(TemplateLM):
         self._batch_size = _parse_batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise EvalError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if dtype == "auto":
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         self.dtype = dtype

@@ -20,7 +20,14 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from mamba_train.errors import MambaTrainError
+
 log = logging.getLogger(__name__)
+
+
+class EvalError(MambaTrainError, ValueError):
+    """An evaluation request that cannot run as given (tasks, tokenizer, dtype); says what to fix."""
+
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASKS = ["local_mc", "local_lambada", "local_ppl", "local_gen"]
@@ -44,7 +51,7 @@ def resolve_tasks(tasks: str | Iterable[str]) -> list[str]:
             if name not in out:
                 out.append(name)
     if not out:
-        raise ValueError("no tasks given (tasks=<name,name,...> or a preset: "
+        raise EvalError("no tasks given (tasks=<name,name,...> or a preset: "
                          f"{', '.join(PRESETS)})")
     return out
 
