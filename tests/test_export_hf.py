@@ -488,3 +488,32 @@ def test_mamba_ssm_export_carries_the_training_tokenizer(trained_ckpt, tmp_path,
     assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=mamba_ssm"]) == 0
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert len(tok) == 4096 and tok.eos_token == "<|endoftext|>"
+
+
+def test_a_transformers_family_is_one_registry_entry(monkeypatch):
+    """Export takes the first registered family that claims and can represent a config; a
+    config no claimant can hold gets every claimant's reason; reading dispatches on model_type."""
+    import dataclasses
+
+    from mamba_train.formats import hf
+    from mamba_train.formats.hf_mamba import MAMBA2
+
+    cfg = MambaLMConfig(**{**CONFIGS["mamba2"], "d_intermediate": 128})
+    with pytest.raises(ExportError, match="d_intermediate"):
+        hf.family_for(cfg)
+    fields = {"hidden_size": cfg.d_model}
+    with_mlp = dataclasses.replace(MAMBA2, model_type="mamba2_mlp",
+                                   claims=lambda c: c.layer == "Mamba2" and c.d_intermediate > 0,
+                                   config_fields=lambda c: fields)
+    monkeypatch.setitem(hf.FAMILIES, "mamba2_mlp", with_mlp)
+    assert hf.family_for(cfg) == (with_mlp, fields)
+    assert hf.family_for(MambaLMConfig(**CONFIGS["mamba2"]))[0] is MAMBA2
+
+    def refuse(c):
+        raise ExportError("model.d_intermediate: not this one either")
+
+    monkeypatch.setitem(hf.FAMILIES, "mamba2_mlp", dataclasses.replace(with_mlp, config_fields=refuse))
+    with pytest.raises(ExportError, match=r"^mamba2: .*d_intermediate.*; mamba2_mlp: .*either"):
+        hf.family_for(cfg)
+    with pytest.raises(ExportError, match="model_type='nemotron_h'"):
+        hf.config_from_hf({"model_type": "nemotron_h"})

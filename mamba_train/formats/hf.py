@@ -175,9 +175,9 @@ def from_hf_state_dict(cfg: MambaLMConfig, state: Mapping[str, torch.Tensor],
     """transformers-named tensors -> mamba_ssm names (tied head removed after checking it)."""
     family = family or family_for(cfg)[0]
     state = dict(state)
-    if state and not any(k.startswith("backbone.") for k in state):
-        # saved from a bare *Model (base_model_prefix = "backbone")
-        state = {(k if k.startswith("lm_head.") else "backbone." + k): v for k, v in state.items()}
+    prefix = family.base_model_prefix + "."
+    if state and not any(k.startswith(prefix) for k in state):  # saved from the bare base model
+        state = {(k if k.startswith("lm_head.") else prefix + k): v for k, v in state.items()}
     out = family.from_hf(cfg, state)
     if cfg.tie_embeddings and "lm_head.weight" in out:
         emb = out.get("backbone.embedding.weight")

@@ -38,6 +38,8 @@ class HFFamily:
             :class:`ExportError` naming the first field this family cannot represent.
         from_config: the :class:`MambaLMConfig` of a ``config.json`` dict of this family.
         renames: (ours, theirs) state-dict key prefixes, used unless the two below are given.
+        base_model_prefix: transformers' ``base_model_prefix`` of the ``*ForCausalLM`` class; a
+            directory saved from the bare base model has its keys without it.
     """
 
     model_type: str
@@ -47,6 +49,7 @@ class HFFamily:
     config_fields: Callable[[MambaLMConfig], dict[str, Any]]
     from_config: Callable[[Mapping[str, Any]], MambaLMConfig]
     renames: tuple[tuple[str, str], ...] = ()
+    base_model_prefix: str = "backbone"
     state_to_hf: Callable[[MambaLMConfig, Mapping[str, torch.Tensor]], StateDict] | None = None
     state_from_hf: Callable[[MambaLMConfig, Mapping[str, torch.Tensor]], StateDict] | None = None
 
