@@ -258,13 +258,17 @@ def test_lm_eval_wrapper_adds_the_packaged_tasks_once():
     assert with_packaged_tasks(["--help"]) == ["--help"]
 
 
-@pytest.mark.parametrize("argv,rc,stream,needle", [
-    (["--help"], 0, "stdout", "--model mamba_train"),
-    (["--model", "mamba_train", "--tasks", "local_mc"], 1, "stderr", 'pip install "mamba_train[eval]"'),
+@pytest.mark.parametrize("module,argv,rc,stream,needle", [
+    ("lm_eval", ["--help"], 0, "stdout", "--model mamba_train"),
+    ("lm_eval", ["--model", "mamba_train", "--tasks", "local_mc"], 1, "stderr",
+     'pip install "mamba_train[eval]"'),
+    ("eval", ["--help"], 0, "stdout", "ckpt="),
+    ("eval", [f"ckpt={REPO / 'pyproject.toml'}", "tasks=local"], 1, "stderr",
+     'pip install "mamba_train[eval]"'),
 ])
-def test_lm_eval_entries_without_the_eval_extra(argv, rc, stream, needle):
+def test_eval_entries_without_the_eval_extra(module, argv, rc, stream, needle):
     """lm-eval not installed: --help still answers, anything else is one line naming the extra."""
-    code = ("import sys; sys.modules['lm_eval'] = None; from mamba_train.lm_eval import main; "
+    code = (f"import sys; sys.modules['lm_eval'] = None; from mamba_train.{module} import main; "
             f"sys.exit(main({argv!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == rc, proc.stderr
