@@ -74,6 +74,23 @@ def test_load_model_refuses(evil):
         run_config_of(path)
 
 
+@pytest.mark.parametrize("layout", ["mamba_ssm", "transformers"])
+def test_weight_files_of_model_directories_are_refused_too(layout, tmp_path):
+    """``pytorch_model.bin`` of a mamba_ssm or transformers directory: the same refusal."""
+    marker = tmp_path / "PAYLOAD_RAN"
+    src = tmp_path / "model"
+    build_model(CFG, backend="reference").save_pretrained(src)
+    if layout == "transformers":
+        from mamba_train.formats.hf import to_hf_config
+        (src / "config.json").write_text(to_hf_config(CFG).to_json_string())
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "notes": Payload(marker)}, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as err:
+        load_model(src, backend="reference")
+    _one_line_naming(str(err.value), src)
+    assert not marker.exists()
+
+
 def test_eval_and_export_clis_refuse_in_one_line(evil, tmp_path, capsys):
     from mamba_train.eval import main as eval_main
     from mamba_train.export.__main__ import main as export_main

@@ -60,6 +60,14 @@ def _refused_global(error: BaseException) -> str:
     return next(g for g in found.groups() if g) if found else "an object that is not data"
 
 
+def refusal(path: str | Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """The one-line error for a file whose pickle ``torch.load(weights_only=True)`` refused."""
+    return CheckpointError(
+        f"{path}: refused to load: its pickle asks for {_refused_global(error)}, which a "
+        "mamba_train checkpoint never contains (tensors and plain data only); unpickling it "
+        "could run code from the file. Use a checkpoint from a source you trust")
+
+
 def load_checkpoint_dict(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """``torch.load`` of a ``.ckpt`` that can never run code from the file.
 
@@ -70,10 +78,7 @@ def load_checkpoint_dict(path: str | Path, mmap: bool = False) -> dict[str, Any]
         with torch.serialization.safe_globals(_numpy_array_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: its pickle asks for {_refused_global(e)}, which a "
-            "mamba_train checkpoint never contains (tensors and plain data only); unpickling it "
-            "could run code from the file. Use a checkpoint from a source you trust") from None
+        raise refusal(path, e) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot read it ({first[:200]}): the file is truncated, "

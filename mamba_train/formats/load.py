@@ -13,12 +13,14 @@ in 5.23 (see formats/hf_mamba.py): we never do).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from mamba_train.formats.checkpoint import CheckpointError, read_lightning_checkpoint, run_config_of
+from mamba_train.formats.checkpoint import (CheckpointError, read_lightning_checkpoint, refusal,
+                                            run_config_of)
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.lm import MambaLM
 
@@ -74,11 +76,14 @@ def read_weights(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tenso
         hint = f" (it contains checkpoints, e.g. {ckpts[-1]})" if ckpts else ""
         raise CheckpointError(f"{path} has no config.json{hint}")
     raw = json.loads(cfg_file.read_text())
-    if "model_type" in raw:  # transformers writes it; mamba_ssm's config.json has none
-        from mamba_train.formats.hf import read_hf
-        return read_hf(path)
-    from mamba_train.models.mamba_ssm_format import read_mamba_ssm
-    return read_mamba_ssm(path)
+    try:  # their .bin files are read with weights_only=True: refused pickles become one line
+        if "model_type" in raw:  # transformers writes it; mamba_ssm's config.json has none
+            from mamba_train.formats.hf import read_hf
+            return read_hf(path)
+        from mamba_train.models.mamba_ssm_format import read_mamba_ssm
+        return read_mamba_ssm(path)
+    except pickle.UnpicklingError as e:
+        raise refusal(path, e) from None
 
 
 def load_model(path: str | Path, backend: str = "auto", device=None) -> MambaLM:
