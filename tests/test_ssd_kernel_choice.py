@@ -44,7 +44,7 @@ def test_ssd_kernel_leaves_the_reference_model_alone():
 def test_resume_across_ssd_kernels_but_not_across_models(make_config):
     from hydra.utils import instantiate
 
-    from mamba_train.checkpoint import CKPT_CONFIG_KEY
+    from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY
 
     # the module group's settings, with this model config in place of the model group's
     module = instantiate(make_config("kernels.ssd_kernel=fla").module, model_config=tiny())

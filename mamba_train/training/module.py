@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mamba_train.checkpoint import CKPT_CONFIG_KEY
+from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, RNG_KEY, RUN_CONFIG_KEY
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.kernels import apply_kernels
 from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
@@ -25,9 +25,6 @@ from mamba_train.training.lightning_compat import log_metrics
 from mamba_train.training.nonfinite import NonFiniteLossError  # noqa: F401 (re-exported)
 from mamba_train.training.optim import build_optimizer
 from mamba_train.training.step import TrainStep, step_ended
-
-RNG_KEY = "mamba_train_rng"
-RUN_CONFIG_KEY = "mamba_train_run_config"
 
 
 class MambaLMModule(L.LightningModule):
