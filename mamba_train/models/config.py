@@ -38,11 +38,6 @@ MAMBA3_KWARGS = {
 }
 # Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
 A_ACTIVATIONS = ("softplus", "heavy_tail")
-ATTN_KWARGS = {
-    "num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
-    "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base",
-    "rotary_emb_interleaved",
-}
 
 MAMBA1_DEFAULTS: dict[str, Any] = dict(
     d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init="random",
