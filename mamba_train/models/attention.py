@@ -50,7 +50,8 @@ class CausalSelfAttention(nn.Module):
                  out_proj_bias: bool = True, softmax_scale: float | None = None,
                  causal: bool = True, d_conv: int = 0, rotary_emb_dim: int = 0,
                  rotary_emb_base: float = 10000.0, rotary_emb_interleaved: bool = False,
-                 layer_idx: int | None = None, device=None, dtype=None):
+                 key_multiplier: float = 1.0, layer_idx: int | None = None, device=None,
+                 dtype=None):
         super().__init__()
         if not causal:
             raise ValueError(
@@ -66,6 +67,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary_emb_dim = rotary_emb_dim
         self.rotary_emb_base = rotary_emb_base
         self.rotary_emb_interleaved = rotary_emb_interleaved
+        self.key_multiplier = key_multiplier  # Falcon-H1's µP constant on the keys
         self.mlp_dim = math.ceil(mlp_dim / 256) * 256
         qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
         factory = dict(device=device, dtype=dtype)
@@ -93,6 +95,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, seqlen, self.num_heads, self.head_dim)
         k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim)
         v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim)
+        if self.key_multiplier != 1:
+            k = k * self.key_multiplier
         if self.rotary_emb_dim > 0:
             cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device,
                                      torch.promote_types(q.dtype, torch.float32))

@@ -11,6 +11,7 @@ reference module with its scan swapped for mamba_ssm's kernel (see ``FusedMamba3
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 
 import torch
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
@@ -84,15 +85,23 @@ class FusedMamba2(_Mamba2):
     (flash-linear-attention's simple-GLA chunk kernels for the SSD part, ``models/ssd_fla.py``)."""
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", **kwargs):
+                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", d_inner=None,
+                 norm_eps=1e-5, A_init="uniform", dt_bias_init=None, **kwargs):
+        if d_inner is not None:
+            # mamba_ssm sizes everything from (expand * d_model) // world_size: an exact
+            # Fraction gives the integer width where a float ratio (7168/3072) would not
+            kwargs["expand"] = Fraction(int(d_inner), d_model)
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
+        if getattr(self, "norm", None) is not None:
+            self.norm.eps = norm_eps  # mamba_ssm fixes 1e-5; its kernels read norm.eps
         self.ssd_kernel = ssd_kernel
         if ssd_kernel == "fla":
             from mamba_train.models.ssd_fla import check_fla_stack
             check_fla_stack()
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
-                                    A_init_range=tuple(A_init_range), conv_init=conv_init)
+                                    A_init_range=tuple(A_init_range), conv_init=conv_init,
+                                    A_init=A_init, dt_bias_init=dt_bias_init)
 
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)

@@ -50,6 +50,8 @@ class Mamba2(nn.Module):
     (nheads)], ``conv1d`` depthwise over d_ssm + 2*ngroups*d_state channels, ``dt_bias`` (nheads),
     ``A_log`` (nheads), ``D`` (nheads, or d_ssm with D_has_hdim) in fp32, ``norm.weight`` (d_ssm,
     only if rmsnorm), ``out_proj`` (d_model, d_inner).
+    Beyond mamba_ssm (for the transformers hybrids): ``d_inner`` (inner width other than
+    expand*d_model), ``norm_eps`` (the gated norm's eps), ``A_init``/``dt_bias_init`` (their SSM init).
     ``use_mem_eff_path``, ``ssd_kernel`` and ``sequence_parallel`` are accepted and ignored;
     ``process_group`` must be None (no tensor parallelism in the reference).
     """
@@ -77,6 +79,10 @@ class Mamba2(nn.Module):
         chunk_size: int = 256,
         use_mem_eff_path: bool = True,
         ssd_kernel: str = "mamba_ssm",
+        d_inner: int | None = None,
+        norm_eps: float = 1e-5,
+        A_init: str = "uniform",
+        dt_bias_init: float | None = None,
         layer_idx: int | None = None,
         process_group=None,
         sequence_parallel: bool = True,
@@ -97,7 +103,8 @@ class Mamba2(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.world_size = 1
         self.local_rank = 0
-        self.d_inner = expand * d_model
+        # d_inner: an explicit inner width (Nemotron-H's heads*head_dim, Falcon-H1's d_ssm)
+        self.d_inner = int(d_inner or expand * d_model)
         self.headdim = headdim
         self.d_ssm = self.d_inner if d_ssm is None else d_ssm
         self.ngroups = ngroups
@@ -118,7 +125,8 @@ class Mamba2(nn.Module):
         self.layer_idx = layer_idx
         self.ssm_init = SSMInitSpec(
             dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
-            A_init_range=tuple(A_init_range), conv_init=conv_init,
+            A_init_range=tuple(A_init_range), conv_init=conv_init, A_init=A_init,
+            dt_bias_init=dt_bias_init,
         )
 
         # Order: [z, x, B, C, dt] (plus [z0, x0] in front when d_ssm < d_inner)
@@ -135,7 +143,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_ssm if D_has_hdim else self.nheads,
                                           device=device, dtype=torch.float32))
         if rmsnorm:
-            self.norm = GatedRMSNorm(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+            self.norm = GatedRMSNorm(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory_kwargs)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
         self.reset_parameters()
