@@ -3,7 +3,8 @@
 and ``export/``; imports only ``models/`` and the format readers beside it.
 
 Accepts a ``mamba_ssm``-format directory, a Hugging Face ``transformers`` directory
-(``MambaForCausalLM`` / ``Mamba2ForCausalLM``), or a Lightning training checkpoint (``.ckpt``).
+(``MambaForCausalLM`` / ``Mamba2ForCausalLM``, or the hybrids ``NemotronHForCausalLM``,
+``BambaForCausalLM``, ``FalconH1ForCausalLM``), or a Lightning training checkpoint (``.ckpt``).
 Weights are assigned into a meta-device skeleton, so no init routine runs after loading and
 every tensor is bit-identical to the file (transformers >= 5 re-runs ``_init_weights`` after
 ``from_pretrained``, which has overwritten trained weights -- Δ bias in some versions, out_proj
@@ -23,6 +24,8 @@ from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.lm import MambaLM
 
 CKPT_MODEL_PREFIX = "model."
+# transformers' hybrid families (formats/hf_hybrids.py)
+HYBRID_MODEL_TYPES = ("nemotron_h", "bamba", "falcon_h1")
 CKPT_CONFIG_KEY = "mamba_train_model_config"
 
 
@@ -96,6 +99,10 @@ def read_weights(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tenso
         hint = f" (it contains checkpoints, e.g. {ckpts[-1]})" if ckpts else ""
         raise CheckpointError(f"{path} has no config.json{hint}")
     raw = json.loads(cfg_file.read_text())
+    if raw.get("model_type") in HYBRID_MODEL_TYPES:
+        from mamba_train.formats.hf_hybrids import read_hf_hybrid
+        from mamba_train.hf_format import _read_weight_files, decode_special_floats
+        return read_hf_hybrid(decode_special_floats(raw), _read_weight_files(path), str(path))
     if raw.get("model_type") in ("mamba", "mamba2"):
         from mamba_train.hf_format import read_hf
         return read_hf(path)

@@ -6,6 +6,7 @@ loads. The config/state-dict mapping and ``read_hf`` live in ``mamba_train.hf_fo
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping
 
@@ -18,6 +19,9 @@ from mamba_train.hf_format import (  # noqa: F401  (re-exported: the public name
     WEIGHTS_INDEX_NAME, WEIGHTS_NAME, ExportError, check_hf_compatible, config_from_hf,
     decode_special_floats, from_hf_config, from_hf_state_dict, hf_config_fields, hf_key,
     our_key, read_hf, read_hf_config, to_hf_config, to_hf_state_dict)
+from mamba_train.formats.hf_hybrids import family_for, is_hybrid
+from mamba_train.formats.hf_hybrids import hf_config as hybrid_config
+from mamba_train.formats.hf_hybrids import to_hf_state_dict as hybrid_state_dict
 from mamba_train.models.config import MambaLMConfig
 
 
@@ -28,7 +32,8 @@ def _check_against_hf_model(hf_cfg, hf_state: Mapping[str, torch.Tensor]) -> Non
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if hf_cfg.tie_word_embeddings:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:  # tied: transformers re-ties on load
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(hf_state))
     unexpected = sorted(set(hf_state) - set(expected))
@@ -59,7 +64,9 @@ _OTHER_WEIGHT_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME
 
 def export_hf(model_or_path, out_dir: str | Path, dtype: torch.dtype | str | None = None,
               tokenizer=None) -> Path:
-    """Write a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` directory.
+    """Write a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` directory, or for a
+    hybrid the first of ``NemotronHForCausalLM`` / ``BambaForCausalLM`` / ``FalconH1ForCausalLM``
+    that represents it (an :class:`ExportError` says, per family, what does not fit).
 
     Args:
         model_or_path: a ``MambaLM``, or anything ``load.read_weights`` reads (a Lightning
@@ -89,11 +96,21 @@ def export_hf(model_or_path, out_dir: str | Path, dtype: torch.dtype | str | Non
         ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
                    else tok.eos_token_id)
-    hf_state = to_hf_state_dict(cfg, state, dtype)
-    if dtype is None:
-        emb = hf_state.get("backbone.embeddings.weight")
-        dtype = emb.dtype if emb is not None else None
-    hf_cfg = to_hf_config(cfg, dtype=dtype, **ids)
+    if is_hybrid(cfg):  # Nemotron-H, Bamba or Falcon-H1 (formats/hf_hybrids.py)
+        family = family_for(cfg)
+        if ids:
+            cfg = dataclasses.replace(cfg, special_token_ids={
+                k: v for k, v in ids.items() if v is not None})
+        hf_state = hybrid_state_dict(cfg, family, state, dtype)
+        if dtype is None:
+            dtype = next(t.dtype for t in hf_state.values() if t.is_floating_point())
+        hf_cfg = hybrid_config(cfg, family, dtype)
+    else:
+        hf_state = to_hf_state_dict(cfg, state, dtype)
+        if dtype is None:
+            emb = hf_state.get("backbone.embeddings.weight")
+            dtype = emb.dtype if emb is not None else None
+        hf_cfg = to_hf_config(cfg, dtype=dtype, **ids)
     _check_against_hf_model(hf_cfg, hf_state)
 
     out = Path(out_dir)

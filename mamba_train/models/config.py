@@ -118,6 +118,8 @@ class MambaLMConfig:
         mlp_cfg: the MLPs: ``act`` (``swiglu``, mamba_ssm's gated SiLU, or ``relu2``, squared
             ReLU), ``bias``, ``multiple_of`` (the width is rounded up to it; mamba_ssm: 128).
         multipliers: µP-style constant multipliers (``models/pattern.py: MULTIPLIER_DEFAULTS``).
+        special_token_ids: ``bos_token_id``/``eos_token_id``/``pad_token_id`` of the checkpoint this
+            model came from (a transformers config.json), written back on export.
     """
 
     d_model: int = 2560
@@ -137,10 +139,12 @@ class MambaLMConfig:
     layer_pattern: str = ""
     mlp_cfg: dict = field(default_factory=dict)
     multipliers: dict = field(default_factory=dict)
+    special_token_ids: dict = field(default_factory=dict)
 
     # Fields that mamba_ssm's MambaConfig does not have; written to config.json only when they
     # differ from the default, so that mamba_ssm (which rejects unknown keys) loads our files.
-    _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg", "layer_pattern", "mlp_cfg", "multipliers")
+    _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg", "layer_pattern", "mlp_cfg", "multipliers",
+                    "special_token_ids")
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand in DictConfig/ListConfig; normalise to plain containers.
@@ -151,6 +155,7 @@ class MambaLMConfig:
         self.layer_pattern = self.layer_pattern or ""
         self.mlp_cfg = _plain(self.mlp_cfg) or {}
         self.multipliers = _plain(self.multipliers) or {}
+        self.special_token_ids = _plain(self.special_token_ids) or {}
         if "ssm_zxbcdt" in self.multipliers:
             self.multipliers["ssm_zxbcdt"] = tuple(self.multipliers["ssm_zxbcdt"])
         for key in ("A_init_range", "dt_limit"):  # JSON/YAML give lists; mamba_ssm uses tuples
