@@ -109,8 +109,13 @@ def test_export_returns_the_source_tensors(tmp_path, case):
     out = export_hf(model, tmp_path / "out")
     raw = json.loads((out / "config.json").read_text())
     assert raw["architectures"] == [type(hf).__name__]
-    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert raw[key] == getattr(hf.config, key), key
+    # transformers' NemotronHForCausalLM never ties (no _tied_weights_keys): a tie_word_embeddings
+    # flag over a head that differs from the embedding loads, and exports, untied
+    emb = hf.get_input_embeddings().weight
+    assert raw["tie_word_embeddings"] == (hf.config.tie_word_embeddings
+                                          and torch.equal(hf.lm_head.weight, emb))
     want = {k: v for k, v in hf.state_dict().items()
             if not (k == "lm_head.weight" and hf.lm_head.weight is hf.get_input_embeddings().weight)}
     got = _file_tensors(out)
