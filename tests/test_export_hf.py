@@ -321,12 +321,14 @@ def test_unrepresentable_configs_are_refused(overrides, field):
         to_hf_config(cfg)
 
 
-@pytest.mark.parametrize("overrides,field", REFUSED[:2], ids=[f for _, f in REFUSED[:2]])
-def test_export_of_hybrid_model_raises_and_writes_nothing(overrides, field, tmp_path):
+def test_export_of_hybrid_model_no_family_holds_raises_and_writes_nothing(tmp_path):
+    # mamba_ssm's MHA has q/k/v/o biases and no rotary: neither Nemotron-H (no biases) nor
+    # Bamba (half-head rotary) nor Falcon-H1 (parallel layers) computes it
+    overrides, _ = REFUSED[1]
     cfg = MambaLMConfig(**{**CONFIGS["mamba2"], **overrides})
     model = build_model(cfg, backend="reference")
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match=field) as info:
+    with pytest.raises(ExportError, match="NemotronHForCausalLM.*BambaForCausalLM") as info:
         export_hf(model, out)
     assert isinstance(info.value, ValueError)
     assert not out.exists() or not any(out.iterdir())

@@ -167,3 +167,36 @@ def test_family_init_survives_the_round_trip(tmp_path):
         mixer.dt_bias.zero_()
     with pytest.raises(Exception, match="dt_bias"):
         check_ssm_init(model)
+
+
+def test_mamba_ssm_block_layout_exports_as_bamba_with_our_logits(tmp_path):
+    # mamba_ssm's hybrid block (mixer, then the gated MLP) is Bamba's layer: built here, run by
+    # transformers after export
+    cfg = MambaLMConfig(d_model=32, n_layer=2, vocab_size=VOCAB, d_intermediate=128,
+                        ssm_cfg=dict(layer="Mamba2", headdim=16, d_state=8, ngroups=2,
+                                     chunk_size=8), tie_embeddings=False)
+    torch.manual_seed(0)
+    model = build_model(cfg, backend="reference").eval()
+    _randomise(model)
+    out = export_hf(model, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(hf).__name__ == "BambaForCausalLM"
+    ids = _ids()
+    with torch.no_grad():
+        # use_cache=False: transformers' cache cannot size an attention mask for a Bamba
+        # without attention layers
+        torch.testing.assert_close(hf(ids, use_cache=False).logits, model(ids).logits[..., :VOCAB],
+                                   atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["nemotron_h-M-M*--tied", "bamba-attn02-tied", "falcon_h1-untied"])
+def test_packed_documents_equal_each_document_alone(tmp_path, case):
+    _, src = make_hf(tmp_path, CASES[case])
+    model = load_model(src, backend="reference", device="cpu").eval()
+    lengths = [7, 9, 5]
+    ids = _ids(batch=1, seqlen=sum(lengths), seed=5)
+    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None].to(torch.int32)
+    with torch.no_grad():
+        packed = model(ids, seq_idx=seq_idx).logits
+        alone = torch.cat([model(part).logits for part in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)

@@ -27,7 +27,7 @@ import torch
 
 from mamba_train.hf_format import ExportError
 from mamba_train.models.config import ConfigError, MambaLMConfig
-from mamba_train.models.pattern import ATTENTION, MLP, PARALLEL, SSM
+from mamba_train.models.pattern import pattern_of
 
 STATE_PREFIXES = ("model.", "backbone.")  # transformers 5 writes model.; NVIDIA's files backbone.
 
@@ -88,8 +88,9 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
         raise _refuse(family, "model.rms_norm=false", "its norms are RMSNorm")
     bad = {b.symbols for b in cfg.blocks} - allowed
     if bad:
-        raise _refuse(family, f"model.layer_pattern={cfg.layer_pattern or '(derived)'}",
-                      f"its layers are {sorted(allowed)}, not {sorted(bad)}")
+        shown = cfg.layer_pattern or f"{pattern_of(cfg.blocks)} (from attn_layer_idx, d_intermediate)"
+        raise _refuse(family, f"model.layer_pattern={shown}",
+                      f"its blocks are {sorted(allowed)}, not {sorted(bad)}")
     mlp = cfg.mlp_kwargs()
     if any(b.mlp for b in cfg.blocks):
         if mlp["act"] != mlp_act:
