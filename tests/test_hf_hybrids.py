@@ -21,18 +21,20 @@ MAMBA = dict(time_step_limit=(0.0, float("inf")))
 
 
 def nemotron_h(pattern: str, tie: bool, **kw):
-    return dict(model_type="nemotron_h", vocab_size=VOCAB, hidden_size=32,
+    base = dict(model_type="nemotron_h", vocab_size=VOCAB, hidden_size=32,
                 hybrid_override_pattern=pattern, tie_word_embeddings=tie, mamba_num_heads=4,
                 mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-                layer_norm_epsilon=1e-5, **kw)
+                layer_norm_epsilon=1e-5)
+    return {**base, **kw}
 
 
 def bamba(attn: list[int], tie: bool, layers: int = 3, **kw):
-    return dict(model_type="bamba", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+    base = dict(model_type="bamba", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
                 attn_layer_indices=attn, tie_word_embeddings=tie, mamba_n_heads=4,
                 mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8,
-                num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, **kw)
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+    return {**base, **kw}
 
 
 def falcon_h1(tie: bool, layers: int = 2, **kw):
