@@ -79,8 +79,8 @@ class SSMHealthMonitor(L.Callback):
             prefix = f"ssm/layer{block.layer_idx:02d}"
             if any(p.numel() == 0 for p in block.parameters()):
                 continue  # sharded away on this rank (DeepSpeed ZeRO-3): nothing to measure
-            mixer = block.mixer
-            bias = _delta_bias(mixer)
+            mixer = block.ssm_mixer  # inside a parallel block too; None in an MLP-only block
+            bias = _delta_bias(mixer) if mixer is not None else None
             if bias is not None and hasattr(mixer, "A_log"):
                 dt = F.softplus(bias.detach().float())
                 A = -torch.exp(mixer.A_log.detach().float())
