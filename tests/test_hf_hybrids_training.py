@@ -49,3 +49,36 @@ def test_init_from_trains_and_exports_the_source_tensors(family, tmp_path):
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():  # two AdamW steps of 1e-12: below fp32 resolution but at 0
         torch.testing.assert_close(got[key], tensor, rtol=0, atol=1e-10, msg=key)
+
+
+DEBUG = {"debug-nemotron-h": "NemotronHForCausalLM", "debug-bamba": "BambaForCausalLM",
+         "debug-falcon-h1": "FalconH1ForCausalLM"}
+
+
+@pytest.mark.parametrize("recipe", sorted(DEBUG))
+def test_debug_recipe_exports_to_its_family_with_our_logits(recipe, make_config, tmp_path):
+    from hydra.utils import instantiate
+
+    from mamba_train.export.hf import export_hf
+    from mamba_train.models.build import build_model
+
+    cfg = instantiate(make_config(f"recipe={recipe}", tiny=False).model, _convert_="all")
+    torch.manual_seed(0)
+    model = build_model(cfg, backend="reference").eval()
+    out = export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(hf).__name__ == DEBUG[recipe]
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits[..., :cfg.vocab_size],
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(DEBUG))
+def test_debug_recipe_trains(recipe, make_config):
+    from mamba_train.train import train
+
+    small = [o for o in RUN if not o.startswith(("model=", "trainer.max_steps"))]
+    result = train(make_config(f"recipe={recipe}", *small, "trainer.max_steps=3", tiny=False))
+    assert result["trainer"].global_step == 3
