@@ -6,7 +6,9 @@ It is used on both backends: mamba_ssm's own MHA computes training attention wit
 ``F.scaled_dot_product_attention`` anyway, but its rotary path requires ``flash_attn`` (absent on
 many machines, including ours), and it cannot mask across packed documents. This one implements
 the rotary embedding (GPT-NeoX "rotate half" layout, as flash_attn's non-interleaved
-``RotaryEmbedding``) in PyTorch and takes ``seq_idx`` for a block-diagonal causal mask.
+``RotaryEmbedding``) in PyTorch and takes ``seq_idx``: on the GPU in 16 bits the documents go
+through torch's variable-length flash attention (no mask, memory linear in the sequence); the
+dense block-diagonal causal mask is the CPU reference.
 """
 
 from __future__ import annotations
@@ -44,7 +46,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((out.to(x.dtype), x_pass), dim=-1)
 
 
+def varlen_eligible(q: torch.Tensor) -> bool:
+    """Whether packed documents can go through torch's variable-length flash attention: a CUDA
+    tensor in 16 bits (the flash kernel's dtypes) and a torch that has the op."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    return varlen_attn
+
+
+def packed_varlen_attention(q, k, v, seq_idx, scale):
+    """Causal attention within each document of a packed micro-batch, without a mask: the
+    (batch, seqlen) windows flattened to one sequence cut at every window and document start,
+    through ``torch.nn.attention.varlen.varlen_attn`` (flash attention; memory linear in the
+    sequence). q (B, L, H, D), k/v (B, L, Hkv, D) -> (B*L, H, D). The window length bounds the
+    longest document, so only the document count (``cu_seqlens``' length) is read on the host."""
+    from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
+
+    batch, seqlen = seq_idx.shape
+    cu = cu_seqlens_from_seq_idx(seq_idx)
+    flat = [t.reshape(batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+    return _varlen_attn()(*flat, cu, cu, seqlen, seqlen, scale=scale, window_size=(-1, 0),
+                          enable_gqa=k.shape[2] != q.shape[2])
+
+
 class CausalSelfAttention(nn.Module):
+    # packed documents on the GPU go through varlen flash attention, whose cu_seqlens length is
+    # read on the host (training/cuda_graph.py keeps such a step eager)
+    varlen_needs_host_sync = True
+
     def __init__(self, embed_dim: int, num_heads: int, num_heads_kv: int | None = None,
                  head_dim: int | None = None, mlp_dim: int = 0, qkv_proj_bias: bool = True,
                  out_proj_bias: bool = True, softmax_scale: float | None = None,
@@ -102,18 +137,25 @@ class CausalSelfAttention(nn.Module):
                                      torch.promote_types(q.dtype, torch.float32))
             q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
             k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
+        if seq_idx is not None and varlen_eligible(q):
+            ctx = packed_varlen_attention(q, k, v, seq_idx, self.softmax_scale)
+            ctx = ctx.reshape(batch, seqlen, -1)
+            if self.mlp_dim > 0:
+                ctx = torch.cat([ctx, x_mlp], dim=-1)
+            return self.out_proj(ctx)
         rep = self.num_heads // self.num_heads_kv
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if seq_idx is None:
             ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        else:
+        else:  # the CPU reference (and fp32 on GPU): a dense block-diagonal causal mask
             if seqlen > DENSE_MASK_WARN_LEN:  # Python shows a warning once per call site
                 warnings.warn(
                     f"attention with document boundaries at seq_len={seqlen} builds a dense "
                     f"{seqlen}x{seqlen} mask per sequence ({batch * seqlen * seqlen / 2**30:.1f} "
-                    "GiB) and cannot use the flash kernel; leave data.document_boundaries off for "
-                    "long-context attention layers (docs/long_context.md)", stacklevel=2)
+                    "GiB): this is the CPU / fp32 reference; on a GPU under bf16 packed documents "
+                    "take varlen flash attention without a mask (docs/long_context.md)",
+                    stacklevel=2)
             pos = torch.arange(seqlen, device=x.device)
             causal = pos[:, None] >= pos[None, :]
             same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]

@@ -72,8 +72,9 @@ def graph_blockers(trainer, module) -> list[str]:
         reasons.append("fp16 loss scaling decides on the host whether to step; use bf16-mixed")
     if getattr(trainer.datamodule, "document_boundaries", False) and any(
             getattr(m, "varlen_needs_host_sync", False) for m in module.modules()):
-        reasons.append("Mamba-3's fused kernel takes document boundaries as cu_seqlens, whose "
-                       "length (the document count) is read on the host every micro-batch")
+        reasons.append("the fused Mamba-3 kernel and varlen attention take document boundaries "
+                       "as cu_seqlens, whose length (the document count) is read on the host "
+                       "every micro-batch")
     params = [p for p in module.parameters() if p.requires_grad]
     if len({(p.dtype, p.device) for p in params}) > 1:
         reasons.append("the trainable parameters differ in dtype or device")
