@@ -11,8 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mamba_train.checkpoint import load_model, read_weights  # noqa: E402
-from mamba_train.export.hf import ExportError, export_hf  # noqa: E402
+from mamba_train.formats.load import load_model, read_weights  # noqa: E402
+from mamba_train.formats.hf_export import export_hf
+from mamba_train.formats.hf_family import ExportError  # noqa: E402
 from mamba_train.models.build import build_model  # noqa: E402
 from mamba_train.models.config import MambaLMConfig  # noqa: E402
 
