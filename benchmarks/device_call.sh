@@ -25,6 +25,9 @@
 #   ssdcfg    the SSD kernels alone: mamba_ssm's autotune lists vs wider ones (benchmarks/ssd_configs.py)
 #   refusal ssd flatests   the fla SSD kernel refusal tests, micro-benchmark, parity tests
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
+#   ssdbwd    ssd_kernel=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
+#             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
+#   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
 #   gputests  every other file under tests/gpu
 set -uo pipefail
@@ -34,7 +37,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='NORMKERNEL|SSDCFG|OPS|SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='SSDBWD|ssd_kernel=mamba_train|NORMKERNEL|SSDCFG|OPS|SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -92,6 +95,11 @@ for p in "$@"; do
     ssdcfg) run_part ssd_configs python3 benchmarks/ssd_configs.py ;;
     ssd) run_part ssd_kernels python3 benchmarks/ssd_kernels.py --lift-fla-guard ;;
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
+    ssdbwd) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"}
+            run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
+    prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
+           "${PROF[@]}" --variant ssd=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
     ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     # captured vs eager bit for bit under the deterministic mode: a process of its own
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;

@@ -1,0 +1,148 @@
+"""Per-layer Mamba-2 SSD forward + backward: mamba_ssm's Functions against ``ssd_kernel=mamba_train``
+(models/ssd.py, models/ssd_split.py), one process, one GPU, alternating windows.
+
+Arms, at mamba2-370m's mixer shape by default (batch 8, length 2048, 32 heads x headdim 64,
+d_state 128, ngroups 1, chunk 256, bf16 under autocast):
+  scan   the SSD alone: ``mamba_chunk_scan_combined`` vs ``models.ssd.ssd_chunk_scan``
+  split  the fused mixer body (conv1d + SSD + gated RMSNorm + out_proj):
+         ``mamba_split_conv1d_scan_combined`` vs ``models.ssd_split.split_conv1d_scan_kept``
+Each line: median fwd+bwd ms over the windows, the ratio to mamba_ssm's arm measured in the same
+run, the activation bytes the forward leaves for the backward and the peak memory of one step.
+
+    python benchmarks/ssd_backward.py [--batch 8 --length 2048 --windows 5 --iters 20]
+    (on the device: BUDGET_S=540 bash benchmarks/device_call.sh ssdbwd)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+DEV = "cuda"
+
+
+def scan_arms(a):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    from mamba_train.models.ssd import ssd_chunk_scan
+    g = torch.Generator(DEV).manual_seed(0)
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    shape = (a.batch, a.length)
+    leaves = dict(
+        x=torch.randn(*shape, a.heads, a.headdim, generator=g, **bf),
+        dt=torch.randn(*shape, a.heads, generator=g, **bf),
+        A=-torch.rand(a.heads, device=DEV, generator=g) - 0.5,
+        B=torch.randn(*shape, a.ngroups, a.d_state, generator=g, **bf),
+        C=torch.randn(*shape, a.ngroups, a.d_state, generator=g, **bf),
+        D=torch.randn(a.heads, device=DEV, generator=g),
+        dt_bias=torch.randn(a.heads, device=DEV, generator=g))
+    for t in leaves.values():
+        t.requires_grad_()
+    dout = torch.randn(*shape, a.heads, a.headdim, generator=g, **bf)
+
+    def arm(fn):
+        def fwd():
+            v = leaves
+            return fn(v["x"], v["dt"], v["A"], v["B"], v["C"], a.chunk, D=v["D"],
+                      dt_bias=v["dt_bias"], dt_softplus=True)
+        return fwd
+    return {"mamba_ssm": arm(mamba_chunk_scan_combined), "mamba_train": arm(ssd_chunk_scan)}, \
+        leaves, dout
+
+
+def split_arms(a):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+    from mamba_train.models.ssd_split import split_conv1d_scan_kept
+    g = torch.Generator(DEV).manual_seed(0)
+    dim = a.heads * a.headdim
+    chans = dim + 2 * a.ngroups * a.d_state
+    d_model = dim // 2
+    leaves = dict(
+        zxbcdt=torch.randn(a.batch, a.length, 2 * dim + 2 * a.ngroups * a.d_state + a.heads,
+                           generator=g, device=DEV, dtype=torch.bfloat16),
+        w=torch.randn(chans, 4, device=DEV, generator=g) * 0.3,
+        bias=torch.randn(chans, device=DEV, generator=g) * 0.1,
+        dt_bias=torch.randn(a.heads, device=DEV, generator=g),
+        A=-torch.rand(a.heads, device=DEV, generator=g) - 0.5,
+        D=torch.randn(a.heads, device=DEV, generator=g),
+        norm_w=torch.rand(dim, device=DEV, generator=g) + 0.5,
+        out_w=torch.randn(d_model, dim, device=DEV, generator=g) * 0.02)
+    for t in leaves.values():
+        t.requires_grad_()
+    dout = torch.randn(a.batch, a.length, d_model, generator=g, device=DEV, dtype=torch.bfloat16)
+
+    def arm(fn):
+        def fwd():
+            v = leaves
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn(v["zxbcdt"], v["w"], v["bias"], v["dt_bias"], v["A"], v["D"], a.chunk,
+                          rmsnorm_weight=v["norm_w"], rmsnorm_eps=1e-5, outproj_weight=v["out_w"],
+                          headdim=a.headdim, ngroups=a.ngroups, norm_before_gate=False)
+        return fwd
+    return {"mamba_ssm": arm(mamba_split_conv1d_scan_combined),
+            "mamba_train": arm(split_conv1d_scan_kept)}, leaves, dout
+
+
+def step(fwd, leaves, dout):
+    for t in leaves.values():
+        t.grad = None
+    fwd().backward(dout)
+
+
+def memory(fwd, leaves, dout):
+    """(bytes the forward keeps for the backward, peak bytes above the start of one step)."""
+    for t in leaves.values():
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fwd()
+    kept = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    out.backward(dout)
+    torch.cuda.synchronize()
+    return kept, torch.cuda.max_memory_allocated() - base
+
+
+def time_windows(arms, leaves, dout, windows, iters):
+    times = {name: [] for name in arms}
+    for _ in range(windows):
+        for name, fwd in arms.items():  # alternating, so drift hits both arms alike
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                step(fwd, leaves, dout)
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / iters)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for k, v in dict(batch=8, length=2048, heads=32, headdim=64, d_state=128, ngroups=1,
+                     chunk=256, windows=5, iters=20, warmup=3).items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    p.add_argument("--arms", nargs="+", default=["scan", "split"], choices=["scan", "split"])
+    a = p.parse_args(argv)
+    print(f"SSDBWD device {torch.cuda.get_device_name()} shape batch={a.batch} len={a.length} "
+          f"heads={a.heads}x{a.headdim} d_state={a.d_state} groups={a.ngroups} chunk={a.chunk}")
+    for which in a.arms:
+        arms, leaves, dout = (scan_arms if which == "scan" else split_arms)(a)
+        for fwd in arms.values():  # autotuning and first compiles outside the windows
+            for _ in range(a.warmup):
+                step(fwd, leaves, dout)
+        mem = {name: memory(fwd, leaves, dout) for name, fwd in arms.items()}
+        ms = time_windows(arms, leaves, dout, a.windows, a.iters)
+        base = ms["mamba_ssm"]
+        for name in arms:
+            kept, peak = mem[name]
+            print(f"SSDBWD {which:5s} {name:11s} fwd+bwd {ms[name]:.3f} ms/layer "
+                  f"ratio {ms[name] / base:.3f} vs mamba_ssm, saved for bwd {kept / 2**20:.1f} MiB, "
+                  f"step peak {peak / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
