@@ -6,10 +6,14 @@ d_state 128, ngroups 1, chunk 256, bf16 under autocast):
   scan   the SSD alone: ``mamba_chunk_scan_combined`` vs ``models.ssd.ssd_chunk_scan``
   split  the fused mixer body (conv1d + SSD + gated RMSNorm + out_proj):
          ``mamba_split_conv1d_scan_combined`` vs ``models.ssd_split.split_conv1d_scan_kept``
+  each as mamba_ssm / mamba_train (no recomputation) / mamba_train+fused (and the d(CB)/dA
+  kernel of models/ssd_bwd_kernel.py, ``ssd.fused_dcb_ddA``)
+  kernel mamba_ssm's _chunk_scan_bwd_dcb + _chunk_scan_bwd_ddAcs_stable vs that one kernel, with
+         --sweep over its block_m x num_warps x programs_per_sm
 Each line: median fwd+bwd ms over the windows, the ratio to mamba_ssm's arm measured in the same
 run, the activation bytes the forward leaves for the backward and the peak memory of one step.
 
-    python benchmarks/ssd_backward.py [--batch 8 --length 2048 --windows 5 --iters 20]
+    python benchmarks/ssd_backward.py [--batch 8 --length 2048 --windows 5 --iters 20 --sweep]
     (on the device: BUDGET_S=540 bash benchmarks/device_call.sh ssdbwd)
 """
 
@@ -48,8 +52,9 @@ def scan_arms(a):
             return fn(v["x"], v["dt"], v["A"], v["B"], v["C"], a.chunk, D=v["D"],
                       dt_bias=v["dt_bias"], dt_softplus=True)
         return fwd
-    return {"mamba_ssm": arm(mamba_chunk_scan_combined), "mamba_train": arm(ssd_chunk_scan)}, \
-        leaves, dout
+    return {"mamba_ssm": (arm(mamba_chunk_scan_combined), False),
+            "mamba_train": (arm(ssd_chunk_scan), False),
+            "mamba_train+fused": (arm(ssd_chunk_scan), True)}, leaves, dout
 
 
 def split_arms(a):
@@ -82,18 +87,23 @@ def split_arms(a):
                           rmsnorm_weight=v["norm_w"], rmsnorm_eps=1e-5, outproj_weight=v["out_w"],
                           headdim=a.headdim, ngroups=a.ngroups, norm_before_gate=False)
         return fwd
-    return {"mamba_ssm": arm(mamba_split_conv1d_scan_combined),
-            "mamba_train": arm(split_conv1d_scan_kept)}, leaves, dout
+    return {"mamba_ssm": (arm(mamba_split_conv1d_scan_combined), False),
+            "mamba_train": (arm(split_conv1d_scan_kept), False),
+            "mamba_train+fused": (arm(split_conv1d_scan_kept), True)}, leaves, dout
 
 
-def step(fwd, leaves, dout):
+def step(arm, leaves, dout):
+    from mamba_train.models import ssd
+    fwd, ssd.fused_dcb_ddA = arm
     for t in leaves.values():
         t.grad = None
     fwd().backward(dout)
 
 
-def memory(fwd, leaves, dout):
+def memory(arm, leaves, dout):
     """(bytes the forward keeps for the backward, peak bytes above the start of one step)."""
+    from mamba_train.models import ssd
+    fwd, ssd.fused_dcb_ddA = arm
     for t in leaves.values():
         t.grad = None
     torch.cuda.synchronize()
@@ -106,14 +116,15 @@ def memory(fwd, leaves, dout):
     return kept, torch.cuda.max_memory_allocated() - base
 
 
-def time_windows(arms, leaves, dout, windows, iters):
+def time_windows(arms, windows, iters, run):
+    """Median ms per call of run(arm) for each arm, windows alternating between the arms."""
     times = {name: [] for name in arms}
     for _ in range(windows):
-        for name, fwd in arms.items():  # alternating, so drift hits both arms alike
+        for name, arm in arms.items():  # alternating, so drift hits every arm alike
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(iters):
-                step(fwd, leaves, dout)
+                run(arm)
             end.record()
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(end) / iters)
@@ -125,23 +136,71 @@ def main(argv=None):
     for k, v in dict(batch=8, length=2048, heads=32, headdim=64, d_state=128, ngroups=1,
                      chunk=256, windows=5, iters=20, warmup=3).items():
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
-    p.add_argument("--arms", nargs="+", default=["scan", "split"], choices=["scan", "split"])
+    p.add_argument("--arms", nargs="+", default=["kernel", "scan", "split"],
+                   choices=["kernel", "scan", "split"])
+    p.add_argument("--sweep", action="store_true", help="kernel arm: every block_m x num_warps x "
+                   "programs_per_sm of models/ssd_bwd_kernel.py")
     a = p.parse_args(argv)
     print(f"SSDBWD device {torch.cuda.get_device_name()} shape batch={a.batch} len={a.length} "
           f"heads={a.heads}x{a.headdim} d_state={a.d_state} groups={a.ngroups} chunk={a.chunk}")
     for which in a.arms:
+        if which == "kernel":
+            kernel_arm(a)
+            continue
         arms, leaves, dout = (scan_arms if which == "scan" else split_arms)(a)
-        for fwd in arms.values():  # autotuning and first compiles outside the windows
+        for arm in arms.values():  # autotuning and first compiles outside the windows
             for _ in range(a.warmup):
-                step(fwd, leaves, dout)
-        mem = {name: memory(fwd, leaves, dout) for name, fwd in arms.items()}
-        ms = time_windows(arms, leaves, dout, a.windows, a.iters)
+                step(arm, leaves, dout)
+        mem = {name: memory(arm, leaves, dout) for name, arm in arms.items()}
+        ms = time_windows(arms, a.windows, a.iters, lambda arm: step(arm, leaves, dout))
         base = ms["mamba_ssm"]
         for name in arms:
             kept, peak = mem[name]
-            print(f"SSDBWD {which:5s} {name:11s} fwd+bwd {ms[name]:.3f} ms/layer "
+            print(f"SSDBWD {which:5s} {name:17s} fwd+bwd {ms[name]:.3f} ms/layer "
                   f"ratio {ms[name] / base:.3f} vs mamba_ssm, saved for bwd {kept / 2**20:.1f} MiB, "
                   f"step peak {peak / 2**20:.1f} MiB")
+
+
+def kernel_arm(a):
+    """mamba_ssm's dcb + ddAcs_stable kernels vs models/ssd_bwd_kernel.py on the same inputs."""
+    import itertools
+
+    from mamba_ssm.ops.triton import ssd_chunk_scan as up
+    from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd
+
+    from mamba_train.models import ssd_bwd_kernel as k
+    g = torch.Generator(DEV).manual_seed(0)
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    shape = (a.batch, a.length)
+    x = torch.randn(*shape, a.heads, a.headdim, generator=g, **bf)
+    dout = torch.randn(*shape, a.heads, a.headdim, generator=g, **bf)
+    B = torch.randn(*shape, a.ngroups, a.d_state, generator=g, **bf)
+    C = torch.randn(*shape, a.ngroups, a.d_state, generator=g, **bf)
+    dA_cumsum, dt = _chunk_cumsum_fwd(torch.randn(*shape, a.heads, generator=g, **bf),
+                                      -torch.rand(a.heads, device=DEV) - 0.5, a.chunk,
+                                      dt_bias=torch.randn(a.heads, device=DEV), dt_softplus=True)
+    CB = _bmm_chunk_fwd(C, B, a.chunk, output_dtype=torch.float32)
+    settings = (k.block_m, k.num_warps, k.programs_per_sm)
+    arms = {"mamba_ssm": None, f"ours {settings}": settings}
+    if a.sweep:
+        arms.update({f"ours {s}": s for s in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))})
+
+    def run(arm):
+        if arm is None:
+            up._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups=a.ngroups)
+            up._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB)
+        else:
+            k.block_m, k.num_warps, k.programs_per_sm = arm
+            k.chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB)
+    for arm in arms.values():
+        for _ in range(a.warmup):
+            run(arm)
+    ms = time_windows(arms, a.windows, a.iters, run)
+    k.block_m, k.num_warps, k.programs_per_sm = settings
+    for name in sorted(arms, key=ms.get):
+        print(f"SSDBWD kernel dcb+ddA {name:22s} {ms[name]:.3f} ms/layer "
+              f"ratio {ms[name] / ms['mamba_ssm']:.3f} vs mamba_ssm")
 
 
 if __name__ == "__main__":

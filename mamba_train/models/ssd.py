@@ -14,13 +14,16 @@ forward is the passed states' storage dtype: mamba_ssm's forward stores them in 
 dtype and its backward recomputes them in fp32; here they are stored in fp32 once (what the
 backward needs) and ``_chunk_scan_fwd`` rounds them to the activations' dtype on load, which is
 the rounding the state-passing kernel applies on store. So values and gradients match mamba_ssm's
-bit for bit (tests/gpu/test_ssd_gpu.py checks this).
+bit for bit (tests/gpu/test_ssd_gpu.py checks this). With ``fused_dcb_ddA`` two of the backward's
+kernels (d(CB) and the intra-chunk dA term) become one of ours (models/ssd_bwd_kernel.py): same
+formulas, fp32 sums in another order.
 
 The pieces are private mamba_ssm names, all read through ``models/ssd_upstream.py``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -29,6 +32,11 @@ from einops import rearrange
 from mamba_train.models.ssd_upstream import upstream
 
 NO_DT_LIMIT = (0.0, float("inf"))
+# d(CB) and the intra-chunk dA term from one kernel of ours (models/ssd_bwd_kernel.py) instead of
+# mamba_ssm's _chunk_scan_bwd_dcb + _chunk_scan_bwd_ddAcs_stable (same formulas, fp32 sums in
+# another order); off until benchmarks/ssd_backward.py shows it faster on the GPU (the
+# environment variable turns it on for whole-step benchmarks: device_call.sh part prof2ssdf)
+fused_dcb_ddA = os.environ.get("MAMBA_TRAIN_SSD_FUSED_DCB_DDA", "0") == "1"
 
 
 class ForwardKept(NamedTuple):
@@ -107,8 +115,13 @@ def ssd_backward(dout, x, dt_in, A, B, C, out, kept: ForwardKept, chunk_size, D=
                                           ngroups=ngroups)
     dC, ddA_cumsum_prev = up._chunk_scan_bwd_dC(states.to(x.dtype), dA_cumsum, dout,
                                                 seq_idx=seq_idx, C=C, ngroups=ngroups)
-    dCB = up._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, seq_idx=seq_idx,
-                                 ngroups=ngroups).to(CB.dtype)
+    ddA_intra = None
+    if fused_dcb_ddA:
+        from mamba_train.models.ssd_bwd_kernel import chunk_scan_bwd_dcb_ddA
+        dCB, ddA_intra = chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB, seq_idx=seq_idx)
+    else:
+        dCB = up._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, seq_idx=seq_idx, ngroups=ngroups)
+    dCB = dCB.to(CB.dtype)
     up._bmm_chunk_bwd(C, dCB, residual=dB, out=dB_out)
     up._bmm_chunk_bwd(B, rearrange(dCB, "... l s -> ... s l"), residual=dC, out=dC_out)
     if z is None:  # with z, _chunk_scan_bwd_dz's fp32 dD is the accurate one
@@ -118,7 +131,8 @@ def ssd_backward(dout, x, dt_in, A, B, C, out, kept: ForwardKept, chunk_size, D=
     # (fp32 sums in mamba_ssm's order, so the result is bit-identical)
     ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum
     ddA_prev = ddA_cumsum_prev.flip([-1]).cumsum(dim=-1).flip([-1])
-    ddA = up._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB)
+    ddA = (ddA_intra if ddA_intra is not None
+           else up._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB))
     ddA += ddA_next + ddA_prev
     ddt_out, dA, ddt_bias = up._chunk_cumsum_bwd(ddA, ddt, dt_in, A, dt_bias=dt_bias,
                                                  dt_softplus=dt_softplus, dt_limit=dt_limit,

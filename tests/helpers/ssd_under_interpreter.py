@@ -112,7 +112,24 @@ def split_case():
                    call(ssd_combined.mamba_split_conv1d_scan_combined), leaves, names)
 
 
+def mixer_case():
+    """models/fused.py's FusedMamba2 with ssd_kernel=mamba_train against ssd_kernel=mamba_ssm
+    (mamba_ssm's Mamba2.forward): the hook passes the module's parameters the same way."""
+    from mamba_train.models.fused import FusedMamba2
+    u = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for kernel in ("mamba_train", "mamba_ssm"):
+        torch.manual_seed(0)
+        mixer = FusedMamba2(32, d_state=16, headdim=16, chunk_size=16, ngroups=2, d_ssm=32,
+                            ssd_kernel=kernel, norm_before_gate=False)
+        y = mixer(u)
+        y.square().mean().backward()
+        results.append([y.detach()] + [p.grad for _, p in mixer.named_parameters()])
+    names = ["out"] + [n for n, _ in mixer.named_parameters()]
+    return {n: (a - b).abs().max().item() for n, a, b in zip(names, *results) if not torch.equal(a, b)}
+
+
 if __name__ == "__main__":
     print(json.dumps({"chunk_scan_fp32": chunk_scan_case(torch.float32),
                       "chunk_scan_bf16": chunk_scan_case(torch.bfloat16),
-                      "split": split_case()}))
+                      "split": split_case(), "mixer": mixer_case()}))
