@@ -27,8 +27,9 @@
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
 #   ssdbwd    ssd_kernel=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
 #             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
+#   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
 #   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
-#   prof2ssdf the same with the fused d(CB)/dA kernel on (MAMBA_TRAIN_SSD_FUSED_DCB_DDA=1)
+#   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
 #   gputests  every other file under tests/gpu
 set -uo pipefail
@@ -98,12 +99,16 @@ for p in "$@"; do
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
     ssdbwd) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"}
-            run_part ssd_backward python3 benchmarks/ssd_backward.py --sweep ;;
+            run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
+    ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
     prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
            "${PROF[@]}" --variant ssd=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
-    prof2ssdf) run_part prof2ssdf env MAMBA_TRAIN_SSD_FUSED_DCB_DDA=1 python3 benchmarks/profile_step.py \
+    prof2ssdf) run_part prof2ssdf env MAMBA_TRAIN_SSD_FUSED=dcb_ddA python3 benchmarks/profile_step.py \
            --model mamba2-370m --skip-plain "${PROF[@]}" \
-           --variant ssd_fused=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           --variant ssd_dcb_ddA=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+    prof2ssda) run_part prof2ssda env MAMBA_TRAIN_SSD_FUSED=all python3 benchmarks/profile_step.py \
+           --model mamba2-370m --skip-plain "${PROF[@]}" \
+           --variant ssd_all=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
     ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     # captured vs eager bit for bit under the deterministic mode: a process of its own
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;

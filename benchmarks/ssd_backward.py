@@ -6,10 +6,11 @@ d_state 128, ngroups 1, chunk 256, bf16 under autocast):
   scan   the SSD alone: ``mamba_chunk_scan_combined`` vs ``models.ssd.ssd_chunk_scan``
   split  the fused mixer body (conv1d + SSD + gated RMSNorm + out_proj):
          ``mamba_split_conv1d_scan_combined`` vs ``models.ssd_split.split_conv1d_scan_kept``
-  each as mamba_ssm / mamba_train (no recomputation) / mamba_train+fused (and the d(CB)/dA
-  kernel of models/ssd_bwd_kernel.py, ``ssd.fused_dcb_ddA``)
-  kernel mamba_ssm's _chunk_scan_bwd_dcb + _chunk_scan_bwd_ddAcs_stable vs that one kernel, with
-         --sweep over its block_m x num_warps x programs_per_sm
+  each as mamba_ssm / mamba_train (no recomputation) / mamba_train+dcb_ddA / mamba_train+all
+  (``ssd.fused_kernels``: two or three backward kernels as one of ours)
+  kernel mamba_ssm's _chunk_scan_chunk_state_bwd_dx + _chunk_scan_bwd_dcb +
+         _chunk_scan_bwd_ddAcs_stable vs models/ssd_bwd_kernel.py (+ mamba_ssm's dx) vs
+         models/ssd_bwd_fused.py, with --sweep over their block x num_warps x programs_per_sm
 Each line: median fwd+bwd ms over the windows, the ratio to mamba_ssm's arm measured in the same
 run, the activation bytes the forward leaves for the backward and the peak memory of one step.
 
@@ -52,9 +53,10 @@ def scan_arms(a):
             return fn(v["x"], v["dt"], v["A"], v["B"], v["C"], a.chunk, D=v["D"],
                       dt_bias=v["dt_bias"], dt_softplus=True)
         return fwd
-    return {"mamba_ssm": (arm(mamba_chunk_scan_combined), False),
-            "mamba_train": (arm(ssd_chunk_scan), False),
-            "mamba_train+fused": (arm(ssd_chunk_scan), True)}, leaves, dout
+    return {"mamba_ssm": (arm(mamba_chunk_scan_combined), "none"),
+            "mamba_train": (arm(ssd_chunk_scan), "none"),
+            "mamba_train+dcb_ddA": (arm(ssd_chunk_scan), "dcb_ddA"),
+            "mamba_train+all": (arm(ssd_chunk_scan), "all")}, leaves, dout
 
 
 def split_arms(a):
@@ -87,14 +89,15 @@ def split_arms(a):
                           rmsnorm_weight=v["norm_w"], rmsnorm_eps=1e-5, outproj_weight=v["out_w"],
                           headdim=a.headdim, ngroups=a.ngroups, norm_before_gate=False)
         return fwd
-    return {"mamba_ssm": (arm(mamba_split_conv1d_scan_combined), False),
-            "mamba_train": (arm(split_conv1d_scan_kept), False),
-            "mamba_train+fused": (arm(split_conv1d_scan_kept), True)}, leaves, dout
+    return {"mamba_ssm": (arm(mamba_split_conv1d_scan_combined), "none"),
+            "mamba_train": (arm(split_conv1d_scan_kept), "none"),
+            "mamba_train+dcb_ddA": (arm(split_conv1d_scan_kept), "dcb_ddA"),
+            "mamba_train+all": (arm(split_conv1d_scan_kept), "all")}, leaves, dout
 
 
 def step(arm, leaves, dout):
     from mamba_train.models import ssd
-    fwd, ssd.fused_dcb_ddA = arm
+    fwd, ssd.fused_kernels = arm
     for t in leaves.values():
         t.grad = None
     fwd().backward(dout)
@@ -103,7 +106,7 @@ def step(arm, leaves, dout):
 def memory(arm, leaves, dout):
     """(bytes the forward keeps for the backward, peak bytes above the start of one step)."""
     from mamba_train.models import ssd
-    fwd, ssd.fused_dcb_ddA = arm
+    fwd, ssd.fused_kernels = arm
     for t in leaves.values():
         t.grad = None
     torch.cuda.synchronize()
@@ -162,13 +165,16 @@ def main(argv=None):
 
 
 def kernel_arm(a):
-    """mamba_ssm's dcb + ddAcs_stable kernels vs models/ssd_bwd_kernel.py on the same inputs."""
+    """mamba_ssm's dx + dcb + ddAcs_stable kernels vs ssd_bwd_kernel (+ mamba_ssm's dx) vs
+    ssd_bwd_fused, on the same inputs."""
     import itertools
 
     from mamba_ssm.ops.triton import ssd_chunk_scan as up
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd
+    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 
+    from mamba_train.models import ssd_bwd_fused as f
     from mamba_train.models import ssd_bwd_kernel as k
     g = torch.Generator(DEV).manual_seed(0)
     bf = dict(device=DEV, dtype=torch.bfloat16)
@@ -177,30 +183,45 @@ def kernel_arm(a):
     dout = torch.randn(*shape, a.heads, a.headdim, generator=g, **bf)
     B = torch.randn(*shape, a.ngroups, a.d_state, generator=g, **bf)
     C = torch.randn(*shape, a.ngroups, a.d_state, generator=g, **bf)
+    nchunks = -(-a.length // a.chunk)
+    dstates = torch.randn(a.batch, nchunks, a.heads, a.headdim, a.d_state, generator=g, **bf)
+    D = torch.randn(a.heads, device=DEV, generator=g)
     dA_cumsum, dt = _chunk_cumsum_fwd(torch.randn(*shape, a.heads, generator=g, **bf),
                                       -torch.rand(a.heads, device=DEV) - 0.5, a.chunk,
                                       dt_bias=torch.randn(a.heads, device=DEV), dt_softplus=True)
     CB = _bmm_chunk_fwd(C, B, a.chunk, output_dtype=torch.float32)
-    settings = (k.block_m, k.num_warps, k.programs_per_sm)
-    arms = {"mamba_ssm": None, f"ours {settings}": settings}
-    if a.sweep:
-        arms.update({f"ours {s}": s for s in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))})
+    defaults = {"dcb_ddA": (k.block_m, k.num_warps, k.programs_per_sm),
+                "all": (f.block_n, f.num_warps, f.programs_per_sm)}
+    arms = {"mamba_ssm dx+dcb+ddA": ("none", None)}
+    for which, setting in defaults.items():
+        arms[f"{which} {setting}"] = (which, setting)
+        if a.sweep:
+            arms.update({f"{which} {s}": (which, s)
+                         for s in itertools.product((16, 32, 64), (4, 8), (1, 2))})
 
     def run(arm):
-        if arm is None:
+        which, setting = arm
+        if which != "all":
+            _chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dout, dstates, D=D)
+        if which == "none":
             up._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups=a.ngroups)
             up._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB)
-        else:
-            k.block_m, k.num_warps, k.programs_per_sm = arm
+        elif which == "dcb_ddA":
+            k.block_m, k.num_warps, k.programs_per_sm = setting
             k.chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB)
+        else:
+            f.block_n, f.num_warps, f.programs_per_sm = setting
+            f.chunk_scan_bwd_fused(x, dt, dA_cumsum, B, CB, dout, dstates, D=D)
     for arm in arms.values():
         for _ in range(a.warmup):
             run(arm)
     ms = time_windows(arms, a.windows, a.iters, run)
-    k.block_m, k.num_warps, k.programs_per_sm = settings
+    k.block_m, k.num_warps, k.programs_per_sm = defaults["dcb_ddA"]
+    f.block_n, f.num_warps, f.programs_per_sm = defaults["all"]
+    base = ms["mamba_ssm dx+dcb+ddA"]
     for name in sorted(arms, key=ms.get):
-        print(f"SSDBWD kernel dcb+ddA {name:22s} {ms[name]:.3f} ms/layer "
-              f"ratio {ms[name] / ms['mamba_ssm']:.3f} vs mamba_ssm")
+        print(f"SSDBWD kernel {name:24s} {ms[name]:.3f} ms/layer ratio {ms[name] / base:.3f} "
+              "vs mamba_ssm (block, warps, programs/SM)")
 
 
 if __name__ == "__main__":

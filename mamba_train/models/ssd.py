@@ -14,9 +14,9 @@ forward is the passed states' storage dtype: mamba_ssm's forward stores them in 
 dtype and its backward recomputes them in fp32; here they are stored in fp32 once (what the
 backward needs) and ``_chunk_scan_fwd`` rounds them to the activations' dtype on load, which is
 the rounding the state-passing kernel applies on store. So values and gradients match mamba_ssm's
-bit for bit (tests/gpu/test_ssd_gpu.py checks this). With ``fused_dcb_ddA`` two of the backward's
-kernels (d(CB) and the intra-chunk dA term) become one of ours (models/ssd_bwd_kernel.py): same
-formulas, fp32 sums in another order.
+bit for bit (tests/gpu/test_ssd_gpu.py checks this). ``fused_kernels`` swaps two or three of the
+backward's kernels (dx, d(CB), the intra-chunk dA term) for one of ours: same formulas, fp32 sums
+in another order.
 
 The pieces are private mamba_ssm names, all read through ``models/ssd_upstream.py``.
 """
@@ -29,14 +29,21 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 
+from mamba_train.models.ssd_fla import SSDKernelError
 from mamba_train.models.ssd_upstream import upstream
 
 NO_DT_LIMIT = (0.0, float("inf"))
-# d(CB) and the intra-chunk dA term from one kernel of ours (models/ssd_bwd_kernel.py) instead of
-# mamba_ssm's _chunk_scan_bwd_dcb + _chunk_scan_bwd_ddAcs_stable (same formulas, fp32 sums in
-# another order); off until benchmarks/ssd_backward.py shows it faster on the GPU (the
-# environment variable turns it on for whole-step benchmarks: device_call.sh part prof2ssdf)
-fused_dcb_ddA = os.environ.get("MAMBA_TRAIN_SSD_FUSED_DCB_DDA", "0") == "1"
+# Kernels of ours in the backward (same formulas as mamba_ssm's, fp32 sums in another order):
+#   "none"     mamba_ssm's _chunk_scan_chunk_state_bwd_dx, _chunk_scan_bwd_dcb, _ddAcs_stable
+#   "dcb_ddA"  the last two as one kernel (models/ssd_bwd_kernel.py)
+#   "all"      all three as one kernel (models/ssd_bwd_fused.py)
+# "none" until benchmarks/ssd_backward.py shows another faster on the GPU; the environment
+# variable chooses for whole-step benchmarks (device_call.sh parts prof2ssdf, prof2ssda)
+FUSED_CHOICES = ("none", "dcb_ddA", "all")
+fused_kernels = os.environ.get("MAMBA_TRAIN_SSD_FUSED", "none")
+if fused_kernels not in FUSED_CHOICES:
+    raise SSDKernelError(f"MAMBA_TRAIN_SSD_FUSED={fused_kernels!r}: use one of "
+                         f"{', '.join(FUSED_CHOICES)}")
 
 
 class ForwardKept(NamedTuple):
@@ -109,17 +116,22 @@ def ssd_backward(dout, x, dt_in, A, B, C, out, kept: ForwardKept, chunk_size, D=
         states_dtype=x.dtype, chunk_size=chunk_size)
     unflat = lambda t: None if t is None else rearrange(t, "... (p n) -> ... p n", n=d_state)  # noqa: E731
     states, dstates, dinitial_states = unflat(states), unflat(dstates), unflat(dinitial_states)
-    dx, ddt, dD_from_x = up._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dout, dstates,
-                                                           D=D, seq_idx=seq_idx, dx=dx)
+    ddA_intra = None
+    if fused_kernels == "all":
+        from mamba_train.models.ssd_bwd_fused import chunk_scan_bwd_fused
+        dx, ddt, dD_from_x, dCB, ddA_intra = chunk_scan_bwd_fused(
+            x, dt, dA_cumsum, B, CB, dout, dstates, D=D, seq_idx=seq_idx, dx=dx)
+    else:
+        dx, ddt, dD_from_x = up._chunk_scan_chunk_state_bwd_dx(
+            x, dt, dA_cumsum, B, CB, dout, dstates, D=D, seq_idx=seq_idx, dx=dx)
     dB, ddA_next = up._chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B,
                                           ngroups=ngroups)
     dC, ddA_cumsum_prev = up._chunk_scan_bwd_dC(states.to(x.dtype), dA_cumsum, dout,
                                                 seq_idx=seq_idx, C=C, ngroups=ngroups)
-    ddA_intra = None
-    if fused_dcb_ddA:
+    if fused_kernels == "dcb_ddA":
         from mamba_train.models.ssd_bwd_kernel import chunk_scan_bwd_dcb_ddA
         dCB, ddA_intra = chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB, seq_idx=seq_idx)
-    else:
+    elif fused_kernels == "none":
         dCB = up._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, seq_idx=seq_idx, ngroups=ngroups)
     dCB = dCB.to(CB.dtype)
     up._bmm_chunk_bwd(C, dCB, residual=dB, out=dB_out)

@@ -130,6 +130,7 @@ def mixer_case():
 
 
 if __name__ == "__main__":
-    print(json.dumps({"chunk_scan_fp32": chunk_scan_case(torch.float32),
-                      "chunk_scan_bf16": chunk_scan_case(torch.bfloat16),
-                      "split": split_case(), "mixer": mixer_case()}))
+    # fp32 only: Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (both
+    # Functions would agree on wrong numbers); bf16 is compared on the GPU
+    print(json.dumps({"chunk_scan": chunk_scan_case(torch.float32), "split": split_case(),
+                      "mixer": mixer_case()}))
