@@ -24,6 +24,8 @@
 #   ssdbwd    ssd_kernel=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
 #             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
+#   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with ssd_kernel=mamba_train
+#             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels)
 #   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
@@ -93,6 +95,9 @@ for p in "$@"; do
            ${PYTEST_K:+-k "$PYTEST_K"}
             run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
     ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
+    tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/train_throughput.py \
+           --models mamba2-370m --override +model.ssm_cfg.ssd_kernel=mamba_train "${TIMING[@]}" \
+           --json "$OUT/tp_mamba2_ssd.json" ;;
     prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
            "${PROF[@]}" --variant ssd=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
     prof2ssdf) run_part prof2ssdf env MAMBA_TRAIN_SSD_FUSED=dcb_ddA python3 benchmarks/profile_step.py \
