@@ -30,6 +30,7 @@ import torch
 block_n = 32    # columns of the chunk per program
 num_warps = 8
 programs_per_sm = 2
+num_stages = 2  # software pipelining of the head loop's loads (shared memory: one copy per stage)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +185,8 @@ def chunk_scan_bwd_fused(x, dt, dA_cumsum, B, CB, dout, dstates, D=None, seq_idx
             HAS_SEQ_IDX=seq_idx is not None, BLOCK_N=bn,
             BLOCK_CS=max(16, triton.next_power_of_2(chunk_size)),
             BLOCK_K=max(16, triton.next_power_of_2(hdim)),
-            BLOCK_DSTATE=max(16, triton.next_power_of_2(dstate)), num_warps=num_warps)
+            BLOCK_DSTATE=max(16, triton.next_power_of_2(dstate)), num_warps=num_warps,
+            num_stages=num_stages)
     if dD is not None:
         dD = dD.sum(dim=(0, 1, 2))
         dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)

@@ -35,6 +35,7 @@ block_m = 32
 num_warps = 8
 # heads per program: enough programs to fill the GPU (as mamba_ssm's dcb kernel splits them)
 programs_per_sm = 2
+num_stages = 2  # software pipelining of the head loop's loads (shared memory: one copy per stage)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,5 +143,6 @@ def chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB, seq_idx=None, sms=None):
             *x.stride(), *dout.stride(), *dt.stride(), *CB.stride(), *si, *dcb.stride(),
             *dda.stride(), ngroups, HAS_SEQ_IDX=seq_idx is not None, BLOCK_M=bm,
             BLOCK_CS=max(16, triton.next_power_of_2(chunk_size)),
-            BLOCK_K=max(16, triton.next_power_of_2(hdim)), num_warps=num_warps)
+            BLOCK_K=max(16, triton.next_power_of_2(hdim)), num_warps=num_warps,
+            num_stages=num_stages)
     return (dcb[:, :, 0] if splits == 1 else dcb.sum(2)), dda.sum(3)
