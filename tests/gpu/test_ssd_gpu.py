@@ -23,7 +23,7 @@ def _seq_idx(batch, length, cuts=(0.3, 0.71)):
     return idx.expand(batch, length).to(torch.int32).contiguous()
 
 
-def _grads_of(fn, leaves, extra_outputs=0):
+def _grads_of(fn, leaves):
     """Outputs and input gradients of fn(*leaves) for fixed random output gradients."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
     outs = fn(*leaves)
