@@ -30,18 +30,26 @@ split is validated, and every window read is range-checked (one vectorised ``max
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
+import os
+import re
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from mamba_train.errors import MambaTrainError
 from mamba_train.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from mamba_train.fileio import exclusive_lock, release_lock
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
+LOCK_FILE = ".prepare.lock"
+# fileio.atomic_write's temporary files: ".<name>.<random>.tmp"
+_PARTIAL = re.compile(r"^\.(shard_\d+\.bin|index\.json|progress\.json)\..+\.tmp$")
 
 
 class DataError(MambaTrainError, ValueError):
@@ -136,6 +144,26 @@ class ShardWriter:
         self.shards.append({"file": name, "num_tokens": int(tokens.size),
                             "sha256": hashlib.sha256(data).hexdigest(),
                             "max_token_id": int(tokens.max()) if tokens.size else -1})
+
+
+@contextlib.contextmanager
+def locked_output(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock while a prepare writes there, after removing the partial files of a
+    killed one. Two prepares into one ``out`` (other settings, or the same twice) would
+    interleave their shards: the second refuses in one line naming the first."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, holder = exclusive_lock(out / LOCK_FILE, f"pid {os.getpid()} on {socket.gethostname()}\n")
+    if fd is None:
+        raise DataError(f"out={out} is being written by another prepare ({holder}); wait for it "
+                        "to finish (a rerun then continues or finds it complete), or use another out=")
+    try:
+        for directory in (out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())):
+            for p in directory.iterdir():
+                if _PARTIAL.match(p.name) and p.is_file():
+                    p.unlink()
+        yield
+    finally:
+        release_lock(fd)
 
 
 def write_tokens(out_dir: str | Path, tokens: np.ndarray, tokenizer: dict,
