@@ -26,8 +26,8 @@ from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
 from mamba_train.training.module import MambaLMModule
-from mamba_train.training.resume import (checkpoint_files, clean_checkpoint_dir, resolve_ckpt_path,
-                                         resume_command)
+from mamba_train.training.resume import (checkpoint_dir, checkpoint_files, clean_checkpoint_dir,
+                                         resolve_ckpt_path, resume_command)
 from mamba_train.training.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ def _fused_gpu_sm_count(backend: str) -> int | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+def _check_run_dir(run_dir: Path, ckpt_dir: Path, ckpt_path: str | None) -> None:
     """Never silently train over an existing run's checkpoints."""
-    existing = sorted(checkpoint_files(run_dir / "checkpoints"))
+    existing = sorted(checkpoint_files(ckpt_dir))
     if existing and ckpt_path is None:
         raise RunDirError(
             f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "
@@ -108,10 +108,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     check_config(cfg)  # every bad value in one line, before anything is built or written
     run_dir = Path(cfg.run_dir)
     lock_run_dir(run_dir)  # a second run in the same directory refuses here
-    _check_run_dir(run_dir, cfg.ckpt_path)
-    ckpt_path = resolve_ckpt_path(run_dir / "checkpoints", cfg.ckpt_path)  # newest that loads
+    ckpt_dir = checkpoint_dir(cfg)  # callbacks.model_checkpoint.dirpath, wherever it points
+    _check_run_dir(run_dir, ckpt_dir, cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(ckpt_dir, cfg.ckpt_path)  # newest that loads
     if launching_rank_zero():
-        clean_checkpoint_dir(run_dir / "checkpoints", int(cfg.train.keep_last_k_checkpoints),
+        clean_checkpoint_dir(ckpt_dir, int(cfg.train.keep_last_k_checkpoints),
                              keep=ckpt_path)
         log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
         for warning in config_warnings(cfg, sm_count=_fused_gpu_sm_count(cfg.backend)):

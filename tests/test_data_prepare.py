@@ -212,3 +212,19 @@ def test_a_killed_prepares_partial_shards_are_removed_and_files_follow_the_umask
     for shard in index["shards"]:  # recorded for the load-time range check
         tokens = np.fromfile(out / "train" / shard["file"], dtype=index["dtype"])
         assert shard["max_token_id"] == int(tokens.max()) < vocab
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_refused_in_one_line(corpus, tmp_path, capsys):
+    from mamba_train.data.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_bytes((DEFAULT_TOKENIZER_DIR / "tokenizer.json").read_bytes())
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "FooTokenizer", "auto_map": {"AutoTokenizer": ["foo.FooTokenizer", None]}}))
+    (tok / "foo.py").write_text("raise SystemExit('remote code ran')\n")
+    d, _ = corpus
+    rc = main([f"source={d / 'docs.jsonl'}", f"out={tmp_path / 'out'}", f"tokenizer={tok}", "num_proc=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"prepare: error: tokenizer '{tok}' needs to run its repository's own Python code" in err

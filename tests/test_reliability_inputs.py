@@ -139,3 +139,27 @@ def test_token_ids_outside_the_vocabulary_name_the_shard(tmp_path):
     atomic_write_json(data / "train" / "index.json", index)
     _one_error_line(faults.run(tmp_path, *SHORT, f"data.path={data}", "run_name=b"),
                     f"shard {shard} holds token id 61453, outside the vocabulary of 4096 ids")
+
+
+def test_sigusr1_and_sighup_save_and_a_second_signal_says_it_did_not(tmp_path):
+    """SIGUSR1 outside SLURM and SIGHUP (a closed terminal) killed the run unsaved: now they save
+    at the next step and exit 128 + signal like SIGTERM. A second signal before the boundary
+    stops at once: one line saying nothing was saved, status 1 (not a saved stop's 128 + n)."""
+    run_dir = tmp_path / "debug"
+    common = ["trainer.max_steps=30", "train.checkpoint_every_n_steps=100"]
+    proc = faults.start(tmp_path, *common, faults={"step_sleep": 0.15})
+    faults.wait_for_step(proc, run_dir, 2)
+    faults.kill(proc, signal.SIGUSR1)
+    done = faults.finish(proc)
+    assert done.returncode == 128 + signal.SIGUSR1, done.stderr[-3000:]
+    step = faults.global_step(run_dir / "checkpoints" / "last.ckpt")
+    assert f"stopped by SIGUSR1 after step {step}" in done.stdout
+    proc = faults.start(tmp_path, *common, "ckpt_path=last", faults={"step_sleep": 0.3})
+    faults.wait_for_step(proc, run_dir, step + 1)
+    faults.kill(proc, signal.SIGHUP)
+    faults.kill(proc, signal.SIGHUP)
+    done = faults.finish(proc)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: second SIGHUP before the next step boundary: stopped at once, without saving" \
+        in done.stderr
+    assert faults.global_step(run_dir / "checkpoints" / "last.ckpt") == step  # nothing new saved
