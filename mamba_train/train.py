@@ -22,6 +22,7 @@ from mamba_train.config_checks import check_config, config_warnings, write_resol
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import ConfigError
 from mamba_train.training.batch import grad_accumulation
+from mamba_train.training.callbacks.run_start import check_model_memory
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
@@ -123,6 +124,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
     # the model group's config, or init_from=<source>'s (continued pretraining)
     model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
+    check_model_memory(model_config)  # a mistyped size refuses now, not after minutes of allocation
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
     datamodule.check_paths()  # a missing data directory refuses before any logger starts a run

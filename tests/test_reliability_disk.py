@@ -44,7 +44,7 @@ def test_full_disk_while_appending_metrics_keeps_whole_rows_and_is_one_error(tmp
     assert (Path(logger.log_dir) / "metrics.csv").read_text() == before
 
 
-@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", b'step,"unclosed\n1,"x\x00'])
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", b"name,value\nfoo,1\n"])
 def test_a_metrics_file_that_is_not_csv_text_is_one_line(tmp_path, content):
     from mamba_train.training.csv_logger import MetricsFileError, ResumableCSVLogger
 

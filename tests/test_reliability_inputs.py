@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,12 +155,46 @@ def test_sigusr1_and_sighup_save_and_a_second_signal_says_it_did_not(tmp_path):
     assert done.returncode == 128 + signal.SIGUSR1, done.stderr[-3000:]
     step = faults.global_step(run_dir / "checkpoints" / "last.ckpt")
     assert f"stopped by SIGUSR1 after step {step}" in done.stdout
-    proc = faults.start(tmp_path, *common, "ckpt_path=last", faults={"step_sleep": 0.3})
-    faults.wait_for_step(proc, run_dir, step + 1)
+    hold = tmp_path / "hold"
+    hold.touch()  # the resumed run's steps wait: no step boundary between the two signals
+    proc = faults.start(tmp_path, *common, "ckpt_path=last", faults={"hold_while": hold})
+    log = run_dir / "mamba-train.log"
+    faults.wait_for(lambda: f"training starts at step {step}" in log.read_text(), proc,
+                    what="the resumed run's first step")
     faults.kill(proc, signal.SIGHUP)
+    time.sleep(0.5)  # two signals sent at once would merge into one
     faults.kill(proc, signal.SIGHUP)
     done = faults.finish(proc)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "error: second SIGHUP before the next step boundary: stopped at once, without saving" \
         in done.stderr
     assert faults.global_step(run_dir / "checkpoints" / "last.ckpt") == step  # nothing new saved
+
+
+def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path):
+    from mamba_train.models.config import MambaLMConfig
+    from mamba_train.models.lm import MambaLM
+    from mamba_train.training.callbacks.run_start import ModelTooLargeError, check_model_memory
+
+    hybrid = MambaLMConfig(d_model=64, n_layer=5, vocab_size=4096, d_intermediate=128,
+                           ssm_cfg={"layer": "Mamba2"}, attn_layer_idx=[1, 4],
+                           attn_cfg={"num_heads": 4, "causal": True})
+    built = sum(p.numel() for p in MambaLM(hybrid, backend="reference", device="meta").parameters())
+    assert check_model_memory(hybrid) == built  # counted from one block of each kind
+    with pytest.raises(ModelTooLargeError, match="model.n_layer=100000 make"):
+        check_model_memory(MambaLMConfig(d_model=256, n_layer=100_000, vocab_size=4096),
+                           available_bytes=64 * 2**30)
+    proc = faults.run(tmp_path, "model.d_model=1000000", timeout=120)
+    _one_error_line(proc, "model.d_model=1000000, model.n_layer=1 make", "check the model size")
+
+
+def test_ckpt_path_last_looks_where_model_checkpoint_writes(tmp_path):
+    """callbacks.model_checkpoint.dirpath elsewhere: last resumes from there (not step 0 over it)."""
+    elsewhere = tmp_path / "scratch" / "ckpts"
+    common = [f"callbacks.model_checkpoint.dirpath={elsewhere}", "train.checkpoint_every_n_steps=2"]
+    _ok(faults.run(tmp_path, "trainer.max_steps=4", *common))
+    proc = _ok(faults.run(tmp_path, "trainer.max_steps=6", *common, "ckpt_path=last"))
+    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "resuming from" in ln)
+    assert f"resuming from {elsewhere}/" in line and line.endswith("(step 4)"), line
+    assert [s for s, _ in faults.losses(tmp_path / "debug")] == list(range(6))
+    assert faults.global_step(elsewhere / "last.ckpt") == 6

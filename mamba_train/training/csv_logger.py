@@ -40,11 +40,16 @@ def _read(path: str) -> tuple[list[str], list[dict]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+            keys, rows = list(reader.fieldnames or []), list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise MetricsFileError(
-            f"{path} is not a metrics CSV file ({type(e).__name__}: {str(e)[:80]}); move it away "
-            "(a resumed run starts a new one) or start a new run with run_name=<new name>") from None
+        problem = f"{type(e).__name__}: {str(e)[:80]}"
+    else:
+        if not keys or "step" in keys:
+            return keys, rows
+        problem = "no step column"  # pruning by step would drop every row
+    raise MetricsFileError(
+        f"{path} is not a metrics CSV file ({problem}); move it away (a resumed run starts a "
+        "new one) or start a new run with run_name=<new name>")
 
 
 class _KeepingExperimentWriter(ExperimentWriter):
