@@ -22,7 +22,7 @@ from mamba_train.config_checks import check_config, config_warnings, write_resol
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import ConfigError
 from mamba_train.training.batch import grad_accumulation
-from mamba_train.training.callbacks.run_start import check_model_memory
+from mamba_train.training.callbacks.run_start import check_interpolations, check_model_memory
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
@@ -105,6 +105,7 @@ def max_steps(cfg: DictConfig) -> int:
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
+    check_interpolations(cfg)  # an unset ${oc.env:...} is one line naming its key
     check_moved_keys(cfg)
     check_config(cfg)  # every bad value in one line, before anything is built or written
     run_dir = Path(cfg.run_dir)

@@ -198,3 +198,9 @@ def test_ckpt_path_last_looks_where_model_checkpoint_writes(tmp_path):
     assert f"resuming from {elsewhere}/" in line and line.endswith("(step 4)"), line
     assert [s for s, _ in faults.losses(tmp_path / "debug")] == list(range(6))
     assert faults.global_step(elsewhere / "last.ckpt") == 6
+
+
+def test_an_unset_environment_variable_is_one_line_naming_the_key(tmp_path):
+    proc = faults.run(tmp_path, "data.tokenizer=${oc.env:MT_TEST_SURELY_UNSET}", timeout=120)
+    _one_error_line(proc, "data.tokenizer: Environment variable 'MT_TEST_SURELY_UNSET' not found",
+                    "override data.tokenizer=")
