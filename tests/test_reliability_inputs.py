@@ -204,3 +204,16 @@ def test_an_unset_environment_variable_is_one_line_naming_the_key(tmp_path):
     proc = faults.run(tmp_path, "data.tokenizer=${oc.env:MT_TEST_SURELY_UNSET}", timeout=120)
     _one_error_line(proc, "data.tokenizer: Environment variable 'MT_TEST_SURELY_UNSET' not found",
                     "override data.tokenizer=")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("run_name=" + "x" * 300, "the run directory's name 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... is 300 characters"),
+    ("paths.output_dir=${oc.env:MT_TEST_SURELY_UNSET}", "Environment variable 'MT_TEST_SURELY_UNSET' not found"),
+    (".hydra", ".hydra is a file; Hydra keeps the run's config copies in that directory"),
+])
+def test_what_hydra_would_trip_over_is_one_line(tmp_path, override, expected):
+    if override == ".hydra":
+        (tmp_path / "debug").mkdir()
+        (tmp_path / "debug" / ".hydra").write_text("")
+        override = "trainer.max_steps=1"
+    _one_error_line(faults.run(tmp_path, override, timeout=120), expected)

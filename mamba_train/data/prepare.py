@@ -39,8 +39,8 @@ from typing import Iterator
 import numpy as np
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
-from mamba_train.data.shards import (FORMAT_VERSION, LOCK_FILE, DataError, ShardWriter,
-                                     atomic_write_json, locked_output)
+from mamba_train.data.shards import (FORMAT_VERSION, DataError, ShardWriter, atomic_write_json,
+                                     is_fresh_output, locked_output)
 from mamba_train.data.tokenizer import load_backend
 from mamba_train.errors import MambaTrainError
 
@@ -352,7 +352,7 @@ def _load_progress(out: Path, identity: dict) -> dict:
 
     path = out / PROGRESS_FILE
     if not path.is_file():
-        if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        if out.is_dir() and not is_fresh_output(out, SPLITS):
             raise DataError(f"out={out} exists, is not empty and has no {PROGRESS_FILE}: it is not "
                             "a prepare output; choose another out= or empty it")
         out.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,13 @@ def locked_output(out: Path) -> Iterator[None]:
         release_lock(fd)
 
 
+def is_fresh_output(out: Path, splits: tuple[str, ...]) -> bool:
+    """Nothing in ``out`` but the lock and empty split directories (a prepare killed before it
+    recorded its first shard; its partial files are removed by :func:`locked_output`)."""
+    return all(p.name == LOCK_FILE or (p.name in splits and p.is_dir() and not any(p.iterdir()))
+               for p in out.iterdir())
+
+
 def write_tokens(out_dir: str | Path, tokens: np.ndarray, tokenizer: dict,
                  tokens_per_shard: int = 1 << 24, split: str = "train",
                  sources: list[str] | None = None) -> dict:

@@ -130,3 +130,56 @@ def unlock_run_dir(run_dir: Path) -> None:
     fd = _HELD.pop(Path(run_dir).resolve(), None)
     if fd is not None:
         release_lock(fd)
+
+
+def check_hydra_run_dir(config) -> None:
+    """What Hydra itself would trip over while creating the run directory, before the run's
+    code starts, as one line: the directory's name unresolvable (an unset ``${oc.env:...}``),
+    a name longer than the filesystem allows (a long ``run_name``), ``.hydra`` that is a file,
+    and symbolic links where Hydra writes (``.hydra/*.yaml``, the log)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    from mamba_train.models.config import ConfigError
+
+    try:
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).expanduser()
+    except InterpolationResolutionError as e:
+        cause = str(getattr(e, "msg", e)).strip().splitlines()[0]
+        raise ConfigError(f"the run directory cannot be resolved ({cause.split(': ', 1)[-1].strip(chr(34))}); set "
+                          "the variable, or give run_dir=<dir>") from None
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for part in run_dir.parts:
+        if len(part.encode()) > limit:
+            raise ConfigError(f"the run directory's name {part[:40]!r}... is {len(part)} "
+                              f"characters, more than the {limit} a file name may have in "
+                              f"{existing}; use a shorter run_name (or run_dir)")
+    hydra_dir = run_dir / ".hydra"
+    refuse_symlinks(hydra_dir, *(hydra_dir / f"{n}.yaml" for n in ("config", "hydra", "overrides")),
+                    run_dir / f"{OmegaConf.select(config, 'hydra.job.name')}.log")
+    if hydra_dir.exists() and not hydra_dir.is_dir():
+        raise ForeignRunDirError(f"{hydra_dir} is a file; Hydra keeps the run's config copies in "
+                                 "that directory: move the file away or use another run_dir")
+
+
+def _hydra_callback_base():
+    try:
+        from hydra.experimental.callback import Callback
+    except ImportError:  # Hydra < 1.1
+        return object
+    return Callback
+
+
+class RunDirPreflight(_hydra_callback_base()):
+    """Hydra callback (``hydra.callbacks``): :func:`check_hydra_run_dir` before Hydra creates the
+    run directory; a refusal is one ``error:`` line and exit status 2, like the run's own."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            check_hydra_run_dir(config)
+        except MambaTrainError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)

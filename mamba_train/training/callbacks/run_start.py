@@ -181,6 +181,6 @@ def check_interpolations(cfg) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except (InterpolationResolutionError, MissingMandatoryValue) as e:
         cause = str(getattr(e, "msg", e)).strip().splitlines()[0]
-        cause = cause.replace("KeyError raised while resolving interpolation: ", "")
+        cause = cause.replace("KeyError raised while resolving interpolation: ", "").strip('"')
         raise ConfigError(f"{e.full_key}: {cause}; set it (export the variable, or override "
                           f"{e.full_key}=...)") from None
