@@ -208,7 +208,7 @@ def test_an_unset_environment_variable_is_one_line_naming_the_key(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("run_name=" + "x" * 300, "the run directory's name 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... is 300 characters"),
-    ("paths.output_dir=${oc.env:MT_TEST_SURELY_UNSET}", "Environment variable 'MT_TEST_SURELY_UNSET' not found"),
+    ("run_name=${oc.env:MT_TEST_SURELY_UNSET}", "Environment variable 'MT_TEST_SURELY_UNSET' not found"),
     (".hydra", ".hydra is a file; Hydra keeps the run's config copies in that directory"),
 ])
 def test_what_hydra_would_trip_over_is_one_line(tmp_path, override, expected):

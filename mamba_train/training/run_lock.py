@@ -148,7 +148,7 @@ def check_hydra_run_dir(config) -> None:
         cause = str(getattr(e, "msg", e)).strip().splitlines()[0]
         raise ConfigError(f"the run directory cannot be resolved ({cause.split(': ', 1)[-1].strip(chr(34))}); set "
                           "the variable, or give run_dir=<dir>") from None
-    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    existing = next(p for p in [*run_dir.parents, Path("/")] if _exists(p))
     limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     for part in run_dir.parts:
         if len(part.encode()) > limit:
@@ -161,6 +161,13 @@ def check_hydra_run_dir(config) -> None:
     if hydra_dir.exists() and not hydra_dir.is_dir():
         raise ForeignRunDirError(f"{hydra_dir} is a file; Hydra keeps the run's config copies in "
                                  "that directory: move the file away or use another run_dir")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to look up
+        return False
 
 
 def _hydra_callback_base():
