@@ -79,6 +79,7 @@ def _default_data() -> Path:
     return ensure_default_data()
 
 
+@pytest.mark.slow  # two CLI runs, one killed
 def test_a_killed_data_mixture_run_resumes(tmp_path):
     """data.sources=[...] (so every mixture recipe) keeps its sources in the checkpoint as plain
     lists: kill -9 after a checkpoint, then ckpt_path=last resumes it, one row per step."""
@@ -100,6 +101,7 @@ def test_a_killed_data_mixture_run_resumes(tmp_path):
     assert summary["time_to_first_step_s"] is not None and "not started" not in summary["training_step"]
 
 
+@pytest.mark.slow  # three CLI runs
 def test_another_batching_on_resume_is_refused_in_one_line(tmp_path):
     """A resume with another micro-batch size or global batch would put Lightning's accumulation
     windows off the step boundaries (a part-window first step, shifted later ones) and misreport
@@ -117,6 +119,7 @@ def test_another_batching_on_resume_is_refused_in_one_line(tmp_path):
         assert faults.rows(run_dir) == rows
 
 
+@pytest.mark.slow  # two CLI runs
 def test_token_ids_outside_the_vocabulary_name_the_shard(tmp_path):
     """A flipped high byte in a shard: the window that reads it stops the run in one line naming
     the shard and position (an IndexError in the embedding otherwise; a device assert on GPU).
@@ -142,6 +145,7 @@ def test_token_ids_outside_the_vocabulary_name_the_shard(tmp_path):
                     f"shard {shard} holds token id 61453, outside the vocabulary of 4096 ids")
 
 
+@pytest.mark.slow  # two CLI runs, signalled
 def test_sigusr1_and_sighup_save_and_a_second_signal_says_it_did_not(tmp_path):
     """SIGUSR1 outside SLURM and SIGHUP (a closed terminal) killed the run unsaved: now they save
     at the next step and exit 128 + signal like SIGTERM. A second signal before the boundary
@@ -188,6 +192,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_pat
     _one_error_line(proc, "model.d_model=1000000, model.n_layer=1 make", "check the model size")
 
 
+@pytest.mark.slow  # two CLI runs
 def test_ckpt_path_last_looks_where_model_checkpoint_writes(tmp_path):
     """callbacks.model_checkpoint.dirpath elsewhere: last resumes from there (not step 0 over it)."""
     elsewhere = tmp_path / "scratch" / "ckpts"
