@@ -98,6 +98,9 @@ class TokenDataModule(L.LightningDataModule):
             raise DataError("data.mask_cross_document_loss needs data.document_boundaries=true")
         if path is not None and sources:
             raise DataError("give either data.path or data.sources, not both")
+        # Hydra hands OmegaConf containers; checkpoints keep these hyperparameters, and the
+        # weights-only loader of a resume refuses any class it does not know (ListConfig)
+        sources = _plain(sources)
         self.save_hyperparameters()
         self.path = path
         self.sources = [dict(s) for s in sources] if sources else None
@@ -151,7 +154,15 @@ class TokenDataModule(L.LightningDataModule):
             self._train_loader = ResumableDataLoader(
                 self._train_ds, batch_size=self.micro_batch_size, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, epoch_batches=self.epoch_batches)
+        trainer = self.trainer
+        if trainer is not None:  # saved with the position: a resume refuses other batching
+            self._train_loader.accumulate_grad_batches = int(trainer.accumulate_grad_batches)
         return self._train_loader
+
+    @property
+    def train_tokens_consumed(self) -> int | None:
+        """Training tokens handed out so far, all ranks (None before training)."""
+        return self._train_loader.tokens_consumed if self._train_loader is not None else None
 
     def val_dataloader(self) -> DataLoader:
         if self._val_ds is None:
@@ -241,6 +252,13 @@ class TokenDataModule(L.LightningDataModule):
         if self.index is None:
             raise RuntimeError("call setup() first")
         return self.index
+
+
+def _plain(value):
+    """OmegaConf containers -> plain lists/dicts (other values unchanged)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def default_data_dir(tokenizer: str = "default", cache_dir: str | Path | None = None) -> Path:

@@ -39,7 +39,8 @@ from typing import Iterator
 import numpy as np
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
-from mamba_train.data.shards import FORMAT_VERSION, DataError, ShardWriter, atomic_write_json
+from mamba_train.data.shards import (FORMAT_VERSION, DataError, ShardWriter, atomic_write_json,
+                                     is_fresh_output, locked_output)
 from mamba_train.data.tokenizer import load_backend
 from mamba_train.errors import MambaTrainError
 
@@ -271,12 +272,17 @@ def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = Non
 
     ``final_dir``: where the caller moves ``cfg.out`` afterwards (a build in a temporary
     directory); the messages name it instead of the temporary one."""
+    if cfg.source != "default":
+        resolve_files(cfg.source)  # fail fast on a missing source
+    with locked_output(Path(cfg.out).expanduser()):  # one prepare per out=
+        return _prepare(cfg, console, final_dir)
+
+
+def _prepare(cfg: PrepareConfig, console, final_dir: str | Path | None) -> dict:
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = Path(cfg.out).expanduser()
-    if cfg.source != "default":
-        resolve_files(cfg.source)  # fail fast on a missing source
     backend, tok_info = load_backend(cfg.tokenizer)
     identity = {**cfg.identity(), "tokenizer": tok_info, "format_version": FORMAT_VERSION}
     if cfg.source != "default" and Path(cfg.source).expanduser().exists():
@@ -346,7 +352,7 @@ def _load_progress(out: Path, identity: dict) -> dict:
 
     path = out / PROGRESS_FILE
     if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and not is_fresh_output(out, SPLITS):
             raise DataError(f"out={out} exists, is not empty and has no {PROGRESS_FILE}: it is not "
                             "a prepare output; choose another out= or empty it")
         out.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mamba_train.errors import MambaTrainError
+from mamba_train.fileio import atomic_write_text
 from mamba_train.training.lightning_compat import drop_unset_wandb_anonymous
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
+
+
+class RunIdFileError(MambaTrainError, ValueError):
+    """``<run dir>/wandb_run_id`` is not a W&B run id."""
 
 
 def resolve_run_id(run_dir: str | Path, resume: bool) -> str:
@@ -40,15 +46,26 @@ def resolve_run_id(run_dir: str | Path, resume: bool) -> str:
     Only rank 0 writes the file; other ranks never start a W&B run."""
     path = Path(run_dir) / RUN_ID_FILE
     if resume and path.is_file():
-        run_id = path.read_text().strip()
+        run_id = _read_run_id(path)
         if run_id:
             return run_id
     # W&B's own generator has moved between releases (wandb.util -> wandb.sdk.lib.runid); an id
     # is just 8 characters of [a-z0-9]
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    if rank_zero_only.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+    if rank_zero_only.rank == 0:  # replaced, never written through a link planted there
+        atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def _read_run_id(path: Path) -> str:
+    try:
+        run_id = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        run_id = None
+    if run_id is None or (run_id and not all(c.isalnum() or c in "-_" for c in run_id)) \
+            or len(run_id) > 128:
+        raise RunIdFileError(f"{path} does not hold a W&B run id (one line of letters, digits, "
+                             "'-' or '_'); delete it to start a new W&B run, or restore it")
     return run_id
 
 

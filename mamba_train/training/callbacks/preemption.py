@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mamba_train.training.cluster import parse_signal
 
 log = logging.getLogger(__name__)
+UNSAVED_EXIT = 1  # a saved stop exits 128 + signal (as a shell reports a signal's death)
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -38,8 +39,9 @@ class PreemptionCheckpoint(L.Callback):
         requeue: run ``scontrol requeue $SLURM_JOB_ID`` (rank 0) after the checkpoint is saved.
 
     A second signal while the first is still waiting for the step boundary ends the process at
-    once (the signal's default action), for a user who really wants out now. After a stop
-    ``stopped_by`` names the signal; ``train`` turns that into the exit status 128 + signal.
+    once, unsaved, for a user who really wants out now: one line says so, and the exit status
+    is 1, never the 128 + signal of a saved stop. After a saved stop ``stopped_by`` names the
+    signal; ``train`` turns that into the exit status 128 + signal.
     """
 
     def __init__(self, signal: str | list[str] = "SIGUSR1", requeue: bool = True):
@@ -57,10 +59,12 @@ class PreemptionCheckpoint(L.Callback):
 
     # ------------------------------------------------------------------ signal
     def _handler(self, signum, frame) -> None:
-        if self.received:  # a second signal: leave now, with the signal's default action
-            _signal.signal(signum, _signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+        if self.received:  # a second signal: leave now, unsaved, and say so
+            name = _signal.Signals(signum).name
+            os.write(2, f"error: second {name} before the next step boundary: stopped at once, "
+                        "without saving; the checkpoints written so far are intact (resume with "
+                        "ckpt_path=last)\n".encode())
+            os._exit(UNSAVED_EXIT)
         self.received = True  # only a flag: the work happens at the next step boundary
         self.signum = _signal.Signals(signum)
 
