@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from mamba_train.errors import MambaTrainError, user_errors
 
 log = logging.getLogger("mamba_train")
+_RESTORED: str | None = None  # what restore_run_overrides restored, logged once logging is set up
 
 
 class RunDirConflict(MambaTrainError):
@@ -67,6 +68,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
     try:
         unify_run_dir(cfg)
+        _report_resume(cfg)
         result = train(cfg)
     except user_errors() as e:  # evaluated only when something was raised
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -75,6 +77,21 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     if result.get("exit_code"):  # stopped by a signal after saving: 128 + signal number
         sys.exit(result["exit_code"])
+
+
+def _report_resume(cfg: DictConfig) -> None:
+    """Say (once) what a resume restored, and what the LR does past the saved schedule."""
+    from mamba_train.resume_overrides import schedule_extension_note
+    from mamba_train.train import max_steps
+    from mamba_train.training.run_lock import launching_rank_zero
+
+    if cfg.ckpt_path is None or not launching_rank_zero():
+        return
+    if _RESTORED:
+        log.info(_RESTORED)
+    note = schedule_extension_note(Path(cfg.run_dir), max_steps(cfg))
+    if note:
+        log.warning(note)
 
 
 def _refuse_moved_overrides(argv: list[str]) -> None:
@@ -92,7 +109,17 @@ def _refuse_moved_overrides(argv: list[str]) -> None:
 def main() -> None:
     from mamba_train.console import default_kernel_caches
 
+    global _RESTORED
+    from mamba_train.resume_overrides import restore_run_overrides
+
     _refuse_moved_overrides(sys.argv[1:])
+    try:  # before Hydra composes (and writes .hydra/ into the run directory)
+        argv, _RESTORED = restore_run_overrides(sys.argv[1:])
+    except MambaTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    # Hydra reads sys.argv, and so do Lightning's launchers that start the other ranks
+    sys.argv[1:] = argv
     default_kernel_caches()  # before anything imports triton
     _hydra_main()
 
