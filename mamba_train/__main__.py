@@ -42,17 +42,23 @@ def unify_run_dir(cfg: DictConfig) -> None:
 
     ``hydra.run.dir`` defaults to ``${run_dir}``; when the command line sets ``hydra.run.dir``
     alone, ``run_dir`` becomes that directory (so checkpoints land beside ``.hydra/`` and the
-    log); both set to different places is refused. Multirun jobs keep ``run_dir`` (each job's
-    ``.hydra/`` and log go to the sweep directory, the run itself to ``run_dir``).
+    log); both set to different places is refused. A multirun job runs in its own directory,
+    ``hydra.sweep.dir/hydra.sweep.subdir`` (``<output dir>/multirun/<run name>/<job number>``),
+    as in lightning-hydra-template, unless ``run_dir`` is set.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    if hc.mode != RunMode.RUN or _overridden(list(hc.overrides.hydra), "hydra.run.dir") is None:
-        return
+    run_dir_set = _overridden(list(hc.overrides.task), "run_dir") is not None
     hydra_dir = Path(hc.runtime.output_dir).resolve()
-    if _overridden(list(hc.overrides.task), "run_dir") is not None and Path(cfg.run_dir).resolve() != hydra_dir:
+    if hc.mode == RunMode.MULTIRUN:  # one directory per job (sweep dir / job number)
+        if not run_dir_set:
+            cfg.run_dir = str(hydra_dir)
+        return
+    if _overridden(list(hc.overrides.hydra), "hydra.run.dir") is None:
+        return
+    if run_dir_set and Path(cfg.run_dir).resolve() != hydra_dir:
         raise RunDirConflict(f"run_dir={cfg.run_dir} and hydra.run.dir={hc.run.dir} name two "
                              "directories; set one of them (run_dir=... is enough: Hydra's "
                              "directory follows it)")

@@ -1,0 +1,146 @@
+"""A newcomer's journeys through the real CLI: resume a run by its name alone, sweep with -m."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from mamba_train.resume_overrides import (ResumeConfigError, merge_overrides, restore_run_overrides,
+                                          schedule_extension_note)
+
+ROOT = Path(__file__).resolve().parents[1]
+# a ~0.15M-parameter Mamba-1: a step takes milliseconds
+TINY = ["recipe=debug", "model.d_model=32", "model.n_layer=1", "data.seq_len=32",
+        "data.micro_batch_size=2", "train.global_batch_tokens=64", "data.num_workers=0",
+        "trainer.limit_val_batches=1", "train.val_every_n_steps=1000", "logger=csv",
+        "callbacks.samples=null"]
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "mamba_train", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def test_saved_overrides_come_first_and_new_ones_replace_them_in_place():
+    saved = ["recipe=debug", "model.d_model=32", "trainer.max_steps=3", "run_name=X"]
+    new = ["run_name=X", "trainer.max_steps=9", "ckpt_path=last", "+logger.x=1"]
+    assert merge_overrides(saved, new) == ["recipe=debug", "model.d_model=32", "trainer.max_steps=9",
+                                           "run_name=X", "ckpt_path=last", "+logger.x=1"]
+
+
+def _fake_run(run_dir: Path, overrides: list[str], make_config) -> None:
+    """What a finished CLI run leaves for the resume decision: .hydra/overrides.yaml and the
+    resolved config (composed exactly as the CLI composes them)."""
+    cfg = make_config(*overrides, tiny=False)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def test_resume_restores_the_saved_overrides_and_refuses_unsafe_ones(tmp_path, make_config):
+    run_dir = tmp_path / "outputs" / "X"
+    first = [*TINY, "run_name=X", "optim.lr=1e-3", f"paths.output_dir={tmp_path / 'outputs'}"]
+    _fake_run(run_dir, first, make_config)
+    where = [f"paths.output_dir={tmp_path / 'outputs'}", "run_name=X"]
+
+    argv, note = restore_run_overrides([*where, "ckpt_path=last", "trainer.max_steps=50"])
+    assert argv[:len(first)] == first
+    assert "optim.lr=1e-3" in argv and "trainer.max_steps=50" in argv and "ckpt_path=last" in argv
+    assert "trainer.max_steps=50" in note
+    # resume=<run dir> is the same resume
+    argv2, _ = restore_run_overrides([f"resume={run_dir}", "trainer.max_steps=50"])
+    assert "optim.lr=1e-3" in argv2 and f"run_dir={run_dir.resolve()}" in argv2
+    # no ckpt_path: nothing restored (a fresh run; train() refuses the existing checkpoints)
+    assert restore_run_overrides([*where, "trainer.max_steps=50"]) == ([*where, "trainer.max_steps=50"], None)
+
+    with pytest.raises(ResumeConfigError) as e:
+        restore_run_overrides([*where, "ckpt_path=last", "model.d_model=64", "optim.lr=2e-3",
+                               "trainer.log_every_n_steps=7"])
+    message = str(e.value)
+    assert "model.d_model: 32 -> 64" in message and "optim.lr: 0.001 -> 0.002" in message
+    assert "log_every_n_steps" not in message and "\n" not in message
+
+
+def test_refused_resume_is_one_line_and_leaves_the_run_untouched(tmp_path, make_config):
+    run_dir = tmp_path / "outputs" / "X"
+    _fake_run(run_dir, [*TINY, "run_name=X", f"paths.output_dir={tmp_path / 'outputs'}"], make_config)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    proc = _cli(f"paths.output_dir={tmp_path / 'outputs'}", "run_name=X", "ckpt_path=last",
+                "data.seq_len=64", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "data.seq_len: 32 -> 64" in proc.stderr
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_resume_by_name_after_a_run_with_overrides(tmp_path):
+    out = tmp_path / "outputs"
+    first = _cli(*TINY, "run_name=X", "optim.lr=2e-3", "trainer.max_steps=3", f"paths.output_dir={out}",
+                 cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = out / "X"
+    resumed = _cli("run_name=X", f"paths.output_dir={out}", "ckpt_path=last", "trainer.max_steps=5",
+                   "trainer.log_every_n_steps=1", cwd=tmp_path)
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, text[-3000:]
+    assert "resuming from" in text and "(step 3)" in text
+    # the LR past the restored 3-step schedule is said before training
+    assert "runs past the LR schedule" in text and "from step 3 to 4" in text
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
+    resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    assert resolved["model"]["d_model"] == 32 and resolved["optim"]["lr"] == 2e-3
+    saved = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "optim.lr=2e-3" in saved and "trainer.max_steps=5" in saved
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.slow
+def test_two_job_sweep_gives_each_job_its_own_run_directory(tmp_path):
+    out = tmp_path / "outputs"
+    proc = _cli("-m", *TINY, "trainer.max_steps=2", f"paths.output_dir={out}", "optim.lr=1e-3,3e-3",
+                cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lrs = set()
+    for job in ("0", "1"):
+        run_dir = out / "multirun" / "debug" / job
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+        lrs.add(yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["optim"]["lr"])
+    assert lrs == {1e-3, 3e-3}
+
+
+def _checkpoint_with_schedule(run_dir: Path, schedule, total: int, at_step: int) -> None:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = schedule(opt, total_steps=total)
+    for _ in range(at_step):
+        opt.step()
+        sched.step()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": at_step, "lr_schedulers": [sched.state_dict()]},
+               run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_extending_a_finished_schedule_says_the_lr(tmp_path):
+    from mamba_train.training.schedule import warmup_cosine, wsd
+
+    _checkpoint_with_schedule(tmp_path / "a", warmup_cosine, total=10, at_step=10)
+    note = schedule_extension_note(tmp_path / "a", 20)
+    assert "warmup_cosine over 10 steps" in note and "lr 1e-05 from step 10 to 19" in note
+    assert "scheduler=wsd" in note
+    assert schedule_extension_note(tmp_path / "a", 10) is None
+    # mid-run, in the stable phase of a wsd schedule: the decay still ends at the old length
+    _checkpoint_with_schedule(tmp_path / "b", wsd, total=10, at_step=4)
+    note = schedule_extension_note(tmp_path / "b", 30)
+    assert "wsd over 10 steps" in note and "lr 0.001 at step 4" in note and "lr 0 from step 10 to 29" in note
+    assert schedule_extension_note(tmp_path / "empty", 100) is None
