@@ -74,6 +74,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
     try:
         unify_run_dir(cfg)
+        _take_from_data(cfg)
         _report_resume(cfg)
         result = train(cfg)
     except user_errors() as e:  # evaluated only when something was raised
@@ -83,6 +84,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     if result.get("exit_code"):  # stopped by a signal after saving: 128 + signal number
         sys.exit(result["exit_code"])
+
+
+def _take_from_data(cfg: DictConfig) -> None:
+    """data.tokenizer / model.vocab_size from the prepared data unless the command line set them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mamba_train.from_data import adopt_data_tokenizer, explicit_keys
+    from mamba_train.training.run_lock import launching_rank_zero
+
+    note = adopt_data_tokenizer(cfg, explicit_keys(list(HydraConfig.get().overrides.task)))
+    if note and launching_rank_zero():
+        log.info(note)
 
 
 def _report_resume(cfg: DictConfig) -> None:

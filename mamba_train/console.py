@@ -48,6 +48,10 @@ _NOISE_WARNINGS = (
     r"The `srun` command is available",
     # lightning 2.x (fabric/utilities/throughput.py), issued as a warning: see _NOISE
     r"FLOPs not found",
+    # lightning 2.x (loops/fit_loop.py): "The number of training batches (2) is smaller than the
+    # logging interval" -- a small corpus makes short epochs, but logging counts the run's
+    # optimizer steps (logger_connector), not an epoch's batches: every interval is logged
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 
 

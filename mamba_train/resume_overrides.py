@@ -172,6 +172,9 @@ def restore_run_overrides(argv: list[str]) -> tuple[list[str], str | None]:
         cfg = _compose(merged)
     except Exception:  # noqa: BLE001 -- e.g. a saved group option this version no longer has
         return flags + merged, None
+    from mamba_train.from_data import adopt_data_tokenizer, explicit_keys
+
+    adopt_data_tokenizer(cfg, explicit_keys(merged))  # as the run itself did (__main__)
     changes = changed_keys(yaml.safe_load(resolved_path.read_text()) or {}, cfg)
     if changes:
         raise ResumeConfigError(
