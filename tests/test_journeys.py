@@ -144,3 +144,99 @@ def test_extending_a_finished_schedule_says_the_lr(tmp_path):
     note = schedule_extension_note(tmp_path / "b", 30)
     assert "wsd over 10 steps" in note and "lr 0.001 at step 4" in note and "lr 0 from step 10 to 29" in note
     assert schedule_extension_note(tmp_path / "empty", 100) is None
+
+
+# ----------------------------------------------------------------------------- own data
+WORDS = "the of and to in is was for on that with as by at from his her an which or this be".split()
+
+
+def _corpus(path: Path, n_docs: int = 100) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(n_docs)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return docs
+
+
+def _own_tokenizer(directory: Path, docs: list[str]) -> Path:
+    """A 300-token byte-level BPE with the usual EOS, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir(parents=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    """100 documents prepared with their own tokenizer (default prepare settings)."""
+    from mamba_train.data.prepare import main as prepare_main
+
+    d = tmp_path_factory.mktemp("own")
+    docs = _corpus(d / "docs.jsonl")
+    tok = _own_tokenizer(d / "tok", docs)
+    assert prepare_main([f"source={d / 'docs.jsonl'}", f"out={d / 'data'}", f"tokenizer={tok}",
+                         "num_proc=1"]) == 0
+    return d / "data", tok
+
+
+def test_a_small_corpus_still_gets_a_val_window(own_data):
+    data, _ = own_data
+    val = json.loads((data / "val" / "index.json").read_text())
+    train = json.loads((data / "train" / "index.json").read_text())
+    assert val["total_tokens"] >= 2049 and train["total_tokens"] > val["total_tokens"]
+
+
+def test_tokenizer_and_vocabulary_come_from_the_data(own_data, make_config):
+    from mamba_train.from_data import DataTokenizerMismatch, adopt_data_tokenizer
+
+    data, tok = own_data
+    cfg = make_config(f"data.path={data}")
+    note = adopt_data_tokenizer(cfg)
+    assert cfg.model.vocab_size == 300 and cfg.data.tokenizer == str(tok.resolve())
+    assert "model.vocab_size=300" in note
+    assert adopt_data_tokenizer(cfg) is None  # already agrees
+    cfg = make_config(f"data.path={data}", "model.vocab_size=4096")
+    with pytest.raises(DataTokenizerMismatch) as e:
+        adopt_data_tokenizer(cfg, explicit={"model.vocab_size"})
+    assert "model.vocab_size=300" in str(e.value) and f"data.tokenizer={tok.resolve()}" in str(e.value)
+
+
+def test_prepare_without_a_terminal_prints_whole_dated_lines(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mamba_train.data.prepare", "source=default",
+                           f"out={tmp_path / 'o'}", "num_proc=1"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "tokenizing" in x)
+    assert line.startswith("[20") and " docs | " in line and "tokens/s" in line and "elapsed" in line
+    assert any(len(x) > 80 for x in proc.stderr.splitlines())  # not cut to the console width
+
+
+@pytest.mark.slow
+def test_training_on_own_small_corpus_needs_no_extra_keys(own_data, tmp_path):
+    """100 documents, their own tokenizer, default prepare: trains and validates with no
+    tokenizer or vocabulary key; prepared without a val split, it trains with validation off."""
+    from mamba_train.data.prepare import main as prepare_main
+
+    data, tok = own_data
+    common = ["recipe=debug", "model.d_model=32", "model.n_layer=1", "data.num_workers=0",
+              "logger=csv", "trainer.max_steps=2", "train.val_every_n_steps=2",
+              "callbacks.samples=null", f"paths.output_dir={tmp_path}"]
+    proc = _cli(*common, f"data.path={data}", cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "model.vocab_size=300" in proc.stdout and "val  step 2/2" in proc.stdout
+
+    no_val = tmp_path / "no_val"
+    assert prepare_main([f"source={data.parent / 'docs.jsonl'}", f"out={no_val}", f"tokenizer={tok}",
+                         "num_proc=1", "val_fraction=0"]) == 0
+    refused = _cli(*common, f"data.path={no_val}", "run_name=b", cwd=tmp_path)
+    assert refused.returncode == 2 and "trainer.limit_val_batches=0" in refused.stderr
+    off = _cli(*common, f"data.path={no_val}", "run_name=c", "trainer.limit_val_batches=0", cwd=tmp_path)
+    assert off.returncode == 0, (off.stdout + off.stderr)[-3000:]
+    assert "val  step" not in off.stdout
