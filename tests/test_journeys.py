@@ -240,3 +240,30 @@ def test_training_on_own_small_corpus_needs_no_extra_keys(own_data, tmp_path):
     off = _cli(*common, f"data.path={no_val}", "run_name=c", "trainer.limit_val_batches=0", cwd=tmp_path)
     assert off.returncode == 0, (off.stdout + off.stderr)[-3000:]
     assert "val  step" not in off.stdout
+
+
+def test_batch_error_offers_the_micro_batch_that_keeps_the_global_batch():
+    import re
+
+    from mamba_train.training.batch import BatchSizeError, grad_accumulation
+
+    with pytest.raises(BatchSizeError) as e:
+        grad_accumulation(524288, 3, 2048, 2)  # 2 GPUs, micro-batch 3
+    m = int(re.search(r"data\.micro_batch_size=(\d+) keeps", str(e.value)).group(1))
+    assert m < 3 and grad_accumulation(524288, m, 2048, 2) * m * 2048 * 2 == 524288
+    with pytest.raises(BatchSizeError) as e:  # no micro-batch divides it: the global batch must change
+        grad_accumulation(524288, 8, 2048, 3)
+    assert "keeps" not in str(e.value) and "train.global_batch_tokens to a multiple" in str(e.value)
+
+
+def test_a_save_model_directory_is_one_line_asking_for_tokenizer_json(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    from mamba_train.data.prepare import main as prepare_main
+
+    Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).model.save(str(tmp_path))
+    (tmp_path / "docs.jsonl").write_text('{"text": "ab"}\n')
+    rc = prepare_main([f"source={tmp_path / 'docs.jsonl'}", f"out={tmp_path / 'o'}", f"tokenizer={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "tokenizer.json" in err and "vocab.json" in err
