@@ -267,3 +267,47 @@ def test_a_save_model_directory_is_one_line_asking_for_tokenizer_json(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
     assert "tokenizer.json" in err and "vocab.json" in err
+
+
+def test_tensorboard_without_the_package_is_one_warning(monkeypatch, caplog, make_config, tmp_path):
+    import importlib.util
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    cfg = make_config("logger=tensorboard")
+    assert isinstance(instantiate(cfg.logger.tensorboard), TensorBoardLogger)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with caplog.at_level("WARNING"):
+        assert isinstance(instantiate(cfg.logger.tensorboard), DummyLogger)
+    assert [r.getMessage() for r in caplog.records if "mamba_train[tensorboard]" in r.getMessage()]
+
+
+def test_training_and_jsonl_prepare_need_neither_datasets_nor_matplotlib(tmp_path):
+    """The base install: with datasets, matplotlib, pandas and pyarrow absent, the training
+    modules import, the run summary skips its plot with a hint, and prepare reads .jsonl."""
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n' * 3)
+    code = f"""
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+for name in ("datasets", "pandas", "pyarrow"):  # as if not installed
+    sys.modules[name] = None
+import mamba_train.train
+from mamba_train.training.callbacks.run_summary import plot_metrics
+# torchmetrics (under Lightning) imports matplotlib when its distribution is installed: absent
+# from here on, as on a base install
+for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+    sys.modules[name] = None
+from mamba_train.data.prepare import main
+assert plot_metrics({{"train/loss": [(1, 2.0)]}}, {str(tmp_path / 'p.png')!r}) is None
+assert main(["source={tmp_path / 'd.jsonl'}", "out={tmp_path / 'o'}", "num_proc=1"]) == 0
+assert main(["source={tmp_path / 'x.parquet'}", "out={tmp_path / 'o2'}"]) == 2
+"""
+    (tmp_path / "x.parquet").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mamba_train[datasets]" in proc.stderr and "mamba_train[plot]" in proc.stdout + proc.stderr

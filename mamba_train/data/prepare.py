@@ -10,7 +10,8 @@ Usage::
 * ``source``: ``.jsonl``/``.json`` (optionally ``.zst``/``.gz``), ``.parquet`` (records with a
   ``text_key`` field) or ``.txt`` (one document per file); a directory (all such files inside,
   recursively) or a glob; a Hugging Face hub dataset name; ``default`` for the embedded corpus.
-  Files are read with ``datasets`` in streaming mode, so memory stays flat for any size.
+  Files are streamed (memory stays flat for any size): JSON and text with the standard library
+  (``data/readers.py``), parquet files and hub datasets with ``datasets`` (the ``datasets`` extra).
 * Writes ``out/train`` and ``out/val``. A document goes to val when a hash of its text falls
   below ``val_fraction``: deterministic, independent of order and ``num_proc``, and duplicates
   land in the same split. (``source=default`` uses the corpus' own fixed split.) So that a small
@@ -45,6 +46,7 @@ import numpy as np
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
 from mamba_train.data.prepare_console import progress_display
+from mamba_train.data.readers import hf_dataset, read_local, readable
 from mamba_train.data.shards import FORMAT_VERSION, DataError, ShardWriter, atomic_write_json
 from mamba_train.data.tokenizer import load_backend
 from mamba_train.errors import MambaTrainError
@@ -135,29 +137,16 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
 
         yield from default_documents()
         return
-    import datasets
-
-    datasets.disable_progress_bars()
-    # errors reach the user as one DataError line (below), not also as datasets log records
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     resolved = resolve_files(cfg.source)
-    try:
-        if resolved is None:
-            ds = datasets.load_dataset(cfg.source, cfg.source_config, split=cfg.source_split,
-                                       streaming=True)
-        else:
-            builder, files = resolved
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
-                                       **kwargs)
-    except StopIteration:  # datasets' schema inference on files with no records
-        return
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"source {cfg.source!r}: could not open it with `datasets` "
-                        f"({e.__class__.__name__}: {e}). For a hub dataset without internet, "
-                        "download it elsewhere and pass the local files") from e
+    if resolved is not None and resolved[0] in ("json", "text"):
+        records = read_local(*resolved, cfg.source)
+    else:
+        ds = hf_dataset(cfg.source, resolved, cfg.source_config, cfg.source_split)
+        if ds is None:
+            return
+        records = readable(ds, cfg.source)
     text_key = "text" if resolved is not None and resolved[0] == "text" else cfg.text_key
-    for record in _readable(ds, cfg.source):
+    for record in records:
         if text_key not in record:
             raise DataError(f"source {cfg.source!r}: records have no {text_key!r} field; fields "
                             f"present: {sorted(record)}. Pass text_key=<one of them>")
@@ -167,24 +156,6 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
                             f"{type(text).__name__}, not text")
         if text:
             yield text
-
-
-def _readable(records, source: str):
-    """The records, with a file that is not valid UTF-8 / JSON reported as a DataError."""
-    it = iter(records)
-    while True:
-        try:
-            record = next(it)
-        except StopIteration:
-            return
-        except UnicodeDecodeError as e:
-            raise DataError(f"source {source!r} is not valid UTF-8 text ({e.reason} at byte "
-                            f"{e.start}); re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-        except ValueError as e:  # pyarrow's ArrowInvalid: a JSON line that does not parse
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise DataError(f"source {source!r}: cannot parse it ({first}); every line of a "
-                            ".jsonl file must be one JSON object") from None
-        yield record
 
 
 # ----------------------------------------------------------------------------- tokenizing

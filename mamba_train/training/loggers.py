@@ -66,6 +66,22 @@ def wandb_logger(run_dir: str, ckpt_path: str | None = None, **kwargs: Any):
     return RunWandbLogger(run_dir=run_dir, ckpt_path=ckpt_path, **kwargs)
 
 
+def tensorboard_logger(**kwargs: Any):
+    """Hydra target for ``logger=tensorboard``: Lightning's ``TensorBoardLogger``, or without
+    ``tensorboard`` (and ``tensorboardX``, which Lightning also takes) a do-nothing logger and
+    one warning with the install line, as for W&B: the run keeps its metrics.csv."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        log.warning("logger=tensorboard writes nothing: the tensorboard package is not installed "
+                    "(pip install 'mamba_train[tensorboard]'); metrics still go to "
+                    "%s/metrics/metrics.csv", kwargs.get("save_dir", "<run dir>"))
+        return DummyLogger()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(**kwargs)
+
+
 class RunWandbLogger(WandbLogger):
     """``WandbLogger`` + persisted run id + ``finish()`` at the end of fit.
 
