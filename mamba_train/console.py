@@ -31,6 +31,10 @@ _NOISE = (
     # device (e.g. "FLOPs not found for 'NVIDIA H200'"); MFU then needs train.peak_flops, which
     # the project's own model summary says once
     ("lightning.fabric", "FLOPs not found"),
+    # lightning 2.x (trainer/setup.py): "TPU available: False, using: 0 TPU cores" (and HPU) --
+    # the GPU line before it says what runs
+    ("lightning.pytorch", "TPU available"),
+    ("lightning.pytorch", "HPU available"),
     # matplotlib >= 3.x (font_manager): "Matplotlib is building the font cache; this may take a moment."
     ("matplotlib", "Matplotlib is building the font cache"),
 )
@@ -48,6 +52,10 @@ _NOISE_WARNINGS = (
     r"The `srun` command is available",
     # lightning 2.x (fabric/utilities/throughput.py), issued as a warning: see _NOISE
     r"FLOPs not found",
+    # lightning 2.x (callbacks/model_checkpoint.py): "Checkpoint directory ... exists and is not
+    # empty" -- said on every resume; a fresh run over existing checkpoints is refused before
+    # (train._check_run_dir), so here the directory is always this run's own
+    r"Checkpoint directory .* exists and is not empty",
     # lightning 2.x (loops/fit_loop.py): "The number of training batches (2) is smaller than the
     # logging interval" -- a small corpus makes short epochs, but logging counts the run's
     # optimizer steps (logger_connector), not an epoch's batches: every interval is logged
