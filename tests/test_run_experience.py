@@ -271,6 +271,39 @@ def test_progress_bar_counts_steps_and_shows_val_loss():
     assert bar._bar is None and progress.finished is False and task.completed == 4
 
 
+def test_progress_bar_eta_is_the_runs_and_the_log_file_gets_the_lines(monkeypatch, tmp_path):
+    """Steps far apart (Rich's 30 s speed window sees one): the bar's ETA is still the run's
+    mean step time; the bar's steps and validations are lines in the run's log file."""
+    import types
+
+    import mamba_train.training.callbacks.progress as progress
+
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(
+        perf_counter=lambda: 60 * _FakeTrainer.clock[0]))  # a minute per step
+    handler = logging.FileHandler(tmp_path / "run.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        _FakeTrainer.clock[0] = 0.0
+        bar = progress.StepProgress(mode="bar", every_n_steps=2, tokens_per_step=1000)
+        trainer = _FakeTrainer(6)
+        bar.setup(trainer, None, "fit")
+        bar.on_train_start(trainer, None)
+        task = bar._bar.tasks[0]
+        assert task.fields["eta"] == "-"
+        for i in range(4):
+            trainer.step(bar, 5.0 - i / 10)
+        assert task.fields["eta"] == "0:02:00"  # 2 steps left at 60 s each
+        bar.on_validation_start(trainer, None)
+        bar.on_validation_end(trainer, None)
+        bar.on_train_end(trainer, None)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "run.log").read_text()
+    assert "step 2/6 | loss" in text and "step 4/6 | loss" in text and "ETA 0:02:00" in text
+    assert "val  step 4/6" in text
+
+
 def test_no_progress_callback_means_no_lightning_epoch_bar(make_config, capsys):
     from mamba_train.train import train
 
