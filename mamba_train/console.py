@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,10 @@ _NOISE = (
     # the GPU line before it says what runs
     ("lightning.pytorch", "TPU available"),
     ("lightning.pytorch", "HPU available"),
+    # lm-eval 0.4.x (api/task.py, Task.download): "<task>: Custom kwargs can be passed to
+    # `--metadata` ..." for every task whose dataset comes from a function, as the packaged
+    # offline tasks' does (evaluation/tasks/local_data.py): advice for task authors
+    ("lm_eval", r"re:\S+: Custom kwargs can be passed to `--metadata`"),
     # matplotlib >= 3.x (font_manager): "Matplotlib is building the font cache; this may take a moment."
     ("matplotlib", "Matplotlib is building the font cache"),
 )
@@ -64,7 +69,8 @@ _NOISE_WARNINGS = (
 
 
 class _DropPrefixes(logging.Filter):
-    """Drop records of logger ``scope`` (and its children) whose message starts with a prefix."""
+    """Drop records of logger ``scope`` (and its children) whose message starts with a prefix
+    (a prefix of the form ``re:<regex>`` is matched at the start as a regular expression)."""
 
     def __init__(self, scope: str, prefixes: tuple[str, ...]):
         super().__init__()
@@ -73,7 +79,9 @@ class _DropPrefixes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != self.scope and not record.name.startswith(self.scope + "."):
             return True
-        return not record.getMessage().startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(re.match(p[3:], message) if p.startswith("re:") else message.startswith(p)
+                       for p in self.prefixes)
 
 
 def quiet_third_party() -> None:

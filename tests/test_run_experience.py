@@ -140,14 +140,20 @@ def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys):
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.warning("💡 Tip: For seamless cloud logging, try installing litlogger")
         rank_zero.warning("GPU available: False, used: False")
+        rank_zero.info("TPU available: False, using: 0 TPU cores")
+        logging.getLogger("lm_eval.api.task").warning(
+            "local_ppl: Custom kwargs can be passed to `--metadata` in console (as json string)")
+        logging.getLogger("lm_eval.api.task").warning("local_ppl: kept, another lm-eval line")
         logging.getLogger("mamba_train.x").warning("💡 Tip: kept: not a Lightning record")
         out = capsys.readouterr().out
-        assert "litlogger" not in out
+        assert "litlogger" not in out and "TPU available" not in out and "Custom kwargs" not in out
+        assert "another lm-eval line" in out
         assert out.count("GPU available: False") == 1 and "kept" in out
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             quiet_third_party()  # re-installs the filters over simplefilter
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("Checkpoint directory /x/checkpoints exists and is not empty.", UserWarning)
             warnings.warn("something else", UserWarning)
         assert [str(w.message) for w in caught] == ["something else"]
     finally:
