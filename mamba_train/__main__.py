@@ -108,7 +108,11 @@ def _report_resume(cfg: DictConfig) -> None:
         return
     if _RESTORED:
         log.info(_RESTORED)
-    note = schedule_extension_note(Path(cfg.run_dir), max_steps(cfg))
+    try:
+        steps = max_steps(cfg)
+    except ValueError:  # neither max_steps nor total_tokens: check_config says so in train()
+        return
+    note = schedule_extension_note(Path(cfg.run_dir), steps)
     if note:
         log.warning(note)
 

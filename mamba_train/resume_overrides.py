@@ -156,6 +156,7 @@ def restore_run_overrides(argv: list[str]) -> tuple[list[str], str | None]:
         return argv, None
     is_override = [not a.startswith("-") and "=" in a for a in argv]
     flags = [a for a, o in zip(argv, is_override) if not o]
+    by_name = _value([a for a, o in zip(argv, is_override) if o], "resume")
     new = _expand_resume([a for a, o in zip(argv, is_override) if o])
     if _value(new, "ckpt_path") in (None, "null", "None", "none"):
         return argv, None
@@ -165,6 +166,10 @@ def restore_run_overrides(argv: list[str]) -> tuple[list[str], str | None]:
         return flags + new, None
     saved_path, resolved_path = run_dir / SAVED_OVERRIDES, run_dir / RESOLVED_CONFIG
     if not resolved_path.is_file():  # a new run (ckpt_path=last with nothing to resume)
+        if by_name is not None:
+            raise ResumeConfigError(f"resume={by_name}: {run_dir} holds no run (no "
+                                    f"{RESOLVED_CONFIG}); give a run name under the output "
+                                    "directory (paths.output_dir) or a run directory")
         return flags + new, None
     saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else []
     merged = merge_overrides(list(saved or []), new)
@@ -202,12 +207,12 @@ def schedule_extension_note(run_dir: Path, new_max_steps: int) -> str | None:
     if not good:
         return None
     newest = max(good, key=lambda c: c.global_step)
-    ckpt = torch.load(newest.path, map_location="cpu", mmap=True, weights_only=True)
     try:
+        ckpt = torch.load(newest.path, map_location="cpu", mmap=True, weights_only=True)
         sched = ckpt["lr_schedulers"][0]
         fields, base_lr = dict(sched["lr_lambdas"][0]), float(sched["base_lrs"][0])
         schedule = (WarmupStableDecay if "decay_steps" in fields else WarmupCosine)(**fields)
-    except (KeyError, IndexError, TypeError):  # no schedule, or not one of ours
+    except Exception:  # noqa: BLE001 -- no schedule, not one of ours: nothing to say
         return None
     old_total, step = schedule.total_steps, newest.global_step
     if new_max_steps <= old_total:

@@ -60,6 +60,8 @@ def test_resume_restores_the_saved_overrides_and_refuses_unsafe_ones(tmp_path, m
     # resume=<run dir> is the same resume
     argv2, _ = restore_run_overrides([f"resume={run_dir}", "trainer.max_steps=50"])
     assert "optim.lr=1e-3" in argv2 and f"run_dir={run_dir.resolve()}" in argv2
+    with pytest.raises(ResumeConfigError, match="resume=nope: .* holds no run"):
+        restore_run_overrides([f"paths.output_dir={tmp_path / 'outputs'}", "resume=nope"])
     # no ckpt_path: nothing restored (a fresh run; train() refuses the existing checkpoints)
     assert restore_run_overrides([*where, "trainer.max_steps=50"]) == ([*where, "trainer.max_steps=50"], None)
 
