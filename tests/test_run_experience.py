@@ -127,7 +127,7 @@ def test_redirected_run_prints_progress_lines_once_in_one_directory(tmp_path):
     assert summary["time_to_first_step_s"] > 0 and summary["steps"] == 4
 
 
-def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys):
+def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys, monkeypatch):
     import lightning  # noqa: F401  (adds its console handler)
     from mamba_train.console import quiet_third_party
 
@@ -141,9 +141,13 @@ def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys):
         rank_zero.warning("💡 Tip: For seamless cloud logging, try installing litlogger")
         rank_zero.warning("GPU available: False, used: False")
         rank_zero.info("TPU available: False, using: 0 TPU cores")
-        logging.getLogger("lm_eval.api.task").warning(
-            "local_ppl: Custom kwargs can be passed to `--metadata` in console (as json string)")
-        logging.getLogger("lm_eval.api.task").warning("local_ppl: kept, another lm-eval line")
+        task_log = logging.getLogger("lm_eval.api.task")  # lm-eval's own setup may have muted it
+        for name in ("lm_eval", "lm_eval.api.task"):
+            monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+            monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+            monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+        task_log.warning("local_ppl: Custom kwargs can be passed to `--metadata` in console (as json string)")
+        task_log.warning("local_ppl: kept, another lm-eval line")
         logging.getLogger("mamba_train.x").warning("💡 Tip: kept: not a Lightning record")
         out = capsys.readouterr().out
         assert "litlogger" not in out and "TPU available" not in out and "Custom kwargs" not in out
