@@ -74,8 +74,8 @@ def test_zst_and_resume_give_identical_shards(corpus, tmp_path, capsys):
     out = tmp_path / "resumed"
     log = run_prepare(f"source={d / 'docs.jsonl.zst'}", f"out={out}", "num_proc=2", "max_shards=3", *common)
     assert "stopped after" in log and not (out / "train" / "index.json").exists()
-    written = json.loads((out / "progress.json").read_text())["splits"]["train"]["shards"]
-    assert len(written) >= 3
+    splits = json.loads((out / "progress.json").read_text())["splits"]
+    assert sum(len(st["shards"]) for st in splits.values()) >= 3  # val's first (its minimum), then train
     mtime = (out / "train" / "shard_00000.bin").stat().st_mtime_ns
     capsys.readouterr()
     assert main([f"source={d / 'docs.jsonl.zst'}", f"out={out}", "num_proc=2", *common]) == 0
@@ -228,3 +228,18 @@ def test_a_tokenizer_that_needs_its_own_code_is_refused_in_one_line(corpus, tmp_
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"prepare: error: tokenizer '{tok}' needs to run its repository's own Python code" in err
+
+
+def test_resume_inside_the_val_minimum_gives_identical_shards(corpus, tmp_path):
+    """Stopped after one val shard, while the first documents still fill min_val_tokens."""
+    d, _ = corpus
+    common = [f"source={d / 'docs.jsonl'}", "tokens_per_shard=1000", "val_fraction=0.2",
+              "batch_docs=16", "num_proc=1", "min_val_tokens=2500"]
+    assert main([*common, f"out={tmp_path / 'ref'}"]) == 0
+    assert main([*common, f"out={tmp_path / 'r'}", "max_shards=1"]) == 0
+    progress = json.loads((tmp_path / "r" / "progress.json").read_text())
+    assert progress.get("val_head_docs") is None and len(progress["splits"]["val"]["shards"]) == 1
+    assert main([*common, f"out={tmp_path / 'r'}"]) == 0
+    assert shards_of(tmp_path / "r") == shards_of(tmp_path / "ref")
+    val = json.loads((tmp_path / "ref" / "val" / "index.json").read_text())
+    assert val["total_tokens"] >= 2500

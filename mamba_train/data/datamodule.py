@@ -140,9 +140,10 @@ class TokenDataModule(L.LightningDataModule):
             # (re)built when the rank is known: setup() may have run before a Trainer attached
             self._train_ds = TokenWindowDataset([r / "train" for r in roots], self.seq_len, weights,
                                                 self.seed, rank, world)
-            self._val_ds = ValWindowDataset([r / "val" for r in roots], self.val_seq_len, rank,
-                                            world, self.val_windows)
-            self._val_ds.set_range(0, len(self._val_ds), self.val_batch_size)
+            if len(self._split_lengths()) > 1:
+                self._val_ds = ValWindowDataset([r / "val" for r in roots], self.val_seq_len, rank,
+                                                world, self.val_windows)
+                self._val_ds.set_range(0, len(self._val_ds), self.val_batch_size)
             if self._train_loader is not None:
                 state, self._train_loader = self._train_loader.state_dict(), None
                 self.train_dataloader().load_state_dict(state)
@@ -200,7 +201,10 @@ class TokenDataModule(L.LightningDataModule):
         return self.path is None and not self.sources
 
     def _split_lengths(self) -> tuple[tuple[str, int], ...]:
-        """Each split and the window length it must hold at least one of (plus one token)."""
+        """Each split and the window length it must hold at least one of (plus one token);
+        no val split when the Trainer validates nothing (``trainer.limit_val_batches=0``)."""
+        if self.trainer is not None and self.trainer.limit_val_batches == 0:
+            return (("train", self.seq_len),)
         return ("train", self.seq_len), ("val", self.val_seq_len)
 
     def _roots(self) -> tuple[list[Path], list[float]]:
@@ -219,8 +223,13 @@ class TokenDataModule(L.LightningDataModule):
         if not split_dir.is_dir() and parent.is_dir() and (parent / "index.json").is_file():
             raise DataError(f"{parent} is a single split, not a prepare output; give the "
                             f"directory that holds train/ and val/ (probably {parent.parent})")
-        return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
-                                min_tokens=seq_len + 1)
+        try:
+            return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
+                                    min_tokens=seq_len + 1)
+        except DataError as e:
+            if split_dir.name != "val" or "fewer than" not in str(e):
+                raise
+            raise DataError(f"{e}; or train without validation: trainer.limit_val_batches=0") from None
 
     def _check_tokenizer(self, indexes: list[dict]) -> None:
         toks = {(i["tokenizer"]["vocab_size"], i["tokenizer"]["eos_id"]) for i in indexes}

@@ -58,6 +58,15 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     bare = path.is_dir() and not (path / "tokenizer_config.json").is_file()
     if bare and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"  # a bare tokenizers-library save
+    elif bare:
+        from mamba_train.data.shards import DataError
+
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+        raise DataError(
+            f"tokenizer {str(name_or_path)!r} is a directory without tokenizer.json (it holds "
+            f"{held}): a tokenizers save_model() directory (vocab.json + merges.txt) is not a "
+            "whole tokenizer; save it with Tokenizer.save('<dir>/tokenizer.json') or "
+            "transformers' save_pretrained('<dir>') and pass that")
     if path.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
         if tok.eos_token is None and tok.convert_tokens_to_ids(DEFAULT_EOS) is not None:

@@ -18,6 +18,7 @@ Why a subclass of Lightning's ``WandbLogger``:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import string
 from pathlib import Path
@@ -80,7 +81,30 @@ def wandb_logger(run_dir: str, ckpt_path: str | None = None, **kwargs: Any):
                  "%s/metrics/metrics.csv. To turn it on: pip install wandb (offline by default; "
                  "WANDB_MODE=online after `wandb login` to log live)", run_dir)
         return DummyLogger()
+    if kwargs.get("mode") == "offline" and "WANDB_SILENT" not in os.environ:
+        # W&B's banner and end-of-run tables (a dozen "wandb:" lines) say nothing an offline
+        # run needs beyond where its files are and how to upload them: one line of ours
+        os.environ["WANDB_SILENT"] = "true"
+        if rank_zero_only.rank == 0:
+            log.info("W&B: offline run in %s/wandb (upload: wandb sync %s/wandb/offline-run-*; "
+                     "WANDB_MODE=online logs live)", run_dir, run_dir)
     return RunWandbLogger(run_dir=run_dir, ckpt_path=ckpt_path, **kwargs)
+
+
+def tensorboard_logger(**kwargs: Any):
+    """Hydra target for ``logger=tensorboard``: Lightning's ``TensorBoardLogger``, or without
+    ``tensorboard`` (and ``tensorboardX``, which Lightning also takes) a do-nothing logger and
+    one warning with the install line, as for W&B: the run keeps its metrics.csv."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        log.warning("logger=tensorboard writes nothing: the tensorboard package is not installed "
+                    "(pip install 'mamba_train[tensorboard]'); metrics still go to "
+                    "%s/metrics/metrics.csv", kwargs.get("save_dir", "<run dir>"))
+        return DummyLogger()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(**kwargs)
 
 
 class RunWandbLogger(WandbLogger):

@@ -143,7 +143,7 @@ class NonFiniteGuard:
         if getattr(optimizer, "defaults", {}).get("fused"):
             optimizer.found_inf = found.float()  # read by the fused kernel, on the device
             return
-        if not self._host_path_noted:
+        if not self._host_path_noted and found.is_cuda:  # on a CPU the read costs nothing
             log.info("non-finite check: the optimizer is not fused, so each step's flag is read "
                      "on the host (one sync per step; optim.optimizer.fused=true avoids it)")
             self._host_path_noted = True

@@ -92,9 +92,12 @@ class PreemptionCheckpoint(L.Callback):
         # end of the current micro-batch, unsaved. Ours replaces it (it is restored at teardown).
         self._install()
         self._last_step = trainer.global_step
+        if "SLURM_JOB_ID" not in os.environ:  # a laptop or a plain shell: no scheduler to name
+            log.info("training starts at step %d (rank %d)", trainer.global_step, trainer.global_rank)
+            return
         log.info("training starts at step %d (rank %d, SLURM_RESTART_COUNT=%s, SLURM_JOB_ID=%s)",
                  trainer.global_step, trainer.global_rank, os.environ.get("SLURM_RESTART_COUNT", "0"),
-                 os.environ.get("SLURM_JOB_ID", "-"))
+                 os.environ["SLURM_JOB_ID"])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                            batch, batch_idx: int) -> None:
@@ -104,7 +107,9 @@ class PreemptionCheckpoint(L.Callback):
         if not self._agreed(trainer, pl_module):
             return
         path = self._checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # every rank: a collective for sharded strategies
+        # every rank: a collective for sharded strategies; a full checkpoint (weights_only=False,
+        # said explicitly: Lightning logs a line when it has to default it)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved_step, self.saved_path, self.stopped_by = trainer.global_step, path, self.signum
         if trainer.is_global_zero:
             log.warning("preemption signal (%s): saved step %d to %s; stopping%s",

@@ -43,8 +43,8 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
 def plot_metrics(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
     try:
         import matplotlib
-    except ImportError:  # a dependency, but a bare GPU image may lack it: the summary still counts
-        log.info("no loss plot: matplotlib is not installed (pip install matplotlib)")
+    except ImportError:  # optional (the plot extra): the summary and metrics.csv still count
+        log.info("no loss plot: matplotlib is not installed (pip install 'mamba_train[plot]')")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
