@@ -45,6 +45,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 class CausalSelfAttention(nn.Module):
+    """``sequence_carry`` (or ``carry=`` in forward): the input is a slice of a longer sequence
+    (``models/state_passing.py``); the queries attend to the keys and values of every token up to
+    the slice end, with rotary positions counted from the sequence start."""
+
+    sequence_carry = None
+
     def __init__(self, embed_dim: int, num_heads: int, num_heads_kv: int | None = None,
                  head_dim: int | None = None, mlp_dim: int = 0, qkv_proj_bias: bool = True,
                  out_proj_bias: bool = True, softmax_scale: float | None = None,
@@ -76,7 +82,9 @@ class CausalSelfAttention(nn.Module):
         out_dim = self.head_dim * self.num_heads + self.mlp_dim // 2
         self.out_proj = nn.Linear(out_dim, embed_dim, bias=out_proj_bias, **factory)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                carry=None) -> torch.Tensor:
+        carry = carry if carry is not None else self.sequence_carry
         batch, seqlen, _ = x.shape
         qkv = self.in_proj(x)
         if self.mlp_dim > 0:
@@ -84,6 +92,8 @@ class CausalSelfAttention(nn.Module):
             up, gate = x_mlp.chunk(2, dim=-1)
             x_mlp = up * F.silu(gate)
         if self.d_conv > 0:
+            if carry is not None:
+                raise NotImplementedError("attention with d_conv > 0 has no context parallelism")
             if seq_idx is not None:
                 raise NotImplementedError("attention with d_conv > 0 does not support seq_idx")
             qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
@@ -93,11 +103,18 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, seqlen, self.num_heads, self.head_dim)
         k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim)
         v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim)
+        offset = 0 if carry is None else carry.offset
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device,
-                                     torch.promote_types(q.dtype, torch.float32))
+            cos, sin = rotary_tables(offset + seqlen, self.rotary_emb_dim, self.rotary_emb_base,
+                                     x.device, torch.promote_types(q.dtype, torch.float32))
+            cos, sin = cos[offset:], sin[offset:]
             q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
             k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
+        if carry is not None:  # keys and values from the sequence start to the slice end
+            k, v = carry.gather("k", k), carry.gather("v", v)
+            if offset or seq_idx is not None:
+                return self._attend_slice(q, k, v, x_mlp if self.mlp_dim > 0 else None,
+                                          offset, seq_idx, carry)
         rep = self.num_heads // self.num_heads_kv
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -115,7 +132,25 @@ class CausalSelfAttention(nn.Module):
             same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
             mask = (causal[None] & same_doc)[:, None]  # (B, 1, L, L), True = attend
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        ctx = ctx.transpose(1, 2).reshape(batch, seqlen, -1)
-        if self.mlp_dim > 0:
+        return self._output(ctx, x_mlp if self.mlp_dim > 0 else None)
+
+    def _output(self, ctx: torch.Tensor, x_mlp: torch.Tensor | None) -> torch.Tensor:
+        ctx = ctx.transpose(1, 2).flatten(2)
+        if x_mlp is not None:
             ctx = torch.cat([ctx, x_mlp], dim=-1)
         return self.out_proj(ctx)
+
+    def _attend_slice(self, q, k, v, x_mlp, offset, seq_idx, carry):
+        """Queries at positions offset.. attend keys 0..offset+L-1 (causal, same document)."""
+        seqlen, total = q.shape[1], k.shape[1]
+        rep = self.num_heads // self.num_heads_kv
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        qpos = torch.arange(offset, offset + seqlen, device=q.device)
+        mask = (qpos[:, None] >= torch.arange(total, device=q.device)[None, :])[None]
+        if seq_idx is not None:
+            keys_doc = carry.seq_idx_up_to_here(seq_idx)
+            mask = mask & (seq_idx[:, :, None] == keys_doc[:, None, :])
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                             scale=self.softmax_scale)
+        return self._output(ctx, x_mlp)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.reference.ops import causal_conv1d
 
 
 class SliceError(MambaTrainError, ValueError):
@@ -88,7 +87,8 @@ class SequenceCarry:
         return torch.cat([self.prev_seq_idx, seq_idx], dim=1)
 
 
-def _expand(decay: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+def expand_decay(decay: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """A decay over the leading dims of ``state``, with trailing dims of size 1 to broadcast."""
     return decay.reshape(decay.shape + (1,) * (state.dim() - decay.dim()))
 
 
@@ -109,7 +109,7 @@ class StateCarry(SequenceCarry):
 
     def carry(self, key, state, decay):
         h_in = self.incoming.get(key, torch.zeros_like(state))
-        self.outgoing[key] = _expand(decay, state) * h_in + state
+        self.outgoing[key] = expand_decay(decay, state) * h_in + state
         return h_in
 
     def gather(self, key, x):
@@ -129,6 +129,9 @@ def carried_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           carry: SequenceCarry | None) -> torch.Tensor:
     """``causal_conv1d`` over (batch, dim, L), preceded by the previous slice's last
     ``width - 1`` inputs (the halo) when ``carry`` is given: exact, document masks included."""
+    # imported here: the reference mixers import this module while their package initialises
+    from mamba_train.models.reference.ops import causal_conv1d
+
     if carry is None:
         return causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
     k = weight.shape[-1] - 1
