@@ -92,11 +92,14 @@ class CausalSelfAttention(nn.Module):
             up, gate = x_mlp.chunk(2, dim=-1)
             x_mlp = up * F.silu(gate)
         if self.d_conv > 0:
-            if carry is not None:
-                raise NotImplementedError("attention with d_conv > 0 has no context parallelism")
             if seq_idx is not None:
                 raise NotImplementedError("attention with d_conv > 0 does not support seq_idx")
-            qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+            if carry is not None:  # the previous slice's last d_conv - 1 inputs go first
+                from mamba_train.models.state_passing import carried_causal_conv1d
+                qkv = carried_causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight,
+                                            self.conv1d.bias, None, None, carry).transpose(1, 2)
+            else:
+                qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
         q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
              self.num_heads_kv * self.head_dim], dim=-1)
@@ -146,11 +149,13 @@ class CausalSelfAttention(nn.Module):
         rep = self.num_heads // self.num_heads_kv
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        qpos = torch.arange(offset, offset + seqlen, device=q.device)
-        mask = (qpos[:, None] >= torch.arange(total, device=q.device)[None, :])[None]
-        if seq_idx is not None:
+        if seq_idx is None:  # the queries are the last L of the keys: lower-right causal,
+            from torch.nn.attention.bias import causal_lower_right  # which flash kernels take
+            mask = causal_lower_right(seqlen, total)
+        else:
+            qpos = torch.arange(offset, offset + seqlen, device=q.device)
+            mask = (qpos[:, None] >= torch.arange(total, device=q.device)[None, :])[None]
             keys_doc = carry.seq_idx_up_to_here(seq_idx)
-            mask = mask & (seq_idx[:, :, None] == keys_doc[:, None, :])
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                             scale=self.softmax_scale)
+            mask = (mask & (seq_idx[:, :, None] == keys_doc[:, None, :]))[:, None]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return self._output(ctx, x_mlp)

@@ -78,16 +78,18 @@ class _ExclusiveScan(torch.autograd.Function):
         saved = ctx.saved_tensors
         decays, before = saved[: ctx.rank], saved[ctx.rank:]
         dstates = torch.zeros((size, *dh.shape), dtype=dh.dtype, device=dh.device)
-        ddecays = torch.zeros((size, *dh.shape), dtype=dh.dtype, device=dh.device)
+        ddecays = torch.zeros((size, *ctx.decay_shape), dtype=dh.dtype, device=dh.device)
         g = dh
         for q in reversed(range(ctx.rank)):  # g: gradient of the state after rank q's step
             dstates[q] = g
-            ddecays[q] = g * before[q]
+            ddecays[q] = (g * before[q]).sum_to_size(ctx.decay_shape)
             g = g * decays[q]
-        both = torch.stack([dstates, ddecays])
+        both = torch.cat([dstates.flatten(), ddecays.flatten()])  # one all-reduce
         dist.all_reduce(both, group=ctx.group)
-        ddecay = both[1, ctx.rank].sum_to_size(ctx.decay_shape).reshape(ctx.input_decay_shape)
-        return both[0, ctx.rank], ddecay, None
+        dstates, ddecays = both.split([dstates.numel(), ddecays.numel()])
+        dstate = dstates.view(size, *dh.shape)[ctx.rank]
+        ddecay = ddecays.view(size, *ctx.decay_shape)[ctx.rank].reshape(ctx.input_decay_shape)
+        return dstate, ddecay, None
 
 
 class _Halo(torch.autograd.Function):
