@@ -23,6 +23,7 @@ precision policy (``strategies/__init__.py``).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -91,6 +92,57 @@ class MambaFSDP2Strategy(ModelParallelStrategy):
                             reshard_after_forward=self.reshard_after_forward)
             fully_shard(model, mesh=self._shard_mesh, reshard_after_forward=self.reshard_after_forward)
         super().setup(trainer)
+
+    def optimizer_state(self, optimizer) -> dict:
+        """The full optimizer state in torch's own format (state keyed by the position of each
+        parameter in the optimizer's groups), so that any strategy resumes it. Lightning's
+        re-keying follows ``model.parameters()`` order, which is not the order of our groups
+        (weight decay by name)."""
+        if self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        full = get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if self.global_rank != 0:
+            return {}
+        index: dict[str, int] = {}
+        groups = []
+        for group in full["param_groups"]:
+            ids = [index.setdefault(fqn, len(index)) for fqn in group["params"]]
+            groups.append({**group, "params": ids})
+        return {"state": {index[fqn]: v for fqn, v in full["state"].items()},
+                "param_groups": groups}
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """A full ``.ckpt`` (from any strategy or world size) into the sharded model and
+        optimizer; its optimizer state is matched to the parameters by the optimizer's own group
+        order (``optimizer_state``), as torch's format means it."""
+        import torch
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location="cpu",
+                                weights_only=True if weights_only is None else weights_only)
+        options = StateDictOptions(full_state_dict=True,
+                                   strict=self.lightning_module.strict_loading)
+        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
+        fqn = {id(p): n for n, p in self.model.named_parameters()}
+        for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", [])):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            names = [fqn[id(p)] for group in optimizer.param_groups for p in group["params"]]
+            groups = [{**g, "params": [names[i] for i in g["params"]]}
+                      for g in state["param_groups"]]
+            by_name = {"state": {names[i]: v for i, v in state["state"].items()},
+                       "param_groups": groups}
+            set_optimizer_state_dict(self.model, optimizer, by_name, options=options)
+        return checkpoint
 
     def batch_to_device(self, batch, device=None, dataloader_idx: int = 0):
         batch = super().batch_to_device(batch, device, dataloader_idx)
