@@ -2,14 +2,12 @@
 # One device call: install the carried wheels and the project, then run the named parts in order,
 # each under what is left of BUDGET_S seconds (default 540); a part that would start with < 25 s
 # left is skipped and says so. Each part's full output is in $OUT/<part>.log; its key lines are
-# printed. The wheels come from .whl, or the folder WHL names (see benchmarks/RESULTS.md for the set),
+# printed. The wheels come from .whl, or the folder WHL names (benchmarks/README.md lists the set),
 # fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
 # pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
 # parts:
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
-#   m3learn   Mamba-3 vs Mamba-2 learning check, 180M shape, stdlib text (benchmarks/mamba3_vs_mamba2.py;
-#             M3_ARGS passes its options, e.g. other --arm specs)
 #   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train (M3BENCH_MODELS)
 #   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed)
 #   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
@@ -18,15 +16,20 @@
 #   ops3      mamba3-180m: the eager step's aten operators by GPU time, and the captured budget
 #   tp1       mamba-370m throughput with the fla peer arm (needs fla's wheels)
 #   tp2       mamba2-370m with the fla peer arm and the fla SSD arm (refused on Hopper + Triton < 3.7.1)
-#   norms     the RMSNorm backward kernels alone: mamba_ssm's vs models/norm_backward.py
 #   normtests tests/gpu/test_norm_backward_gpu.py (mamba_train's norm backward vs mamba_ssm's)
 #   prof2ab   mamba2-370m captured step with train.norm_backward=mamba_train vs =mamba_ssm, one process
 #   tp2only tp1only  mamba2-370m / mamba-370m throughput, plain loop vs mamba_train (no peer arm)
-#   ssdcfg    the SSD kernels alone: mamba_ssm's autotune lists vs wider ones (benchmarks/ssd_configs.py)
-#   refusal ssd flatests   the fla SSD kernel refusal tests, micro-benchmark, parity tests
+#   refusal flatests   the fla SSD kernel refusal tests, parity tests
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
+#   ssdbwd    ssd_kernel=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
+#             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
+#   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
+#   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with ssd_kernel=mamba_train
+#             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels)
+#   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
+#   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
-#   gputests  every other file under tests/gpu
+#   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
@@ -34,7 +37,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='NORMKERNEL|SSDCFG|OPS|SSDKERNEL|THROUGHPUT|PLAIN|PEER|SSD |BUDGET|PROFILE|OTHER|fla-ssd|LOSS|FINAL|ARM|CORPUS|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='SSDBWD|ssd_kernel=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -65,7 +68,6 @@ for p in "$@"; do
     # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
     m3tests) run_part m3tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_mamba3_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    m3learn) run_part m3learn python3 benchmarks/mamba3_vs_mamba2.py ${M3_ARGS:-} --json "$OUT/mamba3_vs_mamba2.json" ;;
     m3bench) run_part m3bench python3 benchmarks/train_throughput.py --models ${M3BENCH_MODELS:-mamba3-180m mamba3-440m} \
            "${TIMING[@]}" --json "$OUT/throughput_mamba3.json" ;;
     reliab) run_part reliab "${PYTEST[@]}" tests/gpu/test_reliability_gpu.py ;;
@@ -81,7 +83,6 @@ for p in "$@"; do
     tp2) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m --fla-peer \
            --ssd-kernel-fla "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
     refusal) run_part fla_refusal "${PYTEST[@]}" tests/gpu/test_fla_ssd.py -k "refused or boundaries" ;;
-    norms) run_part norm_kernels python3 benchmarks/norm_kernels.py ;;
     normtests) run_part norm_tests "${PYTEST[@]}" tests/gpu/test_norm_backward_gpu.py ;;
     prof2ab) run_part prof2ab python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
            "${PROF[@]}" --variant norm_backward=mamba_ssm:train.norm_backward=mamba_ssm ;;
@@ -89,9 +90,22 @@ for p in "$@"; do
            "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
     tp1only) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m \
            "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
-    ssdcfg) run_part ssd_configs python3 benchmarks/ssd_configs.py ;;
-    ssd) run_part ssd_kernels python3 benchmarks/ssd_kernels.py --lift-fla-guard ;;
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
+    ssdbwd) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"}
+            run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
+    ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
+    tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/train_throughput.py \
+           --models mamba2-370m --override +model.ssm_cfg.ssd_kernel=mamba_train "${TIMING[@]}" \
+           --json "$OUT/tp_mamba2_ssd.json" ;;
+    prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
+           "${PROF[@]}" --variant ssd=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+    prof2ssdf) run_part prof2ssdf env MAMBA_TRAIN_SSD_FUSED=dcb_ddA python3 benchmarks/profile_step.py \
+           --model mamba2-370m --skip-plain "${PROF[@]}" \
+           --variant ssd_dcb_ddA=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+    prof2ssda) run_part prof2ssda env MAMBA_TRAIN_SSD_FUSED=all python3 benchmarks/profile_step.py \
+           --model mamba2-370m --skip-plain "${PROF[@]}" \
+           --variant ssd_all=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
     ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     # captured vs eager bit for bit under the deterministic mode: a process of its own
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
@@ -100,7 +114,7 @@ for p in "$@"; do
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \
-           --deselect tests/gpu/test_fla_ssd.py ;;
+           --deselect tests/gpu/test_fla_ssd.py --deselect tests/gpu/test_ssd_gpu.py ;;
     *) echo "unknown part $p" ;;
   esac
 done

@@ -2,7 +2,7 @@
 
 ``profile_step.py`` collects ms/step per kernel name; this groups the names into the families
 that decide what to work on and prints a markdown table (lines prefixed ``BUDGET``) to paste into
-``RESULTS.md``. The matmul-only bound is ``6 N`` FLOPs per token (``N``: the matmul weights of
+a report under ``benchmarks/results/``. The matmul-only bound is ``6 N`` FLOPs per token (``N``: the matmul weights of
 ``mamba_train.models.flops.matmul_params``, the LM head included) at the dense bf16 peak: the
 step time if every GEMM ran at peak and nothing else took any time.
 

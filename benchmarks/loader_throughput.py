@@ -7,8 +7,8 @@ Builds the embedded default corpus (or uses ``--path``, a ``prepare`` out dir), 
 ``--workers`` value, iterating across its nominal epochs exactly as Lightning does (so worker
 restarts at epoch boundaries are included: on the ~100k-token default corpus an epoch is only
 6 batches, the worst case). The loader must outpace mamba-370m training on one H100,
-~65,500 tokens/s (project reference notes, measured 2026-11-23), by at least 20x so that data
-loading never shows up in a step; the script exits non-zero if it does not.
+~65,500 tokens/s (benchmarks/results/2026-11-23-captured-step-throughput.md), by at least
+20x so that data loading never shows up in a step; the script exits non-zero if it does not.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
 _ABSENT = object()
 
 # A 37 x 768 Mamba-3 (softplus A) at peak LR 3e-3 collapsed to unigram loss within 30 steps on an
-# H200 while 1e-3 trained (benchmarks/RESULTS.md, 2026-12-02 session 5); at 4-8 x 256 on the CPU,
-# 3e-3 trained. So warn from this width and LR on, not for the debug sizes.
+# H200 while 1e-3 trained (benchmarks/results/2026-12-02-mamba3-learning.md); at 4-8 x 256 on the
+# CPU, 3e-3 trained. So warn from this width and LR on, not for the debug sizes.
 MAMBA3_LR_WARN = 1.5e-3
 MAMBA3_WIDTH_WARN = 512
 
@@ -122,8 +122,8 @@ def _mamba3_grid_warnings(cfg: DictConfig, ssm_cfg, sm_count: int | None) -> lis
     # mamba_ssm 2.3.2 launches its Mamba-3 SISO forward and main backward kernels on a
     # (nheads, sequences) grid, each program walking a whole sequence. Below one program per SM
     # the GPU idles: mamba3-370m (32 heads) at 64k x 1 ran 28k tok/s against 74k at 4k x 16 on
-    # an H200's 132 SMs (benchmarks/RESULTS.md, session 11). Document boundaries add programs
-    # (one per document), so with them this is an upper bound on the idle share.
+    # an H200's 132 SMs (benchmarks/results/2026-12-02-long-context.md). Document boundaries add
+    # programs (one per document), so with them this is an upper bound on the idle share.
     kw = {**MAMBA3_DEFAULTS, **ssm_cfg}
     if not sm_count or kw.get("layer") != "Mamba3" or kw["is_mimo"]:
         return []

@@ -9,7 +9,7 @@ memory is one chunk of fp32 logits.
 
 Written by hand because the library versions of this (Liger's fused linear cross-entropy) are
 Triton-only and measured slower than this simple form on Mamba at micro-batch 8
-(benchmarks/RESULTS.md); this one runs on CPU and GPU alike.
+(figures not kept); this one runs on CPU and GPU alike.
 """
 
 from __future__ import annotations

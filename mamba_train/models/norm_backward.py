@@ -5,11 +5,11 @@ RMSNorm between blocks; ``layernorm_gated``: Mamba-2's ``norm(x * silu(z))`` ins
 give each SM one program that walks its rows one at a time. A row of the add + norm is ~10 KB of
 loads (fp32 residual, its gradient, the bf16 output gradient), about a quarter of what an SM must
 have in flight to keep HBM busy, so those kernels run at ~1 TB/s on an H200 (1.5 TB/s for the
-gated one; benchmarks/norm_kernels.py). Launching them on more programs gains at most 1.25x (same
-benchmark, RESULTS.md). Here each program loads a (BLOCK_M rows x N) tile at once. The maths is
-mamba_ssm's, row by row: the same formulas, in fp32, for dx, dz, the residual gradient and the
-recomputed output. Only the order of additions changes, in each row's sum and in the norm weight's
-gradient (one fp32 partial per program, summed after).
+gated one; benchmarks/results/2026-12-03-mamba2-norm-kernel.md). Launching them on more programs
+gains at most 1.25x (same report). Here each program loads a (BLOCK_M rows x N) tile at once. The
+maths is mamba_ssm's, row by row: the same formulas, in fp32, for dx, dz, the residual gradient and
+the recomputed output. Only the order of additions changes, in each row's sum and in the norm
+weight's gradient (one fp32 partial per program, summed after).
 
 ``install()`` points mamba_ssm's call sites (module globals of ``layer_norm``, ``layernorm_gated``
 and ``ssd_combined``; private names, tested with mamba_ssm 2.3.x) at the adapters below. Cases the
@@ -30,8 +30,9 @@ import torch
 
 CHOICES = ("mamba_train", "mamba_ssm")  # train.norm_backward: this kernel, or mamba_ssm's own
 SUPPORTED_MAMBA_SSM = ("2.3.",)
-# grid width and tile size: the best of benchmarks/norm_kernels.py's sweep on an H200 for both
-# norms of mamba2-370m (RESULTS.md, 2026-12-03 session 9); rows per tile = tile_elements // N
+# grid width and tile size: the best of the kernel sweep on an H200 for both norms of
+# mamba2-370m (benchmarks/results/2026-12-03-mamba2-norm-kernel.md); rows per tile =
+# tile_elements // N
 programs_per_sm = 8
 tile_elements = 2048
 _UPSTREAM: dict[str, object] = {}

@@ -4,10 +4,11 @@ Why: Mamba-3's ``in_proj`` output is split along its last dimension into z, x, B
 per-head columns, and mamba_ssm's SISO kernel makes contiguous copies of its z and x slices (in
 the forward and again in the backward), while autograd joins the slices' gradients back into one
 (tokens, 3432) tensor with a ``cat``. On the captured mamba3-180m step those copies and that cat
-were ~13 ms of the 122 ms GPU time (benchmarks/RESULTS.md, session 8). One GEMM per group writes
-each group contiguously instead; the backward accumulates the input gradient in the GEMMs'
-epilogue (``addmm_``) and writes each group's weight gradient straight into its rows, so no
-``cat`` and no copy remain. torch has no op for a GEMM with several outputs, hence this function.
+were ~13 ms of the 122 ms GPU time (benchmarks/results/2026-12-02-mamba3-throughput.md). One GEMM
+per group writes each group contiguously instead; the backward accumulates the input gradient in
+the GEMMs' epilogue (``addmm_``) and writes each group's weight gradient straight into its rows, so
+no ``cat`` and no copy remain. torch has no op for a GEMM with several outputs, hence this
+function.
 
 The weight is still one ``(sum(sizes), in_features)`` parameter named ``weight``: checkpoints,
 init, optimizer groups and sharding (FSDP, ZeRO-3 gather on this module's forward) see an ordinary

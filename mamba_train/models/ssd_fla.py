@@ -19,7 +19,7 @@ to (not including) 3.7.1 miscompiles a transposed wgmma result in ``chunk_bwd_ke
 (wrong dk / dg; fla-org/flash-linear-attention #640, fixed in Triton 3.7.1 per fla PR #983).
 fla itself raises there at the first backward; ``check_fla_stack`` says so when the model is
 built. torch 2.11 pins Triton 3.6.0, so on an H100/H200 with torch 2.11 this kernel choice
-cannot train (measured 2026-12-02, benchmarks/RESULTS.md).
+cannot train (measured 2026-12-02, benchmarks/results/2026-12-02-kernel-budget-and-fla-peer.md).
 """
 
 from __future__ import annotations

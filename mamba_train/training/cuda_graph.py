@@ -1,8 +1,8 @@
 """A CUDA-graph-captured forward + backward for the training step (``module.cuda_graph``).
 
 Why: Mamba-2's step is bound by the host enqueueing its many small Triton kernels, not by the
-GPU (benchmarks/RESULTS.md measures the mamba2-370m step eager and captured; the PyTorch
-guide to CUDA graphs, https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs, explains
+GPU (benchmarks/results/2026-11-23-captured-step-throughput.md profiles it eager and captured; the
+PyTorch guide to CUDA graphs, https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs, explains
 why launch-bound steps gain). ``torch.compile`` cannot capture it for us -- mamba_ssm's kernels
 are not registered custom ops -- so the graph is captured by hand with ``torch.cuda.graph``.
 
@@ -15,7 +15,7 @@ schedule, clipping, logging, checkpointing and resume work exactly as in the eag
   are the parameters' ``.grad``. With neither, the graph owns the gradient tensors: captured
   with ``.grad`` unset, the backward allocates them in the graph's pool and each replay
   overwrites them, which saves zeroing and an add over every gradient per step (2.6 ms of a
-  243 ms mamba-370m step on an H100, benchmarks/RESULTS.md session 3).
+  243 ms mamba-370m step on an H100, benchmarks/results/2026-11-23-captured-step-throughput.md).
 * ``LightningModule.backward`` becomes a no-op for that micro-batch (the graph did it); under
   DDP the flat buffer is all-reduced there once per optimizer step, outside the graph (one
   collective, with no reducer hooks: DDP's own gradient sync is switched off). With
@@ -100,7 +100,7 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
     if mode == "auto" and getattr(trainer, "num_nodes", 1) > 1:
         # DDP's bucketed all-reduce overlaps the backward; the graph step's one all-reduce of
         # all gradients does not, which across nodes can cost more than the graph saves
-        # (measured within one node only: 2xH200, benchmarks/RESULTS.md session 2, run 7)
+        # (measured within one node only: 2xH200, benchmarks/results/2026-11-23-scaling-2gpu.md)
         reason = ("eager: across nodes DDP's overlapped all-reduce is kept "
                   "(module.cuda_graph=on captures anyway)")
         rank_zero_info(f"cuda_graph=auto: {reason}")
@@ -111,7 +111,8 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
         # DDP keeps the AccumulateGrad nodes it made on the default stream, while the warm-up
         # and the capture run on side streams (as capture requires): torch warns about that
         # stream mismatch on every rank, but it is expected here and the capture is unaffected
-        # (2xH200: the captured DDP step matched the 1-GPU losses, RESULTS.md session 3 run 5)
+        # (2xH200: the captured DDP step matched the 1-GPU losses,
+        # benchmarks/results/2026-11-23-scaling-2gpu.md)
         warn = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
         if warn is not None:
             warn(False)

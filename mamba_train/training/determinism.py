@@ -4,7 +4,8 @@ uninterrupted loss trajectory exactly).
 Lightning's flag calls ``torch.use_deterministic_algorithms(True)``; the Mamba kernels need more,
 and before they are imported: mamba_ssm (>= 2.2.6) picks deterministic autotune configs and a
 backward without atomic adds when ``MAMBA_DETERMINISTIC=1`` is set, and cuBLAS needs a fixed
-workspace (``CUBLAS_WORKSPACE_CONFIG``). The cost is measured in benchmarks/RESULTS.md.
+workspace (``CUBLAS_WORKSPACE_CONFIG``). The cost:
+benchmarks/results/2026-11-23-fused-training-eval-determinism.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def record():
-    """Append a result line to $GPU_RESULTS (the device run collects them for RESULTS.md)."""
+    """Append a result line to $GPU_RESULTS (the device run collects them for
+    benchmarks/results/)."""
     path = os.environ.get("GPU_RESULTS")
 
     def _record(line: str) -> None:

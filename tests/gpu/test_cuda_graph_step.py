@@ -7,8 +7,8 @@
 * Mamba and Mamba-2, one accumulated gradient (2 eager warm-up micro-steps, 4 replayed). Mamba-1's
   CUDA scan and causal-conv1d backward accumulate with atomics even in deterministic mode, and a
   training trajectory amplifies that at every loss spike (two eager 24-step runs differed by 0.26
-  in loss, benchmarks/RESULTS.md run 4), so for it the bound is measured on one gradient: a
-  second eager accumulation gives the kernels' own difference."""
+  in loss, benchmarks/results/2026-11-23-captured-step-throughput.md), so for it the bound is
+  measured on one gradient: a second eager accumulation gives the kernels' own difference."""
 
 from pathlib import Path
 

@@ -4,7 +4,8 @@ lengths that are not a multiple of the Mamba-2 chunk size. GPU only (tests/gpu/r
 
 "fp32" means IEEE fp32 in the kernels too: Triton's ``tl.dot`` uses TF32 for fp32 inputs unless
 ``TRITON_F32_DEFAULT=ieee`` (set by run_all.sh); with TF32 the Mamba-2 SSD gradients of
-A_log / Δ bias differ from exact fp32 by ~2e-3 (measured 2026-11-23, benchmarks/RESULTS.md)."""
+A_log / Δ bias differ from exact fp32 by ~2e-3 (measured 2026-11-23,
+benchmarks/results/2026-11-23-fused-parity.md)."""
 
 import pytest
 import torch

@@ -2,9 +2,10 @@
 pure-PyTorch reference, on the same weights; packed documents (cu_seqlens) against separate runs;
 the captured (CUDA-graph) training step against eager. GPU only (see tests/gpu/run_all.sh).
 
-Tolerances, and why they are not tighter (measured on an H200, benchmarks/RESULTS.md, 2026-12-02):
+Tolerances, and why they are not tighter (measured on an H200,
+benchmarks/results/2026-12-02-mamba3-correctness.md):
 * fused vs mamba_ssm's module: the same Triton kernel and norms; was bit-identical (0 in fp32 and
-  bf16) until our in_proj became one GEMM per output group (models/split_linear.py, session 8).
+  bf16) until our in_proj became one GEMM per output group (models/split_linear.py).
   Each projected value is the same dot product, but cuBLAS picks other kernels (another fp32
   summation order) for the narrower GEMMs, and the kernel rounds its inputs to bf16, so a last-bit
   difference now and then flips a bf16 rounding: 2.1e-4 on the output, 4.6e-4 on the worst

@@ -7,8 +7,9 @@ Strategies (``strategy=<name>``, files in ``conf/strategy/``):
 * ``ddp``: Lightning's ``DDPStrategy``; fp32 parameters, bf16 autocast under ``bf16-mixed``.
 * ``fsdp``: :func:`~mamba_train.training.strategies.fsdp.fsdp_strategy` -- FSDP (``FullyShardedDataParallel``) wrapping each Mamba
   :class:`~mamba_train.models.lm.Block`, ``use_orig_params=True`` (so the optimizer groups go by
-  parameter *name*, ``training/optim.py``), optional per-block activation checkpointing, full or
-  sharded checkpoints.
+  parameter *name*, ``training/optim.py``), full or sharded checkpoints. Activation checkpointing
+  is ``train.activation_checkpointing`` on every strategy (``strategy.activation_checkpointing``
+  is refused).
 * ``deepspeed_zero{1,2,3}``: :func:`~mamba_train.training.strategies.deepspeed.deepspeed_strategy` -- DeepSpeed ZeRO through Lightning.
 
 Precision policy (the same numerics under every strategy): parameters, gradients and optimizer
