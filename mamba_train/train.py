@@ -152,8 +152,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         check_val_every_n_epoch=None,
         val_check_interval=int(cfg.train.val_every_n_steps),  # × accumulation, set below
     )
+    # the ranks of a context-parallel group share their windows: count data-parallel ranks
+    data_parallel = trainer.world_size // getattr(trainer.strategy, "context_parallel_size", 1)
     accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
-                              cfg.data.seq_len, trainer.world_size)
+                              cfg.data.seq_len, data_parallel)
     trainer.accumulate_grad_batches = accum
     # val_check_interval counts micro-batches; the config speaks in optimizer steps.
     trainer.val_check_interval = int(cfg.train.val_every_n_steps) * accum

@@ -252,6 +252,10 @@ class TokenDataModule(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is not None:
+            # the data-parallel rank: the ranks of a context-parallel group read the same windows
+            shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+            if shard:
+                return shard["rank"], shard["num_replicas"]
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
