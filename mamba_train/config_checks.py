@@ -62,7 +62,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "module.cuda_graph": (lambda v: v in GRAPH_MODES, ", ".join(GRAPH_MODES)),
     "module.cuda_graph_allreduce": (lambda v: v in ALLREDUCE_PLACES, " or ".join(ALLREDUCE_PLACES)),
     "kernels.norm_backward": (lambda v: v in NORM_BACKWARDS, " or ".join(NORM_BACKWARDS)),
-    "kernels.ssd_kernel": (lambda v: v in ("mamba_ssm", "fla"), "mamba_ssm or fla"),
     "kernels.mamba1_recompute": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (positive_number, "a positive number, e.g. 3e-4"),
     "optim.weight_decay": (non_negative_number, "a number >= 0, e.g. 0.1"),

@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from mamba_train.config_checks import check_config, config_warnings, write_resolved_config
 from mamba_train.errors import MambaTrainError
 from mamba_train.training.batch import BatchSizeError, grad_accumulation, planned_world_size
+from mamba_train.training.callbacks.run_start import check_interpolations, check_model_memory
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
 from mamba_train.training.module import MambaLMModule
-from mamba_train.training.resume import (checkpoint_files, clean_checkpoint_dir, resolve_ckpt_path,
-                                         resume_command)
+from mamba_train.training.resume import (checkpoint_dir, checkpoint_files, clean_checkpoint_dir,
+                                         resolve_ckpt_path, resume_command)
 from mamba_train.training.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ def _fused_gpu_sm_count(backend: str) -> int | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+def _check_run_dir(run_dir: Path, ckpt_dir: Path, ckpt_path: str | None) -> None:
     """Never silently train over an existing run's checkpoints."""
-    existing = sorted(checkpoint_files(run_dir / "checkpoints"))
+    existing = sorted(checkpoint_files(ckpt_dir))
     if existing and ckpt_path is None:
         raise RunDirError(
             f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "
@@ -96,13 +97,15 @@ def max_steps(cfg: DictConfig) -> int:
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
+    check_interpolations(cfg)  # an unset ${oc.env:...} is one line naming its key
     check_config(cfg)  # every bad value in one line, before anything is built or written
     run_dir = Path(cfg.run_dir)
     lock_run_dir(run_dir)  # a second run in the same directory refuses here
-    _check_run_dir(run_dir, cfg.ckpt_path)
-    ckpt_path = resolve_ckpt_path(run_dir / "checkpoints", cfg.ckpt_path)  # newest that loads
+    ckpt_dir = checkpoint_dir(cfg)  # callbacks.model_checkpoint.dirpath, wherever it points
+    _check_run_dir(run_dir, ckpt_dir, cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(ckpt_dir, cfg.ckpt_path)  # newest that loads
     if launching_rank_zero():
-        clean_checkpoint_dir(run_dir / "checkpoints", int(cfg.train.keep_last_k_checkpoints),
+        clean_checkpoint_dir(ckpt_dir, int(cfg.train.keep_last_k_checkpoints),
                              keep=ckpt_path)
         log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
         for warning in config_warnings(cfg, sm_count=_fused_gpu_sm_count(cfg.backend)):
@@ -113,6 +116,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
     # the model group's config, or init_from=<source>'s (continued pretraining)
     model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
+    check_model_memory(model_config)  # a mistyped size refuses now, not after minutes of allocation
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
     datamodule.check_paths()  # a missing data directory refuses before any logger starts a run
@@ -128,8 +132,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     # Lightning counts micro-batches (its accumulation window, its validation cadence); the
     # config speaks in optimizer steps of a global batch, which needs the world size first
     world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
+    # the ranks of a context-parallel group (strategy=fsdp2) share their windows: count
+    # data-parallel ranks
+    data_parallel = world_size // int(cfg.strategy.get("context_parallel_size", 1) or 1)
     accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
-                              cfg.data.seq_len, world_size)
+                              cfg.data.seq_len, data_parallel)
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
     trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(

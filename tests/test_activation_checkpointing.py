@@ -1,6 +1,6 @@
 """Activation checkpointing (``module.activation_checkpointing``) changes memory, not numbers:
 losses and every gradient are bit-identical with and without it (fp32, reference backend) for
-Mamba-1, Mamba-2, Mamba-3 and a hybrid with attention, with packed documents, on one process, through the
+Mamba-1, Mamba-2, Mamba-3, a hybrid with attention and a layer pattern, with packed documents, on one process, through the
 real training task, and under 2-process DDP."""
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ CONFIGS = {
     "hybrid": dict(d_model=32, n_layer=3, vocab_size=96, d_intermediate=64, ssm_cfg=MAMBA2,
                    attn_layer_idx=[1], attn_cfg={"causal": True, "num_heads": 2, "rotary_emb_dim": 8,
                                                  "qkv_proj_bias": False, "out_proj_bias": False}),
+    # a layer pattern: parallel SSM+attention, an SSM block and an MLP-only block, multipliers
+    "pattern": dict(d_model=32, n_layer=3, vocab_size=96, d_intermediate=64, ssm_cfg=MAMBA2,
+                    layer_pattern="P-M--", attn_cfg={"causal": True, "num_heads": 2,
+                                                     "rotary_emb_dim": 8},
+                    mlp_cfg={"act": "relu2"}, multipliers={"ssm_out": 0.5, "embedding": 2.0}),
 }
 
 

@@ -1,5 +1,5 @@
-"""``kernels.ssd_kernel``: validated with the config, not a model setting (so not in saved
-configs, nothing to the reference backend); the fla forward's Mamba-2 -> simple-GLA mapping (q=C, k=B, v=Δx, g=AΔ, D skip, gate,
+"""``model.ssm_cfg.ssd_kernel``: validated, left out of saved configs, ignored by the reference
+backend; the fla forward's Mamba-2 -> simple-GLA mapping (q=C, k=B, v=Δx, g=AΔ, D skip, gate,
 group broadcast) checked on CPU with the kernels swapped for plain PyTorch."""
 
 import pytest
@@ -18,23 +18,18 @@ def tiny(**ssm) -> MambaLMConfig:
     return MambaLMConfig(d_model=32, n_layer=1, vocab_size=64, ssm_cfg={**SSM, **ssm})
 
 
-def test_ssd_kernel_validated(make_config):
-    from mamba_train.config_checks import config_problems
-
-    assert config_problems(make_config("kernels.ssd_kernel=triton")) == [
-        "kernels.ssd_kernel='triton' must be mamba_ssm or fla"]
-    assert config_problems(make_config("kernels.ssd_kernel=fla")) == []
-    with pytest.raises(ConfigError, match=r"keys \['ssd_kernel'\]"):  # not a model setting
-        tiny(ssd_kernel="fla")
+def test_ssd_kernel_validated():
+    with pytest.raises(ConfigError, match="ssd_kernel must be one of"):
+        tiny(ssd_kernel="triton")
+    tiny(ssd_kernel="fla")
 
 
-def test_ssd_kernel_leaves_the_reference_model_alone():
-    from mamba_train import build_model
-
+def test_ssd_kernel_not_saved_and_ignored_by_reference():
+    cfg = tiny(ssd_kernel="fla")
+    assert "ssd_kernel" not in cfg.to_dict()["ssm_cfg"]
+    assert MambaLMConfig.from_dict(cfg.to_dict()).ssm_cfg == tiny().ssm_cfg
     torch.manual_seed(0)
-    a = build_model(tiny(), backend="reference",
-                    kernels={"ssd_kernel": "fla", "mamba1_recompute": True, "norm_backward": "mamba_ssm"})
-    assert a.kernels == {"backend": "reference"}  # what ran: plain PyTorch, no kernel choice
+    a = MambaLM(cfg, backend="reference")
     b = MambaLM(tiny(), backend="reference")
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 64, (1, 20))
@@ -47,8 +42,7 @@ def test_resume_across_ssd_kernels_but_not_across_models(make_config):
     from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY
 
     # the module group's settings, with this model config in place of the model group's
-    module = instantiate(make_config("kernels.ssd_kernel=fla").module, model_config=tiny())
-    assert module.kernels["ssd_kernel"] == "fla"
+    module = instantiate(make_config().module, model_config=tiny(ssd_kernel="fla"))
     module.on_load_checkpoint({CKPT_CONFIG_KEY: tiny().to_dict()})  # same model, other kernel
     other = MambaLMConfig(d_model=48, n_layer=1, vocab_size=64, ssm_cfg=SSM)
     with pytest.raises(ValueError, match="different model config"):

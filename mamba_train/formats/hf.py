@@ -26,14 +26,15 @@ from typing import Any, Mapping
 
 import torch
 
-from mamba_train.formats import hf_mamba
+from mamba_train.formats import hf_hybrid_families, hf_mamba
 from mamba_train.formats.hf_family import ExportError, HFFamily
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.mamba_ssm_format import CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (*hf_mamba.FAMILIES,)}
+FAMILIES: dict[str, HFFamily] = {
+    f.model_type: f for f in (*hf_mamba.FAMILIES, *hf_hybrid_families.FAMILIES)}
 
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -73,16 +74,19 @@ def to_hf_config(cfg: MambaLMConfig, dtype: torch.dtype | None = None,
                  pad_token_id: int | None = None):
     """The transformers config object for ``cfg`` (raises :class:`ExportError`).
 
-    Special-token ids are tokenizer facts that our config does not record: they are set from the
-    arguments (``export_hf`` takes them from the tokenizer) and are otherwise None rather than
-    transformers' class defaults, which may be wrong.
+    Special-token ids are tokenizer facts: they are set from the arguments (``export_hf`` takes
+    them from the tokenizer), else from ``cfg.special_token_ids`` (those of the transformers
+    checkpoint the model came from), and are otherwise None rather than transformers' class
+    defaults, which may be wrong.
     """
     import transformers
 
     family, fields = family_for(cfg)
     config_cls = getattr(transformers, family.config_class)
-    hf_cfg = config_cls(**fields, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id)
+    ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    # else the ids of the transformers checkpoint this model came from (a hybrid family's)
+    ids = {k: v if v is not None else cfg.special_token_ids.get(k) for k, v in ids.items()}
+    hf_cfg = config_cls(**fields, **ids)
     hf_cfg.architectures = [family.architecture]
     if dtype is not None:
         hf_cfg.dtype = dtype

@@ -88,8 +88,9 @@ def _check_against_hf_model(hf_cfg, hf_state: Mapping[str, torch.Tensor]) -> Non
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if hf_cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:  # tied: transformers re-ties on load
+        expected.pop("lm_head.weight", None)  # (Nemotron-H never ties, whatever its flag says)
     missing = sorted(set(expected) - set(hf_state))
     unexpected = sorted(set(hf_state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(hf_state) if tuple(hf_state[k].shape) != expected[k])

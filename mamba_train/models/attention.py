@@ -6,7 +6,9 @@ It is used on both backends: mamba_ssm's own MHA computes training attention wit
 ``F.scaled_dot_product_attention`` anyway, but its rotary path requires ``flash_attn`` (absent on
 many machines, including ours), and it cannot mask across packed documents. This one implements
 the rotary embedding (GPT-NeoX "rotate half" layout, as flash_attn's non-interleaved
-``RotaryEmbedding``) in PyTorch and takes ``seq_idx`` for a block-diagonal causal mask.
+``RotaryEmbedding``) in PyTorch and takes ``seq_idx``: on the GPU in 16 bits the documents go
+through torch's variable-length flash attention (no mask, memory linear in the sequence); the
+dense block-diagonal causal mask is the CPU reference.
 """
 
 from __future__ import annotations
@@ -44,13 +46,52 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((out.to(x.dtype), x_pass), dim=-1)
 
 
+def varlen_eligible(q: torch.Tensor) -> bool:
+    """Whether packed documents can go through torch's variable-length flash attention: a CUDA
+    tensor in 16 bits (the flash kernel's dtypes) and a torch that has the op."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    return varlen_attn
+
+
+def packed_varlen_attention(q, k, v, seq_idx, scale):
+    """Causal attention within each document of a packed micro-batch, without a mask: the
+    (batch, seqlen) windows flattened to one sequence cut at every window and document start,
+    through ``torch.nn.attention.varlen.varlen_attn`` (flash attention; memory linear in the
+    sequence). q (B, L, H, D), k/v (B, L, Hkv, D) -> (B*L, H, D). The window length bounds the
+    longest document, so only the document count (``cu_seqlens``' length) is read on the host."""
+    from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
+
+    batch, seqlen = seq_idx.shape
+    cu = cu_seqlens_from_seq_idx(seq_idx)
+    flat = [t.reshape(batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+    return _varlen_attn()(*flat, cu, cu, seqlen, seqlen, scale=scale, window_size=(-1, 0),
+                          enable_gqa=k.shape[2] != q.shape[2])
+
+
 class CausalSelfAttention(nn.Module):
+    """``sequence_carry`` (or ``carry=`` in forward): the input is a slice of a longer sequence
+    (``models/state_passing.py``); the queries attend to the keys and values of every token up to
+    the slice end, with rotary positions counted from the sequence start."""
+
+    sequence_carry = None
+    # packed documents on the GPU go through varlen flash attention, whose cu_seqlens length is
+    # read on the host (training/cuda_graph.py keeps such a step eager)
+    varlen_needs_host_sync = True
+
     def __init__(self, embed_dim: int, num_heads: int, num_heads_kv: int | None = None,
                  head_dim: int | None = None, mlp_dim: int = 0, qkv_proj_bias: bool = True,
                  out_proj_bias: bool = True, softmax_scale: float | None = None,
                  causal: bool = True, d_conv: int = 0, rotary_emb_dim: int = 0,
                  rotary_emb_base: float = 10000.0, rotary_emb_interleaved: bool = False,
-                 layer_idx: int | None = None, device=None, dtype=None):
+                 key_multiplier: float = 1.0, layer_idx: int | None = None, device=None,
+                 dtype=None):
         super().__init__()
         if not causal:
             raise ValueError(
@@ -66,6 +107,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary_emb_dim = rotary_emb_dim
         self.rotary_emb_base = rotary_emb_base
         self.rotary_emb_interleaved = rotary_emb_interleaved
+        self.key_multiplier = key_multiplier  # Falcon-H1's µP constant on the keys
         self.mlp_dim = math.ceil(mlp_dim / 256) * 256
         qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
         factory = dict(device=device, dtype=dtype)
@@ -76,7 +118,9 @@ class CausalSelfAttention(nn.Module):
         out_dim = self.head_dim * self.num_heads + self.mlp_dim // 2
         self.out_proj = nn.Linear(out_dim, embed_dim, bias=out_proj_bias, **factory)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                carry=None) -> torch.Tensor:
+        carry = carry if carry is not None else self.sequence_carry
         batch, seqlen, _ = x.shape
         qkv = self.in_proj(x)
         if self.mlp_dim > 0:
@@ -86,36 +130,77 @@ class CausalSelfAttention(nn.Module):
         if self.d_conv > 0:
             if seq_idx is not None:
                 raise NotImplementedError("attention with d_conv > 0 does not support seq_idx")
-            qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+            if carry is not None:  # the previous slice's last d_conv - 1 inputs go first
+                from mamba_train.models.state_passing import carried_causal_conv1d
+                qkv = carried_causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight,
+                                            self.conv1d.bias, None, None, carry).transpose(1, 2)
+            else:
+                qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
         q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
              self.num_heads_kv * self.head_dim], dim=-1)
         q = q.view(batch, seqlen, self.num_heads, self.head_dim)
         k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim)
         v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim)
+        if self.key_multiplier != 1:
+            k = k * self.key_multiplier
+        offset = 0 if carry is None else carry.offset
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device,
-                                     torch.promote_types(q.dtype, torch.float32))
+            cos, sin = rotary_tables(offset + seqlen, self.rotary_emb_dim, self.rotary_emb_base,
+                                     x.device, torch.promote_types(q.dtype, torch.float32))
+            cos, sin = cos[offset:], sin[offset:]
             q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
             k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
+        if carry is not None:  # keys and values from the sequence start to the slice end
+            k, v = carry.gather("k", k), carry.gather("v", v)
+            if offset or seq_idx is not None:
+                return self._attend_slice(q, k, v, x_mlp if self.mlp_dim > 0 else None,
+                                          offset, seq_idx, carry)
+        if carry is None and seq_idx is not None and varlen_eligible(q):
+            ctx = packed_varlen_attention(q, k, v, seq_idx, self.softmax_scale)
+            ctx = ctx.reshape(batch, seqlen, -1)
+            if self.mlp_dim > 0:
+                ctx = torch.cat([ctx, x_mlp], dim=-1)
+            return self.out_proj(ctx)
         rep = self.num_heads // self.num_heads_kv
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if seq_idx is None:
             ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        else:
+        else:  # the CPU reference (and fp32 on GPU): a dense block-diagonal causal mask
             if seqlen > DENSE_MASK_WARN_LEN:  # Python shows a warning once per call site
                 warnings.warn(
                     f"attention with document boundaries at seq_len={seqlen} builds a dense "
                     f"{seqlen}x{seqlen} mask per sequence ({batch * seqlen * seqlen / 2**30:.1f} "
-                    "GiB) and cannot use the flash kernel; leave data.document_boundaries off for "
-                    "long-context attention layers (docs/long_context.md)", stacklevel=2)
+                    "GiB): this is the CPU / fp32 reference; on a GPU under bf16 packed documents "
+                    "take varlen flash attention without a mask (docs/long_context.md)",
+                    stacklevel=2)
             pos = torch.arange(seqlen, device=x.device)
             causal = pos[:, None] >= pos[None, :]
             same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
             mask = (causal[None] & same_doc)[:, None]  # (B, 1, L, L), True = attend
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        ctx = ctx.transpose(1, 2).reshape(batch, seqlen, -1)
-        if self.mlp_dim > 0:
+        return self._output(ctx, x_mlp if self.mlp_dim > 0 else None)
+
+    def _output(self, ctx: torch.Tensor, x_mlp: torch.Tensor | None) -> torch.Tensor:
+        ctx = ctx.transpose(1, 2).flatten(2)
+        if x_mlp is not None:
             ctx = torch.cat([ctx, x_mlp], dim=-1)
         return self.out_proj(ctx)
+
+    def _attend_slice(self, q, k, v, x_mlp, offset, seq_idx, carry):
+        """Queries at positions offset.. attend keys 0..offset+L-1 (causal, same document)."""
+        seqlen, total = q.shape[1], k.shape[1]
+        rep = self.num_heads // self.num_heads_kv
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if seq_idx is None:  # the queries are the last L of the keys: lower-right causal,
+            from torch.nn.attention.bias import causal_lower_right  # which flash kernels take
+            mask = causal_lower_right(seqlen, total)
+        else:
+            qpos = torch.arange(offset, offset + seqlen, device=q.device)
+            mask = (qpos[:, None] >= torch.arange(total, device=q.device)[None, :])[None]
+            keys_doc = carry.seq_idx_up_to_here(seq_idx)
+            mask = (mask & (seq_idx[:, :, None] == keys_doc[:, None, :]))[:, None]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return self._output(ctx, x_mlp)

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.models.pattern import (
+    MLP_DEFAULTS, MULTIPLIER_DEFAULTS, BlockSpec, PatternError, check_layout,
+    derived_blocks, parse_pattern)
 
 MIXER_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
 
@@ -28,14 +31,26 @@ MAMBA1_KWARGS = {
 MAMBA2_KWARGS = {
     "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
     "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
-    "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
-}
+    "bias", "conv_bias", "chunk_size", "use_mem_eff_path", "ssd_kernel",
+} | {"d_inner", "norm_eps", "A_init", "dt_bias_init"}
+# Mamba-2 knobs of ours that mamba_ssm's Mamba2 lacks, for the transformers hybrids (Nemotron-H,
+# Bamba, Falcon-H1): an inner width that is not expand*d_model, the gated norm's eps (mamba_ssm
+# fixes 1e-5), and their SSM init (A_h = h for head h = 1..nheads; Bamba and Falcon-H1 start
+# every dt_bias at 1). Absent from a config unless set, so mamba_ssm still reads pure-Mamba files.
+MAMBA2_EXTENSION_DEFAULTS: dict[str, Any] = dict(
+    d_inner=None, norm_eps=1e-5, A_init="uniform", dt_bias_init=None)
+A_INITS = ("uniform", "arange")
 # mamba_ssm 2.3.2's Mamba3 signature, plus our A_activation (see models/reference/mamba3.py)
 MAMBA3_KWARGS = {
     "d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min", "dt_max",
     "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size",
     "dropout", "A_activation",
 }
+# Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
+# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels: mamba_ssm's fused Function,
+# ``mamba_train`` (the same kernels, no recomputation in the backward: models/ssd.py) or ``fla``
+# (models/ssd_fla.py).
+KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "mamba_train", "fla")}
 # Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 
@@ -93,6 +108,15 @@ class MambaLMConfig:
         norm_epsilon: epsilon of every block/final norm (mamba_ssm's ``create_block`` default).
         initializer_cfg: extra arguments of the weight init (``initializer_range``,
             ``rescale_prenorm_residual``), as ``mamba_ssm.MambaLMHeadModel(initializer_cfg=...)``.
+        layer_pattern: the sublayers, in Megatron-LM's notation (``models/pattern.py``): ``M``
+            SSM mixer, ``*`` attention, ``P`` SSM and attention in parallel, ``-`` MLP; ``n_layer``
+            is then the number of blocks it groups into. Empty: mamba_ssm's layout from
+            ``attn_layer_idx`` and ``d_intermediate``.
+        mlp_cfg: the MLPs: ``act`` (``swiglu``, mamba_ssm's gated SiLU, or ``relu2``, squared
+            ReLU), ``bias``, ``multiple_of`` (the width is rounded up to it; mamba_ssm: 128).
+        multipliers: µP-style constant multipliers (``models/pattern.py: MULTIPLIER_DEFAULTS``).
+        special_token_ids: ``bos_token_id``/``eos_token_id``/``pad_token_id`` of the checkpoint this
+            model came from (a transformers config.json), written back on export.
     """
 
     d_model: int = 2560
@@ -109,10 +133,15 @@ class MambaLMConfig:
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-5
     initializer_cfg: dict = field(default_factory=dict)
+    layer_pattern: str = ""
+    mlp_cfg: dict = field(default_factory=dict)
+    multipliers: dict = field(default_factory=dict)
+    special_token_ids: dict = field(default_factory=dict)
 
     # Fields that mamba_ssm's MambaConfig does not have; written to config.json only when they
     # differ from the default, so that mamba_ssm (which rejects unknown keys) loads our files.
-    _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg")
+    _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg", "layer_pattern", "mlp_cfg", "multipliers",
+                    "special_token_ids")
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand in DictConfig/ListConfig; normalise to plain containers.
@@ -120,6 +149,12 @@ class MambaLMConfig:
         self.attn_cfg = _plain(self.attn_cfg) or {}
         self.attn_layer_idx = list(_plain(self.attn_layer_idx) or [])
         self.initializer_cfg = _plain(self.initializer_cfg) or {}
+        self.layer_pattern = self.layer_pattern or ""
+        self.mlp_cfg = _plain(self.mlp_cfg) or {}
+        self.multipliers = _plain(self.multipliers) or {}
+        self.special_token_ids = _plain(self.special_token_ids) or {}
+        if "ssm_zxbcdt" in self.multipliers:
+            self.multipliers["ssm_zxbcdt"] = tuple(self.multipliers["ssm_zxbcdt"])
         for key in ("A_init_range", "dt_limit"):  # JSON/YAML give lists; mamba_ssm uses tuples
             if key in self.ssm_cfg:
                 self.ssm_cfg[key] = tuple(self.ssm_cfg[key])
@@ -138,6 +173,8 @@ class MambaLMConfig:
     def mixer_kwargs(self) -> dict[str, Any]:
         """The mixer's keyword arguments with mamba_ssm's defaults filled in (no ``layer``)."""
         kwargs = dict(_MIXERS[self.layer][1])
+        if self.layer == "Mamba2":
+            kwargs.update({k: v for k, v in MAMBA2_EXTENSION_DEFAULTS.items() if k in self.ssm_cfg})
         kwargs.update({k: v for k, v in self.ssm_cfg.items() if k != "layer"})
         if self.layer == "Mamba1" and kwargs["dt_rank"] == "auto":
             kwargs["dt_rank"] = math.ceil(self.d_model / 16)
@@ -148,8 +185,29 @@ class MambaLMConfig:
         kwargs.update(self.attn_cfg)
         return kwargs
 
+    @property
+    def blocks(self) -> list[BlockSpec]:
+        """The modules of ``backbone.layers``, in order (``models/pattern.py``)."""
+        if self.layer_pattern:
+            return parse_pattern(self.layer_pattern)
+        return derived_blocks(self.n_layer, self.attn_layer_idx, self.d_intermediate)
+
+    @property
+    def n_ssm_layers(self) -> int:
+        return sum(b.has_ssm for b in self.blocks)
+
+    @property
+    def n_attention_layers(self) -> int:
+        return sum(b.has_attention for b in self.blocks)
+
     def is_attention_layer(self, idx: int) -> bool:
-        return idx in self.attn_layer_idx
+        return self.blocks[idx].has_attention
+
+    def mlp_kwargs(self) -> dict[str, Any]:
+        return {**MLP_DEFAULTS, **self.mlp_cfg}
+
+    def multiplier(self, name: str):
+        return self.multipliers.get(name, MULTIPLIER_DEFAULTS[name])
 
     @property
     def n_residuals_per_layer(self) -> int:
@@ -179,6 +237,7 @@ class MambaLMConfig:
             raise ConfigError(
                 f"model.attn_layer_idx {bad_idx} outside [0, n_layer={self.n_layer})"
             )
+        self._validate_pattern()
         kw = self.mixer_kwargs()
         if not (0 < kw["dt_min"] <= kw["dt_max"]):
             raise ConfigError(
@@ -188,15 +247,18 @@ class MambaLMConfig:
             self._validate_mamba2(kw)
         if self.layer == "Mamba3":
             self._validate_mamba3(kw)
-        if self.attn_layer_idx:
+        if self.n_attention_layers:
             self._validate_attention()
 
     def _validate_mamba2(self, kw: dict[str, Any]) -> None:
-        d_inner = kw["expand"] * self.d_model
+        d_inner = kw.get("d_inner") or kw["expand"] * self.d_model
         d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]
+        if not isinstance(d_inner, int) or d_inner <= 0:
+            raise ConfigError(f"Mamba2 needs an integer inner width, got d_model*expand = "
+                              f"{d_inner!r}; set ssm_cfg.d_inner (or an integer expand)")
         if d_ssm % kw["headdim"] != 0:
             raise ConfigError(
-                f"Mamba2 needs d_model*expand (= {self.d_model}*{kw['expand']} = {d_ssm}) to be "
+                f"Mamba2 needs its inner width (d_model*expand or ssm_cfg.d_inner = {d_ssm}) to be "
                 f"divisible by ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim"
             )
         nheads = d_ssm // kw["headdim"]
@@ -211,9 +273,16 @@ class MambaLMConfig:
                 f"Mamba2 ssm_cfg.chunk_size must be a power of two (the Triton SSD kernels "
                 f"assume it), got {cs}"
             )
+        for key, choices in KERNEL_CHOICE_KWARGS.items():
+            if key in kw and kw[key] not in choices:
+                raise ConfigError(f"model.ssm_cfg.{key} must be one of {choices}, got {kw[key]!r}")
         lo, hi = kw["A_init_range"]
         if not (0 < lo <= hi):
             raise ConfigError(f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
+        if kw.get("A_init", "uniform") not in A_INITS:
+            raise ConfigError(f"Mamba2 ssm_cfg.A_init must be one of {A_INITS}, got {kw['A_init']!r}")
+        if kw.get("norm_eps", 1e-5) <= 0:
+            raise ConfigError(f"Mamba2 ssm_cfg.norm_eps must be > 0, got {kw['norm_eps']}")
 
     def _validate_mamba3(self, kw: dict[str, Any]) -> None:
         d_inner = int(kw["expand"] * self.d_model)
@@ -241,10 +310,17 @@ class MambaLMConfig:
         if kw["A_floor"] <= 0:
             raise ConfigError(f"Mamba3 ssm_cfg.A_floor must be > 0, got {kw['A_floor']}")
 
+    def _validate_pattern(self) -> None:
+        try:
+            check_layout(self)
+        except PatternError as e:
+            raise ConfigError(str(e)) from None
+
     def _validate_attention(self) -> None:
         kw = self.attn_kwargs()
         if "num_heads" not in self.attn_cfg:
-            raise ConfigError("model.attn_cfg.num_heads is required when attn_layer_idx is set")
+            raise ConfigError("model.attn_cfg.num_heads is required when the model has attention "
+                              "layers (attn_layer_idx, or * / P in layer_pattern)")
         heads, kv = kw["num_heads"], kw["num_heads_kv"] or kw["num_heads"]
         if heads % kv:
             raise ConfigError(f"attn_cfg.num_heads={heads} must be divisible by num_heads_kv={kv}")
@@ -266,8 +342,8 @@ class MambaLMConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default.
-        Kernel choices are not model settings (the ``kernels`` block, ``models/kernels.py``)."""
+        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default;
+        kernel choices (``ssm_cfg.ssd_kernel``) are left out: they do not change the model."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -275,6 +351,8 @@ class MambaLMConfig:
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 if value == default:
                     continue
+            if f.name == "ssm_cfg":
+                value = {k: v for k, v in value.items() if k not in KERNEL_CHOICE_KWARGS}
             out[f.name] = _jsonable(value)
         return out
 

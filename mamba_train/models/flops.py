@@ -112,8 +112,8 @@ def attention_flops_per_token(config: MambaLMConfig, seq_len: int) -> int:
 
 
 def flops_breakdown(config: MambaLMConfig, seq_len: int) -> FlopsBreakdown:
-    n_attn = len(config.attn_layer_idx)
-    n_ssm = config.n_layer - n_attn
+    # from the layer pattern: a parallel (P) block counts once in each; MLP-only blocks in neither
+    n_attn, n_ssm = config.n_attention_layers, config.n_ssm_layers
     return FlopsBreakdown(
         matmul=2 * matmul_params(config),
         ssm=n_ssm * ssm_flops_per_token(config, seq_len),

@@ -11,6 +11,7 @@ reference module with its scan swapped for mamba_ssm's kernel (see ``FusedMamba3
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 
 import torch
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
@@ -80,17 +81,35 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
 
 
 class FusedMamba2(_Mamba2):
-    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels) or ``fla``
-    (flash-linear-attention's simple-GLA chunk kernels for the SSD part, ``models/ssd_fla.py``),
-    chosen by ``kernels.ssd_kernel`` (``models/kernels.py``)."""
-    ssd_kernel = "mamba_ssm"
+    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels), ``mamba_train`` (the
+    same kernels with the forward's SSD tensors kept for the backward, ``models/ssd_split.py``)
+    or ``fla`` (flash-linear-attention's simple-GLA chunk kernels, ``models/ssd_fla.py``)."""
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 A_init_range=(1, 16), conv_init=None, **kwargs):
+                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", d_inner=None,
+                 norm_eps=1e-5, A_init="uniform", dt_bias_init=None, **kwargs):
+        if d_inner is not None:
+            # mamba_ssm sizes everything from (expand * d_model) // world_size: an exact
+            # Fraction gives the integer width where a float ratio (7168/3072) would not
+            kwargs["expand"] = Fraction(int(d_inner), d_model)
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
+        if getattr(self, "norm", None) is not None:
+            self.norm.eps = norm_eps  # mamba_ssm fixes 1e-5; its kernels read norm.eps
+        self.ssd_kernel = ssd_kernel
+        if ssd_kernel == "fla":
+            from mamba_train.models.ssd_fla import check_fla_stack
+            check_fla_stack()
+        elif ssd_kernel == "mamba_train":
+            from mamba_train.models import ssd_upstream
+            ssd_upstream.check()
+            if not self.use_mem_eff_path:
+                raise ssd_upstream.SSDKernelError(
+                    "model.ssm_cfg.ssd_kernel=mamba_train replaces mamba_ssm's fused path: set "
+                    "ssm_cfg.use_mem_eff_path=true or ssd_kernel=mamba_ssm")
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
-                                    A_init_range=tuple(A_init_range), conv_init=conv_init)
+                                    A_init_range=tuple(A_init_range), conv_init=conv_init,
+                                    A_init=A_init, dt_bias_init=dt_bias_init)
 
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
@@ -100,12 +119,16 @@ class FusedMamba2(_Mamba2):
             if seq_idx is not None:
                 from mamba_train.models.ssd_fla import SSDKernelError
                 raise SSDKernelError(
-                    "kernels.ssd_kernel=fla does not take document boundaries (seq_idx): "
+                    "model.ssm_cfg.ssd_kernel=fla does not take document boundaries (seq_idx): "
                     "set data.document_boundaries=false or ssd_kernel=mamba_ssm")
             from mamba_train.models.ssd_fla import mamba2_forward_fla
             return mamba2_forward_fla(self, hidden_states)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32).contiguous()
+        if (self.ssd_kernel == "mamba_train" and self.use_mem_eff_path and inference_params is None
+                and self.process_group is None):
+            from mamba_train.models.ssd_split import mamba2_forward
+            return mamba2_forward(self, hidden_states, seq_idx=seq_idx)
         return super().forward(hidden_states, seq_idx=seq_idx, inference_params=inference_params)
 
 

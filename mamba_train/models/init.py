@@ -45,6 +45,11 @@ class SSMInitSpec:
     dt_scale: float = 1.0  # Mamba-1 only
     A_init_range: tuple = (1, 16)  # Mamba-2 only
     conv_init: float | None = None  # Mamba-2 only
+    # Mamba-2 only, the transformers hybrids' own init: "arange" draws A_h = h (h = 1..nheads,
+    # Nemotron-H, Bamba, Falcon-H1) instead of uniform in A_init_range; dt_bias_init a constant
+    # Δ bias (Bamba and Falcon-H1: 1) instead of softplus⁻¹ of a log-uniform dt
+    A_init: str = "uniform"
+    dt_bias_init: float | None = None
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +147,15 @@ def _init_mamba3_(mixer: nn.Module, spec: SSMInitSpec) -> None:
         mixer.mimo_o.fill_(1.0 / rank)
 
 
+def _mamba2_A(A_log: torch.Tensor, spec: SSMInitSpec) -> torch.Tensor:
+    """A fresh Mamba-2 -A per head: uniform in A_init_range, or 1..nheads ("arange")."""
+    if spec.A_init == "arange":
+        return torch.arange(1, A_log.numel() + 1, dtype=torch.float32,
+                            device=A_log.device).view(A_log.shape)
+    lo, hi = spec.A_init_range
+    return torch.empty(A_log.shape, dtype=torch.float32, device=A_log.device).uniform_(lo, hi)
+
+
 @torch.no_grad()
 def init_ssm_parameters_(mixer: nn.Module) -> None:
     """Re-run the SSM init of one mixer in place (Δ, A_log, D; Mamba-2 conv_init; Mamba-3
@@ -158,10 +172,11 @@ def init_ssm_parameters_(mixer: nn.Module) -> None:
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=mixer.A_log.device)
         mixer.A_log.copy_(torch.log(a).expand_as(mixer.A_log))
     elif kind == "mamba2":
-        init_delta_bias_(mixer.dt_bias, spec)
-        lo, hi = spec.A_init_range
-        a = torch.empty(mixer.A_log.shape, dtype=torch.float32, device=mixer.A_log.device)
-        mixer.A_log.copy_(torch.log(a.uniform_(lo, hi)))
+        if spec.dt_bias_init is None:
+            init_delta_bias_(mixer.dt_bias, spec)
+        else:
+            mixer.dt_bias.fill_(spec.dt_bias_init)
+        mixer.A_log.copy_(torch.log(_mamba2_A(mixer.A_log, spec)))
         if spec.conv_init is not None:
             mixer.conv1d.weight.uniform_(-spec.conv_init, spec.conv_init)
     else:
@@ -245,7 +260,12 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
                 raise SSMInitError(f"{name}: {pname} has non-finite values")
         dt = F.softplus(dt_bias.float())
         lo, hi = spec.dt_init_floor * (1 - rtol), spec.dt_max * (1 + rtol)
-        if dt.min() < lo or dt.max() > hi:
+        if kind == "mamba2" and spec.dt_bias_init is not None:
+            if not torch.all(dt_bias == spec.dt_bias_init):
+                raise SSMInitError(
+                    f"{bias_name}: this model's Δ bias starts at {spec.dt_bias_init:g} everywhere "
+                    "(ssm_cfg.dt_bias_init) -- something re-initialised it after the build")
+        elif dt.min() < lo or dt.max() > hi:
             raise SSMInitError(
                 f"{bias_name}: softplus(Δ bias) spans [{dt.min():.4g}, {dt.max():.4g}], outside the "
                 f"initial range [{spec.dt_init_floor:g}, {spec.dt_max:g}] -- something re-initialised "
@@ -254,7 +274,7 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
                 "mamba_train.models.init.init_weights(model) after materialising, and keep init "
                 "hooks away from the SSM parameters."
             )
-        if dt.numel() >= 16 and (dt.max() / dt.min()) < 1.5:
+        if dt.numel() >= 16 and (dt.max() / dt.min()) < 1.5 and spec.dt_bias_init is None:
             raise SSMInitError(
                 f"{bias_name}: softplus(Δ bias) is nearly constant ({dt.min():.4g}..{dt.max():.4g}); "
                 "Mamba draws it log-uniformly in [dt_min, dt_max] -- it was overwritten"
@@ -278,6 +298,12 @@ def check_ssm_init(model: nn.Module, rtol: float = 1e-3) -> int:
                     f"{name}.dt_proj.weight: |w| up to {mixer.dt_proj.weight.abs().max():.4g} > "
                     f"dt_rank^-0.5*dt_scale={std:.4g}: re-initialised by a generic hook"
                 )
+        elif spec.A_init == "arange":
+            a = torch.exp(mixer.A_log.float()).flatten()
+            want = torch.arange(1, a.numel() + 1, device=a.device, dtype=a.dtype)
+            if not torch.allclose(a, want, rtol=rtol):
+                raise SSMInitError(f"{name}.A_log: exp(A_log) must be 1..nheads (ssm_cfg.A_init="
+                                   "arange) -- something re-initialised it after the build")
         else:
             a = torch.exp(mixer.A_log.float())
             a_lo, a_hi = spec.A_init_range

@@ -3,8 +3,6 @@ block): same parameters, same formulas, other kernels or recomputation.
 
 * ``mamba1_recompute``: the fused Mamba-1 backward recomputes the conv1d output and delta
   (mamba_ssm's default) or keeps them from the forward (``fused.set_mamba1_recompute``).
-* ``ssd_kernel``: Mamba-2's SSD on mamba_ssm's kernels or on flash-linear-attention's
-  simple-GLA chunk kernels (``ssd_fla.py``).
 * ``norm_backward``: the RMSNorm backward on mamba_train's Triton kernel (``norm_backward.py``)
   or on mamba_ssm's own. mamba_train's is installed only into the mamba_ssm release it was
   tested with; elsewhere mamba_ssm's runs, and :func:`apply_kernels` says so.
@@ -21,24 +19,19 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def apply_kernels(model: torch.nn.Module, ssd_kernel: str, mamba1_recompute: bool,
+def apply_kernels(model: torch.nn.Module, mamba1_recompute: bool,
                   norm_backward: str) -> dict[str, object]:
     """Apply the choices (checked by ``config_checks``) to a built model; returns the kernels
     that will run."""
     if getattr(model, "backend", None) != "fused":
         return {"backend": getattr(model, "backend", "reference")}  # plain PyTorch throughout
     from mamba_train.models import norm_backward as norm_kernels
-    from mamba_train.models.fused import FusedMamba, FusedMamba2, set_mamba1_recompute
+    from mamba_train.models.fused import FusedMamba, set_mamba1_recompute
 
     ran: dict[str, object] = {"backend": "fused"}
-    mamba2 = [m for m in model.modules() if isinstance(m, FusedMamba2)]
-    if mamba2:
-        if ssd_kernel == "fla":
-            from mamba_train.models.ssd_fla import check_fla_stack
-            check_fla_stack()  # one line naming what is missing, before any step
-        for m in mamba2:
-            m.ssd_kernel = ssd_kernel
-        ran["ssd_kernel"] = ssd_kernel
+    ssd = sorted({m.ssd_kernel for m in model.modules() if hasattr(m, "ssd_kernel")})
+    if ssd:  # model.ssm_cfg.ssd_kernel (a model-config key: models/config.py)
+        ran["ssd_kernel"] = ssd[0] if len(ssd) == 1 else ssd
     if any(isinstance(m, FusedMamba) for m in model.modules()):
         set_mamba1_recompute(model, recompute=mamba1_recompute)
         ran["mamba1_recompute"] = bool(mamba1_recompute)

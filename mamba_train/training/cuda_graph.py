@@ -60,14 +60,15 @@ def graph_blockers(trainer, module) -> list[str]:
     reasons = []
     strategy = trainer.strategy
     if strategy.root_device.type != "cuda":
-        reasons.append(f"the device is {strategy.root_device.type}, CUDA graphs need a GPU")
+        reasons.append(f"the device is {strategy.root_device.type} (CUDA graphs are for GPUs)")
     if module.train_step.kind != "replicated":  # training/step.py: strategy_kind
         reasons.append(f"{type(strategy).__name__} gathers or partitions parameters and "
                        "gradients inside the step; only single-device and DDP steps are captured")
     if getattr(trainer.datamodule, "document_boundaries", False) and any(
             getattr(m, "varlen_needs_host_sync", False) for m in module.modules()):
-        reasons.append("Mamba-3's fused kernel takes document boundaries as cu_seqlens, whose "
-                       "length (the document count) is read on the host every micro-batch")
+        reasons.append("the fused Mamba-3 kernel and varlen attention take document boundaries "
+                       "as cu_seqlens, whose length (the document count) is read on the host "
+                       "every micro-batch")
     params = [p for p in module.parameters() if p.requires_grad]
     if len({(p.dtype, p.device) for p in params}) > 1:
         reasons.append("the trainable parameters differ in dtype or device")
@@ -88,7 +89,8 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
         if mode == "on":
             raise CudaGraphError("module.cuda_graph=on, but the step cannot be captured: "
                                  + "; ".join(blockers) + ". Set module.cuda_graph=auto or off.")
-        rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
+        if trainer.strategy.root_device.type == "cuda":  # on a CPU eager is simply the step
+            rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
         return None, "eager: " + "; ".join(blockers)
     strategy = trainer.strategy
     if mode == "auto" and getattr(trainer, "num_nodes", 1) > 1:

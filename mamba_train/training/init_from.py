@@ -58,10 +58,10 @@ log = logging.getLogger(__name__)
 
 # mixer arguments that only shape a fresh init / only pick a kernel: never an architecture clash
 INIT_ONLY_SSM_KEYS = frozenset({"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
-                                "A_init_range", "conv_init"})
+                                "A_init_range", "conv_init", "A_init", "dt_bias_init"})
 KERNEL_SSM_KEYS = frozenset({"use_fast_path", "use_mem_eff_path"})
 _ARCH_FIELDS = ("d_model", "d_intermediate", "n_layer", "rms_norm", "residual_in_fp32",
-                "tie_embeddings", "norm_epsilon")
+                "tie_embeddings", "norm_epsilon", "layer_pattern")
 _WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json",
                     "pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
@@ -162,8 +162,12 @@ def architecture(cfg: MambaLMConfig) -> dict[str, Any]:
     for key, value in cfg.mixer_kwargs().items():
         if key not in INIT_ONLY_SSM_KEYS | KERNEL_SSM_KEYS:
             arch[f"ssm_cfg.{key}"] = value
-    if cfg.attn_layer_idx:
+    if cfg.n_attention_layers:
         arch.update({f"attn_cfg.{k}": v for k, v in cfg.attn_kwargs().items()})
+    if cfg.d_intermediate:
+        arch.update({f"mlp_cfg.{k}": v for k, v in cfg.mlp_kwargs().items()})
+    from mamba_train.models.pattern import MULTIPLIER_DEFAULTS
+    arch.update({f"multipliers.{k}": cfg.multiplier(k) for k in MULTIPLIER_DEFAULTS})
     return {k: _norm(v) for k, v in arch.items()}
 
 

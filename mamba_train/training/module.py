@@ -202,8 +202,9 @@ class MambaLMModule(L.LightningModule):
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         val_loss = totals[0] / totals[1]
         ppl = torch.exp(val_loss.clamp(max=30))
-        self.log("val/loss", val_loss, prog_bar=True, logger=False)  # for callbacks (progress)
-        self.log("val/ppl", ppl, logger=False)
+        # for callbacks (progress); equal on every rank already, sync_dist keeps Lightning quiet
+        self.log("val/loss", val_loss, prog_bar=True, logger=False, sync_dist=True)
+        self.log("val/ppl", ppl, logger=False, sync_dist=True)
         if not self.trainer.sanity_checking:
             log_metrics(self.trainer, {"val/loss": val_loss, "val/ppl": ppl}, step=self.global_step)
 
@@ -237,7 +238,7 @@ class MambaLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
-        # compared as saved (to_dict): the kernels block is not part of it and may differ
+        # compared as saved (to_dict): kernel choices (ssm_cfg.ssd_kernel, the kernels block) may differ
         if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
             raise ValueError(
                 "the checkpoint was written for a different model config than the one "

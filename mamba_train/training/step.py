@@ -46,16 +46,16 @@ class StepSettingError(MambaTrainError, ValueError):
 def strategy_kind(strategy) -> str:
     """``replicated`` | ``sharded`` | ``engine`` (see the module docstring)."""
     from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy,
-                                              SingleDeviceStrategy)
+                                              ModelParallelStrategy, SingleDeviceStrategy)
 
     if isinstance(strategy, DeepSpeedStrategy):  # a DDPStrategy subclass: test it first
         return "engine"
-    if isinstance(strategy, FSDPStrategy):
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):  # FSDP, FSDP2 (fsdp2.py)
         return "sharded"
     if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
         return "replicated"
     raise StepSettingError(f"strategy {type(strategy).__name__} is not supported; use "
-                           "strategy=auto, ddp, fsdp or deepspeed_zero{1,2,3}")
+                           "strategy=auto, ddp, fsdp, fsdp2 or deepspeed_zero{1,2,3}")
 
 
 @dataclass
@@ -179,9 +179,13 @@ class TrainStep:
         norm before clipping: the one that is logged. DeepSpeed's engine clips in its step."""
         if self.kind == "engine":
             return None
-        if self.kind == "sharded":  # FSDP's own: reduces the shards' norms across ranks
-            return self.trainer.strategy.model.clip_grad_norm_(self.clip_val or float("inf"))
+        root = self.trainer.strategy.model
+        if self.kind == "sharded" and hasattr(root, "clip_grad_norm_"):  # FSDP: across the shards
+            return root.clip_grad_norm_(self.clip_val or float("inf"))
         params = list(self.module.parameters())
+        if self.kind == "sharded":  # FSDP2: DTensor gradients, torch reduces the norm over ranks
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_val or float("inf"))
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.clip_val:
             return torch.nn.utils.clip_grad_norm_(params, self.clip_val)
         grads = [p.grad for p in params if p.grad is not None]

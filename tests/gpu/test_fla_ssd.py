@@ -1,4 +1,4 @@
-"""``kernels.ssd_kernel=fla`` (Mamba-2's SSD on flash-linear-attention's simple-GLA chunk
+"""``model.ssm_cfg.ssd_kernel=fla`` (Mamba-2's SSD on flash-linear-attention's simple-GLA chunk
 kernels) against mamba_ssm's fused path (same weights, bf16 autocast) and against the pure-PyTorch
 reference (IEEE fp32: run with ``TRITON_F32_DEFAULT=ieee``, as run_all.sh does): logits and every
 parameter gradient; a short training run that learns the same as the default kernel; document
@@ -44,12 +44,11 @@ def models(name: str, *backends: str):
     out = []
     for backend in backends:
         kernel = "fla" if backend == "fla" else "mamba_ssm"
-        cfg = MambaLMConfig(**CONFIGS[name])
+        cfg = MambaLMConfig(**{**CONFIGS[name], "ssm_cfg": {**CONFIGS[name]["ssm_cfg"], "ssd_kernel": kernel}})
         if backend == "reference":
             out.append(MambaLM(cfg, backend="reference", device="cuda"))
         else:
-            out.append(build_model(cfg, backend="fused", device="cuda", kernels={
-                "ssd_kernel": kernel, "mamba1_recompute": True, "norm_backward": "mamba_ssm"}))
+            out.append(build_model(cfg, backend="fused", device="cuda"))
     for m in out[1:]:
         m.load_state_dict(out[0].state_dict())
     return out

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.models.init import SSMInitSpec, init_ssm_parameters_
-from mamba_train.models.reference.ops import causal_conv1d, gated_rms_norm, ssd_chunked
+from mamba_train.models.reference.ops import gated_rms_norm, ssd_chunked
+from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
 
 class GatedRMSNorm(nn.Module):
@@ -50,9 +51,15 @@ class Mamba2(nn.Module):
     (nheads)], ``conv1d`` depthwise over d_ssm + 2*ngroups*d_state channels, ``dt_bias`` (nheads),
     ``A_log`` (nheads), ``D`` (nheads, or d_ssm with D_has_hdim) in fp32, ``norm.weight`` (d_ssm,
     only if rmsnorm), ``out_proj`` (d_model, d_inner).
-    ``use_mem_eff_path`` and ``sequence_parallel`` are accepted and ignored;
+    Beyond mamba_ssm (for the transformers hybrids): ``d_inner`` (inner width other than
+    expand*d_model), ``norm_eps`` (the gated norm's eps), ``A_init``/``dt_bias_init`` (their SSM init).
+    ``use_mem_eff_path``, ``ssd_kernel`` and ``sequence_parallel`` are accepted and ignored;
     ``process_group`` must be None (no tensor parallelism in the reference).
+    ``sequence_carry``: set by ``mamba_train.parallel`` when each rank holds a slice of the
+    sequence (``models/state_passing.py``); None runs whole sequences.
     """
+
+    sequence_carry: SequenceCarry | None = None
 
     def __init__(
         self,
@@ -76,6 +83,11 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         use_mem_eff_path: bool = True,
+        ssd_kernel: str = "mamba_ssm",
+        d_inner: int | None = None,
+        norm_eps: float = 1e-5,
+        A_init: str = "uniform",
+        dt_bias_init: float | None = None,
         layer_idx: int | None = None,
         process_group=None,
         sequence_parallel: bool = True,
@@ -96,7 +108,8 @@ class Mamba2(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.world_size = 1
         self.local_rank = 0
-        self.d_inner = expand * d_model
+        # d_inner: an explicit inner width (Nemotron-H's heads*head_dim, Falcon-H1's d_ssm)
+        self.d_inner = int(d_inner or expand * d_model)
         self.headdim = headdim
         self.d_ssm = self.d_inner if d_ssm is None else d_ssm
         self.ngroups = ngroups
@@ -117,7 +130,8 @@ class Mamba2(nn.Module):
         self.layer_idx = layer_idx
         self.ssm_init = SSMInitSpec(
             dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
-            A_init_range=tuple(A_init_range), conv_init=conv_init,
+            A_init_range=tuple(A_init_range), conv_init=conv_init, A_init=A_init,
+            dt_bias_init=dt_bias_init,
         )
 
         # Order: [z, x, B, C, dt] (plus [z0, x0] in front when d_ssm < d_inner)
@@ -134,7 +148,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_ssm if D_has_hdim else self.nheads,
                                           device=device, dtype=torch.float32))
         if rmsnorm:
-            self.norm = GatedRMSNorm(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+            self.norm = GatedRMSNorm(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory_kwargs)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
         self.reset_parameters()
@@ -144,9 +158,11 @@ class Mamba2(nn.Module):
         init_ssm_parameters_(self)
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                inference_params=None) -> torch.Tensor:
+                inference_params=None, carry: SequenceCarry | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) int32
-        document numbers -- the conv window and the SSM state restart where it changes."""
+        document numbers -- the conv window and the SSM state restart where it changes;
+        carry: this is a slice of a longer sequence, joined to it through ``carry``."""
+        carry = carry if carry is not None else self.sequence_carry
         if inference_params is not None:
             raise NotImplementedError("the reference Mamba2 mixer has no incremental decoding")
         batch, seqlen, _ = hidden_states.shape
@@ -156,8 +172,8 @@ class Mamba2(nn.Module):
         d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * ng_ds - self.nheads) // 2
         z0, x0, z, xBC, dt = torch.split(
             zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * ng_ds, self.nheads], dim=-1)
-        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                            seq_idx=seq_idx, activation=self.activation).transpose(1, 2)
+        xBC = carried_causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                    seq_idx, self.activation, carry).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_ssm, ng_ds, ng_ds], dim=-1)
         y = ssd_chunked(
             x.reshape(batch, seqlen, self.nheads, self.headdim),
@@ -172,6 +188,7 @@ class Mamba2(nn.Module):
             seq_idx=seq_idx,
             dt_limit=self.dt_limit,
             z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
+            carry=carry,
         )
         y = y.reshape(batch, seqlen, self.d_ssm)
         if self.rmsnorm:

@@ -51,7 +51,7 @@ class TextSamples(L.Callback):
 
     @staticmethod
     def _sharded(pl_module: L.LightningModule) -> bool:
-        """Parameters spread over the ranks (FSDP, DeepSpeed): the training step's kind."""
+        """Parameters spread over the ranks (FSDP, FSDP2, DeepSpeed): the training step's kind."""
         return getattr(getattr(pl_module, "train_step", None), "kind", None) in ("sharded", "engine")
 
     @torch.no_grad()
