@@ -179,11 +179,12 @@ class TrainStep:
         norm before clipping: the one that is logged. DeepSpeed's engine clips in its step."""
         if self.kind == "engine":
             return None
-        root = self.trainer.strategy.model
-        if self.kind == "sharded" and hasattr(root, "clip_grad_norm_"):  # FSDP: across the shards
-            return root.clip_grad_norm_(self.clip_val or float("inf"))
         params = list(self.module.parameters())
-        if self.kind == "sharded":  # FSDP2: DTensor gradients, torch reduces the norm over ranks
+        if self.kind == "sharded":
+            root = self.trainer.strategy.model
+            if hasattr(root, "clip_grad_norm_"):  # FSDP's own: the norm over all the shards
+                return root.clip_grad_norm_(self.clip_val or float("inf"))
+            # FSDP2: DTensor gradients, torch's clip reduces the norm over the ranks
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip_val or float("inf"))
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.clip_val:
