@@ -224,3 +224,16 @@ def test_moe_cfg_without_an_E_sublayer_is_refused():
     with pytest.raises(ConfigError, match="no E"):
         MambaLMConfig(d_model=D, n_layer=1, vocab_size=8, layer_pattern="M",
                       ssm_cfg=dict(layer="Mamba2", headdim=16), moe_cfg=dict(n_experts=4))
+
+
+def test_flops_and_summary_count_active_parameters():
+    from mamba_train.models.flops import matmul_params
+
+    model = _model()
+    dense = dict(model.config.moe_cfg, top_k=8)  # every expert active: all weights count
+    full = MambaLMConfig.from_dict({**model.config.to_dict(), "moe_cfg": dense})
+    routed = sum(b.mlp.experts.fc1.weight.numel() + b.mlp.experts.fc2.weight.numel()
+                 for b in model.backbone.layers if isinstance(b.mlp, MoE))
+    # top_k=2 of 8 experts: three quarters of the routed weights are inactive per token
+    assert matmul_params(full) - matmul_params(model.config) == routed * 3 // 4
+    assert model.num_parameters() - model.num_active_parameters() == routed * 3 // 4

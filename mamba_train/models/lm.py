@@ -204,6 +204,17 @@ class MambaLM(nn.Module):
             n -= self.backbone.embedding.weight.numel()
         return n
 
+    def num_active_parameters(self) -> int:
+        """Parameters one token computes with: all but the routed experts it is not sent to
+        (``top_k`` of ``n_experts`` per mixture-of-experts layer)."""
+        n = self.num_parameters()
+        for module in self.modules():
+            if isinstance(module, MoE):
+                c = module.cfg
+                routed = module.experts.fc1.weight.numel() + module.experts.fc2.weight.numel()
+                n -= routed - routed * c["top_k"] // c["n_experts"]
+        return n
+
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = False) -> Path:
         """Write the mamba_ssm format (``config.json`` + ``pytorch_model.bin`` or safetensors)."""
         from mamba_train.models.mamba_ssm_format import save_mamba_ssm
