@@ -90,3 +90,22 @@ def test_ssm_health_reads_the_ssm_inside_a_parallel_block():
     dt = torch.nn.functional.softplus(model.backbone.layers[0].mixer.ssm.dt_bias.detach())
     assert stats["ssm/layer00/dt_max"] == pytest.approx(float(dt.max()))
     assert "ssm/layer01/dt_max" not in stats and "ssm/layer01/param_norm" in stats
+
+
+@pytest.mark.parametrize("ssm", [dict(layer="Mamba1", d_state=8),
+                                 dict(layer="Mamba3", d_state=16, headdim=16, chunk_size=16)],
+                         ids=["Mamba1", "Mamba3"])
+def test_every_mixer_family_sits_at_M(ssm):
+    c = MambaLMConfig(d_model=32, n_layer=3, vocab_size=64, layer_pattern="M-*M-",
+                      d_intermediate=64, ssm_cfg=ssm, attn_cfg=ATTN)
+    model = build_model(c, backend="reference")
+    from mamba_train.models.init import check_ssm_init
+    assert check_ssm_init(model) == 2
+    out = model(torch.randint(0, 64, (1, 20))).logits
+    assert out.shape == (1, 20, 64) and torch.isfinite(out).all()
+
+
+def test_run_summary_names_the_pattern():
+    from mamba_train.training.callbacks.run_start import _mixers
+
+    assert _mixers(cfg("MM-*-P-", 4)) == "pattern MM-*-P-: Mamba2 x 3, attention x 2, MLP x 3"

@@ -26,7 +26,12 @@ log = logging.getLogger("mamba_train.run")
 
 
 def _mixers(config) -> str:
-    """``Mamba2 x 22, attention at 5, 13`` style description of the block stack."""
+    """``Mamba2 x 22, attention at 5, 13`` style description of the block stack (with a layer
+    pattern: the pattern, and its SSM / attention / MLP counts)."""
+    if config.layer_pattern:
+        blocks = config.blocks
+        return (f"pattern {config.layer_pattern}: {config.layer} x {config.n_ssm_layers}, "
+                f"attention x {config.n_attention_layers}, MLP x {sum(b.mlp for b in blocks)}")
     attn = sorted(int(i) for i in config.attn_layer_idx)
     kind = config.layer
     text = f"{kind} x {config.n_layer - len(attn)}"
