@@ -92,7 +92,7 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
         raise _refuse(family, f"model.layer_pattern={shown}",
                       f"its blocks are {sorted(allowed)}, not {sorted(bad)}")
     mlp = cfg.mlp_kwargs()
-    if any(b.mlp for b in cfg.blocks):
+    if any(b.mlp and not b.moe for b in cfg.blocks):  # experts: the family's own check
         if mlp["act"] != mlp_act:
             raise _refuse(family, f"model.mlp_cfg.act={mlp['act']}", f"its MLP is {mlp_act}")
         if cfg.d_intermediate % mlp["multiple_of"]:
@@ -228,6 +228,9 @@ def _convert(kind: str, ours: str, theirs: str, state, cfg, out, to_hf: bool) ->
                         [state[f"{theirs}.up_proj.{suffix}"], state[f"{theirs}.gate_proj.{suffix}"]])
                 if f"{theirs}.down_proj.{suffix}" in state:
                     out[f"{ours}.fc2.{suffix}"] = state[f"{theirs}.down_proj.{suffix}"]
+    elif kind == "moe_nemotron":
+        from mamba_train.formats import hf_moe_nemotron
+        hf_moe_nemotron.convert(ours, theirs, state, out, to_hf, cfg)
     else:
         raise AssertionError(kind)
 
