@@ -135,12 +135,14 @@ class Router(nn.Module):
 
 
 def grouped_available(x: torch.Tensor, experts: Experts) -> bool:
-    """Whether ``torch._grouped_mm`` can take these operands: it needs every row stride a
-    multiple of 16 bytes (so widths divisible by 16 / element size)."""
+    """Whether ``torch._grouped_mm`` can take these operands: bf16 on CUDA (any float on the
+    CPU), every row stride a multiple of 16 bytes (widths divisible by 16 / element size)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     dtype = torch.get_autocast_dtype("cuda") if (
         x.is_cuda and torch.is_autocast_enabled("cuda")) else x.dtype
+    if x.is_cuda and dtype != torch.bfloat16:
+        return False  # the CUDA kernel (Hopper) takes bf16; fp32 on the GPU stays on the loop
     per = 128 // torch.finfo(dtype).bits  # elements per 16 bytes
     dims = (experts.fc1.weight.shape[1], experts.fc1.weight.shape[2], experts.fc2.weight.shape[2])
     return all(d % per == 0 for d in dims)
@@ -161,10 +163,17 @@ def experts_loop(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+# each expert's rows start on a multiple of this: the backward's weight gradient reads the
+# sorted rows transposed, where a group start is a 16-byte aligned column only at multiples of 8
+# (bf16); torchtitan pads its token groups the same way
+ROW_ALIGN = 8
+
+
 def experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                     experts: Experts) -> torch.Tensor:
-    """Assignments sorted by expert, two grouped GEMMs, weighted and scattered back; every shape
-    fixed by (tokens, k), offsets computed on the device."""
+    """Assignments sorted by expert into groups padded to ``ROW_ALIGN`` rows, two grouped GEMMs,
+    weighted and scattered back; every shape fixed by (tokens, k, experts), the group offsets
+    computed on the device."""
     n_experts, k = experts.fc1.weight.shape[0], idx.shape[1]
     flat = idx.flatten()
     order = torch.argsort(flat, stable=True)
@@ -172,18 +181,24 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     # not bincount: on CUDA it reads the largest index on the host to size its output
     counts = torch.zeros(n_experts, device=flat.device, dtype=torch.int64).index_add_(
         0, flat, torch.ones_like(flat))
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    padded = (counts + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN
+    ends = torch.cumsum(padded, 0)
+    expert = flat[order]  # sorted
+    rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    slot = (ends - padded)[expert] + rank  # row of each sorted assignment in the padded buffer
+    n_rows = flat.numel() + n_experts * (ROW_ALIGN - 1)
+    offs = ends.to(torch.int32)
     dtype = torch.get_autocast_dtype("cuda") if (
         x.is_cuda and torch.is_autocast_enabled("cuda")) else x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        rows = x[token].to(dtype)
+        rows = torch.zeros(n_rows, x.shape[1], device=x.device, dtype=dtype).index_copy(
+            0, slot, x[token].to(dtype))
         w1 = experts.fc1.weight.to(dtype).transpose(-2, -1)
         w2 = experts.fc2.weight.to(dtype).transpose(-2, -1)
         h = experts.activation(torch._grouped_mm(rows, w1, offs=offs))
-        y = torch._grouped_mm(h, w2, offs=offs)
+        y = torch._grouped_mm(h, w2, offs=offs)[slot]
         y = y * weights.flatten()[order, None].to(y.dtype)
-        out = torch.zeros(x.shape, device=x.device, dtype=y.dtype)
-        out = out.index_add(0, token, y)
+        out = torch.zeros(x.shape, device=x.device, dtype=y.dtype).index_add(0, token, y)
     return out.to(x.dtype)
 
 
