@@ -25,7 +25,7 @@ from mamba_train.models.lm import MambaLM
 
 CKPT_MODEL_PREFIX = "model."
 # transformers' hybrid families (formats/hf_hybrids.py)
-HYBRID_MODEL_TYPES = ("nemotron_h", "bamba", "falcon_h1")
+HYBRID_MODEL_TYPES = ("nemotron_h", "bamba", "falcon_h1", "granitemoehybrid")
 CKPT_CONFIG_KEY = "mamba_train_model_config"
 
 

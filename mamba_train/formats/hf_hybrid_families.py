@@ -263,10 +263,13 @@ def _falcon_to(cfg: MambaLMConfig) -> dict[str, Any]:
     return out
 
 
+from mamba_train.formats import hf_moe_granite  # noqa: E402  (it builds on the helpers above)
+
 FAMILIES = {
     "nemotron_h": Family("nemotron_h", NEMOTRON_H, "NemotronHConfig", _nemotron_from,
                          _nemotron_to, _nemotron_layout),
     "bamba": Family("bamba", BAMBA, "BambaConfig", _bamba_from, _bamba_to, _decoder_layout),
     "falcon_h1": Family("falcon_h1", FALCON_H1, "FalconH1Config", _falcon_from, _falcon_to,
                         _decoder_layout),
+    "granitemoehybrid": hf_moe_granite.FAMILY,
 }

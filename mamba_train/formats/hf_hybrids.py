@@ -103,7 +103,8 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
         if a["d_conv"] or a["mlp_dim"] or a["rotary_emb_interleaved"]:
             raise _refuse(family, "model.attn_cfg (d_conv, mlp_dim or rotary_emb_interleaved)",
                           "its attention is plain q/k/v/o projections with GPT-NeoX rotary")
-        if a["softmax_scale"] is not None and a["softmax_scale"] != _head_dim(cfg) ** -0.5:
+        if (a["softmax_scale"] is not None and a["softmax_scale"] != _head_dim(cfg) ** -0.5
+                and family != "GraniteMoeHybridForCausalLM"):  # its attention_multiplier
             raise _refuse(family, f"model.attn_cfg.softmax_scale={a['softmax_scale']}",
                           "it scales scores by head_dim**-0.5")
         if a["qkv_proj_bias"] != a["out_proj_bias"]:
@@ -111,7 +112,7 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
                           "one attention_bias flag covers q, k, v and o")
     used = {k for k, v in cfg.multipliers.items()
             if v != (1.0 if k != "ssm_zxbcdt" else (1.0,) * 5)}
-    if used and family != "FalconH1ForCausalLM":
+    if used and family not in ("FalconH1ForCausalLM", "GraniteMoeHybridForCausalLM"):
         raise _refuse(family, f"model.multipliers {sorted(used)}", "it has no µP multipliers")
 
 
@@ -231,6 +232,9 @@ def _convert(kind: str, ours: str, theirs: str, state, cfg, out, to_hf: bool) ->
     elif kind == "moe_nemotron":
         from mamba_train.formats import hf_moe_nemotron
         hf_moe_nemotron.convert(ours, theirs, state, out, to_hf, cfg)
+    elif kind == "moe_granite":
+        from mamba_train.formats import hf_moe_granite
+        hf_moe_granite.convert(ours, theirs, state, out, to_hf, bool(cfg.n_moe_layers))
     else:
         raise AssertionError(kind)
 

@@ -97,7 +97,8 @@ class Block(nn.Module):
         if spec.mlp and spec.mixer is not None:
             self.norm2 = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
         if spec.moe:
-            self.mlp = MoE(config.d_model, config.moe_kwargs(), **factory)
+            self.mlp = MoE(config.d_model, config.moe_kwargs(),
+                           down_multiplier=config.multiplier("mlp_down"), **factory)
         else:
             self.mlp = make_mlp(config.d_model, config.d_intermediate, **config.mlp_kwargs(),
                                 gate_multiplier=config.multiplier("mlp_gate"),

@@ -205,9 +205,11 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
 class MoE(nn.Module):
     """The ``E`` sublayer: ``sum_k w_k expert_k(x) + shared(x)`` over the tokens of ``x``."""
 
-    def __init__(self, d_model: int, cfg: dict[str, Any], device=None, dtype=None):
+    def __init__(self, d_model: int, cfg: dict[str, Any], down_multiplier: float = 1.0,
+                 device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
+        self.down_multiplier = down_multiplier  # Granite's residual_multiplier
         n = cfg["n_experts"]
         self.router = Router(cfg, d_model, device=device, dtype=dtype)
         self.experts = Experts(n, d_model, cfg["d_expert"], cfg["act"], device=device, dtype=dtype)
@@ -233,6 +235,8 @@ class MoE(nn.Module):
             out = experts_loop(x, weights, idx, self.experts)
         if self.shared is not None:
             out = out + self.shared(x)
+        if self.down_multiplier != 1:
+            out = out * self.down_multiplier
         return out.view(shape)
 
     def _account(self, logits: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor) -> None:
