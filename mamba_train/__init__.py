@@ -19,6 +19,6 @@ def __getattr__(name):
         from mamba_train.models.build import build_model
         return build_model
     if name == "load_model":
-        from mamba_train.checkpoint import load_model
+        from mamba_train.formats.load import load_model
         return load_model
     raise AttributeError(f"module 'mamba_train' has no attribute {name!r}")

@@ -4,9 +4,12 @@ lm-eval on a checkpoint, with reports next to it.
     python -m mamba_train.eval ckpt=outputs/mamba-130m/checkpoints/last.ckpt tasks=paper
     python -m mamba_train.eval ckpt=outputs/debug/checkpoints/last.ckpt tasks=local limit=20
 
-Writes ``<ckpt dir>/eval/results.json`` (lm-eval's full results) and ``results.md`` (its tables)
--- ``<ckpt dir>`` is the directory holding a ``.ckpt`` file, or the model directory itself --
-unless ``out=<dir>`` is given, and prints the table.
+Writes ``<ckpt dir>/eval/<name>.json`` (lm-eval's full results) and ``<name>.md`` (its tables)
+and prints the table. ``<name>`` is the checkpoint's file name without ``.ckpt`` (``last``,
+``step=000100``...), so the checkpoints of one directory keep their own reports, or ``results``
+for a model directory; ``<ckpt dir>`` is the directory holding the ``.ckpt`` file, or the model
+directory itself, unless ``out=<dir>`` is given. Needs the ``eval`` extra
+(``pip install "mamba_train[eval]"``).
 
 Arguments (OmegaConf ``key=value``; lists as ``tasks=[a,b]`` or ``tasks=a,b``):
   ckpt          a Lightning .ckpt, a mamba_ssm directory or a transformers directory (required)
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
+from mamba_train.errors import MambaTrainError
 
 USAGE = "usage: mamba-train-eval (or python -m mamba_train.eval) ckpt=<path> tasks=<preset|task,...> [key=value ...] (--help)"
 
@@ -71,6 +75,12 @@ def output_dir(args: EvalArgs) -> Path:
     return (ckpt.parent if ckpt.is_file() else ckpt) / "eval"
 
 
+def report_name(args: EvalArgs) -> str:
+    """One report per checkpoint: ``last.ckpt`` -> ``last``; a model directory -> ``results``."""
+    ckpt = Path(args.ckpt)
+    return ckpt.stem if ckpt.is_file() else "results"
+
+
 def run(args: EvalArgs) -> dict:
     from mamba_train.evaluation.lm_eval_adapter import MambaTrainLM
     from mamba_train.evaluation.runner import evaluate, resolve_tasks, write_reports
@@ -81,7 +91,8 @@ def run(args: EvalArgs) -> dict:
                       device=args.device)
     results = evaluate(lm, tasks, include_path=args.include_path, limit=args.limit,
                        num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
-    json_path, md_path = write_reports(results, output_dir(args), source=str(args.ckpt))
+    json_path, md_path = write_reports(results, output_dir(args), source=str(args.ckpt),
+                                       name=report_name(args))
     print(md_path.read_text())
     print(f"results: {json_path}\ntable:   {md_path}")
     return results
@@ -98,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(args)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        print("error: mamba-train-eval needs lm-eval, which is not installed: "
+              "pip install \"mamba_train[eval]\"", file=sys.stderr)
+        return 1
+    try:
+        run(args)
+    except MambaTrainError as e:  # a checkpoint that cannot be loaded, unknown tasks, ...
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

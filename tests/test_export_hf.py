@@ -20,15 +20,17 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from mamba_train import MambaLMConfig, build_model, load_model  # noqa: E402
-from mamba_train.export.hf import (  # noqa: E402
+from mamba_train.formats.hf import (  # noqa: E402
     STASH_KEY,
     ExportError,
-    export_hf,
     from_hf_state_dict,
-    hf_key,
     read_hf,
     to_hf_config,
 )
+from mamba_train.formats.hf_export import export_hf  # noqa: E402
+from mamba_train.formats.hf_mamba import MAMBA  # noqa: E402
+
+hf_key = MAMBA.hf_key  # Mamba and Mamba-2 rename the same prefix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +207,7 @@ def test_edited_hf_config_wins_over_stash(exported, tmp_path, caplog):
     raw = json.loads((out / "config.json").read_text())
     raw["num_hidden_layers"] = cfg.n_layer - 1  # e.g. someone pruned the last layer
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    from mamba_train.export.hf import read_hf_config
+    from mamba_train.formats.hf import read_hf_config
     got = read_hf_config(tmp_path)
     assert got.n_layer == cfg.n_layer - 1
     assert "num_hidden_layers" in caplog.text
@@ -213,7 +215,7 @@ def test_edited_hf_config_wins_over_stash(exported, tmp_path, caplog):
 
 def test_export_from_lightning_checkpoint(tmp_path):
     """``export_hf`` takes any path ``read_weights`` reads; a mamba_train .ckpt included."""
-    from mamba_train.checkpoint import CKPT_CONFIG_KEY, CKPT_MODEL_PREFIX
+    from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, CKPT_MODEL_PREFIX
 
     cfg = MambaLMConfig(**CONFIGS["mamba1_untied"])
     model = perturbed_model(cfg)
@@ -436,3 +438,85 @@ def test_cli_conversion_error_is_one_line(fmt, tmp_path, capsys):
         assert not (tmp_path / "o" / "config.json").exists()
     else:
         assert rc == 0 and (tmp_path / "o" / "pytorch_model.bin").is_file(), err
+
+
+# ------------------------------------------------------------------------------ trained run -> HF
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """The debug recipe (tiny sizes) trained a few steps on CPU; its run config names the
+    bundled tokenizer."""
+    from conftest import TINY, compose_config
+    from mamba_train.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train(compose_config([*TINY, "recipe=debug", "logger=csv", "trainer.max_steps=3",
+                                   "train.checkpoint_every_n_steps=3", "trainer.limit_val_batches=0"],
+                                  out))
+    return Path(result["last_checkpoint"])
+
+
+@pytest.mark.parametrize("tokenizer_arg", [(), ("tokenizer=default",)], ids=["implied", "default"])
+def test_exported_training_checkpoint_generates_with_its_own_tokenizer(trained_ckpt, tokenizer_arg,
+                                                                     tmp_path, capsys):
+    """No tokenizer argument needed: the export carries the training tokenizer and its special
+    ids, so AutoTokenizer + AutoModelForCausalLM + generate() work on the directory as it is."""
+    from mamba_train.data.tokenizer import load_tokenizer
+    from mamba_train.export.__main__ import main
+
+    out = tmp_path / "hf"
+    assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=hf", *tokenizer_arg]) == 0, \
+        capsys.readouterr().err
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    trained_with = load_tokenizer("default")
+    assert len(tok) == len(trained_with) == 4096
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["eos_token_id"] == tok.eos_token_id == trained_with.eos_token_id
+    text = "The primary must evaluate to"
+    assert tok(text)["input_ids"] == trained_with.encode(text)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[0] == 1 and ids.shape[1] < gen.shape[1] <= ids.shape[1] + 5
+    assert torch.equal(gen[0, :ids.shape[1]], ids[0])
+    ours = load_model(trained_ckpt, backend="reference").eval()
+    with torch.no_grad():  # the exported model's first generated token is ours
+        assert gen[0, ids.shape[1]] == ours(ids).logits[0, -1, :len(tok)].argmax()
+
+
+def test_mamba_ssm_export_carries_the_training_tokenizer(trained_ckpt, tmp_path, capsys):
+    from mamba_train.export.__main__ import main
+
+    out = tmp_path / "ssm"
+    assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=mamba_ssm"]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 4096 and tok.eos_token == "<|endoftext|>"
+
+
+def test_a_transformers_family_is_one_registry_entry(monkeypatch):
+    """Export takes the first registered family that claims and can represent a config; a
+    config no claimant can hold gets every claimant's reason; reading dispatches on model_type."""
+    import dataclasses
+
+    from mamba_train.formats import hf
+    from mamba_train.formats.hf_mamba import MAMBA2
+
+    # LayerNorm: neither Mamba2ForCausalLM (no MLP) nor a hybrid family (RMSNorm only) holds it
+    cfg = MambaLMConfig(**{**CONFIGS["mamba2"], "d_intermediate": 128, "rms_norm": False})
+    with pytest.raises(ExportError, match="d_intermediate"):
+        hf.family_for(cfg)
+    fields = {"hidden_size": cfg.d_model}
+    with_mlp = dataclasses.replace(MAMBA2, model_type="mamba2_mlp",
+                                   claims=lambda c: c.layer == "Mamba2" and c.d_intermediate > 0,
+                                   config_fields=lambda c: fields)
+    monkeypatch.setitem(hf.FAMILIES, "mamba2_mlp", with_mlp)
+    assert hf.family_for(cfg) == (with_mlp, fields)
+    assert hf.family_for(MambaLMConfig(**CONFIGS["mamba2"]))[0] is MAMBA2
+
+    def refuse(c):
+        raise ExportError("model.d_intermediate: not this one either")
+
+    monkeypatch.setitem(hf.FAMILIES, "mamba2_mlp", dataclasses.replace(with_mlp, config_fields=refuse))
+    with pytest.raises(ExportError, match=r"^mamba2: .*d_intermediate.*; mamba2_mlp: .*either"):
+        hf.family_for(cfg)
+    with pytest.raises(ExportError, match="model_type='jamba'"):
+        hf.config_from_hf({"model_type": "jamba"})

@@ -11,8 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mamba_train.checkpoint import load_model, read_weights  # noqa: E402
-from mamba_train.export.hf import ExportError, export_hf  # noqa: E402
+from mamba_train.formats.load import load_model, read_weights  # noqa: E402
+from mamba_train.formats.hf_export import export_hf
+from mamba_train.formats.hf_family import ExportError  # noqa: E402
 from mamba_train.models.build import build_model  # noqa: E402
 from mamba_train.models.config import MambaLMConfig  # noqa: E402
 
@@ -52,11 +53,13 @@ def falcon_h1(tie: bool, layers: int = 2, **kw):
 CASES = {
     "nemotron_h-M-M*--tied": nemotron_h("M-M*-", True),
     "nemotron_h-M*M-M-untied": nemotron_h("M*M-M-", False, time_step_limit=(0.01, 2.0)),
-    "nemotron_h-MM-*": nemotron_h("MM-*", False, use_conv_bias=False),
-    "bamba-attn1-untied": bamba([1], False),
+    "nemotron_h-MM-*": nemotron_h("MM-*", False, use_conv_bias=False, layer_norm_epsilon=1e-6),
+    "bamba-attn1-untied": bamba([1], False, rms_norm_eps=1e-6),
     "bamba-attn02-tied": bamba([0, 2], True, time_step_limit=(0.0, 3.0)),
     "falcon_h1-untied": falcon_h1(False),
     "falcon_h1-tied-norm": falcon_h1(True, mamba_rms_norm=True, mamba_norm_before_gate=False),
+    "falcon_h1-norm-before-gate": falcon_h1(False, layers=1, mamba_rms_norm=True,
+                                            mamba_norm_before_gate=True, mamba_n_groups=3),
 }
 
 
@@ -111,8 +114,14 @@ def test_export_returns_the_source_tensors(tmp_path, case):
     out = export_hf(model, tmp_path / "out")
     raw = json.loads((out / "config.json").read_text())
     assert raw["architectures"] == [type(hf).__name__]
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        assert raw[key] == getattr(hf.config, key), key
+    from mamba_train.formats.hf import decode_special_floats
+    raw = decode_special_floats(raw)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "layer_norm_epsilon",
+                "rms_norm_eps", "time_step_limit", "use_conv_bias", "mamba_conv_bias",
+                "mamba_rms_norm", "mamba_norm_before_gate", "time_step_min", "time_step_max"):
+        if hasattr(hf.config, key):
+            want = getattr(hf.config, key)
+            assert raw[key] == (list(want) if isinstance(want, tuple) else want), key
     # transformers' NemotronHForCausalLM never ties (no _tied_weights_keys): a tie_word_embeddings
     # flag over a head that differs from the embedding loads, and exports, untied
     emb = hf.get_input_embeddings().weight

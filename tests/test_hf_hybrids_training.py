@@ -59,7 +59,7 @@ DEBUG = {"debug-nemotron-h": "NemotronHForCausalLM", "debug-bamba": "BambaForCau
 def test_debug_recipe_exports_to_its_family_with_our_logits(recipe, make_config, tmp_path):
     from hydra.utils import instantiate
 
-    from mamba_train.export.hf import export_hf
+    from mamba_train.formats.hf_export import export_hf
     from mamba_train.models.build import build_model
 
     cfg = instantiate(make_config(f"recipe={recipe}", tiny=False).model, _convert_="all")

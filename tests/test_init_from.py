@@ -17,11 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import compose_config  # noqa: E402
 from mamba_train import MambaLMConfig, build_model  # noqa: E402
-from mamba_train.hf_format import hf_key  # noqa: E402
-from mamba_train.checkpoint import CKPT_CONFIG_KEY  # noqa: E402
+from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY  # noqa: E402
+from mamba_train.formats.hf_mamba import MAMBA  # noqa: E402
 from mamba_train.train import train  # noqa: E402
 from mamba_train.training.init_from import (InitFromError, LoadedWeights, fingerprint,  # noqa: E402
                                             resolve_source)
+
+hf_key = MAMBA.hf_key  # Mamba and Mamba-2 rename the same prefix
 
 VOCAB, EOS = 4096, 0  # the bundled tokenizer of the default data
 # model=source: everything about the model from init_from; the rest of conftest's TINY

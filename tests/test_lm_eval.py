@@ -169,7 +169,7 @@ def test_lm_eval_cli_runs_the_offline_tasks(ckpt, tmp_path):
     out = tmp_path / "lm_eval"
     cmd = [sys.executable, "-m", "mamba_train.lm_eval", "--model", "mamba_train",
            "--model_args", f"pretrained={ckpt},dtype=float32", "--batch_size", "8",
-           "--device", "cpu", "--tasks", "mamba_train_local", "--include_path", str(REPO / "eval"),
+           "--device", "cpu", "--tasks", "mamba_train_local",  # packaged tasks: no --include_path
            "--limit", "4", "--output_path", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           # DISABLE_MULTIPROC: lm-eval's switch for its forked bootstrap pool
@@ -189,11 +189,18 @@ def test_eval_entry_writes_results_next_to_the_checkpoint(ckpt, capsys):
     assert main([f"ckpt={ckpt}", "tasks=local_mc,local_lambada", "limit=4", "batch_size=8",
                  "dtype=float32", "device=cpu"]) == 0
     out = ckpt.parent / "eval"
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / f"{ckpt.stem}.json").read_text())
     assert set(results["results"]) == {"local_mc", "local_lambada"}
     assert results["mamba_train_source"] == str(ckpt)
-    table = (out / "results.md").read_text()
+    table = (out / f"{ckpt.stem}.md").read_text()
     assert "local_lambada" in table and "acc" in table
+    # another checkpoint of the directory gets its own report, the first one stays
+    other = ckpt.parent / "step=000012.ckpt"
+    other.write_bytes(ckpt.read_bytes())
+    assert main([f"ckpt={other}", "tasks=local_mc", "limit=2", "batch_size=8", "dtype=float32",
+                 "device=cpu"]) == 0
+    assert set(json.loads((out / "step=000012.json").read_text())["results"]) == {"local_mc"}
+    assert set(json.loads((out / f"{ckpt.stem}.json").read_text())["results"]) == {"local_mc", "local_lambada"}
     assert main(["ckpt=/no/such.ckpt", "tasks=local"]) == 2
     assert main([f"ckpt={ckpt}", "tasks=local", "no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
@@ -238,3 +245,34 @@ def test_eval_after_training_logs_scores_and_leaves_training_untouched(make_conf
     assert [int(r["step"]) for r in rows] == [1, 3]
     assert all(0 <= float(r["eval/local_mc/acc"]) <= 1 and float(r["eval/local_lambada/perplexity"]) > 1
                for r in rows)
+
+
+def test_lm_eval_wrapper_adds_the_packaged_tasks_once():
+    from mamba_train.lm_eval import with_packaged_tasks
+
+    args = ["--model", "mamba_train", "--tasks", "local_mc"]
+    assert with_packaged_tasks(args) == [*args, "--include_path", str(TASKS_DIR)]
+    assert with_packaged_tasks(["run", *args])[-1] == str(TASKS_DIR)
+    mine = [*args, "--include_path", "/my/tasks"]
+    assert with_packaged_tasks(mine) == mine
+    assert with_packaged_tasks(["--help"]) == ["--help"]
+
+
+@pytest.mark.parametrize("module,argv,rc,stream,needle", [
+    ("lm_eval", ["--help"], 0, "stdout", "--model mamba_train"),
+    ("lm_eval", ["--model", "mamba_train", "--tasks", "local_mc"], 1, "stderr",
+     'pip install "mamba_train[eval]"'),
+    ("eval", ["--help"], 0, "stdout", "ckpt="),
+    ("eval", [f"ckpt={REPO / 'pyproject.toml'}", "tasks=local"], 1, "stderr",
+     'pip install "mamba_train[eval]"'),
+])
+def test_eval_entries_without_the_eval_extra(module, argv, rc, stream, needle):
+    """lm-eval not installed: --help still answers, anything else is one line naming the extra."""
+    code = (f"import sys; sys.modules['lm_eval'] = None; from mamba_train.{module} import main; "
+            f"sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == rc, proc.stderr
+    text = getattr(proc, stream)
+    assert needle in text and "Traceback" not in proc.stderr, proc.stderr
+    if rc:
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -250,7 +250,7 @@ def test_ssm_health_reports_mamba3_dt_and_bc_biases():
 def test_mamba_ssm_directory_round_trip(tmp_path):
     """save_pretrained writes mamba_ssm's config.json (ssm_cfg.layer = "Mamba3", as
     mixer_seq_simple.create_block reads it) and loads back to the same logits."""
-    from mamba_train.checkpoint import load_model
+    from mamba_train.formats.load import load_model
 
     torch.manual_seed(0)
     model = build_model(tiny_config(), backend="reference")
@@ -263,7 +263,7 @@ def test_mamba_ssm_directory_round_trip(tmp_path):
 
 
 def test_hf_export_refuses_mamba3_with_the_fix():
-    from mamba_train.export.hf import ExportError, check_hf_compatible
+    from mamba_train.formats.hf import ExportError, check_hf_compatible
 
     with pytest.raises(ExportError, match="format=mamba_ssm"):
         check_hf_compatible(tiny_config())

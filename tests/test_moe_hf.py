@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf_hybrids import VOCAB, _file_tensors, _ids, _randomise, nemotron_h  # noqa: E402
 
-from mamba_train.checkpoint import load_model  # noqa: E402
-from mamba_train.export.hf import ExportError, export_hf  # noqa: E402
+from mamba_train.formats.load import load_model  # noqa: E402
+from mamba_train.formats.hf_export import export_hf  # noqa: E402
+from mamba_train.formats.hf_family import ExportError  # noqa: E402
 
 NEMOTRON_MOE = dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
                     moe_shared_expert_intermediate_size=40, n_group=4, topk_group=2,

@@ -39,7 +39,7 @@ def test_ssd_kernel_not_saved_and_ignored_by_reference():
 def test_resume_across_ssd_kernels_but_not_across_models():
     import functools
 
-    from mamba_train.checkpoint import CKPT_CONFIG_KEY
+    from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY
     from mamba_train.training.module import MambaLMModule
 
     module = MambaLMModule(model_config=tiny(ssd_kernel="fla"),

@@ -43,33 +43,13 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from mamba_train.evaluation.runner import EvalError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_BATCH_SIZE = 16
 DTYPES = ("float32", "bfloat16", "auto")
-
-
-def run_config_of(path: str | Path) -> dict[str, Any] | None:
-    """The resolved training config stored in a mamba_train ``.ckpt`` (None for other sources)."""
-    path = Path(path)
-    if not (path.is_file() and path.suffix == ".ckpt"):
-        return None
-    import yaml
-
-    from mamba_train.training.module import RUN_CONFIG_KEY
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    text = ckpt.get(RUN_CONFIG_KEY) if isinstance(ckpt, dict) else None
-    return yaml.safe_load(text) if text else None
-
-
-def default_tokenizer_for(pretrained: str | Path, run_config: dict | None) -> str:
-    if run_config and (run_config.get("data") or {}).get("tokenizer"):
-        return str(run_config["data"]["tokenizer"])
-    path = Path(pretrained)
-    if path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
-        return str(path)
-    return "default"
 
 
 def _parse_batch_size(batch_size: Any) -> int:
@@ -99,7 +79,8 @@ class MambaTrainLM(TemplateLM):
         if kwargs:
             log.warning("mamba_train adapter: ignoring unknown model args %s", sorted(kwargs))
         from mamba_train.data.tokenizer import load_tokenizer
-        from mamba_train.checkpoint import load_model
+        from mamba_train.formats.checkpoint import run_config_of
+        from mamba_train.formats.load import load_model, tokenizer_of
 
         run_config = None
         if isinstance(pretrained, torch.nn.Module):  # in-process (eval after training)
@@ -121,14 +102,14 @@ class MambaTrainLM(TemplateLM):
         self.model.eval()
 
         if tokenizer is None:
-            tokenizer = "default" if run_config is None and not isinstance(pretrained, (str, Path)) \
-                else default_tokenizer_for(pretrained, run_config)
+            from_source = isinstance(pretrained, (str, Path))
+            tokenizer = (tokenizer_of(pretrained, run_config or {}) if from_source else None) or "default"
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.tokenizer_source = str(tokenizer) if isinstance(tokenizer, (str, Path)) else \
             getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
         vocab = self.model.config.padded_vocab_size
         if len(self.tokenizer) > vocab:
-            raise ValueError(f"tokenizer {self.tokenizer_source!r} has {len(self.tokenizer)} tokens but "
+            raise EvalError(f"tokenizer {self.tokenizer_source!r} has {len(self.tokenizer)} tokens but "
                              f"the model's vocabulary has {vocab}: wrong tokenizer= for this model?")
 
         if max_length is None:
@@ -140,7 +121,7 @@ class MambaTrainLM(TemplateLM):
         self._batch_size = _parse_batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise EvalError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if dtype == "auto":
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         self.dtype = dtype

@@ -20,7 +20,14 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from mamba_train.errors import MambaTrainError
+
 log = logging.getLogger(__name__)
+
+
+class EvalError(MambaTrainError, ValueError):
+    """An evaluation request that cannot run as given (tasks, tokenizer, dtype); says what to fix."""
+
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASKS = ["local_mc", "local_lambada", "local_ppl", "local_gen"]
@@ -44,7 +51,7 @@ def resolve_tasks(tasks: str | Iterable[str]) -> list[str]:
             if name not in out:
                 out.append(name)
     if not out:
-        raise ValueError("no tasks given (tasks=<name,name,...> or a preset: "
+        raise EvalError("no tasks given (tasks=<name,name,...> or a preset: "
                          f"{', '.join(PRESETS)})")
     return out
 
@@ -130,8 +137,9 @@ def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, flo
     return out
 
 
-def write_reports(results: dict[str, Any], out_dir: str | Path, source: str | None = None) -> tuple[Path, Path]:
-    """``results.json`` (lm-eval's results, samples left out) and ``results.md`` (its tables)."""
+def write_reports(results: dict[str, Any], out_dir: str | Path, source: str | None = None,
+                  name: str = "results") -> tuple[Path, Path]:
+    """``<name>.json`` (lm-eval's results, samples left out) and ``<name>.md`` (its tables)."""
     from lm_eval.utils import handle_non_serializable, make_table
 
     out = Path(out_dir)
@@ -139,12 +147,12 @@ def write_reports(results: dict[str, Any], out_dir: str | Path, source: str | No
     payload = {k: v for k, v in results.items() if k != "samples"}
     if source is not None:
         payload["mamba_train_source"] = source
-    json_path = out / "results.json"
+    json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2, default=handle_non_serializable,
                                     ensure_ascii=False) + "\n")
     lines = [f"# Evaluation: {source}\n" if source else "# Evaluation\n", make_table(results)]
     if results.get("groups"):
         lines += ["", make_table(results, "groups")]
-    md_path = out / "results.md"
+    md_path = out / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path

@@ -1,2 +1,2 @@
-"""Export to other formats: Hugging Face transformers (``hf.py``) and the ``python -m
-mamba_train.export`` entry. Loading any format is ``mamba_train.checkpoint.load_model``."""
+"""The ``python -m mamba_train.export`` / ``mamba-train-export`` command. The formats it writes
+live in ``mamba_train.formats``; loading any of them is ``mamba_train.load_model``."""

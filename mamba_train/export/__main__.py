@@ -9,8 +9,12 @@ Usage::
 mamba_train, a mamba_ssm directory (``config.json`` + ``pytorch_model.bin``/safetensors) or a
 transformers Mamba/Mamba2 directory. ``format=hf`` writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads; ``format=mamba_ssm`` one that
-``mamba_ssm.MambaLMHeadModel.from_pretrained`` loads. Exit status: 0 on success, 2 for bad
-arguments, 1 when the conversion itself fails (the message says why).
+``mamba_ssm.MambaLMHeadModel.from_pretrained`` loads. Both carry the tokenizer the model was
+trained with (the checkpoint's ``data.tokenizer``, or the tokenizer files of a model directory)
+unless ``tokenizer=`` names another (``default``: the bundled one); its special-token ids go
+into the transformers ``config.json``, so ``AutoTokenizer`` and ``generate()`` work as they are.
+Exit status: 0 on success, 2 for bad arguments, 1 when the conversion itself fails (the message
+says why).
 """
 
 from __future__ import annotations
@@ -56,17 +60,18 @@ def convert(args: dict[str, str]) -> Path:
     dtype = getattr(torch, args["dtype"]) if "dtype" in args else None
     out = Path(args["out"])
     if args["format"] == "hf":
-        from mamba_train.export.hf import export_hf
+        from mamba_train.formats.hf_export import export_hf
         return export_hf(args["ckpt"], out, dtype=dtype, tokenizer=args.get("tokenizer"))
 
-    from mamba_train.checkpoint import load_model
+    from mamba_train.data.tokenizer import load_tokenizer
+    from mamba_train.formats.load import load_model, tokenizer_of
     model = load_model(args["ckpt"], backend="reference", device="cpu")
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(out)
-    if "tokenizer" in args:
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(args["tokenizer"]).save_pretrained(out)
+    tokenizer = args.get("tokenizer") or tokenizer_of(args["ckpt"])
+    if tokenizer is not None:
+        load_tokenizer(tokenizer).save_pretrained(out)
     return out
 
 

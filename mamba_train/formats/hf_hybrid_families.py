@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from mamba_train.formats.hf_family import ExportError
 from mamba_train.formats.hf_hybrids import (
     Family, _attn_out, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
-    _mamba2_from, _refuse)
-from mamba_train.hf_format import ExportError
+    _mamba2_from, _refuse, as_hf_family)
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.formats import hf_moe_nemotron
 from mamba_train.models.pattern import ATTENTION, MLP, MOE, PARALLEL, SSM, pattern_of
@@ -263,13 +263,10 @@ def _falcon_to(cfg: MambaLMConfig) -> dict[str, Any]:
     return out
 
 
-from mamba_train.formats import hf_moe_granite  # noqa: E402  (it builds on the helpers above)
-
-FAMILIES = {
-    "nemotron_h": Family("nemotron_h", NEMOTRON_H, "NemotronHConfig", _nemotron_from,
-                         _nemotron_to, _nemotron_layout),
-    "bamba": Family("bamba", BAMBA, "BambaConfig", _bamba_from, _bamba_to, _decoder_layout),
-    "falcon_h1": Family("falcon_h1", FALCON_H1, "FalconH1Config", _falcon_from, _falcon_to,
-                        _decoder_layout),
-    "granitemoehybrid": hf_moe_granite.FAMILY,
-}
+FAMILIES = (
+    as_hf_family(Family("nemotron_h", NEMOTRON_H, "NemotronHConfig", _nemotron_from,
+                        _nemotron_to, _nemotron_layout)),
+    as_hf_family(Family("bamba", BAMBA, "BambaConfig", _bamba_from, _bamba_to, _decoder_layout)),
+    as_hf_family(Family("falcon_h1", FALCON_H1, "FalconH1Config", _falcon_from, _falcon_to,
+                        _decoder_layout)),
+)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from mamba_train.hf_format import ExportError
+from mamba_train.formats.hf_family import ExportError, HFFamily
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.pattern import pattern_of
 
@@ -34,6 +34,9 @@ STATE_PREFIXES = ("model.", "backbone.")  # transformers 5 writes model.; NVIDIA
 
 @dataclass(frozen=True)
 class Family:
+    """One hybrid family: config both ways (``to_hf`` refuses what it cannot hold) and where our
+    blocks' sublayers live in its state dict; :func:`as_hf_family` registers it."""
+
     model_type: str
     architecture: str
     config_class: str
@@ -142,9 +145,7 @@ def _common_out(cfg: MambaLMConfig) -> dict[str, Any]:
     init = cfg.initializer_cfg
     return dict(hidden_size=cfg.d_model, vocab_size=cfg.padded_vocab_size,
                 tie_word_embeddings=bool(cfg.tie_embeddings),
-                initializer_range=float(init.get("initializer_range", 0.02)),
-                **{k: cfg.special_token_ids.get(k) for k in
-                   ("bos_token_id", "eos_token_id", "pad_token_id")})
+                initializer_range=float(init.get("initializer_range", 0.02)))
 
 
 def _attn_out(cfg: MambaLMConfig) -> dict[str, Any]:
@@ -154,26 +155,6 @@ def _attn_out(cfg: MambaLMConfig) -> dict[str, Any]:
     return dict(num_attention_heads=a["num_heads"],
                 num_key_value_heads=a["num_heads_kv"] or a["num_heads"],
                 head_dim=_head_dim(cfg), attention_bias=bool(a["qkv_proj_bias"]))
-
-
-def families() -> dict[str, Family]:
-    """{model_type: Family} (imported on use: the families are built from the helpers above)."""
-    from mamba_train.formats.hf_hybrid_families import FAMILIES
-    return FAMILIES
-
-
-def family_for(cfg: MambaLMConfig, model_type: str | None = None) -> Family:
-    """The family that represents ``cfg`` (the first that fits, or ``model_type``'s); an
-    :class:`ExportError` naming, for each family, what does not fit."""
-    candidates = [families()[model_type]] if model_type else list(families().values())
-    reasons = []
-    for family in candidates:
-        try:
-            family.to_hf(cfg)
-            return family
-        except ExportError as e:
-            reasons.append(str(e))
-    raise ExportError("no transformers hybrid family represents this model: " + " | ".join(reasons))
 
 
 # ------------------------------------------------------------------------------ state dicts
@@ -198,6 +179,11 @@ def _join_attn(prefix_ours: str, prefix_theirs: str, state, out) -> None:
             out[f"{prefix_ours}.in_proj.{suffix}"] = torch.cat(parts, 0)
         if f"{prefix_theirs}.o_proj.{suffix}" in state:
             out[f"{prefix_ours}.out_proj.{suffix}"] = state[f"{prefix_theirs}.o_proj.{suffix}"]
+
+
+# layout kinds that other modules define (formats/hf_moe_*.py: the experts sublayers):
+# kind -> convert(ours, theirs, state, out, to_hf, cfg)
+SUBLAYER_CONVERTERS: dict[str, Callable[..., None]] = {}
 
 
 def _convert(kind: str, ours: str, theirs: str, state, cfg, out, to_hf: bool) -> None:
@@ -229,95 +215,63 @@ def _convert(kind: str, ours: str, theirs: str, state, cfg, out, to_hf: bool) ->
                         [state[f"{theirs}.up_proj.{suffix}"], state[f"{theirs}.gate_proj.{suffix}"]])
                 if f"{theirs}.down_proj.{suffix}" in state:
                     out[f"{ours}.fc2.{suffix}"] = state[f"{theirs}.down_proj.{suffix}"]
-    elif kind == "moe_nemotron":
-        from mamba_train.formats import hf_moe_nemotron
-        hf_moe_nemotron.convert(ours, theirs, state, out, to_hf, cfg)
-    elif kind == "moe_granite":
-        from mamba_train.formats import hf_moe_granite
-        hf_moe_granite.convert(ours, theirs, state, out, to_hf, bool(cfg.n_moe_layers))
+    elif kind in SUBLAYER_CONVERTERS:
+        SUBLAYER_CONVERTERS[kind](ours, theirs, state, out, to_hf, cfg)
     else:
         raise AssertionError(kind)
 
 
-def to_hf_state_dict(cfg: MambaLMConfig, family: Family, state: Mapping[str, torch.Tensor],
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Our tensors -> the family's names (contiguous CPU tensors; a tied head is dropped where
-    transformers re-ties it, written where the family keeps its own head)."""
+def state_to_hf(cfg: MambaLMConfig, family: Family,
+                state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors -> the family's names. Nemotron-H keeps its own head even when the flag says
+    tied (transformers never ties it), so a tied model writes the embedding there too."""
+    if cfg.tie_embeddings and family.model_type == "nemotron_h":
+        state = {**state, "lm_head.weight": state["backbone.embedding.weight"]}
     out: dict[str, torch.Tensor] = {}
     for kind, ours, theirs in family.layout(cfg):
         _convert(kind, ours, theirs, state, cfg, out, to_hf=True)
-    if cfg.tie_embeddings and family.model_type != "nemotron_h":
-        out.pop("lm_head.weight", None)  # Nemotron-H does not tie: it reads its own head
-    return {k: (v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point()
-                              else v.dtype)).contiguous() for k, v in out.items()}
-
-
-def from_hf_state_dict(cfg: MambaLMConfig, family: Family, state: Mapping[str, torch.Tensor],
-                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The family's tensors -> ours (an NVIDIA ``backbone.`` prefix read as ``model.``)."""
-    state = {("model." + k[len("backbone."):] if k.startswith("backbone.") else k): v
-             for k, v in state.items()}
-    out: dict[str, torch.Tensor] = {}
-    for kind, ours, theirs in family.layout(cfg):
-        _convert(kind, ours, theirs, state, cfg, out, to_hf=False)
-    if cfg.tie_embeddings and "lm_head.weight" in out:
-        if not torch.equal(out["lm_head.weight"], out["backbone.embedding.weight"]):
-            raise ExportError(f"{source}: tie_word_embeddings=true but lm_head.weight differs "
-                              "from the embedding; the checkpoint is inconsistent")
-        del out["lm_head.weight"]
     return out
 
 
-def read_hf_hybrid(raw: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str):
-    """(config, our state dict) of a transformers hybrid directory's config.json and tensors."""
-    family = families()[raw["model_type"]]
-    cfg = config_from_raw(raw)
+def state_from_hf(cfg: MambaLMConfig, family: Family,
+                  state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The family's tensors -> ours. NVIDIA's Nemotron-H files name the base model ``backbone.``
+    where transformers 5 writes ``model.``; both are read."""
+    state = {_model_prefix(k): v for k, v in state.items()}
     if family.model_type == "nemotron_h" and cfg.tie_embeddings:
-        # transformers' NemotronHForCausalLM never ties: it computes with the head it reads
-        head = state.get("lm_head.weight")
-        emb = state.get("model.embeddings.weight", state.get("backbone.embeddings.weight"))
+        head, emb = state.get("lm_head.weight"), state.get("model.embeddings.weight")
         if head is not None and emb is not None and not torch.equal(head, emb):
+            # transformers' NemotronHForCausalLM never ties: it computes with the head it reads
             cfg.tie_embeddings = False
-    return cfg, from_hf_state_dict(cfg, family, state, source=source)
+    out: dict[str, torch.Tensor] = {}
+    for kind, ours, theirs in family.layout(cfg):
+        _convert(kind, ours, theirs, state, cfg, out, to_hf=False)
+    return out
 
 
-# ------------------------------------------------------------------------------ directories
+def _model_prefix(key: str) -> str:
+    for prefix in ("model.backbone.", "backbone."):  # the registry prepends model. to bare keys
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    return key
+
+
 def is_hybrid(cfg: MambaLMConfig) -> bool:
     """Whether transformers' Mamba/Mamba2 classes cannot hold ``cfg`` for being a hybrid (an
-    MLP, attention or a layer pattern), so that export goes to a hybrid family."""
+    MLP, attention or a layer pattern): the configs these families claim."""
     return bool(cfg.layer_pattern or cfg.attn_layer_idx or cfg.d_intermediate)
 
 
-def hf_config(cfg: MambaLMConfig, family: Family, dtype: torch.dtype | None = None):
-    """The transformers config object of ``cfg`` in ``family``, our config stashed beside."""
-    import transformers
+def as_hf_family(family: Family) -> HFFamily:
+    """The registry entry (``formats/hf.py``) of a hybrid family."""
+    def config_fields(cfg: MambaLMConfig) -> dict[str, Any]:
+        fields = family.to_hf(cfg)
+        fields.pop("model_type")
+        return fields
 
-    from mamba_train.hf_format import STASH_KEY
-
-    fields = family.to_hf(cfg)
-    model_type = fields.pop("model_type")
-    hf_cfg = transformers.AutoConfig.for_model(model_type, **fields)
-    hf_cfg.architectures = [family.architecture]
-    if dtype is not None:
-        hf_cfg.dtype = dtype
-    setattr(hf_cfg, STASH_KEY, cfg.to_dict())
-    return hf_cfg
-
-
-def config_from_raw(raw: Mapping[str, Any]) -> MambaLMConfig:
-    """Our config of a family's config.json: derived from the family's fields, or the stashed
-    ``mamba_train_config`` where it maps to the same family fields (init-only knobs survive)."""
-    from mamba_train.hf_format import STASH_KEY, _same
-
-    family = families()[raw["model_type"]]
-    derived = family.from_hf(raw)
-    stash = raw.get(STASH_KEY)
-    if isinstance(stash, dict):
-        try:
-            stashed = MambaLMConfig.from_dict(stash)
-            want, have = family.to_hf(stashed), family.to_hf(derived)
-        except (ConfigError, ExportError, TypeError):
-            return derived
-        if all(_same(want[k], have.get(k)) for k in want):
-            return stashed
-    return derived
+    return HFFamily(
+        model_type=family.model_type, architecture=family.architecture,
+        config_class=family.config_class, claims=is_hybrid, config_fields=config_fields,
+        from_config=family.from_hf, base_model_prefix="model",
+        state_to_hf=lambda cfg, state: state_to_hf(cfg, family, state),
+        state_from_hf=lambda cfg, state: state_from_hf(cfg, family, state))

@@ -22,10 +22,12 @@ from typing import Any, Mapping
 
 import torch
 
+from mamba_train.formats.hf_hybrid_families import (
+    _attn_in, _eps, _hf_config, _mamba2_out, _rope)
 from mamba_train.formats.hf_hybrids import (
-    Family, _attn_out, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
+    SUBLAYER_CONVERTERS, Family, _attn_out, as_hf_family, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
     _mamba2_from, _refuse)
-from mamba_train.hf_format import ExportError
+from mamba_train.formats.hf_family import ExportError
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.pattern import ATTENTION, MOE, SSM
 
@@ -39,8 +41,6 @@ def _swap(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
-    from mamba_train.formats.hf_hybrid_families import _attn_in, _eps, _hf_config, _rope
-
     c = _hf_config("granitemoehybrid", raw)
     if c.hidden_act != "silu":
         raise ExportError(f"config.json hidden_act={c.hidden_act!r}: only silu is implemented")
@@ -105,7 +105,6 @@ def _to(cfg: MambaLMConfig) -> dict[str, Any]:
     else:
         out.update(num_local_experts=0, shared_intermediate_size=cfg.d_intermediate)
     if cfg.n_ssm_layers:
-        from mamba_train.formats.hf_hybrid_families import _mamba2_out
         out.update(_mamba2_out(cfg, kw, GRANITE), mamba_expand=_d_inner(cfg) // cfg.d_model)
     if cfg.n_attention_layers:
         a = cfg.attn_kwargs()
@@ -140,10 +139,11 @@ _EXPERT_NAMES = (("router.weight", "block_sparse_moe.router.weight",
                   "block_sparse_moe.output_linear.weight", None))
 
 
-def convert(ours: str, theirs: str, state, out, to_hf: bool, moe: bool) -> None:
+def convert(ours: str, theirs: str, state, out, to_hf: bool, cfg: MambaLMConfig) -> None:
     """One layer's experts and shared MLP (or its dense MLP) ours <-> Granite's names. Export
     writes the names of transformers' modules, which ``from_pretrained`` loads as is; reading
     takes those or the checkpoint names ``save_pretrained`` writes (and IBM's files hold)."""
+    moe = bool(cfg.n_moe_layers)
     pairs = [("shared.fc1.weight" if moe else "fc1.weight", "shared_mlp.input_linear.weight",
               "shared_mlp.input_linear.weight", 0),
              ("shared.fc2.weight" if moe else "fc2.weight", "shared_mlp.output_linear.weight",
@@ -158,4 +158,6 @@ def convert(ours: str, theirs: str, state, out, to_hf: bool, moe: bool) -> None:
             out[dst] = state[src] if swap is None else _swap(state[src], swap)
 
 
-FAMILY = Family("granitemoehybrid", GRANITE, "GraniteMoeHybridConfig", _from, _to, _layout)
+SUBLAYER_CONVERTERS["moe_granite"] = convert
+FAMILIES = (as_hf_family(Family("granitemoehybrid", GRANITE, "GraniteMoeHybridConfig", _from,
+                                _to, _layout)),)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mamba_train.hf_format import ExportError
+from mamba_train.formats.hf_family import ExportError
+from mamba_train.formats.hf_hybrids import SUBLAYER_CONVERTERS
 
 FAMILY = "NemotronHForCausalLM"
 # our name under <block>.mlp -> transformers' under <layer>.mixer
@@ -85,3 +86,6 @@ def convert(ours: str, theirs: str, state, out, to_hf: bool, cfg) -> None:
                 out[dst] = torch.stack([state[k] for k in names])
         elif to_hf and a == "router.e_score_correction_bias":
             out[dst] = torch.zeros(n, dtype=torch.float32)
+
+
+SUBLAYER_CONVERTERS["moe_nemotron"] = convert

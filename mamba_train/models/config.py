@@ -47,8 +47,10 @@ MAMBA3_KWARGS = {
     "dropout", "A_activation",
 }
 # Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
-# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels (models/ssd_fla.py).
-KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "fla")}
+# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels: mamba_ssm's fused Function,
+# ``mamba_train`` (the same kernels, no recomputation in the backward: models/ssd.py) or ``fla``
+# (models/ssd_fla.py).
+KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "mamba_train", "fla")}
 # Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 ATTN_KWARGS = {

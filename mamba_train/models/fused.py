@@ -81,8 +81,9 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
 
 
 class FusedMamba2(_Mamba2):
-    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels) or ``fla``
-    (flash-linear-attention's simple-GLA chunk kernels for the SSD part, ``models/ssd_fla.py``)."""
+    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels), ``mamba_train`` (the
+    same kernels with the forward's SSD tensors kept for the backward, ``models/ssd_split.py``)
+    or ``fla`` (flash-linear-attention's simple-GLA chunk kernels, ``models/ssd_fla.py``)."""
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
                  A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", d_inner=None,
@@ -99,6 +100,13 @@ class FusedMamba2(_Mamba2):
         if ssd_kernel == "fla":
             from mamba_train.models.ssd_fla import check_fla_stack
             check_fla_stack()
+        elif ssd_kernel == "mamba_train":
+            from mamba_train.models import ssd_upstream
+            ssd_upstream.check()
+            if not self.use_mem_eff_path:
+                raise ssd_upstream.SSDKernelError(
+                    "model.ssm_cfg.ssd_kernel=mamba_train replaces mamba_ssm's fused path: set "
+                    "ssm_cfg.use_mem_eff_path=true or ssd_kernel=mamba_ssm")
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     A_init_range=tuple(A_init_range), conv_init=conv_init,
                                     A_init=A_init, dt_bias_init=dt_bias_init)
@@ -117,6 +125,10 @@ class FusedMamba2(_Mamba2):
             return mamba2_forward_fla(self, hidden_states)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32).contiguous()
+        if (self.ssd_kernel == "mamba_train" and self.use_mem_eff_path and inference_params is None
+                and self.process_group is None):
+            from mamba_train.models.ssd_split import mamba2_forward
+            return mamba2_forward(self, hidden_states, seq_idx=seq_idx)
         return super().forward(hidden_states, seq_idx=seq_idx, inference_params=inference_params)
 
 

@@ -10,7 +10,7 @@ A source is one of
 * a Hugging Face hub id (``org/name``), fetched with ``huggingface_hub`` -- only from the local
   cache when the hub is offline (``HF_HUB_OFFLINE=1``).
 
-Weights are read by :func:`mamba_train.checkpoint.read_weights`, which reads the files directly
+Weights are read by :func:`mamba_train.formats.load.read_weights`, which reads the files directly
 (no model ``__init__`` or init hook runs on them). What the run takes from the source:
 
 * **Architecture.** ``model=source`` takes it as is. With any other model group (a recipe's),
@@ -102,7 +102,7 @@ def _read(path: Path, spec: str):
     """``read_weights`` with every reading failure (missing, truncated, corrupt) as one line."""
     from safetensors import SafetensorError
 
-    from mamba_train.checkpoint import read_weights
+    from mamba_train.formats.load import read_weights
 
     try:
         return read_weights(path)
@@ -116,11 +116,11 @@ def _read(path: Path, spec: str):
 def _read_config(path: Path, spec: str) -> MambaLMConfig:
     """The source's model config alone (a resumed run needs no weights)."""
     if path.is_dir() and (path / "config.json").is_file():
-        from mamba_train.hf_format import read_hf_config
+        from mamba_train.formats.hf import read_hf_config
 
         try:
             raw = json.loads((path / "config.json").read_text())
-            if raw.get("model_type") in ("mamba", "mamba2"):
+            if "model_type" in raw:  # a transformers directory (mamba_ssm's has none)
                 return read_hf_config(path)
             return MambaLMConfig.load(path / "config.json")
         except ValueError as e:
@@ -308,7 +308,8 @@ class InitFrom:
         return plan
 
     def _check_weights(self, state: Mapping[str, torch.Tensor], config: MambaLMConfig) -> None:
-        from mamba_train.checkpoint import CheckpointError, model_from_state_dict
+        from mamba_train.formats.checkpoint import CheckpointError
+        from mamba_train.formats.load import model_from_state_dict
 
         try:  # names and shapes against a meta skeleton: nothing is copied
             model_from_state_dict(config, state, backend="reference", device="meta", source=self.spec)

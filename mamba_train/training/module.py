@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mamba_train.checkpoint import CKPT_CONFIG_KEY
+from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, RNG_KEY, RUN_CONFIG_KEY
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
 from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
@@ -24,9 +24,6 @@ from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, Grap
 from mamba_train.training.lightning_compat import should_accumulate
 from mamba_train.training.nonfinite import NAN_POLICIES, NonFiniteGuard, NonFiniteLossError  # noqa: F401
 from mamba_train.training.optim import build_optimizer
-
-RNG_KEY = "mamba_train_rng"
-RUN_CONFIG_KEY = "mamba_train_run_config"
 
 
 class MambaLMModule(L.LightningModule):

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from test_hf_hybrids import CASES, make_hf  # noqa: E402
 
-from mamba_train.checkpoint import load_model  # noqa: E402
-from mamba_train.formats.hf_hybrids import families, to_hf_state_dict  # noqa: E402
+from mamba_train.formats.load import load_model  # noqa: E402
+from mamba_train.formats.hf import FAMILIES  # noqa: E402
 from mamba_train.models.attention import CausalSelfAttention  # noqa: E402
 
 
@@ -39,9 +39,9 @@ def test_fused_matches_transformers_under_bf16_autocast(case, tmp_path, record):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         hf(ids, labels=ids, use_cache=False).loss.backward()
         ours(ids, labels=labels).loss.backward()
-    family = families()[CASES[case]["model_type"]]
+    family = FAMILIES[CASES[case]["model_type"]]
     grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
-    ours_as_hf = to_hf_state_dict(ours.config, family, grads)
+    ours_as_hf = {k: v.cpu() for k, v in family.to_hf(ours.config, grads).items()}
     hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
     worst = max((rel_err(ours_as_hf[n], g.cpu()), n) for n, g in hf_grads.items() if n in ours_as_hf)
     record(f"hybrid fused vs transformers {case}: logits rel err {logits_err:.2e}, worst grad "

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import compose_config, metric_by_step
-from mamba_train.export.hf import export_hf
-from mamba_train.checkpoint import load_model
+from mamba_train.formats.hf_export import export_hf
+from mamba_train.formats.load import load_model
 from mamba_train.train import train
 
 pytestmark = pytest.mark.gpu

@@ -62,7 +62,7 @@ def build_model_for(strategy, config, backend: str = "auto",
 
     if not _is_zero3(strategy):
         if weights is not None:
-            from mamba_train.checkpoint import model_from_state_dict
+            from mamba_train.formats.load import model_from_state_dict
             return model_from_state_dict(config, weights, backend=backend, source="init_from")
         return build_model(config, backend=backend)
     import deepspeed  # only ZeRO-3 gets here, so DeepSpeed is installed

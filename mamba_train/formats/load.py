@@ -1,36 +1,28 @@
-"""Weights and checkpoint loading, ``load_model``: one entry for every place weights come from
-(training resume checks, evaluation, export, the Python API). Below ``training/``, ``evaluation/``
-and ``export/``; imports only ``models/`` and the format readers beside it.
+"""Reading weights from any supported format, and ``load_model``: one entry for every place
+weights come from (training resume checks, ``init_from``, evaluation, export, the Python API).
 
-Accepts a ``mamba_ssm``-format directory, a Hugging Face ``transformers`` directory
-(``MambaForCausalLM`` / ``Mamba2ForCausalLM``, or the hybrids ``NemotronHForCausalLM``,
-``BambaForCausalLM``, ``FalconH1ForCausalLM``), or a Lightning training checkpoint (``.ckpt``).
+Accepts a ``mamba_ssm``-format directory (``models/mamba_ssm_format.py``), a Hugging Face
+``transformers`` directory of a registered family (``formats/hf.py``), or a mamba_train training
+checkpoint (``.ckpt``, ``formats/checkpoint.py``: opened without unpickling code).
 Weights are assigned into a meta-device skeleton, so no init routine runs after loading and
 every tensor is bit-identical to the file (transformers >= 5 re-runs ``_init_weights`` after
 ``from_pretrained``, which has overwritten trained weights -- Δ bias in some versions, out_proj
-in 5.23 (see hf_format.py): we never do).
+in 5.23 (see formats/hf_mamba.py): we never do).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-from mamba_train.errors import MambaTrainError
+from mamba_train.formats.checkpoint import (CheckpointError, read_lightning_checkpoint, refusal,
+                                            run_config_of)
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.lm import MambaLM
-
-CKPT_MODEL_PREFIX = "model."
-# transformers' hybrid families (formats/hf_hybrids.py)
-HYBRID_MODEL_TYPES = ("nemotron_h", "bamba", "falcon_h1", "granitemoehybrid")
-CKPT_CONFIG_KEY = "mamba_train_model_config"
-
-
-class CheckpointError(MambaTrainError, ValueError):
-    """A path that is not a loadable model; the message says what was expected."""
 
 
 def model_from_state_dict(config: MambaLMConfig, state: Mapping[str, torch.Tensor],
@@ -66,21 +58,6 @@ def model_from_state_dict(config: MambaLMConfig, state: Mapping[str, torch.Tenso
     return model
 
 
-def read_lightning_checkpoint(path: Path) -> tuple[MambaLMConfig, dict[str, torch.Tensor]]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
-    if CKPT_CONFIG_KEY not in ckpt:
-        raise CheckpointError(
-            f"{path} was not written by mamba_train (no '{CKPT_CONFIG_KEY}' entry), so the model "
-            "config is unknown"
-        )
-    config = MambaLMConfig.from_dict(ckpt[CKPT_CONFIG_KEY])
-    state = {k[len(CKPT_MODEL_PREFIX):]: v for k, v in ckpt["state_dict"].items()
-             if k.startswith(CKPT_MODEL_PREFIX)}
-    return config, state
-
-
 def read_weights(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tensor]]:
     """(config, state dict in mamba_ssm key names) from any supported source."""
     path = Path(path)
@@ -99,17 +76,31 @@ def read_weights(path: str | Path) -> tuple[MambaLMConfig, dict[str, torch.Tenso
         hint = f" (it contains checkpoints, e.g. {ckpts[-1]})" if ckpts else ""
         raise CheckpointError(f"{path} has no config.json{hint}")
     raw = json.loads(cfg_file.read_text())
-    if raw.get("model_type") in HYBRID_MODEL_TYPES:
-        from mamba_train.formats.hf_hybrids import read_hf_hybrid
-        from mamba_train.hf_format import _read_weight_files, decode_special_floats
-        return read_hf_hybrid(decode_special_floats(raw), _read_weight_files(path), str(path))
-    if raw.get("model_type") in ("mamba", "mamba2"):
-        from mamba_train.hf_format import read_hf
-        return read_hf(path)
-    from mamba_train.models.mamba_ssm_format import read_mamba_ssm
-    return read_mamba_ssm(path)
+    try:  # their .bin files are read with weights_only=True: refused pickles become one line
+        if "model_type" in raw:  # transformers writes it; mamba_ssm's config.json has none
+            from mamba_train.formats.hf import read_hf
+            return read_hf(path)
+        from mamba_train.models.mamba_ssm_format import read_mamba_ssm
+        return read_mamba_ssm(path)
+    except pickle.UnpicklingError as e:
+        raise refusal(path, e) from None
 
 
 def load_model(path: str | Path, backend: str = "auto", device=None) -> MambaLM:
     config, state = read_weights(path)
     return model_from_state_dict(config, state, backend=backend, device=device, source=str(path))
+
+
+def tokenizer_of(source: str | Path, run_config: dict[str, Any] | None = None) -> str | None:
+    """The tokenizer ``source`` was trained with, as ``data.tokenizer`` names it: a ``.ckpt``'s
+    run config says (pass ``run_config`` if already read), a model directory holding tokenizer
+    files is its own; None when the source records none (a bare mamba_ssm directory)."""
+    path = Path(source)
+    if run_config is None and path.is_file():
+        run_config = run_config_of(path)
+    tokenizer = ((run_config or {}).get("data") or {}).get("tokenizer")
+    if tokenizer:
+        return str(tokenizer)
+    if path.is_dir() and any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return str(path)
+    return None

@@ -1,0 +1,136 @@
+"""Runs ``ssd_kernel=mamba_train``'s Functions (models/ssd.py, models/ssd_split.py) and mamba_ssm's
+own on CPU under Triton's interpreter and prints, as JSON, which outputs and gradients differ.
+
+mamba_ssm's Triton launchers assume a CUDA build of torch in three places that do not touch the
+maths; a process of its own makes them run on CPU tensors: ``torch.cuda.device(None)`` becomes a
+no-op, the SM count is a fixed 4, and each autotuned kernel keeps its first config (the
+interpreter has no benchmarker). causal_conv1d (CUDA only) is replaced by the same PyTorch conv in
+both Functions, so the split Function's comparison covers everything around it.
+Needs mamba_ssm's Python sources importable (tests/test_ssd.py skips otherwise)."""
+
+import contextlib
+import json
+import os
+import sys
+import types
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from triton.runtime import autotuner  # noqa: E402
+
+sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+_cuda_device = torch.cuda.device
+torch.cuda.device = lambda i: contextlib.nullcontext() if i is None else _cuda_device(i)
+torch.cuda.get_device_properties = lambda d=None: types.SimpleNamespace(multi_processor_count=4)
+_autotuner_init = autotuner.Autotuner.__init__
+autotuner.Autotuner.__init__ = lambda self, fn, names, configs, *a, **k: _autotuner_init(
+    self, fn, names, configs[:1], *a, **k)
+
+from mamba_ssm.ops.triton import ssd_combined  # noqa: E402
+
+from mamba_train.models.ssd import ssd_chunk_scan  # noqa: E402
+from mamba_train.models.ssd_split import split_conv1d_scan_kept  # noqa: E402
+
+
+def _conv(x, w, b, silu):
+    y = F.conv1d(F.pad(x.float(), (w.shape[1] - 1, 0)), w.float().unsqueeze(1), b.float(),
+                 groups=w.shape[0])
+    return F.silu(y) if silu else y
+
+
+def conv_fwd(x, w, b, seq_idx, initial_states, final_states_out, silu):
+    return _conv(x, w, b, silu).to(x.dtype)
+
+
+def conv_bwd(x, w, b, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
+    leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    with torch.enable_grad():
+        gx, gw, gb = torch.autograd.grad(_conv(*leaves, silu), leaves, dout.float())
+    dx = torch.empty_like(x) if dx is None else dx
+    dx.copy_(gx)
+    return dx, gw.to(w.dtype), gb.to(b.dtype), None
+
+
+ssd_combined.causal_conv1d_fwd_function = conv_fwd
+ssd_combined.causal_conv1d_bwd_function = conv_bwd
+
+
+def compare(ours, theirs, leaves, names):
+    """Names of the outputs / input gradients that are not bit-identical, with the max diff."""
+    results = []
+    for fn in (ours, theirs):
+        copies = [t.clone().requires_grad_() if t is not None else None for t in leaves]
+        outs = fn(*copies)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        g = torch.Generator().manual_seed(1)
+        sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
+        results.append([o.detach() for o in outs] + [c.grad for c in copies if c is not None])
+    assert len(results[0]) == len(names)
+    return {n: (a.float() - b.float()).abs().max().item()
+            for n, a, b in zip(names, *results) if not torch.equal(a, b)}
+
+
+def chunk_scan_case(dtype):
+    """Length 40 in chunks of 16, document boundaries, initial states, the z gate, 2 groups."""
+    g = torch.Generator().manual_seed(0)
+    b, l, h, ngroups, p, n = 1, 40, 4, 2, 16, 16
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    leaves = [r(b, l, h, p), r(b, l, h), -torch.rand(h, generator=g) - 0.5, r(b, l, ngroups, n),
+              r(b, l, ngroups, n), torch.randn(h, p, generator=g), r(b, l, h, p),
+              torch.randn(h, generator=g), torch.randn(b, h, p, n, generator=g)]
+    seq_idx = (torch.arange(l) >= 23).int()[None].contiguous()
+
+    def call(fn):
+        return lambda x, dt, A, B, C, D, z, bias, h0: fn(
+            x, dt, A, B, C, 16, D=D, z=z, dt_bias=bias, initial_states=h0, seq_idx=seq_idx,
+            dt_softplus=True, return_final_states=True)
+    names = ["out", "final_states", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"]
+    return compare(call(ssd_chunk_scan), call(ssd_combined.mamba_chunk_scan_combined), leaves,
+                   names)
+
+
+def split_case():
+    """The fused mixer body: SwiGLU columns beside the SSD (d_ssm < d_inner), gated RMSNorm,
+    out_proj, length 40 in chunks of 16."""
+    g = torch.Generator().manual_seed(0)
+    l, h, p, n, d_nonssm = 40, 2, 16, 16, 8
+    dim, chans = h * p, h * p + 2 * n
+    leaves = [torch.randn(1, l, 2 * d_nonssm + 2 * dim + 2 * n + h, generator=g),
+              torch.randn(chans, 4, generator=g) * 0.3, torch.randn(chans, generator=g) * 0.1,
+              torch.randn(h, generator=g), -torch.rand(h, generator=g) - 0.5,
+              torch.randn(h, generator=g), torch.rand(dim, generator=g) + 0.5,
+              torch.randn(24, d_nonssm + dim, generator=g) * 0.1]
+
+    def call(fn):
+        return lambda zxbcdt, w, bias, dt_bias, A, D, norm_w, out_w: fn(
+            zxbcdt, w, bias, dt_bias, A, D, 16, rmsnorm_weight=norm_w, rmsnorm_eps=1e-5,
+            outproj_weight=out_w, headdim=p, norm_before_gate=False)
+    names = ["out", "zxbcdt", "conv_w", "conv_b", "dt_bias", "A", "D", "norm_w", "out_w"]
+    return compare(call(split_conv1d_scan_kept),
+                   call(ssd_combined.mamba_split_conv1d_scan_combined), leaves, names)
+
+
+def mixer_case():
+    """models/fused.py's FusedMamba2 with ssd_kernel=mamba_train against ssd_kernel=mamba_ssm
+    (mamba_ssm's Mamba2.forward): the hook passes the module's parameters the same way."""
+    from mamba_train.models.fused import FusedMamba2
+    u = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for kernel in ("mamba_train", "mamba_ssm"):
+        torch.manual_seed(0)
+        mixer = FusedMamba2(32, d_state=16, headdim=16, chunk_size=16, ngroups=2, d_ssm=32,
+                            ssd_kernel=kernel, norm_before_gate=False)
+        y = mixer(u)
+        y.square().mean().backward()
+        results.append([y.detach()] + [p.grad for _, p in mixer.named_parameters()])
+    names = ["out"] + [n for n, _ in mixer.named_parameters()]
+    return {n: (a - b).abs().max().item() for n, a, b in zip(names, *results) if not torch.equal(a, b)}
+
+
+if __name__ == "__main__":
+    # fp32 only: Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (both
+    # Functions would agree on wrong numbers); bf16 is compared on the GPU
+    print(json.dumps({"chunk_scan": chunk_scan_case(torch.float32), "split": split_case(),
+                      "mixer": mixer_case()}))
