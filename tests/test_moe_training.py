@@ -40,4 +40,4 @@ def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, make_conf
     entropy = metric_by_step(result["run_dir"], "moe/layer00/router_entropy")
     assert sorted(imbalance) and all(v >= 1.0 for v in imbalance.values())
     n = layers[0][1].cfg["n_experts"]
-    assert all(0 < v <= torch.log(torch.tensor(float(n))).item() + 1e-4 for v in entropy.values())
+    assert all(0 < v <= torch.log(torch.tensor(float(n))).item() + 1e-4 for v in entropy.values()), entropy

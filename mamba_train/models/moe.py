@@ -223,6 +223,11 @@ class MoE(nn.Module):
         self.register_buffer("tokens", torch.zeros((), **stat), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
+    def reset_parameters(self) -> None:
+        """Zero the statistics (a meta-device build materialises its buffers uninitialised)."""
+        for buf in (self.load, self.bias_load, self.entropy_sum, self.tokens):
+            buf.zero_()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
