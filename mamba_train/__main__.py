@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from mamba_train.errors import MambaTrainError, user_errors
 
 log = logging.getLogger("mamba_train")
+_RESTORED: str | None = None  # what restore_run_overrides restored, logged once logging is set up
 
 
 class RunDirConflict(MambaTrainError):
@@ -41,17 +42,23 @@ def unify_run_dir(cfg: DictConfig) -> None:
 
     ``hydra.run.dir`` defaults to ``${run_dir}``; when the command line sets ``hydra.run.dir``
     alone, ``run_dir`` becomes that directory (so checkpoints land beside ``.hydra/`` and the
-    log); both set to different places is refused. Multirun jobs keep ``run_dir`` (each job's
-    ``.hydra/`` and log go to the sweep directory, the run itself to ``run_dir``).
+    log); both set to different places is refused. A multirun job runs in its own directory,
+    ``hydra.sweep.dir/hydra.sweep.subdir`` (``<output dir>/multirun/<run name>/<job number>``),
+    as in lightning-hydra-template, unless ``run_dir`` is set.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    if hc.mode != RunMode.RUN or _overridden(list(hc.overrides.hydra), "hydra.run.dir") is None:
-        return
+    run_dir_set = _overridden(list(hc.overrides.task), "run_dir") is not None
     hydra_dir = Path(hc.runtime.output_dir).resolve()
-    if _overridden(list(hc.overrides.task), "run_dir") is not None and Path(cfg.run_dir).resolve() != hydra_dir:
+    if hc.mode == RunMode.MULTIRUN:  # one directory per job (sweep dir / job number)
+        if not run_dir_set:
+            cfg.run_dir = str(hydra_dir)
+        return
+    if _overridden(list(hc.overrides.hydra), "hydra.run.dir") is None:
+        return
+    if run_dir_set and Path(cfg.run_dir).resolve() != hydra_dir:
         raise RunDirConflict(f"run_dir={cfg.run_dir} and hydra.run.dir={hc.run.dir} name two "
                              "directories; set one of them (run_dir=... is enough: Hydra's "
                              "directory follows it)")
@@ -67,6 +74,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
     try:
         unify_run_dir(cfg)
+        _take_from_data(cfg)
+        _report_resume(cfg)
         result = train(cfg)
     except user_errors() as e:  # evaluated only when something was raised
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -75,6 +84,37 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     if result.get("exit_code"):  # stopped by a signal after saving: 128 + signal number
         sys.exit(result["exit_code"])
+
+
+def _take_from_data(cfg: DictConfig) -> None:
+    """data.tokenizer / model.vocab_size from the prepared data unless the command line set them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mamba_train.from_data import adopt_data_tokenizer, explicit_keys
+    from mamba_train.training.run_lock import launching_rank_zero
+
+    note = adopt_data_tokenizer(cfg, explicit_keys(list(HydraConfig.get().overrides.task)))
+    if note and launching_rank_zero():
+        log.info(note)
+
+
+def _report_resume(cfg: DictConfig) -> None:
+    """Say (once) what a resume restored, and what the LR does past the saved schedule."""
+    from mamba_train.resume_overrides import schedule_extension_note
+    from mamba_train.train import max_steps
+    from mamba_train.training.run_lock import launching_rank_zero
+
+    if cfg.ckpt_path is None or not launching_rank_zero():
+        return
+    if _RESTORED:
+        log.info(_RESTORED)
+    try:
+        steps = max_steps(cfg)
+    except ValueError:  # neither max_steps nor total_tokens: check_config says so in train()
+        return
+    note = schedule_extension_note(Path(cfg.run_dir), steps)
+    if note:
+        log.warning(note)
 
 
 def _refuse_moved_overrides(argv: list[str]) -> None:
@@ -92,7 +132,17 @@ def _refuse_moved_overrides(argv: list[str]) -> None:
 def main() -> None:
     from mamba_train.console import default_kernel_caches
 
+    global _RESTORED
+    from mamba_train.resume_overrides import restore_run_overrides
+
     _refuse_moved_overrides(sys.argv[1:])
+    try:  # before Hydra composes (and writes .hydra/ into the run directory)
+        argv, _RESTORED = restore_run_overrides(sys.argv[1:])
+    except MambaTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    # Hydra reads sys.argv, and so do Lightning's launchers that start the other ranks
+    sys.argv[1:] = argv
     default_kernel_caches()  # before anything imports triton
     _hydra_main()
 

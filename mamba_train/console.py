@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,14 @@ _NOISE = (
     # device (e.g. "FLOPs not found for 'NVIDIA H200'"); MFU then needs train.peak_flops, which
     # the project's own model summary says once
     ("lightning.fabric", "FLOPs not found"),
+    # lightning 2.x (trainer/setup.py): "TPU available: False, using: 0 TPU cores" (and HPU) --
+    # the GPU line before it says what runs
+    ("lightning.pytorch", "TPU available"),
+    ("lightning.pytorch", "HPU available"),
+    # lm-eval 0.4.x (api/task.py, Task.download): "<task>: Custom kwargs can be passed to
+    # `--metadata` ..." for every task whose dataset comes from a function, as the packaged
+    # offline tasks' does (evaluation/tasks/local_data.py): advice for task authors
+    ("lm_eval", r"re:\S+: Custom kwargs can be passed to `--metadata`"),
     # matplotlib >= 3.x (font_manager): "Matplotlib is building the font cache; this may take a moment."
     ("matplotlib", "Matplotlib is building the font cache"),
 )
@@ -48,11 +57,20 @@ _NOISE_WARNINGS = (
     r"The `srun` command is available",
     # lightning 2.x (fabric/utilities/throughput.py), issued as a warning: see _NOISE
     r"FLOPs not found",
+    # lightning 2.x (callbacks/model_checkpoint.py): "Checkpoint directory ... exists and is not
+    # empty" -- said on every resume; a fresh run over existing checkpoints is refused before
+    # (train._check_run_dir), so here the directory is always this run's own
+    r"Checkpoint directory .* exists and is not empty",
+    # lightning 2.x (loops/fit_loop.py): "The number of training batches (2) is smaller than the
+    # logging interval" -- a small corpus makes short epochs, but logging counts the run's
+    # optimizer steps (logger_connector), not an epoch's batches: every interval is logged
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 
 
 class _DropPrefixes(logging.Filter):
-    """Drop records of logger ``scope`` (and its children) whose message starts with a prefix."""
+    """Drop records of logger ``scope`` (and its children) whose message starts with a prefix
+    (a prefix of the form ``re:<regex>`` is matched at the start as a regular expression)."""
 
     def __init__(self, scope: str, prefixes: tuple[str, ...]):
         super().__init__()
@@ -61,7 +79,9 @@ class _DropPrefixes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != self.scope and not record.name.startswith(self.scope + "."):
             return True
-        return not record.getMessage().startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(re.match(p[3:], message) if p.startswith("re:") else message.startswith(p)
+                       for p in self.prefixes)
 
 
 def quiet_third_party() -> None:

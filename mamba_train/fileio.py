@@ -6,6 +6,10 @@ directory is fsync'ed so the rename itself survives a power loss. A crash at any
 either the old file or the new one, never a truncated mix. A full disk (or quota) is a
 :class:`DiskFullError` naming the file: the partial temporary file is removed, the earlier
 files are untouched.
+
+The new file gets the mode an ordinary ``open(path, "w")`` would give it (``0666`` less the
+umask; ``mkstemp`` alone makes it ``0600``, so a group could not read prepared data), or the
+mode of the file it replaces. Renaming over a symbolic link replaces the link, never its target.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -62,12 +67,40 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` to produce the content, then move it into place atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, _new_file_mode(path))
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -96,3 +129,48 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class UnsafePathError(MambaTrainError, OSError):
+    """A file the project would write is a symbolic link: writing would change the link's target."""
+
+
+def refuse_symlinks(*paths: str | Path) -> None:
+    """One line naming the first path that is a symbolic link (a link planted in a run or data
+    directory would make a write land on whatever it points to)."""
+    for p in paths:
+        if os.path.islink(p):
+            raise UnsafePathError(
+                f"{p} is a symbolic link (to {os.readlink(p)}); mamba_train writes its files "
+                "there itself and never through a link: remove the link, or use another directory")
+
+
+def exclusive_lock(path: str | Path, note: str) -> tuple[int | None, str]:
+    """Take an exclusive ``flock`` on ``path`` (created if missing, never through a symbolic
+    link) and write ``note`` into it: ``(fd, "")``; ``(None, holder's note)`` while another
+    process holds it. The kernel drops the lock when the holder dies, even on ``kill -9``."""
+    import fcntl
+
+    refuse_symlinks(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link planted since the check
+            refuse_symlinks(path)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, note.encode(), 0)
+    return fd, ""
+
+
+def release_lock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

@@ -22,12 +22,13 @@ from mamba_train.config_checks import check_config, config_warnings, write_resol
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import ConfigError
 from mamba_train.training.batch import grad_accumulation
+from mamba_train.training.callbacks.run_start import check_interpolations, check_model_memory
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
 from mamba_train.training.init_from import model_and_source
 from mamba_train.training.module import MambaLMModule
-from mamba_train.training.resume import (checkpoint_files, clean_checkpoint_dir, resolve_ckpt_path,
-                                         resume_command)
+from mamba_train.training.resume import (checkpoint_dir, checkpoint_files, clean_checkpoint_dir,
+                                         resolve_ckpt_path, resume_command)
 from mamba_train.training.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ def _fused_gpu_sm_count(backend: str) -> int | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def _check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+def _check_run_dir(run_dir: Path, ckpt_dir: Path, ckpt_path: str | None) -> None:
     """Never silently train over an existing run's checkpoints."""
-    existing = sorted(checkpoint_files(run_dir / "checkpoints"))
+    existing = sorted(checkpoint_files(ckpt_dir))
     if existing and ckpt_path is None:
         raise RunDirError(
             f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with "
@@ -104,14 +105,16 @@ def max_steps(cfg: DictConfig) -> int:
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
+    check_interpolations(cfg)  # an unset ${oc.env:...} is one line naming its key
     check_moved_keys(cfg)
     check_config(cfg)  # every bad value in one line, before anything is built or written
     run_dir = Path(cfg.run_dir)
     lock_run_dir(run_dir)  # a second run in the same directory refuses here
-    _check_run_dir(run_dir, cfg.ckpt_path)
-    ckpt_path = resolve_ckpt_path(run_dir / "checkpoints", cfg.ckpt_path)  # newest that loads
+    ckpt_dir = checkpoint_dir(cfg)  # callbacks.model_checkpoint.dirpath, wherever it points
+    _check_run_dir(run_dir, ckpt_dir, cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(ckpt_dir, cfg.ckpt_path)  # newest that loads
     if launching_rank_zero():
-        clean_checkpoint_dir(run_dir / "checkpoints", int(cfg.train.keep_last_k_checkpoints),
+        clean_checkpoint_dir(ckpt_dir, int(cfg.train.keep_last_k_checkpoints),
                              keep=ckpt_path)
         log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
         for warning in config_warnings(cfg, sm_count=_fused_gpu_sm_count(cfg.backend)):
@@ -122,6 +125,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
     # the model group's config, or init_from=<source>'s (continued pretraining)
     model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
+    check_model_memory(model_config)  # a mistyped size refuses now, not after minutes of allocation
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
     datamodule.check_paths()  # a missing data directory refuses before any logger starts a run
@@ -148,8 +152,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         check_val_every_n_epoch=None,
         val_check_interval=int(cfg.train.val_every_n_steps),  # × accumulation, set below
     )
+    # the ranks of a context-parallel group share their windows: count data-parallel ranks
+    data_parallel = trainer.world_size // getattr(trainer.strategy, "context_parallel_size", 1)
     accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
-                              cfg.data.seq_len, trainer.world_size)
+                              cfg.data.seq_len, data_parallel)
     trainer.accumulate_grad_batches = accum
     # val_check_interval counts micro-batches; the config speaks in optimizer steps.
     trainer.val_check_interval = int(cfg.train.val_every_n_steps) * accum

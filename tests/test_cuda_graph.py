@@ -119,7 +119,7 @@ def test_cuda_graph_auto_falls_back_to_eager_and_says_why(tmp_path):
                                tmp_path))
     assert run["module"].graph_step is None and run["trainer"].global_step == 1
     summary = json.loads((run["run_dir"] / "summary.json").read_text())
-    assert summary["training_step"].startswith("eager: the device is cpu, CUDA graphs need a GPU")
+    assert summary["training_step"].startswith("eager: the device is cpu (CUDA graphs are for GPUs)")
 
 
 def test_unknown_cuda_graph_mode_is_a_config_error(tmp_path):

@@ -74,8 +74,8 @@ def test_zst_and_resume_give_identical_shards(corpus, tmp_path, capsys):
     out = tmp_path / "resumed"
     log = run_prepare(f"source={d / 'docs.jsonl.zst'}", f"out={out}", "num_proc=2", "max_shards=3", *common)
     assert "stopped after" in log and not (out / "train" / "index.json").exists()
-    written = json.loads((out / "progress.json").read_text())["splits"]["train"]["shards"]
-    assert len(written) >= 3
+    splits = json.loads((out / "progress.json").read_text())["splits"]
+    assert sum(len(st["shards"]) for st in splits.values()) >= 3  # val's first (its minimum), then train
     mtime = (out / "train" / "shard_00000.bin").stat().st_mtime_ns
     capsys.readouterr()
     assert main([f"source={d / 'docs.jsonl.zst'}", f"out={out}", "num_proc=2", *common]) == 0
@@ -163,3 +163,83 @@ def test_full_disk_while_writing_a_shard_is_one_line(corpus, tmp_path, capsys, m
     assert "Traceback" not in err
     assert [p.name for p in out.rglob("*shard*")] == ["shard_00000.bin"]
     assert next(out.rglob("*.bin")).stat().st_size == 2000  # whole (uint16 tokens)
+
+
+def test_a_second_prepare_into_the_same_out_refuses_while_the_first_runs(corpus, tmp_path, capsys):
+    """Two prepares with other settings into one out= would interleave their shards: while one
+    holds out='s lock the other refuses in one line naming it, and writes nothing."""
+    from mamba_train.data.shards import LOCK_FILE
+    from mamba_train.fileio import exclusive_lock, release_lock
+
+    d, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    fd, _ = exclusive_lock(out / LOCK_FILE, "pid 4242 on elsewhere\n")  # a prepare in progress
+    try:
+        rc = main([f"source={d / 'docs.jsonl'}", f"out={out}", "val_fraction=0.2", "num_proc=1"])
+    finally:
+        release_lock(fd)
+    err = capsys.readouterr().err
+    assert rc == 2 and f"out={out} is being written by another prepare (pid 4242 on elsewhere)" in err
+    assert "Traceback" not in err and sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    assert main([f"source={d / 'docs.jsonl'}", f"out={out}", "num_proc=1"]) == 0  # lock released
+
+
+def test_a_killed_prepares_partial_shards_are_removed_and_files_follow_the_umask(corpus, tmp_path):
+    """A prepare killed mid-write leaves .shard_*.tmp files: the next one removes them. Every
+    file it writes gets 0666 less the umask (group-readable under umask 027), not 0600."""
+    d, _ = corpus
+    out = tmp_path / "out"
+    run_prepare(f"source={d / 'docs.jsonl'}", f"out={out}", "tokens_per_shard=1000", "num_proc=1",
+                "max_shards=1")
+    before = {p for p in out.rglob("*") if p.is_file()}
+    partial = out / "train" / ".shard_00007.bin.k1ll3d.tmp"
+    partial.write_bytes(b"\0" * 100)
+    (out / ".progress.json.abc123.tmp").write_text("{")
+    keep = out / "train" / "notes.tmp"  # not a name prepare writes: left alone
+    keep.write_text("mine")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(["sh", "-c", f'umask 027 && exec "{sys.executable}" -m mamba_train.data.prepare '
+                           f'source={d / "docs.jsonl"} out={out} tokens_per_shard=1000 num_proc=1'],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not partial.exists() and not (out / ".progress.json.abc123.tmp").exists() and keep.exists()
+    later = [p for p in out.rglob("*") if p.is_file() and p not in before and p != keep]
+    assert len(later) >= 3 and {oct(p.stat().st_mode & 0o777) for p in later} == {oct(0o640)}, \
+        {p.name: oct(p.stat().st_mode & 0o777) for p in later}
+    index = json.loads((out / "train" / "index.json").read_text())
+    vocab = index["tokenizer"]["vocab_size"]
+    for shard in index["shards"]:  # recorded for the load-time range check
+        tokens = np.fromfile(out / "train" / shard["file"], dtype=index["dtype"])
+        assert shard["max_token_id"] == int(tokens.max()) < vocab
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_refused_in_one_line(corpus, tmp_path, capsys):
+    from mamba_train.data.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_bytes((DEFAULT_TOKENIZER_DIR / "tokenizer.json").read_bytes())
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "FooTokenizer", "auto_map": {"AutoTokenizer": ["foo.FooTokenizer", None]}}))
+    (tok / "foo.py").write_text("raise SystemExit('remote code ran')\n")
+    d, _ = corpus
+    rc = main([f"source={d / 'docs.jsonl'}", f"out={tmp_path / 'out'}", f"tokenizer={tok}", "num_proc=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"prepare: error: tokenizer '{tok}' needs to run its repository's own Python code" in err
+
+
+def test_resume_inside_the_val_minimum_gives_identical_shards(corpus, tmp_path):
+    """Stopped after one val shard, while the first documents still fill min_val_tokens."""
+    d, _ = corpus
+    common = [f"source={d / 'docs.jsonl'}", "tokens_per_shard=1000", "val_fraction=0.2",
+              "batch_docs=16", "num_proc=1", "min_val_tokens=2500"]
+    assert main([*common, f"out={tmp_path / 'ref'}"]) == 0
+    assert main([*common, f"out={tmp_path / 'r'}", "max_shards=1"]) == 0
+    progress = json.loads((tmp_path / "r" / "progress.json").read_text())
+    assert progress.get("val_head_docs") is None and len(progress["splits"]["val"]["shards"]) == 1
+    assert main([*common, f"out={tmp_path / 'r'}"]) == 0
+    assert shards_of(tmp_path / "r") == shards_of(tmp_path / "ref")
+    val = json.loads((tmp_path / "ref" / "val" / "index.json").read_text())
+    assert val["total_tokens"] >= 2500

@@ -127,7 +127,7 @@ def test_redirected_run_prints_progress_lines_once_in_one_directory(tmp_path):
     assert summary["time_to_first_step_s"] > 0 and summary["steps"] == 4
 
 
-def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys):
+def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys, monkeypatch):
     import lightning  # noqa: F401  (adds its console handler)
     from mamba_train.console import quiet_third_party
 
@@ -140,14 +140,24 @@ def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys):
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.warning("💡 Tip: For seamless cloud logging, try installing litlogger")
         rank_zero.warning("GPU available: False, used: False")
+        rank_zero.info("TPU available: False, using: 0 TPU cores")
+        task_log = logging.getLogger("lm_eval.api.task")  # lm-eval's own setup may have muted it
+        for name in ("lm_eval", "lm_eval.api.task"):
+            monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+            monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+            monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+        task_log.warning("local_ppl: Custom kwargs can be passed to `--metadata` in console (as json string)")
+        task_log.warning("local_ppl: kept, another lm-eval line")
         logging.getLogger("mamba_train.x").warning("💡 Tip: kept: not a Lightning record")
         out = capsys.readouterr().out
-        assert "litlogger" not in out
+        assert "litlogger" not in out and "TPU available" not in out and "Custom kwargs" not in out
+        assert "another lm-eval line" in out
         assert out.count("GPU available: False") == 1 and "kept" in out
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             quiet_third_party()  # re-installs the filters over simplefilter
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("Checkpoint directory /x/checkpoints exists and is not empty.", UserWarning)
             warnings.warn("something else", UserWarning)
         assert [str(w.message) for w in caught] == ["something else"]
     finally:
@@ -269,6 +279,39 @@ def test_progress_bar_counts_steps_and_shows_val_loss():
     assert "val 4.250" in task.fields["info"] and task.description == "train"
     bar.on_train_end(trainer, None)
     assert bar._bar is None and progress.finished is False and task.completed == 4
+
+
+def test_progress_bar_eta_is_the_runs_and_the_log_file_gets_the_lines(monkeypatch, tmp_path):
+    """Steps far apart (Rich's 30 s speed window sees one): the bar's ETA is still the run's
+    mean step time; the bar's steps and validations are lines in the run's log file."""
+    import types
+
+    import mamba_train.training.callbacks.progress as progress
+
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(
+        perf_counter=lambda: 60 * _FakeTrainer.clock[0]))  # a minute per step
+    handler = logging.FileHandler(tmp_path / "run.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        _FakeTrainer.clock[0] = 0.0
+        bar = progress.StepProgress(mode="bar", every_n_steps=2, tokens_per_step=1000)
+        trainer = _FakeTrainer(6)
+        bar.setup(trainer, None, "fit")
+        bar.on_train_start(trainer, None)
+        task = bar._bar.tasks[0]
+        assert task.fields["eta"] == "-"
+        for i in range(4):
+            trainer.step(bar, 5.0 - i / 10)
+        assert task.fields["eta"] == "0:02:00"  # 2 steps left at 60 s each
+        bar.on_validation_start(trainer, None)
+        bar.on_validation_end(trainer, None)
+        bar.on_train_end(trainer, None)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "run.log").read_text()
+    assert "step 2/6 | loss" in text and "step 4/6 | loss" in text and "ETA 0:02:00" in text
+    assert "val  step 4/6" in text
 
 
 def test_no_progress_callback_means_no_lightning_epoch_bar(make_config, capsys):

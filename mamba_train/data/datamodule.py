@@ -98,6 +98,9 @@ class TokenDataModule(L.LightningDataModule):
             raise DataError("data.mask_cross_document_loss needs data.document_boundaries=true")
         if path is not None and sources:
             raise DataError("give either data.path or data.sources, not both")
+        # Hydra hands OmegaConf containers; checkpoints keep these hyperparameters, and the
+        # weights-only loader of a resume refuses any class it does not know (ListConfig)
+        sources = _plain(sources)
         self.save_hyperparameters()
         self.path = path
         self.sources = [dict(s) for s in sources] if sources else None
@@ -137,9 +140,10 @@ class TokenDataModule(L.LightningDataModule):
             # (re)built when the rank is known: setup() may have run before a Trainer attached
             self._train_ds = TokenWindowDataset([r / "train" for r in roots], self.seq_len, weights,
                                                 self.seed, rank, world)
-            self._val_ds = ValWindowDataset([r / "val" for r in roots], self.val_seq_len, rank,
-                                            world, self.val_windows)
-            self._val_ds.set_range(0, len(self._val_ds), self.val_batch_size)
+            if len(self._split_lengths()) > 1:
+                self._val_ds = ValWindowDataset([r / "val" for r in roots], self.val_seq_len, rank,
+                                                world, self.val_windows)
+                self._val_ds.set_range(0, len(self._val_ds), self.val_batch_size)
             if self._train_loader is not None:
                 state, self._train_loader = self._train_loader.state_dict(), None
                 self.train_dataloader().load_state_dict(state)
@@ -151,7 +155,15 @@ class TokenDataModule(L.LightningDataModule):
             self._train_loader = ResumableDataLoader(
                 self._train_ds, batch_size=self.micro_batch_size, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, epoch_batches=self.epoch_batches)
+        trainer = self.trainer
+        if trainer is not None:  # saved with the position: a resume refuses other batching
+            self._train_loader.accumulate_grad_batches = int(trainer.accumulate_grad_batches)
         return self._train_loader
+
+    @property
+    def train_tokens_consumed(self) -> int | None:
+        """Training tokens handed out so far, all ranks (None before training)."""
+        return self._train_loader.tokens_consumed if self._train_loader is not None else None
 
     def val_dataloader(self) -> DataLoader:
         if self._val_ds is None:
@@ -189,7 +201,10 @@ class TokenDataModule(L.LightningDataModule):
         return self.path is None and not self.sources
 
     def _split_lengths(self) -> tuple[tuple[str, int], ...]:
-        """Each split and the window length it must hold at least one of (plus one token)."""
+        """Each split and the window length it must hold at least one of (plus one token);
+        no val split when the Trainer validates nothing (``trainer.limit_val_batches=0``)."""
+        if self.trainer is not None and self.trainer.limit_val_batches == 0:
+            return (("train", self.seq_len),)
         return ("train", self.seq_len), ("val", self.val_seq_len)
 
     def _roots(self) -> tuple[list[Path], list[float]]:
@@ -208,8 +223,13 @@ class TokenDataModule(L.LightningDataModule):
         if not split_dir.is_dir() and parent.is_dir() and (parent / "index.json").is_file():
             raise DataError(f"{parent} is a single split, not a prepare output; give the "
                             f"directory that holds train/ and val/ (probably {parent.parent})")
-        return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
-                                min_tokens=seq_len + 1)
+        try:
+            return validate_dataset(split_dir, self.expected_vocab_size, self.checksums,
+                                    min_tokens=seq_len + 1)
+        except DataError as e:
+            if split_dir.name != "val" or "fewer than" not in str(e):
+                raise
+            raise DataError(f"{e}; or train without validation: trainer.limit_val_batches=0") from None
 
     def _check_tokenizer(self, indexes: list[dict]) -> None:
         toks = {(i["tokenizer"]["vocab_size"], i["tokenizer"]["eos_id"]) for i in indexes}
@@ -232,6 +252,10 @@ class TokenDataModule(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is not None:
+            # the data-parallel rank: the ranks of a context-parallel group read the same windows
+            shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+            if shard:
+                return shard["rank"], shard["num_replicas"]
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -241,6 +265,13 @@ class TokenDataModule(L.LightningDataModule):
         if self.index is None:
             raise RuntimeError("call setup() first")
         return self.index
+
+
+def _plain(value):
+    """OmegaConf containers -> plain lists/dicts (other values unchanged)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def default_data_dir(tokenizer: str = "default", cache_dir: str | Path | None = None) -> Path:

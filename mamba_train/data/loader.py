@@ -35,8 +35,14 @@ class ResumableDataLoader(DataLoader):
     epochs (so a tiny corpus does not pay a worker restart every few batches; do not pass
     ``persistent_workers``), and restarted at the right position only after
     ``load_state_dict``. The state is the per-rank sample count, not a per-worker position, so
-    a run can resume with another ``num_workers`` (or ``batch_size``); a different
-    ``world_size`` resumes at the same global sample, rounded down to a multiple of it.
+    a run can resume with another ``num_workers``; a different ``world_size`` resumes at the
+    same global sample, rounded down to a multiple of it.
+
+    Another micro-batch size or gradient accumulation is refused on resume (``load_state_dict``):
+    Lightning restores its count of micro-batches, so its accumulation windows and epoch ends
+    would no longer fall on optimizer-step boundaries (a first step over part of a window, with
+    a part-scaled gradient, every later boundary shifted). ``accumulate_grad_batches`` is set
+    by the datamodule from the Trainer.
     """
 
     def __init__(self, dataset: TokenWindowDataset, batch_size: int, num_workers: int = 0,
@@ -49,6 +55,7 @@ class ResumableDataLoader(DataLoader):
         if epoch_batches is not None and epoch_batches < 1:
             raise ValueError(f"epoch_batches must be >= 1, got {epoch_batches}")
         self.epoch_batches = epoch_batches
+        self.accumulate_grad_batches: int | None = None
         self.samples_yielded = 0
         self._stream: Iterator | None = None
         self._stream_pos = -1
@@ -72,13 +79,22 @@ class ResumableDataLoader(DataLoader):
             self._stream = None  # shuts down the old workers
             self.dataset.set_range(self.samples_yielded, None, self.batch_size)  # workers copy it
             self._stream, self._stream_pos = super().__iter__(), self.samples_yielded
-        item = next(self._stream)
+        try:
+            item = next(self._stream)
+        except DataError as e:  # raised in a worker: keep the message, not the worker's traceback
+            raise DataError(_worker_message(e)) from None
         self.samples_yielded += item["input_ids"].shape[0]  # consumed in the main process
         self._stream_pos = self.samples_yielded
         return item
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_stream": None, "_stream_pos": -1}
+
+    @property
+    def tokens_consumed(self) -> int:
+        """Training tokens handed to the model, all ranks together (the windows' inputs)."""
+        ds = self.dataset
+        return self.samples_yielded * ds.world_size * ds.seq_len
 
     @property
     def epoch(self) -> int:
@@ -94,6 +110,8 @@ class ResumableDataLoader(DataLoader):
             "seq_len": ds.seq_len,
             "weights": list(ds.weights),
             "fingerprint": ds.fingerprint(),
+            "micro_batch_size": self.batch_size,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -107,4 +125,27 @@ class ResumableDataLoader(DataLoader):
                     "seq_len, seed and weights; restore those, or resume without the loader state "
                     "(the data order then restarts)"
                 )
+        self._check_batching(state)
         self.samples_yielded = int(state["samples_yielded"]) * int(state["world_size"]) // ds.world_size
+
+    def _check_batching(self, state: dict) -> None:
+        old = (state.get("micro_batch_size"), state.get("accumulate_grad_batches"))
+        new = (self.batch_size, self.accumulate_grad_batches)
+        if None in old or None in new or int(state["world_size"]) != self.dataset.world_size:
+            return  # an older checkpoint; another world size changes the accumulation by design
+        if tuple(map(int, old)) != new:
+            raise DataError(
+                f"cannot resume with another batching: the checkpoint was written with "
+                f"data.micro_batch_size={old[0]} x {old[1]} accumulated micro-batches per step, "
+                f"this run has data.micro_batch_size={new[0]} x {new[1]} (train.global_batch_tokens "
+                "and data.micro_batch_size set both). Resume with the checkpoint's values; to "
+                "change them, start a new run from its weights (init_from=<checkpoint>)")
+
+
+def _worker_message(e: DataError) -> str:
+    """The original message of a DataError raised in a DataLoader worker (PyTorch re-raises it
+    in the main process with the worker's whole traceback as its text)."""
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)

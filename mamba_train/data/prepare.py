@@ -4,15 +4,21 @@ Usage::
 
     mamba-train-prepare source=<file|glob|dir|hub-name|default> out=<dir> \\
         [tokenizer=default] [text_key=text] [tokens_per_shard=33554432] [num_proc=N] \\
-        [val_fraction=0.01] [source_config=NAME] [source_split=train] [max_shards=N]
+        [val_fraction=0.01] [min_val_tokens=2049] [source_config=NAME] [source_split=train] \\
+        [max_shards=N]
 
 * ``source``: ``.jsonl``/``.json`` (optionally ``.zst``/``.gz``), ``.parquet`` (records with a
   ``text_key`` field) or ``.txt`` (one document per file); a directory (all such files inside,
   recursively) or a glob; a Hugging Face hub dataset name; ``default`` for the embedded corpus.
-  Files are read with ``datasets`` in streaming mode, so memory stays flat for any size.
+  Files are streamed (memory stays flat for any size): JSON and text with the standard library
+  (``data/readers.py``), parquet files and hub datasets with ``datasets`` (the ``datasets`` extra).
 * Writes ``out/train`` and ``out/val``. A document goes to val when a hash of its text falls
   below ``val_fraction``: deterministic, independent of order and ``num_proc``, and duplicates
-  land in the same split. (``source=default`` uses the corpus' own fixed split.)
+  land in the same split. (``source=default`` uses the corpus' own fixed split.) So that a small
+  corpus still validates, the source's first documents go to val until it holds
+  ``min_val_tokens`` (default 2049: one 2048-token window and its last target; raise it to
+  ``data.val_seq_len + 1`` for longer windows, 0 turns it off); ``val_fraction=0`` writes no
+  val split at all (train with ``trainer.limit_val_batches=0``).
 * Every document is followed by the tokenizer's EOS id. ``num_proc`` worker processes tokenize
   batches of documents; results are consumed in order, so the output is identical for any
   ``num_proc``.
@@ -31,7 +37,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +45,10 @@ from typing import Iterator
 import numpy as np
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
-from mamba_train.data.shards import FORMAT_VERSION, DataError, ShardWriter, atomic_write_json
+from mamba_train.data.prepare_console import progress_display
+from mamba_train.data.readers import hf_dataset, read_local, readable
+from mamba_train.data.shards import (FORMAT_VERSION, DataError, ShardWriter, atomic_write_json,
+                                     is_fresh_output, locked_output)
 from mamba_train.data.tokenizer import load_backend
 from mamba_train.errors import MambaTrainError
 
@@ -62,6 +71,7 @@ class PrepareConfig:
     tokens_per_shard: int = 1 << 25  # 64 MiB of uint16
     num_proc: int = max(1, min(8, (os.cpu_count() or 2) - 1))
     val_fraction: float = 0.01
+    min_val_tokens: int = 2049
     source_config: str | None = None
     source_split: str = "train"
     batch_docs: int = 512
@@ -78,6 +88,8 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     cfg = parse_key_values(argv, PrepareConfig, required=("source", "out"), usage=USAGE)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UsageError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.min_val_tokens < 0:
+        raise UsageError(f"min_val_tokens must be >= 0, got {cfg.min_val_tokens}")
     return cfg
 
 
@@ -126,29 +138,16 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
 
         yield from default_documents()
         return
-    import datasets
-
-    datasets.disable_progress_bars()
-    # errors reach the user as one DataError line (below), not also as datasets log records
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     resolved = resolve_files(cfg.source)
-    try:
-        if resolved is None:
-            ds = datasets.load_dataset(cfg.source, cfg.source_config, split=cfg.source_split,
-                                       streaming=True)
-        else:
-            builder, files = resolved
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
-                                       **kwargs)
-    except StopIteration:  # datasets' schema inference on files with no records
-        return
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"source {cfg.source!r}: could not open it with `datasets` "
-                        f"({e.__class__.__name__}: {e}). For a hub dataset without internet, "
-                        "download it elsewhere and pass the local files") from e
+    if resolved is not None and resolved[0] in ("json", "text"):
+        records = read_local(*resolved, cfg.source)
+    else:
+        ds = hf_dataset(cfg.source, resolved, cfg.source_config, cfg.source_split)
+        if ds is None:
+            return
+        records = readable(ds, cfg.source)
     text_key = "text" if resolved is not None and resolved[0] == "text" else cfg.text_key
-    for record in _readable(ds, cfg.source):
+    for record in records:
         if text_key not in record:
             raise DataError(f"source {cfg.source!r}: records have no {text_key!r} field; fields "
                             f"present: {sorted(record)}. Pass text_key=<one of them>")
@@ -158,24 +157,6 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
                             f"{type(text).__name__}, not text")
         if text:
             yield text
-
-
-def _readable(records, source: str):
-    """The records, with a file that is not valid UTF-8 / JSON reported as a DataError."""
-    it = iter(records)
-    while True:
-        try:
-            record = next(it)
-        except StopIteration:
-            return
-        except UnicodeDecodeError as e:
-            raise DataError(f"source {source!r} is not valid UTF-8 text ({e.reason} at byte "
-                            f"{e.start}); re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-        except ValueError as e:  # pyarrow's ArrowInvalid: a JSON line that does not parse
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise DataError(f"source {source!r}: cannot parse it ({first}); every line of a "
-                            ".jsonl file must be one JSON object") from None
-        yield record
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -271,17 +252,25 @@ def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = Non
 
     ``final_dir``: where the caller moves ``cfg.out`` afterwards (a build in a temporary
     directory); the messages name it instead of the temporary one."""
+    if cfg.source != "default":
+        resolve_files(cfg.source)  # fail fast on a missing source
+    with locked_output(Path(cfg.out).expanduser()):  # one prepare per out=
+        return _prepare(cfg, console, final_dir)
+
+
+def _prepare(cfg: PrepareConfig, console, final_dir: str | Path | None) -> dict:
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = Path(cfg.out).expanduser()
-    if cfg.source != "default":
-        resolve_files(cfg.source)  # fail fast on a missing source
     backend, tok_info = load_backend(cfg.tokenizer)
     identity = {**cfg.identity(), "tokenizer": tok_info, "format_version": FORMAT_VERSION}
     if cfg.source != "default" and Path(cfg.source).expanduser().exists():
         identity["source"] = str(Path(cfg.source).expanduser().resolve())
     saved = _load_progress(out, identity)
+    if saved and "min_val_tokens" not in saved.get("identity", {}):  # an older version's output
+        cfg = replace(cfg, min_val_tokens=0)
+        identity.pop("min_val_tokens")
     if saved.get("done"):
         console.print(f"[green]{out} is already complete[/] ({_summary(saved)}); nothing to do")
         return saved
@@ -299,6 +288,7 @@ def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = Non
         state["splits"] = {s: p.state(docs_consumed) for s, p in splits.items()}
         atomic_write_json(out / PROGRESS_FILE, state)
 
+    head = _ValHead(cfg, saved.get("val_head_docs"), splits["val"])
     docs = iter_documents(cfg)
     if start_doc:
         console.print(f"resuming {out}: {start_doc:,} documents done, skipping them")
@@ -307,11 +297,14 @@ def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = Non
     init_args = (backend.to_str(), tok_info["eos_id"], cfg.val_fraction,
                  cfg.source == "default")
     batches = _encoded_batches(cfg, docs, start_doc, init_args)
-    with _progress_bar(console) as bar:
+    with progress_display(console) as bar:
         task = bar.add_task(f"tokenizing {cfg.source} into {final_dir or out}", total=None, docs=0, tokens=0, rate=0.0)
         try:
             for first, is_val, arrays in batches:
                 for k, (val, tokens) in enumerate(zip(is_val, arrays)):
+                    val = head.is_val(first + k, len(tokens), val)
+                    if head.docs is not None:
+                        state["val_head_docs"] = head.docs
                     written = splits["val" if val else "train"].add(first + k, tokens)
                     docs_consumed = first + k + 1
                     if written:
@@ -337,8 +330,31 @@ def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = Non
     save()
     console.print(f"[green]wrote {final_dir or out}[/]: {_summary(state)} in {time.time() - t0:.1f}s")
     if state["splits"]["val"]["documents"] == 0:
-        console.print("[yellow]warning: the val split is empty; raise val_fraction to validate[/]")
+        console.print("no val split (val_fraction=0): train with trainer.limit_val_batches=0")
     return state
+
+
+class _ValHead:
+    """The source's first documents go to val until it holds ``min_val_tokens``: a corpus of
+    a few hundred documents would otherwise get a val split shorter than one window. ``docs``:
+    how many documents the head took, once full (saved in progress.json); until then the
+    tokens so far are counted from the val split itself (all of it is head), so a resumed run
+    decides as the first did."""
+
+    def __init__(self, cfg: PrepareConfig, docs: int | None, val: "_SplitProgress"):
+        self.on = cfg.min_val_tokens > 0 and cfg.val_fraction > 0 and cfg.source != "default"
+        self.min_tokens, self.docs = cfg.min_val_tokens, docs
+        self.tokens = val.writer.tokens_written - val.head_skip if self.on and docs is None else 0
+
+    def is_val(self, doc: int, n_tokens: int, by_hash: bool) -> bool:
+        if not self.on:
+            return by_hash
+        if self.docs is None:
+            self.tokens += n_tokens
+            if self.tokens >= self.min_tokens:
+                self.docs = doc + 1
+            return True
+        return doc < self.docs or by_hash
 
 
 def _load_progress(out: Path, identity: dict) -> dict:
@@ -346,12 +362,14 @@ def _load_progress(out: Path, identity: dict) -> dict:
 
     path = out / PROGRESS_FILE
     if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and not is_fresh_output(out, SPLITS):
             raise DataError(f"out={out} exists, is not empty and has no {PROGRESS_FILE}: it is not "
                             "a prepare output; choose another out= or empty it")
         out.mkdir(parents=True, exist_ok=True)
         return {}
     saved = json.loads(path.read_text())
+    if "min_val_tokens" not in saved.get("identity", {}):  # written before the val head existed
+        identity = {k: v for k, v in identity.items() if k != "min_val_tokens"}
     if saved.get("identity") != identity:
         diff = {k: (saved.get("identity", {}).get(k), v) for k, v in identity.items()
                 if saved.get("identity", {}).get(k) != v}
@@ -371,15 +389,6 @@ def _summary(state: dict) -> str:
         n = sum(x["num_tokens"] for x in st["shards"])
         parts.append(f"{s}: {st['documents']:,} docs, {n:,} tokens, {len(st['shards'])} shards")
     return "; ".join(parts)
-
-
-def _progress_bar(console):
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                    TextColumn("{task.fields[docs]:,} docs"), TextColumn("{task.fields[tokens]:,} tokens"),
-                    TextColumn("{task.fields[rate]:,.0f} tokens/s"), TimeElapsedColumn(),
-                    console=console, transient=False)
 
 
 def main(argv: list[str] | None = None) -> int:

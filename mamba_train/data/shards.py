@@ -3,8 +3,8 @@
 A split (``out/train``, ``out/val``) is a directory::
 
     index.json         {format_version, split, tokenizer: {name, vocab_size, eos_id}, dtype,
-                        tokens_per_shard, shards: [{file, num_tokens, sha256}], total_tokens,
-                        sources}
+                        tokens_per_shard, shards: [{file, num_tokens, sha256, max_token_id}],
+                        total_tokens, sources}
     shard_00000.bin    raw little-endian tokens (uint16 if vocab < 65536, else uint32),
     shard_00001.bin    exactly ``tokens_per_shard`` each; the last one may be shorter
     ...
@@ -19,23 +19,37 @@ code we can test exhaustively, instead of state hidden in a library's chunk cach
 
 Files are written to ``*.tmp`` then ``os.replace``-d, and ``index.json`` is written last, so a
 directory with an index is complete.
+
+Token ids outside the vocabulary (a flipped high byte, data of another tokenizer) would index
+past the embedding: an IndexError deep in the model on CPU, a device-side assert on a GPU. The
+largest id of each shard is recorded at write time and checked against the vocabulary when the
+split is validated, and every window read is range-checked (one vectorised ``max`` of
+``seq_len + 1`` integers, in the loader workers): the error names the shard and the position.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
+import os
+import re
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from mamba_train.errors import MambaTrainError
 from mamba_train.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from mamba_train.fileio import exclusive_lock, release_lock
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
+LOCK_FILE = ".prepare.lock"
+# fileio.atomic_write's temporary files: ".<name>.<random>.tmp"
+_PARTIAL = re.compile(r"^\.(shard_\d+\.bin|index\.json|progress\.json)\..+\.tmp$")
 
 
 class DataError(MambaTrainError, ValueError):
@@ -128,7 +142,35 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.dir / name, data)
         self.shards.append({"file": name, "num_tokens": int(tokens.size),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "max_token_id": int(tokens.max()) if tokens.size else -1})
+
+
+@contextlib.contextmanager
+def locked_output(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock while a prepare writes there, after removing the partial files of a
+    killed one. Two prepares into one ``out`` (other settings, or the same twice) would
+    interleave their shards: the second refuses in one line naming the first."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, holder = exclusive_lock(out / LOCK_FILE, f"pid {os.getpid()} on {socket.gethostname()}\n")
+    if fd is None:
+        raise DataError(f"out={out} is being written by another prepare ({holder}); wait for it "
+                        "to finish (a rerun then continues or finds it complete), or use another out=")
+    try:
+        for directory in (out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())):
+            for p in directory.iterdir():
+                if _PARTIAL.match(p.name) and p.is_file():
+                    p.unlink()
+        yield
+    finally:
+        release_lock(fd)
+
+
+def is_fresh_output(out: Path, splits: tuple[str, ...]) -> bool:
+    """Nothing in ``out`` but the lock and empty split directories (a prepare killed before it
+    recorded its first shard; its partial files are removed by :func:`locked_output`)."""
+    return all(p.name == LOCK_FILE or (p.name in splits and p.is_dir() and not any(p.iterdir()))
+               for p in out.iterdir())
 
 
 def write_tokens(out_dir: str | Path, tokens: np.ndarray, tokenizer: dict,
@@ -158,12 +200,41 @@ def read_index(directory: str | Path) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); re-run prepare into a fresh out=") from e
-    if index.get("format_version") != FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+        version = index.get("format_version") if isinstance(index, dict) else None
         raise DataError(
-            f"{path} has format_version {index.get('format_version')!r}, this code reads "
+            f"{path} has format_version {version!r}, this code reads "
             f"{FORMAT_VERSION}; re-run prepare with this version of mamba_train"
         )
+    _check_index_fields(path, index)
     return index
+
+
+_INDEX_FIELDS = {"tokenizer": dict, "dtype": str, "shards": list, "total_tokens": int}
+_TOKENIZER_FIELDS = {"name": str, "vocab_size": int, "eos_id": int}
+_SHARD_FIELDS = {"file": str, "num_tokens": int, "sha256": str}
+
+
+def _check_index_fields(path: Path, index: dict) -> None:
+    """Every field the reader uses, with its type: one line naming the first that is wrong."""
+    def require(obj: dict, fields: dict, where: str) -> None:
+        for key, kind in fields.items():
+            if not isinstance(obj.get(key), kind) or (kind is int and isinstance(obj[key], bool)):
+                got = "missing" if key not in obj else f"{type(obj[key]).__name__} {obj[key]!r}"[:80]
+                raise DataError(f"{path}: {where}{key} must be a {kind.__name__}, got {got}; the "
+                                "index is damaged or hand-edited: re-run prepare into a fresh out=")
+    require(index, _INDEX_FIELDS, "")
+    require(index["tokenizer"], _TOKENIZER_FIELDS, "tokenizer.")
+    for i, shard in enumerate(index["shards"]):
+        if not isinstance(shard, dict):
+            raise DataError(f"{path}: shards[{i}] is not an object; re-run prepare into a fresh out=")
+        require(shard, _SHARD_FIELDS, f"shards[{i}].")
+        if "/" in shard["file"] or shard["file"].startswith("."):
+            raise DataError(f"{path}: shards[{i}].file={shard['file']!r} is not a shard file name "
+                            "of this directory; re-run prepare into a fresh out=")
+    if index["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype={index['dtype']!r} is not a token dtype (uint16 or "
+                        "uint32); re-run prepare into a fresh out=")
 
 
 def validate_dataset(directory: str | Path, expected_vocab_size: int | None = None,
@@ -199,6 +270,11 @@ def validate_dataset(directory: str | Path, expected_vocab_size: int | None = No
                 f"{shard['num_tokens']} tokens x {itemsize} B = {expected} bytes; re-copy it or "
                 "re-run prepare into a fresh out="
             )
+        vocab = int(index["tokenizer"]["vocab_size"])
+        if int(shard.get("max_token_id", -1)) >= vocab:
+            raise DataError(f"shard {path} holds token id {shard['max_token_id']}, outside the "
+                            f"vocabulary of {vocab} ids of {INDEX_FILE}; re-run prepare with the "
+                            "tokenizer the data is meant for")
         if checksums and _sha256_file(path) != shard["sha256"]:
             raise DataError(f"shard {path} fails its sha256 checksum (corrupted on disk or in "
                             "transfer); re-copy it or re-run prepare into a fresh out=")
@@ -237,6 +313,7 @@ class TokenShards:
         sizes = [s["num_tokens"] for s in self.index["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
         self.total_tokens = self._starts[-1]
+        self.vocab_size = int(self.index["tokenizer"]["vocab_size"])
         self._maps: list[np.memmap] | None = None
 
     def __len__(self) -> int:
@@ -260,7 +337,15 @@ class TokenShards:
         parts = []
         while start < stop:
             lo, hi = start - self._starts[i], min(stop, self._starts[i + 1]) - self._starts[i]
-            parts.append(maps[i][lo:hi])
+            part = maps[i][lo:hi]
+            if part.size and int(part.max()) >= self.vocab_size:
+                bad = lo + int(np.argmax(part >= self.vocab_size))
+                raise DataError(
+                    f"shard {self.dir / self.index['shards'][i]['file']} holds token id "
+                    f"{int(maps[i][bad])} at position {bad}, outside the vocabulary of "
+                    f"{self.vocab_size} ids (the file is corrupted: data.checksums=true verifies "
+                    "every shard at start); re-copy it or re-run prepare into a fresh out=")
+            parts.append(part)
             start += hi - lo
             i += 1
         return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])

@@ -12,8 +12,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mamba_train.errors import MambaTrainError
+
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 DEFAULT_EOS = "<|endoftext|>"
+
+
+class TokenizerError(MambaTrainError, ValueError):
+    """A tokenizer that cannot be used; the message says which and what to use instead."""
+
+
+class TokenizerNotFoundError(MambaTrainError, FileNotFoundError):
+    """No such tokenizer file/directory, or the hub has none (or is out of reach)."""
+
+
+def _auto_tokenizer(name: str):
+    """``AutoTokenizer.from_pretrained``, refusing a tokenizer that needs its repository's own
+    Python code (``trust_remote_code``): mamba_train never runs code that comes with data."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, use_fast=True)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise TokenizerError(
+            f"tokenizer {name!r} needs to run its repository's own Python code "
+            "(trust_remote_code), which mamba_train never does; use a tokenizer that ships a "
+            "tokenizer.json (pass that file), or one of the standard ones") from None
 
 
 def load_tokenizer(name_or_path: str | Path | None = None):
@@ -24,7 +50,7 @@ def load_tokenizer(name_or_path: str | Path | None = None):
             file or a directory holding one (HF layout); otherwise a hub name such as
             ``"EleutherAI/gpt-neox-20b"`` (downloaded once, then read from the HF cache).
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if name_or_path is None or str(name_or_path) == "default":
         name_or_path = DEFAULT_TOKENIZER_DIR
@@ -32,29 +58,38 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     bare = path.is_dir() and not (path / "tokenizer_config.json").is_file()
     if bare and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"  # a bare tokenizers-library save
+    elif bare:
+        from mamba_train.data.shards import DataError
+
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+        raise DataError(
+            f"tokenizer {str(name_or_path)!r} is a directory without tokenizer.json (it holds "
+            f"{held}): a tokenizers save_model() directory (vocab.json + merges.txt) is not a "
+            "whole tokenizer; save it with Tokenizer.save('<dir>/tokenizer.json') or "
+            "transformers' save_pretrained('<dir>') and pass that")
     if path.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
         if tok.eos_token is None and tok.convert_tokens_to_ids(DEFAULT_EOS) is not None:
             tok.eos_token = DEFAULT_EOS
     elif path.is_dir():
-        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        tok = _auto_tokenizer(str(path))
     elif _looks_like_path(str(name_or_path)):
-        raise FileNotFoundError(f"tokenizer {name_or_path!r}: no such file or directory")
+        raise TokenizerNotFoundError(f"tokenizer {name_or_path!r}: no such file or directory")
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
+            tok = _auto_tokenizer(str(name_or_path))
         except OSError as e:  # offline, unknown repo, gated repo, ...
-            raise OSError(
+            raise TokenizerNotFoundError(
                 f"could not load tokenizer {name_or_path!r} from the Hugging Face hub or its cache "
                 f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without "
                 "internet, download it where there is (`huggingface-cli download NAME`, or "
                 "`AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)`) and pass the directory, "
                 "or use tokenizer=default."
-            ) from e
+            ) from None
     if not getattr(tok, "is_fast", False):
-        raise TypeError(f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer")
+        raise TokenizerError(f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer")
     if tok.eos_token_id is None:
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer {name_or_path!r} has no EOS token; prepare needs one to separate documents"
         )
     return tok

@@ -76,6 +76,11 @@ def packed_varlen_attention(q, k, v, seq_idx, scale):
 
 
 class CausalSelfAttention(nn.Module):
+    """``sequence_carry`` (or ``carry=`` in forward): the input is a slice of a longer sequence
+    (``models/state_passing.py``); the queries attend to the keys and values of every token up to
+    the slice end, with rotary positions counted from the sequence start."""
+
+    sequence_carry = None
     # packed documents on the GPU go through varlen flash attention, whose cu_seqlens length is
     # read on the host (training/cuda_graph.py keeps such a step eager)
     varlen_needs_host_sync = True
@@ -113,7 +118,9 @@ class CausalSelfAttention(nn.Module):
         out_dim = self.head_dim * self.num_heads + self.mlp_dim // 2
         self.out_proj = nn.Linear(out_dim, embed_dim, bias=out_proj_bias, **factory)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                carry=None) -> torch.Tensor:
+        carry = carry if carry is not None else self.sequence_carry
         batch, seqlen, _ = x.shape
         qkv = self.in_proj(x)
         if self.mlp_dim > 0:
@@ -123,7 +130,12 @@ class CausalSelfAttention(nn.Module):
         if self.d_conv > 0:
             if seq_idx is not None:
                 raise NotImplementedError("attention with d_conv > 0 does not support seq_idx")
-            qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+            if carry is not None:  # the previous slice's last d_conv - 1 inputs go first
+                from mamba_train.models.state_passing import carried_causal_conv1d
+                qkv = carried_causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight,
+                                            self.conv1d.bias, None, None, carry).transpose(1, 2)
+            else:
+                qkv = self.conv1d(qkv.transpose(1, 2))[..., :seqlen].transpose(1, 2)
         q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
              self.num_heads_kv * self.head_dim], dim=-1)
@@ -132,12 +144,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim)
         if self.key_multiplier != 1:
             k = k * self.key_multiplier
+        offset = 0 if carry is None else carry.offset
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_tables(seqlen, self.rotary_emb_dim, self.rotary_emb_base, x.device,
-                                     torch.promote_types(q.dtype, torch.float32))
+            cos, sin = rotary_tables(offset + seqlen, self.rotary_emb_dim, self.rotary_emb_base,
+                                     x.device, torch.promote_types(q.dtype, torch.float32))
+            cos, sin = cos[offset:], sin[offset:]
             q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
             k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
-        if seq_idx is not None and varlen_eligible(q):
+        if carry is not None:  # keys and values from the sequence start to the slice end
+            k, v = carry.gather("k", k), carry.gather("v", v)
+            if offset or seq_idx is not None:
+                return self._attend_slice(q, k, v, x_mlp if self.mlp_dim > 0 else None,
+                                          offset, seq_idx, carry)
+        if carry is None and seq_idx is not None and varlen_eligible(q):
             ctx = packed_varlen_attention(q, k, v, seq_idx, self.softmax_scale)
             ctx = ctx.reshape(batch, seqlen, -1)
             if self.mlp_dim > 0:
@@ -161,7 +180,27 @@ class CausalSelfAttention(nn.Module):
             same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
             mask = (causal[None] & same_doc)[:, None]  # (B, 1, L, L), True = attend
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        ctx = ctx.transpose(1, 2).reshape(batch, seqlen, -1)
-        if self.mlp_dim > 0:
+        return self._output(ctx, x_mlp if self.mlp_dim > 0 else None)
+
+    def _output(self, ctx: torch.Tensor, x_mlp: torch.Tensor | None) -> torch.Tensor:
+        ctx = ctx.transpose(1, 2).flatten(2)
+        if x_mlp is not None:
             ctx = torch.cat([ctx, x_mlp], dim=-1)
         return self.out_proj(ctx)
+
+    def _attend_slice(self, q, k, v, x_mlp, offset, seq_idx, carry):
+        """Queries at positions offset.. attend keys 0..offset+L-1 (causal, same document)."""
+        seqlen, total = q.shape[1], k.shape[1]
+        rep = self.num_heads // self.num_heads_kv
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if seq_idx is None:  # the queries are the last L of the keys: lower-right causal,
+            from torch.nn.attention.bias import causal_lower_right  # which flash kernels take
+            mask = causal_lower_right(seqlen, total)
+        else:
+            qpos = torch.arange(offset, offset + seqlen, device=q.device)
+            mask = (qpos[:, None] >= torch.arange(total, device=q.device)[None, :])[None]
+            keys_doc = carry.seq_idx_up_to_here(seq_idx)
+            mask = (mask & (seq_idx[:, :, None] == keys_doc[:, None, :]))[:, None]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return self._output(ctx, x_mlp)

@@ -18,11 +18,16 @@ def grad_accumulation(global_batch_tokens: int, micro_batch_size: int, seq_len: 
                       world_size: int) -> int:
     per_pass = micro_batch_size * seq_len * world_size
     if global_batch_tokens % per_pass:
+        fits = [m for m in range(micro_batch_size, 0, -1)
+                if global_batch_tokens % (m * seq_len * world_size) == 0]
         lo = max(per_pass, global_batch_tokens // per_pass * per_pass)
+        fix = (f"data.micro_batch_size={fits[0]} keeps this global batch (accumulation "
+               f"{global_batch_tokens // (fits[0] * seq_len * world_size)}); otherwise set "
+               if fits else "set ")
         raise BatchSizeError(
             f"train.global_batch_tokens={global_batch_tokens} is not a multiple of "
             f"data.micro_batch_size × data.seq_len × world_size = {micro_batch_size} × {seq_len} × "
-            f"{world_size} = {per_pass}; change data.micro_batch_size or set "
-            f"train.global_batch_tokens to a multiple such as {lo}"
+            f"{world_size} = {per_pass}; {fix}train.global_batch_tokens to a multiple of "
+            f"{per_pass} such as {lo}"
         )
     return global_batch_tokens // per_pass

@@ -63,7 +63,7 @@ def graph_blockers(trainer, module) -> list[str]:
     reasons = []
     strategy = trainer.strategy
     if strategy.root_device.type != "cuda":
-        reasons.append(f"the device is {strategy.root_device.type}, CUDA graphs need a GPU")
+        reasons.append(f"the device is {strategy.root_device.type} (CUDA graphs are for GPUs)")
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
             strategy, (SingleDeviceStrategy, DDPStrategy)):
         reasons.append(f"{type(strategy).__name__} gathers or partitions parameters and "
@@ -95,7 +95,8 @@ def start_graph_step(trainer, module, mode: str) -> tuple[GraphedTrainStep | Non
         if mode == "on":
             raise CudaGraphError("module.cuda_graph=on, but the step cannot be captured: "
                                  + "; ".join(blockers) + ". Set module.cuda_graph=auto or off.")
-        rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
+        if trainer.strategy.root_device.type == "cuda":  # on a CPU eager is simply the step
+            rank_zero_info(f"cuda_graph=auto: eager training step ({'; '.join(blockers)})")
         return None, "eager: " + "; ".join(blockers)
     strategy = trainer.strategy
     if mode == "auto" and getattr(trainer, "num_nodes", 1) > 1:

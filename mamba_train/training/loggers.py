@@ -18,6 +18,7 @@ Why a subclass of Lightning's ``WandbLogger``:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import string
 from pathlib import Path
@@ -27,11 +28,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mamba_train.errors import MambaTrainError
+from mamba_train.fileio import atomic_write_text
 from mamba_train.training.lightning_compat import drop_unset_wandb_anonymous
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
+
+
+class RunIdFileError(MambaTrainError, ValueError):
+    """``<run dir>/wandb_run_id`` is not a W&B run id."""
 
 
 def resolve_run_id(run_dir: str | Path, resume: bool) -> str:
@@ -40,15 +47,26 @@ def resolve_run_id(run_dir: str | Path, resume: bool) -> str:
     Only rank 0 writes the file; other ranks never start a W&B run."""
     path = Path(run_dir) / RUN_ID_FILE
     if resume and path.is_file():
-        run_id = path.read_text().strip()
+        run_id = _read_run_id(path)
         if run_id:
             return run_id
     # W&B's own generator has moved between releases (wandb.util -> wandb.sdk.lib.runid); an id
     # is just 8 characters of [a-z0-9]
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    if rank_zero_only.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+    if rank_zero_only.rank == 0:  # replaced, never written through a link planted there
+        atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def _read_run_id(path: Path) -> str:
+    try:
+        run_id = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        run_id = None
+    if run_id is None or (run_id and not all(c.isalnum() or c in "-_" for c in run_id)) \
+            or len(run_id) > 128:
+        raise RunIdFileError(f"{path} does not hold a W&B run id (one line of letters, digits, "
+                             "'-' or '_'); delete it to start a new W&B run, or restore it")
     return run_id
 
 
@@ -63,7 +81,30 @@ def wandb_logger(run_dir: str, ckpt_path: str | None = None, **kwargs: Any):
                  "%s/metrics/metrics.csv. To turn it on: pip install wandb (offline by default; "
                  "WANDB_MODE=online after `wandb login` to log live)", run_dir)
         return DummyLogger()
+    if kwargs.get("mode") == "offline" and "WANDB_SILENT" not in os.environ:
+        # W&B's banner and end-of-run tables (a dozen "wandb:" lines) say nothing an offline
+        # run needs beyond where its files are and how to upload them: one line of ours
+        os.environ["WANDB_SILENT"] = "true"
+        if rank_zero_only.rank == 0:
+            log.info("W&B: offline run in %s/wandb (upload: wandb sync %s/wandb/offline-run-*; "
+                     "WANDB_MODE=online logs live)", run_dir, run_dir)
     return RunWandbLogger(run_dir=run_dir, ckpt_path=ckpt_path, **kwargs)
+
+
+def tensorboard_logger(**kwargs: Any):
+    """Hydra target for ``logger=tensorboard``: Lightning's ``TensorBoardLogger``, or without
+    ``tensorboard`` (and ``tensorboardX``, which Lightning also takes) a do-nothing logger and
+    one warning with the install line, as for W&B: the run keeps its metrics.csv."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        log.warning("logger=tensorboard writes nothing: the tensorboard package is not installed "
+                    "(pip install 'mamba_train[tensorboard]'); metrics still go to "
+                    "%s/metrics/metrics.csv", kwargs.get("save_dir", "<run dir>"))
+        return DummyLogger()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(**kwargs)
 
 
 class RunWandbLogger(WandbLogger):

@@ -251,7 +251,9 @@ class MambaLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         val_loss = self.trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
-            self.log("val/ppl", torch.exp(val_loss.float().clamp(max=30)), sync_dist=False)
+            # the same value on every rank (val/loss is synced); sync_dist=True costs one scalar
+            # all-reduce per validation and keeps Lightning from warning that it is unsynced
+            self.log("val/ppl", torch.exp(val_loss.float().clamp(max=30)), sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -90,6 +90,8 @@ class NonFiniteGuard:
             kept = [(p, n) for p, n in zip(params, names) if p.grad is not None]
             params, names = [p for p, _ in kept], [n for _, n in kept]
             grads = [p.grad for p in params]
+        # FSDP2 (DTensor) gradients: this rank's shard; reduce_max agrees across the ranks
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         if grads:
             device = grads[0].device
             norms = torch._foreach_norm(grads, float("inf"))
@@ -143,7 +145,7 @@ class NonFiniteGuard:
         if getattr(optimizer, "defaults", {}).get("fused"):
             optimizer.found_inf = found.float()  # read by the fused kernel, on the device
             return
-        if not self._host_path_noted:
+        if not self._host_path_noted and found.is_cuda:  # on a CPU the read costs nothing
             log.info("non-finite check: the optimizer is not fused, so each step's flag is read "
                      "on the host (one sync per step; optim.optimizer.fused=true avoids it)")
             self._host_path_noted = True

@@ -149,6 +149,15 @@ def clean_checkpoint_dir(ckpt_dir: Path, keep_last_k: int, keep: str | None = No
     return removed
 
 
+def checkpoint_dir(cfg) -> Path:
+    """Where the run's checkpoints are: ``callbacks.model_checkpoint.dirpath`` when set (so
+    ``ckpt_path=last`` looks where they are written), else ``<run dir>/checkpoints``."""
+    from omegaconf import OmegaConf
+
+    dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+    return Path(dirpath) if dirpath else Path(cfg.run_dir) / "checkpoints"
+
+
 def resume_command() -> str:
     """The command line of this run with ``ckpt_path=last`` (Hydra's overrides when under the CLI)."""
     import shlex

@@ -7,6 +7,7 @@ MT_FAULT_ENOSPC_AT_SAVE=N   the N-th checkpoint write (1-based) fails half-way w
 MT_FAULT_NAN_GRAD_AT=K      at optimizer step K one gradient gets an inf (the loss stays finite)
 MT_FAULT_NAN_LOSS_FROM=K    every loss from step K on is NaN (a diverged run)
 MT_FAULT_GRAPH_STEP_ON_CPU=1  run the CUDA-graph step's bookkeeping on CPU (no capture)
+MT_FAULT_ENOSPC_PLOT=1      saving the loss plot fails half-way with ENOSPC (a disk full at the end)
 """
 
 import errno
@@ -81,6 +82,15 @@ if env("MT_FAULT_NAN_GRAD_AT"):
 if env("MT_FAULT_GRAPH_STEP_ON_CPU"):
     import mamba_train.training.cuda_graph as cuda_graph
     cuda_graph.graph_blockers = lambda trainer, module: []
+
+if env("MT_FAULT_ENOSPC_PLOT"):
+    import matplotlib.figure
+
+    def _full_disk_savefig(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    matplotlib.figure.Figure.savefig = _full_disk_savefig
 
 from mamba_train.__main__ import main  # noqa: E402
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
-from mamba_train.models.reference.ops import causal_conv1d, selective_scan
+from mamba_train.models.reference.ops import selective_scan
+from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
 
 class Mamba(nn.Module):
@@ -26,7 +27,11 @@ class Mamba(nn.Module):
     ``DeltaProjection``: weight (d_inner, dt_rank), bias (d_inner,)), ``A_log`` (d_inner, d_state)
     and ``D`` (d_inner,) kept in fp32, ``out_proj`` (d_model, d_inner).
     ``use_fast_path`` is accepted and ignored (there is only the reference path here).
+    ``sequence_carry``: set by ``mamba_train.parallel`` when each rank holds a slice of the
+    sequence (``models/state_passing.py``); None runs whole sequences.
     """
+
+    sequence_carry: SequenceCarry | None = None
 
     def __init__(
         self,
@@ -86,16 +91,18 @@ class Mamba(nn.Module):
         init_ssm_parameters_(self)
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                inference_params=None) -> torch.Tensor:
+                inference_params=None, carry: SequenceCarry | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) int32
-        document numbers -- the conv window and the SSM state restart where it changes."""
+        document numbers -- the conv window and the SSM state restart where it changes;
+        carry: this is a slice of a longer sequence, joined to it through ``carry``."""
+        carry = carry if carry is not None else self.sequence_carry
         if inference_params is not None:
             raise NotImplementedError("the reference Mamba mixer has no incremental decoding")
         batch, seqlen, _ = hidden_states.shape
         xz = self.in_proj(hidden_states)  # (b, l, 2*d_inner)
         x, z = xz.chunk(2, dim=-1)
-        x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                          seq_idx=seq_idx, activation=self.activation)  # (b, d, l)
+        x = carried_causal_conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                  seq_idx, self.activation, carry)  # (b, d, l)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2*d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the Δ bias is added inside the scan
@@ -103,7 +110,7 @@ class Mamba(nn.Module):
         y = selective_scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
             D=self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True, seq_idx=seq_idx,
+            delta_softplus=True, seq_idx=seq_idx, carry=carry,
         )
         return self.out_proj(y.transpose(1, 2))
 

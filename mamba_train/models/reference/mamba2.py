@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.models.init import SSMInitSpec, init_ssm_parameters_
-from mamba_train.models.reference.ops import causal_conv1d, gated_rms_norm, ssd_chunked
+from mamba_train.models.reference.ops import gated_rms_norm, ssd_chunked
+from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
 
 class GatedRMSNorm(nn.Module):
@@ -54,7 +55,11 @@ class Mamba2(nn.Module):
     expand*d_model), ``norm_eps`` (the gated norm's eps), ``A_init``/``dt_bias_init`` (their SSM init).
     ``use_mem_eff_path``, ``ssd_kernel`` and ``sequence_parallel`` are accepted and ignored;
     ``process_group`` must be None (no tensor parallelism in the reference).
+    ``sequence_carry``: set by ``mamba_train.parallel`` when each rank holds a slice of the
+    sequence (``models/state_passing.py``); None runs whole sequences.
     """
+
+    sequence_carry: SequenceCarry | None = None
 
     def __init__(
         self,
@@ -153,9 +158,11 @@ class Mamba2(nn.Module):
         init_ssm_parameters_(self)
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                inference_params=None) -> torch.Tensor:
+                inference_params=None, carry: SequenceCarry | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) int32
-        document numbers -- the conv window and the SSM state restart where it changes."""
+        document numbers -- the conv window and the SSM state restart where it changes;
+        carry: this is a slice of a longer sequence, joined to it through ``carry``."""
+        carry = carry if carry is not None else self.sequence_carry
         if inference_params is not None:
             raise NotImplementedError("the reference Mamba2 mixer has no incremental decoding")
         batch, seqlen, _ = hidden_states.shape
@@ -165,8 +172,8 @@ class Mamba2(nn.Module):
         d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * ng_ds - self.nheads) // 2
         z0, x0, z, xBC, dt = torch.split(
             zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * ng_ds, self.nheads], dim=-1)
-        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                            seq_idx=seq_idx, activation=self.activation).transpose(1, 2)
+        xBC = carried_causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                    seq_idx, self.activation, carry).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_ssm, ng_ds, ng_ds], dim=-1)
         y = ssd_chunked(
             x.reshape(batch, seqlen, self.nheads, self.headdim),
@@ -181,6 +188,7 @@ class Mamba2(nn.Module):
             seq_idx=seq_idx,
             dt_limit=self.dt_limit,
             z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
+            carry=carry,
         )
         y = y.reshape(batch, seqlen, self.d_ssm)
         if self.rmsnorm:

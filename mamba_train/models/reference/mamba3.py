@@ -24,6 +24,7 @@ from mamba_train.models.config import A_ACTIVATIONS
 from mamba_train.models.init import SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.reference.mamba2 import GatedRMSNorm
 from mamba_train.models.reference.mamba3_ops import mamba3_siso_chunked
+from mamba_train.models.state_passing import SequenceCarry
 
 
 class MimoKernelError(MambaTrainError, ImportError):
@@ -45,7 +46,11 @@ class Mamba3(nn.Module):
     ``norm`` (gated RMSNorm over heads; only with is_outproj_norm), ``out_proj``. R = mimo_rank
     (1 without MIMO). This reference runs SISO only; MIMO builds (for parameter counts and
     checkpoints) but its forward needs the fused backend.
+    ``sequence_carry``: set by ``mamba_train.parallel`` when each rank holds a slice of the
+    sequence (``models/state_passing.py``); None runs whole sequences.
     """
+
+    sequence_carry: SequenceCarry | None = None
 
     def __init__(self, d_model: int, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, rope_fraction: float = 0.5, dt_min: float = 0.001,
@@ -135,7 +140,8 @@ class Mamba3(nn.Module):
         f32 = torch.promote_types(angles.dtype, torch.float32)
         return angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1).to(f32)
 
-    def scan(self, inputs: dict, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    def scan(self, inputs: dict, seq_idx: torch.Tensor | None,
+             carry: SequenceCarry | None = None) -> torch.Tensor:
         """The SISO scan (b, l, h, p); the fused backend overrides this one method."""
         if self.is_mimo:
             raise NotImplementedError(
@@ -145,16 +151,19 @@ class Mamba3(nn.Module):
         return mamba3_siso_chunked(
             inputs["Q"].squeeze(2), inputs["K"].squeeze(2), inputs["V"], inputs["ADT"],
             inputs["DT"], inputs["Trap"], self.C_bias.squeeze(1), self.B_bias.squeeze(1),
-            inputs["Angles"], D=self.D, Z=z, chunk_size=self.chunk_size, seq_idx=seq_idx)
+            inputs["Angles"], D=self.D, Z=z, chunk_size=self.chunk_size, seq_idx=seq_idx,
+            carry=carry)
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                inference_params=None) -> torch.Tensor:
+                inference_params=None, carry: SequenceCarry | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) document
-        numbers -- the state, the RoPE angle and the previous-token term restart where it changes."""
+        numbers -- the state, the RoPE angle and the previous-token term restart where it changes;
+        carry: this is a slice of a longer sequence, joined to it through ``carry``."""
         if inference_params is not None:
             raise NotImplementedError("the Mamba-3 mixers here have no incremental decoding")
+        carry = carry if carry is not None else self.sequence_carry
         inputs = self.project(hidden_states)
-        y = self.scan(inputs, seq_idx)
+        y = self.scan(inputs, seq_idx, carry) if carry is not None else self.scan(inputs, seq_idx)
         y = rearrange(y, "b l h p -> b l (h p)")
         if self.is_outproj_norm:
             y = self.norm(y, rearrange(inputs["Z"], "b l h p -> b l (h p)"))

@@ -36,6 +36,7 @@ from mamba_train.models.reference.ops import (
     _no_autocast,
     _skip_and_gate,
     _SSDCore,
+    ssd_carry,
 )
 
 TWO_PI = 2 * math.pi
@@ -64,16 +65,25 @@ def cumulative_angles(step: torch.Tensor, start: torch.Tensor | None) -> torch.T
     return torch.remainder(cum, TWO_PI)
 
 
-def _prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, seq_idx, cdt):
-    """Per-head rotated q, k and the (b, l, h) coefficients, in the compute dtype."""
+def _prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, seq_idx, cdt, carry=None):
+    """Per-head rotated q, k and the (b, l, h) coefficients, in the compute dtype. With a
+    ``carry`` (a slice of a longer sequence) the angle entering the slice comes from it."""
     nheads = V.shape[2]
     rep = nheads // Q.shape[2]
     q = Q.to(cdt).repeat_interleave(rep, dim=2) + Q_bias.to(cdt)
     k = K.to(cdt).repeat_interleave(rep, dim=2) + K_bias.to(cdt)
     adt, dt = ADT.to(cdt).transpose(1, 2), DT.to(cdt).transpose(1, 2)
     lam = torch.sigmoid(Trap.to(cdt)).transpose(1, 2)
-    start = _doc_start_mask(seq_idx, V.shape[1])
+    start = (_doc_start_mask(seq_idx, V.shape[1]) if carry is None
+             else carry.doc_starts(seq_idx, V.shape[1]))
     theta = cumulative_angles(torch.tanh(Angles.to(cdt)) * math.pi * dt[..., None], start)
+    if carry is not None:
+        # the angle is a running sum: carried like a state whose decay is 1 (0 past a start)
+        before_start = torch.ones(theta.shape[:2], dtype=torch.bool, device=theta.device)
+        if start is not None:
+            before_start = torch.cumsum(start.int(), dim=1) == 0
+        theta_in = carry.carry("angle", theta[:, -1], before_start[:, -1, None, None].to(cdt))
+        theta = torch.remainder(theta + theta_in[:, None] * before_start[..., None, None], TWO_PI)
     return rotate_pairs(q, theta), rotate_pairs(k, theta), adt, dt, lam, start
 
 
@@ -85,7 +95,7 @@ def _check(Q, V, Angles):
 
 
 def mamba3_siso_chunked(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None,
-                        chunk_size: int = 64, seq_idx=None):
+                        chunk_size: int = 64, seq_idx=None, carry=None):
     """Chunked Mamba-3 SISO (module docstring), as the Mamba-2 SSD core plus one correction.
 
     Unrolling the recurrence, token s reaches t >= s with weight
@@ -93,12 +103,17 @@ def mamba3_siso_chunked(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
     where the second (next-token) part has not happened yet. So: SSD with decay ADT and inputs
     v_s * scale_s, minus ``(1 - lam_{s+1}) DT_{s+1} (q_s . k_s) v_s`` on the diagonal.
     Returns (batch, seqlen, nheads, headdim) in V.dtype.
+
+    carry: a ``models.state_passing.SequenceCarry`` for a slice of a longer sequence. Three
+    things enter from before the slice: the angle (carried), the previous token's rotated k and v
+    (a one-token halo: its trapezoid share ``(1 - lam_0) DT_0 alpha_0 k_prev v_prev^T`` is a
+    known state entering before token 0), and the SSM state (carried).
     """
     _check(Q, V, Angles)
     cdt = _compute_dtype(V.dtype)
     with _no_autocast(V):
         q, k, adt, dt, lam, start = _prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles,
-                                             seq_idx, cdt)
+                                             seq_idx, cdt, carry)
         v = V.to(cdt)
         nxt = F.pad((dt * (1 - lam))[:, 1:], (0, 0, 0, 1))  # the next token's trapezoid share
         log_a = adt
@@ -106,8 +121,16 @@ def mamba3_siso_chunked(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
             nxt = nxt.masked_fill(F.pad(start[:, 1:], (0, 1)).unsqueeze(-1), 0.0)
             log_a = adt.masked_fill(start.unsqueeze(-1), -math.inf)
         scale = dt * lam + nxt
-        y = _SSDCore.apply(v * scale.unsqueeze(-1), log_a, k, q, int(chunk_size))
+        y, final = _SSDCore.apply(v * scale.unsqueeze(-1), log_a, k, q, int(chunk_size))
         y = y - (nxt * (q * k).sum(-1)).unsqueeze(-1) * v
+        if carry is not None:
+            n = k.shape[-1]
+            prev = carry.halo("kv", torch.cat([k[:, -1], v[:, -1]], dim=-1))  # (b, h, n + p)
+            share = dt[:, 0] * (1 - lam[:, 0])  # (b, h)
+            if start is not None:
+                share = share.masked_fill(start[:, :1], 0.0)
+            prev_state = share[..., None, None] * prev[..., n:, None] * prev[..., None, :n]
+            y = ssd_carry(carry, y, final, q, log_a, extra_state=prev_state)  # (b, h, p, n)
         y = _skip_and_gate(y, v, None if D is None else D[:, None], Z, cdt)
     return y.to(V.dtype)
 

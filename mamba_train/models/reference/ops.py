@@ -171,11 +171,11 @@ class _SelectiveScanCore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, keep, chunk):
+    def forward(ctx, u, delta, A, B, C, keep, chunk, h0=None):
         L, b, g, dg = u.shape
         n = A.shape[-1]
         y = torch.empty_like(u)
-        h = u.new_zeros(b, g, dg, n)
+        h = u.new_zeros(b, g, dg, n) if h0 is None else h0.to(u.dtype)
         starts = []
         for c0 in range(0, L, chunk):
             sl = slice(c0, c0 + chunk)
@@ -186,17 +186,18 @@ class _SelectiveScanCore(torch.autograd.Function):
             starts.append(h)
             h = hs[-1].clone()  # a view would keep every chunk's states alive
         ctx.chunk = chunk
+        ctx.has_h0 = h0 is not None
         ctx.save_for_backward(u, delta, A, B, C, keep, torch.stack(starts))
-        return y
+        return y, h
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, dh_final):
         with _no_autocast(dy):  # backward() may be called inside an autocast region
-            return _SelectiveScanCore._backward(ctx, dy)
+            return _SelectiveScanCore._backward(ctx, dy, dh_final)
 
     @staticmethod
-    def _backward(ctx, dy):
+    def _backward(ctx, dy, dh_final):
         u, delta, A, B, C, keep, starts = ctx.saved_tensors
         chunk = ctx.chunk
         L, b, g, dg = u.shape
@@ -206,7 +207,9 @@ class _SelectiveScanCore(torch.autograd.Function):
         dB = torch.empty_like(B)
         dC = torch.empty_like(C)
         dA = torch.zeros_like(A)
-        carry = None  # a_{t+1} * dh_{t+1} for the first token of the following chunk
+        # a_{t+1} * dh_{t+1} for the first token of the following chunk; for the last chunk,
+        # the gradient of the final state (it enters dh at the last token undecayed)
+        carry = dh_final
         n_chunks = len(range(0, L, chunk))
         for ci in reversed(range(n_chunks)):
             c0 = ci * chunk
@@ -233,7 +236,8 @@ class _SelectiveScanCore(torch.autograd.Function):
             # v_t = delta_t u_t B_t: dB sums over the channels of the group
             dB[sl] = torch.matmul((dl_c * u_c).unsqueeze(-2), dh).squeeze(-2)
             dC[sl] = torch.matmul(dy_c.unsqueeze(-2), hs).squeeze(-2)
-        return du, ddelta, dA, dB, dC, None, None
+        # the initial state enters h_0 through the first token's decay a_0
+        return du, ddelta, dA, dB, dC, None, None, carry if ctx.has_h0 else None
 
 
 def _chunk_inputs(u, delta, A, B, keep):
@@ -246,7 +250,7 @@ def _chunk_inputs(u, delta, A, B, keep):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   seq_idx=None, chunk_size: int | None = None):
+                   seq_idx=None, chunk_size: int | None = None, carry=None):
     """Mamba-1 selective scan, ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` layout.
 
     u, delta: (batch, dim, seqlen); A: (dim, dstate) real; B, C: (batch, dstate, seqlen) or
@@ -259,6 +263,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     chunk_size: tokens per chunk of the vectorised scan (None: picked from the sizes); it changes
     speed and memory only, not the result.
+    carry: a ``models.state_passing.SequenceCarry`` when this is a slice of a longer sequence: the
+    state entering the slice comes from it (the scan runs from a zero state, then adds the exact
+    contribution ``C_t . (P_t * h_in)`` of the incoming state, P_t the decay since the slice start).
     """
     if A.is_complex():
         raise NotImplementedError("complex A is not supported by the reference selective scan")
@@ -281,7 +288,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             dlt = dlt + delta_bias.to(cdt)[:, None]
         if delta_softplus:
             dlt = F.softplus(dlt)
-        start = _doc_start_mask(seq_idx, seqlen)
+        start = (_doc_start_mask(seq_idx, seqlen) if carry is None
+                 else carry.doc_starts(seq_idx, seqlen))
         keep = None if start is None else (~start).to(cdt).t().contiguous()  # (L, b)
         dg = dim // ngroups
         u_t = uf.permute(2, 0, 1).reshape(seqlen, batch, ngroups, dg)
@@ -290,7 +298,17 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         C_t = C.to(cdt).permute(3, 0, 1, 2).contiguous()
         A_g = A.to(cdt).reshape(ngroups, dg, dstate)
         chunk = chunk_size or _scan_chunk_size(batch, dim, dstate)
-        y = _SelectiveScanCore.apply(u_t, d_t, A_g, B_t, C_t, keep, chunk)
+        y, h_last = _SelectiveScanCore.apply(u_t, d_t, A_g, B_t, C_t, keep, chunk)
+        if carry is not None:
+            # whole-slice decay exp(A * sum_t delta_t) per (d, n); 0 if a document starts inside
+            decay = torch.exp(d_t.sum(0).unsqueeze(-1) * A_g)
+            if keep is not None:
+                decay = decay * keep.prod(0)[:, None, None, None]
+            h_in = carry.carry("ssm", h_last, decay)
+            # the incoming state's contribution: the same scan with zero input from h_in
+            y_in, _ = _SelectiveScanCore.apply(torch.zeros_like(u_t), d_t, A_g, B_t, C_t, keep,
+                                               chunk, h_in)
+            y = y + y_in
         y = y.reshape(seqlen, batch, dim).permute(1, 2, 0)
         y = _skip_and_gate(y, uf, None if D is None else D[:, None], z, cdt)
     return y.to(u.dtype)
@@ -324,7 +342,8 @@ def _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt):
 
 
 def _ssd_core(xdt, log_a, B, C, T):
-    """y_t = sum_{s<=t} exp(log_a_{s+1} + ... + log_a_t) (C_t . B_s) xdt_s, by chunks of T tokens.
+    """y_t = sum_{s<=t} exp(log_a_{s+1} + ... + log_a_t) (C_t . B_s) xdt_s, by chunks of T tokens,
+    and the state after the last token (b, h, p, n), both from a zero initial state.
 
     xdt: (b, l, h, p) = dt * x; log_a: (b, l, h) = dt * A (-inf at document starts);
     B, C: (b, l, g, n). Intra-chunk quadratic form with segsum, then the chunk-end states passed
@@ -355,12 +374,36 @@ def _ssd_core(xdt, log_a, B, C, T):
     # 3. pass states between chunks (loop over chunks only)
     chunk_decay = torch.exp(cum[..., -1]).permute(0, 3, 1, 2)  # (b, c, g, j)
     entering = [torch.zeros_like(states[:, 0])]
-    for c in range(n_chunks - 1):
+    for c in range(n_chunks):  # the padded tail has decay 1 and no input: the last is exact
         entering.append(entering[-1] * chunk_decay[:, c, :, :, None, None] + states[:, c])
+    final = entering.pop().reshape(batch, nheads, headdim, dstate)
     entering = torch.stack(entering, dim=1)  # state before each chunk, (b, c, g, j, p, n)
     # 4. contribution of the entering state: y_t += exp(cum_t) C_t . h_start
     y = y + torch.einsum("bctgn,bcgjpn,bgjct->bctgjp", Cc, entering, torch.exp(cum))
-    return y.reshape(batch, n_chunks * T, nheads, headdim)[:, :seqlen]
+    return y.reshape(batch, n_chunks * T, nheads, headdim)[:, :seqlen], final
+
+
+def ssd_state_output(C, log_a, h0):
+    """The output that an initial state h0 (b, h, p, n) adds to an SSD scan: exp(log_a_0 + ... +
+    log_a_t) C_t . h0, with C (b, l, g, n) and log_a (b, l, h) as in ``_ssd_core`` (-inf at a
+    document start: nothing passes it). Returns (b, l, h, p)."""
+    hpg = log_a.shape[-1] // C.shape[-2]
+    w = torch.exp(torch.cumsum(log_a, dim=1))  # non-positive prefix sums: no overflow
+    Ch = C.repeat_interleave(hpg, dim=2) if hpg > 1 else C
+    return torch.einsum("blhn,bhpn->blhp", Ch, h0) * w.unsqueeze(-1)
+
+
+def ssd_carry(carry, y, final, C, log_a, extra_state=None):
+    """Join an SSD slice to the sequence before it: hand ``carry`` this slice's final state from
+    zero (plus ``extra_state``, a state entering before token 0 that is already known, carried
+    to the end) and its whole-slice decay; add the incoming state's output to y."""
+    decay = torch.exp(log_a.sum(1))  # (b, h); 0 where a document starts in the slice
+    if extra_state is not None:
+        final = final + decay[..., None, None] * extra_state
+    h_in = carry.carry("ssm", final, decay)
+    if extra_state is not None:
+        h_in = h_in + extra_state
+    return y + ssd_state_output(C, log_a, h_in)
 
 
 class _SSDCore(torch.autograd.Function):
@@ -377,16 +420,16 @@ class _SSDCore(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, dfinal):
         inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
         with torch.enable_grad(), _no_autocast(dy):
-            y = _ssd_core(*inputs, ctx.T)
-            grads = torch.autograd.grad(y, inputs, dy)
+            y, final = _ssd_core(*inputs, ctx.T)
+            grads = torch.autograd.grad((y, final), inputs, (dy, dfinal))
         return (*grads, None)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=True, seq_idx=None,
-                dt_limit=(0.0, float("inf")), z=None):
+                dt_limit=(0.0, float("inf")), z=None, carry=None):
     """Mamba-2 SSD, ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`` layout.
 
     x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,);
@@ -401,6 +444,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Tr
     Computed chunk by chunk (intra-chunk quadratic form with segsum, states passed between chunks)
     in fp32; the backward recomputes the core instead of storing the (chunk x chunk) decay
     matrices. Any seqlen works (the last chunk is padded internally).
+    carry: a ``models.state_passing.SequenceCarry`` when this is a slice of a longer sequence
+    (the incoming state's exact contribution is added before the skip and gate).
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
@@ -413,11 +458,14 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Tr
         xf = x.to(cdt)
         dtf = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, l, h)
         log_a = dtf * A.to(cdt)
-        start = _doc_start_mask(seq_idx, seqlen)
+        start = (_doc_start_mask(seq_idx, seqlen) if carry is None
+                 else carry.doc_starts(seq_idx, seqlen))
         if start is not None:  # decay 0 (log -inf) where a document starts: the state restarts
             log_a = log_a.masked_fill(start.unsqueeze(-1), -math.inf)
         xdt = xf * dtf.unsqueeze(-1)
-        y = _SSDCore.apply(xdt, log_a, B.to(cdt), C.to(cdt), int(chunk_size))
+        y, final = _SSDCore.apply(xdt, log_a, B.to(cdt), C.to(cdt), int(chunk_size))
+        if carry is not None:
+            y = ssd_carry(carry, y, final, C.to(cdt), log_a)
         y = _skip_and_gate(y, xf, _ssd_skip_weight(D), z, cdt)
     return y.to(x.dtype)
 

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mamba_train.training.cluster import parse_signal
 
 log = logging.getLogger(__name__)
+UNSAVED_EXIT = 1  # a saved stop exits 128 + signal (as a shell reports a signal's death)
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -38,8 +39,9 @@ class PreemptionCheckpoint(L.Callback):
         requeue: run ``scontrol requeue $SLURM_JOB_ID`` (rank 0) after the checkpoint is saved.
 
     A second signal while the first is still waiting for the step boundary ends the process at
-    once (the signal's default action), for a user who really wants out now. After a stop
-    ``stopped_by`` names the signal; ``train`` turns that into the exit status 128 + signal.
+    once, unsaved, for a user who really wants out now: one line says so, and the exit status
+    is 1, never the 128 + signal of a saved stop. After a saved stop ``stopped_by`` names the
+    signal; ``train`` turns that into the exit status 128 + signal.
     """
 
     def __init__(self, signal: str | list[str] = "SIGUSR1", requeue: bool = True):
@@ -57,10 +59,12 @@ class PreemptionCheckpoint(L.Callback):
 
     # ------------------------------------------------------------------ signal
     def _handler(self, signum, frame) -> None:
-        if self.received:  # a second signal: leave now, with the signal's default action
-            _signal.signal(signum, _signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+        if self.received:  # a second signal: leave now, unsaved, and say so
+            name = _signal.Signals(signum).name
+            os.write(2, f"error: second {name} before the next step boundary: stopped at once, "
+                        "without saving; the checkpoints written so far are intact (resume with "
+                        "ckpt_path=last)\n".encode())
+            os._exit(UNSAVED_EXIT)
         self.received = True  # only a flag: the work happens at the next step boundary
         self.signum = _signal.Signals(signum)
 
@@ -88,9 +92,12 @@ class PreemptionCheckpoint(L.Callback):
         # end of the current micro-batch, unsaved. Ours replaces it (it is restored at teardown).
         self._install()
         self._last_step = trainer.global_step
+        if "SLURM_JOB_ID" not in os.environ:  # a laptop or a plain shell: no scheduler to name
+            log.info("training starts at step %d (rank %d)", trainer.global_step, trainer.global_rank)
+            return
         log.info("training starts at step %d (rank %d, SLURM_RESTART_COUNT=%s, SLURM_JOB_ID=%s)",
                  trainer.global_step, trainer.global_rank, os.environ.get("SLURM_RESTART_COUNT", "0"),
-                 os.environ.get("SLURM_JOB_ID", "-"))
+                 os.environ["SLURM_JOB_ID"])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                            batch, batch_idx: int) -> None:
@@ -100,7 +107,9 @@ class PreemptionCheckpoint(L.Callback):
         if not self._agreed(trainer, pl_module):
             return
         path = self._checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # every rank: a collective for sharded strategies
+        # every rank: a collective for sharded strategies; a full checkpoint (weights_only=False,
+        # said explicitly: Lightning logs a line when it has to default it)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved_step, self.saved_path, self.stopped_by = trainer.global_step, path, self.signum
         if trainer.is_global_zero:
             log.warning("preemption signal (%s): saved step %d to %s; stopping%s",

@@ -10,7 +10,10 @@ and the run's log file -- so a redirected run is never silent::
 (the debug recipe on a 2-core CPU; with a known peak FLOP/s an ``MFU <x>%`` field follows tok/s)
 
 Both count optimizer steps against ``trainer.max_steps`` (not epochs of the corpus, nor
-micro-batches), with the ETA of the whole run.
+micro-batches), with the ETA of the whole run: the mean step time since the first step, so the
+bar's ETA is known from the second update on however far apart updates are (Rich's own estimate
+looks at the last 30 s only: "-:--:--" between slow steps). In bar mode the same lines still go
+to the run's log file (``<run dir>/mamba-train.log``), only the terminal shows the bar.
 
 No host syncs beyond Lightning's own: values are read only at logging steps, where Lightning
 reads the loss anyway. The rate is the host clock over the last interval, read after that loss
@@ -42,6 +45,14 @@ def _clock(seconds: float) -> str:
 def _value(metrics: dict, key: str) -> float | None:
     v = metrics.get(key)
     return None if v is None else float(v)  # a device tensor: read at logging steps only
+
+
+def _to_log_files(message: str) -> None:
+    """``message`` to the run's log file(s) only (the terminal shows the bar)."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 class StepProgress(ProgressBar):
@@ -99,6 +110,7 @@ class StepProgress(ProgressBar):
         if self.mode == "lines":
             log.info(self._train_line(trainer, values))
         else:
+            _to_log_files(self._train_line(trainer, values))
             self._update_bar(trainer, values)
 
     def _train_values(self, trainer: L.Trainer) -> dict[str, float | None]:
@@ -157,30 +169,30 @@ class StepProgress(ProgressBar):
             return
         loss = _value(trainer.callback_metrics, "val/loss")
         ppl = _value(trainer.callback_metrics, "val/ppl")
+        parts = [f"val  step {trainer.global_step}/{trainer.max_steps}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if ppl is not None:
+            parts.append(f"ppl {ppl:.1f}")
+        parts.append(f"{seconds:.1f}s")
         if self.mode == "lines":
-            parts = [f"val  step {trainer.global_step}/{trainer.max_steps}"]
-            if loss is not None:
-                parts.append(f"loss {loss:.4f}")
-            if ppl is not None:
-                parts.append(f"ppl {ppl:.1f}")
-            parts.append(f"{seconds:.1f}s")
             log.info(" | ".join(parts))
         elif self._bar is not None:
+            _to_log_files(" | ".join(parts))
             if loss is not None:
                 self._fields["val"] = f"val {loss:.3f}"
             self._bar.update(self._task, description="train", info=" ".join(self._fields.values()))
 
     # ------------------------------------------------------------------ the bar (terminal)
     def _start_bar(self, trainer: L.Trainer) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"),
-                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                             refresh_per_second=2)
+                             TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+                             TextColumn("{task.fields[info]}"), refresh_per_second=2)
         total = trainer.max_steps if trainer.max_steps > 0 else None
-        self._task = self._bar.add_task("train", total=total, completed=trainer.global_step, info="")
+        self._task = self._bar.add_task("train", total=total, completed=trainer.global_step, info="",
+                                        eta="-")
         self._bar.start()
         self._route_logging_through(sys.stdout)  # now Rich's proxy: log lines print above the bar
 
@@ -189,8 +201,9 @@ class StepProgress(ProgressBar):
             self._fields["loss"] = f"loss {v['loss']:.3f}"
         if v["tok_s"] is not None:
             self._fields["tok_s"] = f"{v['tok_s']:,.0f} tok/s"
+        eta = {"eta": _clock(v["eta"])} if v["eta"] is not None else {}
         self._bar.update(self._task, completed=trainer.global_step,
-                         info=" ".join(self._fields.values()))
+                         info=" ".join(self._fields.values()), **eta)
 
     def _route_logging_through(self, stream) -> None:
         """Point console log handlers at ``stream`` (Rich's stdout proxy) while the bar is live."""

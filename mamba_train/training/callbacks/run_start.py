@@ -22,6 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from mamba_train.errors import MambaTrainError
+
 log = logging.getLogger("mamba_train.run")
 
 
@@ -118,3 +120,74 @@ class RunStartReport(L.Callback):
         self.time_to_first_step_s = round(time.perf_counter() - self._t0, 2)
         if trainer.is_global_zero:
             log.info("first optimizer step done after %.1f s", self.time_to_first_step_s)
+
+
+class ModelTooLargeError(MambaTrainError, ValueError):
+    """The configured model's parameters alone cannot fit the memory there is."""
+
+
+def parameter_count(config) -> int:
+    """The model's parameter count without building it: one Mamba block and (for a hybrid) one
+    attention block are counted on the meta device (no memory), then scaled by the layer counts,
+    so that a mistyped ``n_layer=1e5`` is counted in milliseconds."""
+    import dataclasses
+
+    from mamba_train.models.lm import MambaLM
+
+    def count(n_layer: int, attn: list[int]) -> int:
+        small = dataclasses.replace(config, n_layer=n_layer, attn_layer_idx=attn)
+        return sum(p.numel() for p in MambaLM(small, backend="reference", device="meta").parameters())
+
+    one, two = count(1, []), count(2, [])
+    block, base = two - one, 2 * one - two
+    attn = len(config.attn_layer_idx)
+    attn_block = count(1, [0]) - base if attn else 0
+    return base + (config.n_layer - attn) * block + attn * attn_block
+
+
+def check_model_memory(config, available_bytes: int | None = None) -> int:
+    """Refuse, in one line and before any allocation, a model that cannot fit: it is built on
+    the host in fp32 (4 bytes a parameter), and trained there on a CPU-only machine (16: weights,
+    gradients, AdamW's two moments). A mistyped d_model or n_layer would otherwise allocate for
+    minutes before failing. Returns the parameter count."""
+    n = parameter_count(config)
+    if available_bytes is None:
+        available_bytes = _available_host_memory()
+    per_param, what = (4, "its fp32 weights") if torch.cuda.is_available() else \
+        (16, "training on the CPU (fp32 weights, gradients and AdamW's two moments)")
+    if available_bytes and per_param * n > available_bytes:
+        raise ModelTooLargeError(
+            f"model.d_model={config.d_model}, model.n_layer={config.n_layer} make "
+            f"{n / 1e9:,.2f} B parameters: {what} need {per_param * n / 2**30:,.0f} GiB, more "
+            f"than the {available_bytes / 2**30:,.0f} GiB of host memory available; check the "
+            "model size")
+    return n
+
+
+def _available_host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_interpolations(cfg) -> None:
+    """Resolve every ``${...}`` of the config once, before anything uses it: an unset
+    ``${oc.env:VAR}`` (or a reference to a missing key) is one line naming the key, instead of a
+    traceback from wherever the value is first read. Hydra's own ``hydra.*`` node is skipped."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    from mamba_train.models.config import ConfigError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except (InterpolationResolutionError, MissingMandatoryValue) as e:
+        cause = str(getattr(e, "msg", e)).strip().splitlines()[0]
+        cause = cause.replace("KeyError raised while resolving interpolation: ", "").strip('"')
+        raise ConfigError(f"{e.full_key}: {cause}; set it (export the variable, or override "
+                          f"{e.full_key}=...)") from None

@@ -50,8 +50,9 @@ class TextSamples(L.Callback):
         self.last_seconds: float | None = None
 
     def _sharded(self, trainer: L.Trainer) -> bool:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-        return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
+        from lightning.pytorch.strategies import (DeepSpeedStrategy, FSDPStrategy,
+                                                  ModelParallelStrategy)
+        return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
 
     @torch.no_grad()
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -37,11 +37,17 @@ from mamba_train.training.lightning_compat import batches_that_stepped
 log = logging.getLogger(__name__)
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of an FSDP2 (DTensor) parameter: the monitor runs on rank 0 alone, and
+    a DTensor op would wait for the other ranks. Plain tensors as they are."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _delta_bias(mixer: torch.nn.Module) -> torch.Tensor | None:
     if hasattr(mixer, "dt_bias"):                       # Mamba-2: one per head
-        return mixer.dt_bias
+        return _local(mixer.dt_bias)
     dt_proj = getattr(mixer, "dt_proj", None)           # Mamba-1: one per channel
-    return getattr(dt_proj, "bias", None)
+    return _local(getattr(dt_proj, "bias", None))
 
 
 class SSMHealthMonitor(L.Callback):
@@ -77,13 +83,13 @@ class SSMHealthMonitor(L.Callback):
         total_sq, total_update_sq = [], []
         for block in model.backbone.layers:
             prefix = f"ssm/layer{block.layer_idx:02d}"
-            if any(p.numel() == 0 for p in block.parameters()):
+            if any(_local(p).numel() == 0 for p in block.parameters()):
                 continue  # sharded away on this rank (DeepSpeed ZeRO-3): nothing to measure
             mixer = block.ssm_mixer  # inside a parallel block too; None in an MLP-only block
             bias = _delta_bias(mixer) if mixer is not None else None
             if bias is not None and hasattr(mixer, "A_log"):
                 dt = F.softplus(bias.detach().float())
-                A = -torch.exp(mixer.A_log.detach().float())
+                A = -torch.exp(_local(mixer.A_log).detach().float())
                 keys += [f"{prefix}/dt_min", f"{prefix}/dt_median", f"{prefix}/dt_max",
                          f"{prefix}/A_min", f"{prefix}/A_max"]
                 values += [dt.min(), dt.median(), dt.max(), A.min(), A.max()]
@@ -92,9 +98,10 @@ class SSMHealthMonitor(L.Callback):
                 keys += [f"{prefix}/dt_min", f"{prefix}/dt_median", f"{prefix}/dt_max",
                          f"{prefix}/B_bias_rms", f"{prefix}/C_bias_rms"]
                 values += [dt.min(), dt.median(), dt.max(),
-                           mixer.B_bias.detach().float().square().mean().sqrt(),
-                           mixer.C_bias.detach().float().square().mean().sqrt()]
-            named = [(f"backbone.layers.{block.layer_idx}.{n}", p) for n, p in block.named_parameters()]
+                           _local(mixer.B_bias).detach().float().square().mean().sqrt(),
+                           _local(mixer.C_bias).detach().float().square().mean().sqrt()]
+            named = [(f"backbone.layers.{block.layer_idx}.{n}", _local(p))
+                     for n, p in block.named_parameters()]
             sq = torch.stack([p.detach().float().square().sum() for _, p in named]).sum()
             keys.append(f"{prefix}/param_norm")
             values.append(sq.sqrt())
@@ -119,7 +126,7 @@ class SSMHealthMonitor(L.Callback):
     def take_snapshot(self, model: torch.nn.Module) -> None:
         if not self.track_updates:
             return
-        names = {f"backbone.layers.{b.layer_idx}.{n}": p for b in model.backbone.layers
+        names = {f"backbone.layers.{b.layer_idx}.{n}": _local(p) for b in model.backbone.layers
                  for n, p in b.named_parameters()}
         if self._snapshot is None:
             pin = torch.cuda.is_available() and any(p.is_cuda for p in names.values())

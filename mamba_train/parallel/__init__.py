@@ -1,0 +1,2 @@
+"""Parallelism across ranks that the models cannot express alone: context parallelism
+(``context_parallel.py``: one sequence split over a group of ranks)."""
