@@ -38,7 +38,8 @@ FAST = ["trainer.limit_val_batches=2", "train.val_every_n_steps=1000"]
 def test_all_recipes_present():
     assert set(NOMINAL) | {"debug", "debug-mamba2", "debug-hybrid", "debug-mamba3",
                            "debug-mamba3-hybrid", "debug-nemotron-h", "debug-bamba",
-                           "debug-falcon-h1", "debug-nemotron-moe", "debug-granite-moe"} == set(RECIPES)
+                           "debug-falcon-h1", "debug-nemotron-moe",
+                           "debug-granite-moe"} == set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
