@@ -51,6 +51,8 @@ def model_summary(trainer: L.Trainer, pl_module: L.LightningModule, seq_len: int
         p.numel() for p in model.parameters())
     lines = [f"parameters: {n_params / 1e6:,.2f} M ({config.n_layer} layers, d_model {config.d_model}, "
              f"vocab {config.vocab_size})"]
+    if getattr(config, "n_moe_layers", 0) and hasattr(model, "num_active_parameters"):
+        lines[0] += f", {model.num_active_parameters() / 1e6:,.2f} M active per token"
     if seq_len:
         lines.append(f"FLOPs/token (training, seq_len {seq_len}): {flops_per_token(config, seq_len) / 1e6:,.1f} M")
     lines.append(f"backend: {getattr(model, 'backend', 'unknown')}")
