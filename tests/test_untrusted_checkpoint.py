@@ -164,9 +164,11 @@ def test_genuine_checkpoints_with_numpy_rng_state_load(tmp_path):
 
 
 def test_no_unrestricted_unpickling_in_the_package():
+    # Lightning's ``save_checkpoint(weights_only=False)`` means "write the full checkpoint"
+    # (optimizer, loops): it writes, it never unpickles, so only the other uses count.
     offenders = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "mamba_train").rglob("*.py")
                  for i, line in enumerate(p.read_text().splitlines(), 1)
-                 if "weights_only=False" in line.replace(" ", "")]
+                 if "weights_only=False" in line.replace(" ", "") and "save_checkpoint(" not in line]
     assert not offenders
 
 

@@ -105,8 +105,8 @@ class PreemptionCheckpoint(L.Callback):
         if not self._agreed(trainer, pl_module):
             return
         path = self._checkpoint_path(trainer)
-        # every rank: a collective for sharded strategies; a full checkpoint (weights_only=False,
-        # said explicitly: Lightning logs a line when it has to default it)
+        # every rank: a collective for sharded strategies; the full checkpoint (optimizer and
+        # loops too), said explicitly: Lightning logs a line when it has to default it
         trainer.save_checkpoint(path, weights_only=False)
         self.saved_step, self.saved_path, self.stopped_by = trainer.global_step, path, self.signum
         if trainer.is_global_zero:

@@ -28,6 +28,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from mamba_train.formats.checkpoint import load_checkpoint_dict
 from mamba_train.training.strategies.policy import ParallelConfigError
 
 
@@ -120,7 +121,6 @@ class MambaFSDP2Strategy(ModelParallelStrategy):
         """A full ``.ckpt`` (from any strategy or world size) into the sharded model and
         optimizer; its optimizer state is matched to the parameters by the optimizer's own group
         order (``optimizer_state``), as torch's format means it."""
-        import torch
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_model_state_dict,
                                                              set_optimizer_state_dict)
@@ -128,8 +128,8 @@ class MambaFSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not path.is_file():
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        checkpoint = torch.load(path, map_location="cpu",
-                                weights_only=True if weights_only is None else weights_only)
+        # the package's one loader: tensors and plain data only, whatever ``weights_only`` says
+        checkpoint = load_checkpoint_dict(path)
         options = StateDictOptions(full_state_dict=True,
                                    strict=self.lightning_module.strict_loading)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
