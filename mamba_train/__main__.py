@@ -49,8 +49,10 @@ def unify_run_dir(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from mamba_train.from_data import task_overrides
+
     hc = HydraConfig.get()
-    run_dir_set = _overridden(list(hc.overrides.task), "run_dir") is not None
+    run_dir_set = _overridden(task_overrides(), "run_dir") is not None
     hydra_dir = Path(hc.runtime.output_dir).resolve()
     if hc.mode == RunMode.MULTIRUN:  # one directory per job (sweep dir / job number)
         if not run_dir_set:
@@ -69,10 +71,12 @@ def unify_run_dir(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from mamba_train.console import quiet_third_party
     from mamba_train.train import train  # heavy imports after argument parsing (--help is fast)
+    from mamba_train.training.callbacks.run_start import check_interpolations
 
     quiet_third_party()  # after `import lightning` (its console handler) and Hydra's log setup
     # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
     try:
+        check_interpolations(cfg)  # before anything below reads a value: one line naming the key
         unify_run_dir(cfg)
         _take_from_data(cfg)
         _report_resume(cfg)
@@ -88,12 +92,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def _take_from_data(cfg: DictConfig) -> None:
     """data.tokenizer / model.vocab_size from the prepared data unless the command line set them."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from mamba_train.from_data import adopt_data_tokenizer, explicit_keys
+    from mamba_train.from_data import adopt_data_tokenizer, explicit_keys, task_overrides
     from mamba_train.training.run_lock import launching_rank_zero
 
-    note = adopt_data_tokenizer(cfg, explicit_keys(list(HydraConfig.get().overrides.task)))
+    note = adopt_data_tokenizer(cfg, explicit_keys(task_overrides()))
     if note and launching_rank_zero():
         log.info(note)
 

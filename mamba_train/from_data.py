@@ -24,6 +24,15 @@ class DataTokenizerMismatch(MambaTrainError, ValueError):
     pass
 
 
+def task_overrides() -> list[str]:
+    """The command line's overrides as typed: Hydra keeps them in a ListConfig, where reading
+    ``data.tokenizer=${oc.env:X}`` would resolve the ``${...}`` (and raise for an unset
+    variable before the config's own check can name the key)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+
+
 def _data_index(cfg: DictConfig) -> tuple[Path, dict] | None:
     """The first training source's ``train/index.json`` and its content (None: no prepared
     directory, e.g. the embedded corpus, or one that does not exist: the datamodule says so)."""

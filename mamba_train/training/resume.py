@@ -163,8 +163,8 @@ def resume_command() -> str:
     import shlex
 
     try:
-        from hydra.core.hydra_config import HydraConfig
-        overrides = list(HydraConfig.get().overrides.task)
+        from mamba_train.from_data import task_overrides
+        overrides = task_overrides()
     except Exception:  # noqa: BLE001 -- not under Hydra's CLI (tests, notebooks)
         overrides = []
     keep = [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
