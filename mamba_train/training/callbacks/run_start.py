@@ -128,10 +128,16 @@ class ModelTooLargeError(MambaTrainError, ValueError):
 def parameter_count(config) -> int:
     """The model's parameter count without building it: one Mamba block and (for a hybrid) one
     attention block are counted on the meta device (no memory), then scaled by the layer counts,
-    so that a mistyped ``n_layer=1e5`` is counted in milliseconds."""
+    so that a mistyped ``n_layer=1e5`` is counted in milliseconds. A ``layer_pattern`` model
+    (blocks of different kinds, its length fixing ``n_layer``) is counted whole, on the meta
+    device too."""
     import dataclasses
 
     from mamba_train.models.lm import MambaLM
+
+    if getattr(config, "layer_pattern", None):
+        model = MambaLM(config, backend="reference", device="meta")
+        return sum(p.numel() for p in model.parameters())
 
     def count(n_layer: int, attn: list[int]) -> int:
         small = dataclasses.replace(config, n_layer=n_layer, attn_layer_idx=attn)
