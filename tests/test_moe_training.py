@@ -41,3 +41,22 @@ def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, make_conf
     assert sorted(imbalance) and all(v >= 1.0 for v in imbalance.values())
     n = layers[0][1].cfg["n_experts"]
     assert all(0 < v <= torch.log(torch.tensor(float(n))).item() + 1e-4 for v in entropy.values()), entropy
+
+
+@pytest.mark.slow
+def test_router_bias_updates_once_per_optimizer_step_under_accumulation(make_config, monkeypatch):
+    """Two micro-batches per optimizer step: the correction bias moves once per step, not
+    once per micro-batch (the callback follows training/step.py's step_ended)."""
+    from mamba_train.train import train
+    from mamba_train.training.callbacks import moe_balance
+
+    calls = []
+    real = moe_balance.update_router_bias
+    monkeypatch.setattr(moe_balance, "update_router_bias",
+                        lambda model: (calls.append(1), real(model))[1])
+    cfg = make_config("recipe=debug-nemotron-moe", *SMALL[:-1], "train.global_batch_tokens=512",
+                      "trainer.max_steps=3", tiny=False)
+    result = train(cfg)
+    assert result["trainer"].global_step == 3
+    assert result["trainer"].accumulate_grad_batches == 2
+    assert len(calls) == 3

@@ -18,18 +18,16 @@ import lightning as L
 import torch
 
 from mamba_train.models.moe import moe_layers, moe_stats, update_router_bias
-from mamba_train.training.lightning_compat import batches_that_stepped
+from mamba_train.training.lightning_compat import log_metrics
+from mamba_train.training.step import step_ended
 
 
 class MoEBalance(L.Callback):
-    def __init__(self) -> None:
-        self._last_step = -1
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:
-            return  # mid-accumulation: no optimizer step since the last call
-        self._last_step = trainer.global_step
+        ended = step_ended(pl_module)
+        if ended is None:
+            return  # mid-accumulation: the load keeps accumulating until the optimizer step
         model = pl_module.model
         layers = moe_layers(model)
         if not layers:
@@ -37,12 +35,14 @@ class MoEBalance(L.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for _, m in layers:
                 torch.distributed.all_reduce(m.bias_load)
-        update_router_bias(model)
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            self._log(trainer, model)
+        update_router_bias(model)  # once per optimizer step: step_ended is set for one batch
+        if ended.number % max(1, trainer.log_every_n_steps) == 0:
+            self._log(trainer, model, ended.number)
 
-    def _log(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
-        stats = moe_stats(model)
+    def _log(self, trainer: L.Trainer, model: torch.nn.Module, step: int) -> None:
+        stats = moe_stats(model)  # every rank: reading resets its interval's sums
+        if not trainer.is_global_zero:
+            return
         keys, values = [], []
         for name, value in stats.items():
             layer, _, what = name.rpartition(".")
@@ -54,6 +54,4 @@ class MoEBalance(L.Callback):
                 keys.append(f"moe/layer{idx:02d}/{what}")
                 values.append(value)
         host = torch.stack([v.float() for v in values]).cpu().tolist()  # one transfer
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(dict(zip(keys, host)), step=batches_that_stepped(trainer))
+        log_metrics(trainer, dict(zip(keys, host)), step=step)
