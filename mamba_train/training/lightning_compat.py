@@ -35,6 +35,15 @@ def log_metrics(trainer: L.Trainer, metrics: dict[str, Any], step: int) -> None:
     trainer._logger_connector.log_metrics(metrics, step=step)
 
 
+def replace_restored_signal_handler(trainer: L.Trainer, signum: int, handler) -> None:
+    """Lightning's signal connector saved the handlers it found when fit started
+    (``_signal_connector._original_handlers``) and reinstalls them at its teardown, after the
+    callbacks' teardown; a callback that restored ``signum`` itself has that entry follow."""
+    saved = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+    if isinstance(saved, dict) and signum in saved:
+        saved[signum] = handler
+
+
 def drop_unset_wandb_anonymous(logger) -> None:
     """Lightning 2.5-2.6's ``WandbLogger`` always passes ``anonymous=None`` to ``wandb.init``
     (kept in ``_wandb_init``); wandb >= 0.22 answers any explicit value with "The anonymous

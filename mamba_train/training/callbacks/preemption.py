@@ -27,9 +27,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mamba_train.training.cluster import parse_signal
+from mamba_train.training.lightning_compat import replace_restored_signal_handler
 from mamba_train.training.step import step_ended
 
 log = logging.getLogger(__name__)
+# per signal: the handler before any PreemptionCheckpoint took it, and how many hold it now
+_ORIGINAL: dict[int, object] = {}
+_HOLDERS: dict[int, int] = {}
 UNSAVED_EXIT = 1  # a saved stop exits 128 + signal (as a shell reports a signal's death)
 
 
@@ -54,7 +58,7 @@ class PreemptionCheckpoint(L.Callback):
         self.stopped_by: _signal.Signals | None = None
         self.saved_step: int | None = None
         self.saved_path: str | None = None
-        self._previous: dict | None = None
+        self._installed: set[_signal.Signals] = set()
         self._pending: _FlagOnHost | None = None
 
     # ------------------------------------------------------------------ signal
@@ -71,20 +75,39 @@ class PreemptionCheckpoint(L.Callback):
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        previous = {s: _signal.signal(s, self._handler) for s in self.signums}
-        if self._previous is None:
-            self._previous = previous
+        for s in self.signums:
+            if s not in self._installed:  # the first install of this run: remember what it replaces
+                _ORIGINAL.setdefault(s, _signal.getsignal(s))
+                _HOLDERS[s] = _HOLDERS.get(s, 0) + 1
+                self._installed.add(s)
+            _signal.signal(s, self._handler)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._install()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            for s, handler in self._previous.items():
-                _signal.signal(s, handler)
-            self._previous = None
+        self._restore(trainer)
         if self.saved_step is not None and self.requeue and trainer.is_global_zero:
             self._requeue()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        self._restore(trainer)  # a failed fit skips the callbacks' teardown
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        """Give each signal back the handler it had before the first of these callbacks took it
+        (several may hold one signal: the default stop_signals and cluster=slurm's preemption),
+        once the last of them lets go; Lightning, tearing down after the callbacks, would
+        otherwise put back the handler it found at its start: ours."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self._installed:
+            _HOLDERS[s] -= 1
+            if _HOLDERS[s] == 0:
+                del _HOLDERS[s]
+                original = _ORIGINAL.pop(s)
+                _signal.signal(s, original)
+                replace_restored_signal_handler(trainer, s, original)
+        self._installed.clear()
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
