@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -39,6 +40,9 @@ RUN_FILES = (LOCK_FILE, "summary.json", "loss.png", "wandb_run_id", "config.reso
              "metrics/metrics.csv", "metrics/hparams.yaml")
 # present in a fresh run directory before the run starts: Hydra's config copies and job log
 _BEFORE_START = (".hydra",)
+# the other ranks' Hydra logs (launch.sh names each rank's job ``rank<N>``): they may start
+# writing before rank 0 claims the directory
+_RANK_LOG = re.compile(r"rank\d+\.log")
 
 
 class RunLockedError(MambaTrainError, RuntimeError):
@@ -74,7 +78,8 @@ def _check_ours(run_dir: Path, logs: set[str]) -> None:
     if _is_run_dir(run_dir):
         return
     foreign = sorted(p.name for p in run_dir.iterdir()
-                     if p.name not in _BEFORE_START and p.name not in logs)
+                     if p.name not in _BEFORE_START and p.name not in logs
+                     and not _RANK_LOG.fullmatch(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ForeignRunDirError(
