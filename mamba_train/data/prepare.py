@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import os
 import sys
@@ -46,7 +45,7 @@ import numpy as np
 
 from mamba_train.cli import UsageError, parse_key_values, wants_help
 from mamba_train.data.prepare_console import progress_display
-from mamba_train.data.readers import hf_dataset, read_local, readable
+from mamba_train.data.readers import hf_dataset, read_local, readable, resolve_files
 from mamba_train.data.shards import (FORMAT_VERSION, DataError, ShardWriter, atomic_write_json,
                                      is_fresh_output, locked_output)
 from mamba_train.data.tokenizer import load_backend
@@ -56,10 +55,6 @@ USAGE = ("usage: mamba-train-prepare (or python -m mamba_train.data.prepare) sou
          "out=<dir> [key=value ...] (--help)")
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
-_BUILDERS = {  # file suffix -> datasets builder
-    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
-}
-_COMPRESSION = (".zst", ".gz", ".bz2", ".xz")
 
 
 @dataclass
@@ -94,43 +89,6 @@ def parse_args(argv: list[str]) -> PrepareConfig:
 
 
 # ----------------------------------------------------------------------------- reading sources
-def _builder(path: Path) -> str | None:
-    name = path.name.lower()
-    for comp in _COMPRESSION:
-        if name.endswith(comp):
-            name = name[: -len(comp)]
-    return _BUILDERS.get(Path(name).suffix)
-
-
-def resolve_files(source: str) -> tuple[str, list[str]] | None:
-    """``(builder, files)`` for a local source, ``None`` for a hub name; raises if missing."""
-    path = Path(source).expanduser()
-    if any(c in source for c in "*?["):
-        files = sorted(p for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError(f"source {source!r}: no file matches this glob")
-    elif path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _builder(p))
-        if not files:
-            raise DataError(f"source {source!r} is a directory without .jsonl/.json/.parquet/"
-                            ".txt files (optionally .zst/.gz compressed)")
-    elif path.is_file():
-        files = [str(path)]
-    elif source.startswith((".", "/", "~")) or _builder(path) or source.count("/") != 1:
-        raise DataError(f"source {source!r} not found (no such file, directory or glob match; "
-                        "a hub dataset name looks like 'org/name')")
-    else:
-        return None
-    builders = {_builder(Path(f)) for f in files}
-    if None in builders:
-        bad = next(f for f in files if _builder(Path(f)) is None)
-        raise DataError(f"source {source!r}: cannot read {bad}; supported: .jsonl .json .parquet "
-                        ".txt, optionally compressed .zst .gz .bz2 .xz")
-    if len(builders) > 1:
-        raise DataError(f"source {source!r} mixes formats {sorted(builders)}; prepare one at a time")
-    return builders.pop(), files
-
-
 def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
     """The source's non-empty document texts, in a deterministic order."""
     if cfg.source == "default":

@@ -10,14 +10,21 @@ mode. A JSON file is either JSON Lines (one object per line) or one top-level ar
 from __future__ import annotations
 
 import bz2
+import glob as globlib
 import gzip
 import io
 import json
 import lzma
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Iterator
 
 from mamba_train.data.shards import DataError
+
+_BUILDERS = {  # file suffix -> datasets builder
+    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
+}
+_COMPRESSION = (".zst", ".gz", ".bz2", ".xz")
 
 
 @contextmanager
@@ -116,3 +123,40 @@ def readable(records, source: str):
             raise DataError(f"source {source!r}: cannot parse it ({first}); every line of a "
                             ".jsonl file must be one JSON object") from None
         yield record
+
+
+def _builder(path: Path) -> str | None:
+    name = path.name.lower()
+    for comp in _COMPRESSION:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return _BUILDERS.get(Path(name).suffix)
+
+
+def resolve_files(source: str) -> tuple[str, list[str]] | None:
+    """``(builder, files)`` for a local source, ``None`` for a hub name; raises if missing."""
+    path = Path(source).expanduser()
+    if any(c in source for c in "*?["):
+        files = sorted(p for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"source {source!r}: no file matches this glob")
+    elif path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _builder(p))
+        if not files:
+            raise DataError(f"source {source!r} is a directory without .jsonl/.json/.parquet/"
+                            ".txt files (optionally .zst/.gz compressed)")
+    elif path.is_file():
+        files = [str(path)]
+    elif source.startswith((".", "/", "~")) or _builder(path) or source.count("/") != 1:
+        raise DataError(f"source {source!r} not found (no such file, directory or glob match; "
+                        "a hub dataset name looks like 'org/name')")
+    else:
+        return None
+    builders = {_builder(Path(f)) for f in files}
+    if None in builders:
+        bad = next(f for f in files if _builder(Path(f)) is None)
+        raise DataError(f"source {source!r}: cannot read {bad}; supported: .jsonl .json .parquet "
+                        ".txt, optionally compressed .zst .gz .bz2 .xz")
+    if len(builders) > 1:
+        raise DataError(f"source {source!r} mixes formats {sorted(builders)}; prepare one at a time")
+    return builders.pop(), files
