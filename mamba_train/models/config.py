@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.models.config_validation import (  # A_ACTIVATIONS: re-exported
+    A_ACTIVATIONS, KERNEL_CHOICE_KWARGS, attention_problem, mamba2_problem, mamba3_problem)
 from mamba_train.models.pattern import (
     MLP_DEFAULTS, MULTIPLIER_DEFAULTS, BlockSpec, PatternError, check_layout,
     derived_blocks, parse_pattern)
@@ -39,20 +41,12 @@ MAMBA2_KWARGS = {
 # every dt_bias at 1). Absent from a config unless set, so mamba_ssm still reads pure-Mamba files.
 MAMBA2_EXTENSION_DEFAULTS: dict[str, Any] = dict(
     d_inner=None, norm_eps=1e-5, A_init="uniform", dt_bias_init=None)
-A_INITS = ("uniform", "arange")
 # mamba_ssm 2.3.2's Mamba3 signature, plus our A_activation (see models/reference/mamba3.py)
 MAMBA3_KWARGS = {
     "d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min", "dt_max",
     "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size",
     "dropout", "A_activation",
 }
-# Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
-# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels: mamba_ssm's fused Function,
-# ``mamba_train`` (the same kernels, no recomputation in the backward: models/ssd.py) or ``fla``
-# (models/ssd_fla.py).
-KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "mamba_train", "fla")}
-# Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
-A_ACTIVATIONS = ("softplus", "heavy_tail")
 
 MAMBA1_DEFAULTS: dict[str, Any] = dict(
     d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init="random",
@@ -255,12 +249,13 @@ class MambaLMConfig:
             raise ConfigError(
                 f"need 0 < ssm_cfg.dt_min <= ssm_cfg.dt_max, got {kw['dt_min']}, {kw['dt_max']}"
             )
-        if self.layer == "Mamba2":
-            self._validate_mamba2(kw)
-        if self.layer == "Mamba3":
-            self._validate_mamba3(kw)
-        if self.n_attention_layers:
-            self._validate_attention()
+        problem = (mamba2_problem(kw, self.d_model) if self.layer == "Mamba2" else
+                   mamba3_problem(kw, self.d_model) if self.layer == "Mamba3" else None)
+        if problem is None and self.n_attention_layers:
+            problem = attention_problem(self.attn_kwargs(), self.d_model,
+                                        "num_heads" in self.attn_cfg)
+        if problem:
+            raise ConfigError(problem)
         if self.n_moe_layers:
             from mamba_train.models.moe import check_moe_cfg
             problems = check_moe_cfg(self.moe_kwargs(), self.d_model)
@@ -270,95 +265,11 @@ class MambaLMConfig:
             raise ConfigError("model.moe_cfg is set but model.layer_pattern has no E "
                               "(mixture-of-experts) sublayer; add one or drop moe_cfg")
 
-    def _validate_mamba2(self, kw: dict[str, Any]) -> None:
-        d_inner = kw.get("d_inner") or kw["expand"] * self.d_model
-        d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]
-        if not isinstance(d_inner, int) or d_inner <= 0:
-            raise ConfigError(f"Mamba2 needs an integer inner width, got d_model*expand = "
-                              f"{d_inner!r}; set ssm_cfg.d_inner (or an integer expand)")
-        if d_ssm % kw["headdim"] != 0:
-            raise ConfigError(
-                f"Mamba2 needs its inner width (d_model*expand or ssm_cfg.d_inner = {d_ssm}) to be "
-                f"divisible by ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim"
-            )
-        nheads = d_ssm // kw["headdim"]
-        if d_ssm % kw["ngroups"] != 0 or nheads % kw["ngroups"] != 0:
-            raise ConfigError(
-                f"Mamba2 needs the {nheads} heads to split into ssm_cfg.ngroups={kw['ngroups']} "
-                "equal groups"
-            )
-        cs = kw["chunk_size"]
-        if cs <= 0 or cs & (cs - 1):
-            raise ConfigError(
-                f"Mamba2 ssm_cfg.chunk_size must be a power of two (the Triton SSD kernels "
-                f"assume it), got {cs}"
-            )
-        for key, choices in KERNEL_CHOICE_KWARGS.items():
-            if key in kw and kw[key] not in choices:
-                raise ConfigError(f"model.ssm_cfg.{key} must be one of {choices}, got {kw[key]!r}")
-        lo, hi = kw["A_init_range"]
-        if not (0 < lo <= hi):
-            raise ConfigError(f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
-        if kw.get("A_init", "uniform") not in A_INITS:
-            raise ConfigError(f"Mamba2 ssm_cfg.A_init must be one of {A_INITS}, got {kw['A_init']!r}")
-        if kw.get("norm_eps", 1e-5) <= 0:
-            raise ConfigError(f"Mamba2 ssm_cfg.norm_eps must be > 0, got {kw['norm_eps']}")
-
-    def _validate_mamba3(self, kw: dict[str, Any]) -> None:
-        d_inner = int(kw["expand"] * self.d_model)
-        if d_inner % kw["headdim"]:
-            raise ConfigError(
-                f"Mamba3 needs d_model*expand (= {d_inner}) to be divisible by "
-                f"ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim")
-        if (d_inner // kw["headdim"]) % kw["ngroups"]:
-            raise ConfigError(f"Mamba3 needs the {d_inner // kw['headdim']} heads to split into "
-                              f"ssm_cfg.ngroups={kw['ngroups']} equal groups")
-        if kw["rope_fraction"] not in (0.5, 1.0):
-            raise ConfigError(f"Mamba3 ssm_cfg.rope_fraction must be 0.5 or 1.0, got "
-                              f"{kw['rope_fraction']}")
-        angles = int(kw["d_state"] * kw["rope_fraction"]) // 2
-        if angles < 2 or angles % 2:
-            raise ConfigError(
-                f"Mamba3 ssm_cfg.d_state*rope_fraction (= {kw['d_state'] * kw['rope_fraction']:g}) "
-                "must be a multiple of 4: the SISO kernel needs an even number of RoPE angles")
-        if kw.get("A_activation", "softplus") not in A_ACTIVATIONS:
-            raise ConfigError(f"Mamba3 ssm_cfg.A_activation must be softplus (mamba_ssm 2.3.2) "
-                              f"or heavy_tail (newer mamba_ssm), got {kw['A_activation']!r}")
-        cs = kw["chunk_size"]
-        if cs <= 0 or cs & (cs - 1):
-            raise ConfigError(f"Mamba3 ssm_cfg.chunk_size must be a power of two, got {cs}")
-        if kw["A_floor"] <= 0:
-            raise ConfigError(f"Mamba3 ssm_cfg.A_floor must be > 0, got {kw['A_floor']}")
-
     def _validate_pattern(self) -> None:
         try:
             check_layout(self)
         except PatternError as e:
             raise ConfigError(str(e)) from None
-
-    def _validate_attention(self) -> None:
-        kw = self.attn_kwargs()
-        if "num_heads" not in self.attn_cfg:
-            raise ConfigError("model.attn_cfg.num_heads is required when the model has attention "
-                              "layers (attn_layer_idx, or * / P in layer_pattern)")
-        heads, kv = kw["num_heads"], kw["num_heads_kv"] or kw["num_heads"]
-        if heads % kv:
-            raise ConfigError(f"attn_cfg.num_heads={heads} must be divisible by num_heads_kv={kv}")
-        if kw["head_dim"] is None and self.d_model % heads:
-            raise ConfigError(
-                f"d_model={self.d_model} must be divisible by attn_cfg.num_heads={heads} "
-                "(or set attn_cfg.head_dim)"
-            )
-        head_dim = kw["head_dim"] or self.d_model // heads
-        if not kw["causal"]:
-            raise ConfigError(
-                "model.attn_cfg.causal must be true: a language model's attention may not see "
-                "later tokens (mamba_ssm's MHA defaults to causal=False, so set it explicitly)"
-            )
-        if kw["rotary_emb_dim"] % 2 or kw["rotary_emb_dim"] > head_dim:
-            raise ConfigError(
-                f"attn_cfg.rotary_emb_dim={kw['rotary_emb_dim']} must be even and <= head_dim={head_dim}"
-            )
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
