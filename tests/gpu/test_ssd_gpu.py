@@ -62,9 +62,9 @@ def fused(request, monkeypatch):
 
 
 def _assert_equal(ours, ref, names, record, label, fused=False, bf16=True):
-    """Bit for bit (both sides in mamba_ssm's deterministic mode); with the fused kernel, within ``1e-2`` (bf16 activations: a sum order change
-    can flip one bf16 rounding, which then propagates) or ``1e-4`` (fp32) of each tensor's
-    largest value."""
+    """Bit for bit (both sides in mamba_ssm's deterministic mode); with the fused kernel, within
+    ``1e-2`` (bf16 activations: a sum order change can flip one bf16 rounding, which then
+    propagates) or ``1e-4`` (fp32) of each tensor's largest value."""
     assert len(ours) == len(ref)
     worst = 0.0
     for name, a, b in zip(names, ours, ref):
