@@ -17,7 +17,7 @@
 #   tp1       mamba-370m throughput with the fla peer arm (needs fla's wheels)
 #   tp2       mamba2-370m with the fla peer arm and the fla SSD arm (refused on Hopper + Triton < 3.7.1)
 #   normtests tests/gpu/test_norm_backward_gpu.py (mamba_train's norm backward vs mamba_ssm's)
-#   prof2ab   mamba2-370m captured step with train.norm_backward=mamba_train vs =mamba_ssm, one process
+#   prof2ab   mamba2-370m captured step with kernels.norm_backward=mamba_train vs =mamba_ssm, one process
 #   tp2only tp1only  mamba2-370m / mamba-370m throughput, plain loop vs mamba_train (no peer arm)
 #   refusal flatests   the fla SSD kernel refusal tests, parity tests
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
@@ -85,7 +85,7 @@ for p in "$@"; do
     refusal) run_part fla_refusal "${PYTEST[@]}" tests/gpu/test_fla_ssd.py -k "refused or boundaries" ;;
     normtests) run_part norm_tests "${PYTEST[@]}" tests/gpu/test_norm_backward_gpu.py ;;
     prof2ab) run_part prof2ab python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
-           "${PROF[@]}" --variant norm_backward=mamba_ssm:train.norm_backward=mamba_ssm ;;
+           "${PROF[@]}" --variant norm_backward=mamba_ssm:kernels.norm_backward=mamba_ssm ;;
     tp2only) run_part tp_mamba2 python3 benchmarks/train_throughput.py --models mamba2-370m \
            "${TIMING[@]}" --json "$OUT/tp_mamba2.json" ;;
     tp1only) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m \

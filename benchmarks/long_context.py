@@ -10,7 +10,7 @@ steps after ``--warmup`` (which covers the eager steps before the graph capture)
 PaLM's convention), peak allocated memory, how the step ran (captured or eager, and why).
 
 Activation checkpointing is off first; a run that runs out of memory is recorded (OOM line) and
-retried with ``train.activation_checkpointing=all``. Extra runs measure checkpointing where it
+retried with ``module.activation_checkpointing=all``. Extra runs measure checkpointing where it
 is not needed (its cost, and whether the step is still captured) and probe the longest sequence
 Mamba-2 trains at micro-batch 1. Runs are ordered so the most important numbers come first, and
 a time guard stops starting (and stops a running) measurement at ``--budget-s``, then writes
@@ -125,7 +125,7 @@ def _train_once(arm: str, seq_len: int, micro_batch: int, policy: str, args, dat
         "trainer.limit_val_batches=0", "train.val_every_n_steps=100000",
         "train.checkpoint_every_n_steps=100000", "callbacks.model_checkpoint.save_last=false",
         "callbacks.progress_bar=null", "trainer.enable_model_summary=false", "logger=csv",
-        "train.ssm_health_every_n_steps=0", f"train.activation_checkpointing={policy}",
+        "callbacks.ssm_health.every_n_steps=0", f"module.activation_checkpointing={policy}",
         f"paths.output_dir={runs}", f"run_name={arm}-{seq_len}-{policy}",
     ]
     with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):

@@ -45,7 +45,7 @@ ARMS = {  # name -> (GPUs, strategy overrides)
     "ddp_allreduce_in_graph": (2, ["strategy=ddp", "module.cuda_graph_allreduce=inside"]),
     "ddp_eager": (2, ["strategy=ddp", "module.cuda_graph=off"]),
     "fsdp": (2, ["strategy=fsdp"]),
-    "fsdp_sharded_ac": (2, ["strategy=fsdp", "train.activation_checkpointing=all"]),
+    "fsdp_sharded_ac": (2, ["strategy=fsdp", "module.activation_checkpointing=all"]),
     "deepspeed_zero1": (2, ["strategy=deepspeed_zero1"]),
     "deepspeed_zero2": (2, ["strategy=deepspeed_zero2"]),
     "deepspeed_zero3": (2, ["strategy=deepspeed_zero3"]),

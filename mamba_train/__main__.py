@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mamba_train.errors import MambaTrainError, user_errors
+from mamba_train.errors import MambaTrainError
 
 log = logging.getLogger("mamba_train")
 _RESTORED: str | None = None  # what restore_run_overrides restored, logged once logging is set up
@@ -77,7 +77,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         _take_from_data(cfg)
         _report_resume(cfg)
         result = train(cfg)
-    except user_errors() as e:  # evaluated only when something was raised
+    except MambaTrainError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -117,25 +117,12 @@ def _report_resume(cfg: DictConfig) -> None:
         log.warning(note)
 
 
-def _refuse_moved_overrides(argv: list[str]) -> None:
-    """``trainer.cuda_graph=on`` would fail inside Hydra's composition with a long message; say
-    in one line where the key went (train.check_moved_keys covers configs composed elsewhere)."""
-    from mamba_train.conf import MOVED_KEYS, moved_key_message
-
-    for arg in argv:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if key in MOVED_KEYS:
-            print(f"error: {moved_key_message(key)}", file=sys.stderr)
-            sys.exit(2)
-
-
 def main() -> None:
     from mamba_train.console import default_kernel_caches
 
     global _RESTORED
     from mamba_train.resume_overrides import restore_run_overrides
 
-    _refuse_moved_overrides(sys.argv[1:])
     try:  # before Hydra composes (and writes .hydra/ into the run directory)
         argv, _RESTORED = restore_run_overrides(sys.argv[1:])
     except MambaTrainError as e:

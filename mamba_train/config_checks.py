@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config import MAMBA3_DEFAULTS
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
+from mamba_train.training.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
 from mamba_train.training.nonfinite import NAN_POLICIES
 
 RESOLVED_CONFIG = "config.resolved.yaml"
@@ -54,11 +55,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.checkpoint_every_n_steps": (positive_int, "a positive integer (optimizer steps)"),
     "train.keep_last_k_checkpoints": (lambda v: _int(v) and v >= -1,
                                       "-1 (keep all), 0 (only last.ckpt) or a positive integer"),
-    "train.loss_chunk_size": (positive_int, "a positive integer (tokens per loss chunk)"),
-    "train.nan_policy": (lambda v: v in NAN_POLICIES, " or ".join(NAN_POLICIES)),
-    "train.max_consecutive_skips": (positive_int, "a positive integer (skipped steps in a row "
+    "module.loss_chunk_size": (positive_int, "a positive integer (tokens per loss chunk)"),
+    "module.nan_policy": (lambda v: v in NAN_POLICIES, " or ".join(NAN_POLICIES)),
+    "module.max_consecutive_skips": (positive_int, "a positive integer (skipped steps in a row "
                                                   "before nan_policy=skip gives up)"),
-    "train.norm_backward": (lambda v: v in NORM_BACKWARDS, " or ".join(NORM_BACKWARDS)),
+    "module.cuda_graph": (lambda v: v in GRAPH_MODES, ", ".join(GRAPH_MODES)),
+    "module.cuda_graph_allreduce": (lambda v: v in ALLREDUCE_PLACES, " or ".join(ALLREDUCE_PLACES)),
+    "kernels.norm_backward": (lambda v: v in NORM_BACKWARDS, " or ".join(NORM_BACKWARDS)),
+    "kernels.mamba1_recompute": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (positive_number, "a positive number, e.g. 3e-4"),
     "optim.weight_decay": (non_negative_number, "a number >= 0, e.g. 0.1"),
     "trainer.max_steps": (lambda v: v is None or v == -1 or positive_int(v),
@@ -140,7 +144,7 @@ def _mamba3_grid_warnings(cfg: DictConfig, ssm_cfg, sm_count: int | None) -> lis
             f"per scan kernel for this GPU's {sm_count} multiprocessors: mamba_ssm's Mamba-3 "
             "kernels run one program per (head, sequence), so about "
             f"{100 - 100 * programs // sm_count}% of the GPU idles in them; raise "
-            f"data.micro_batch_size to {-(-sm_count // nheads)} (train.activation_checkpointing=all "
+            f"data.micro_batch_size to {-(-sm_count // nheads)} (module.activation_checkpointing=all "
             "makes room at long context) or shorten data.seq_len (docs/long_context.md)"]
 
 

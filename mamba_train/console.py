@@ -29,7 +29,7 @@ _NOISE = (
     # lightning 2.x (trainer/connectors/data_connector.py / setup.py): restates limit_val_batches=1.0
     ("lightning.pytorch", "`Trainer(limit_"),
     # lightning 2.x (fabric/utilities/throughput.py): the peak-FLOPs table has no entry for the
-    # device (e.g. "FLOPs not found for 'NVIDIA H200'"); MFU then needs train.peak_flops, which
+    # device (e.g. "FLOPs not found for 'NVIDIA H200'"); MFU then needs callbacks.throughput.peak_flops, which
     # the project's own model summary says once
     ("lightning.fabric", "FLOPs not found"),
     # lightning 2.x (trainer/setup.py): "TPU available: False, using: 0 TPU cores" (and HPU) --

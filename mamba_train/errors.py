@@ -7,7 +7,3 @@ from __future__ import annotations
 class MambaTrainError(Exception):
     """Bad input (config, data, checkpoint, arguments); the message says what to fix."""
 
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types the CLIs print as one line: kept as a function for callers that used it."""
-    return (MambaTrainError,)

@@ -35,11 +35,11 @@ SAFE_PREFIXES = (
     "ckpt_path", "run_name", "run_dir", "paths", "hydra", "backend",
     "trainer.max_steps", "train.total_tokens",
     "trainer.log_every_n_steps", "train.val_every_n_steps", "train.checkpoint_every_n_steps",
-    "train.keep_last_k_checkpoints", "train.ssm_health_every_n_steps", "train.peak_flops",
+    "train.keep_last_k_checkpoints",
     "trainer.limit_val_batches", "trainer.num_sanity_val_steps", "trainer.enable_model_summary",
     "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
     "trainer.precision", "trainer.deterministic", "trainer.benchmark", "precision",
-    "train.activation_checkpointing", "train.activation_checkpointing_k", "module.cuda_graph",
+    "module.activation_checkpointing", "module.activation_checkpointing_k", "module.cuda_graph",
     "data.num_workers", "data.val_windows", "data.checksums", "data.pin_memory",
     "data.micro_batch_size", "data.val_seq_len",
     "logger", "callbacks", "eval", "strategy", "cluster",
@@ -71,17 +71,9 @@ def is_safe(key: str) -> bool:
 
 def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
     """The saved overrides with each key the new ones set replaced in place, then the rest of
-    the new ones; saved keys that moved (``conf.MOVED_KEYS``) take their new names."""
-    from mamba_train.conf import MOVED_KEYS
-
-    renamed = []
-    for item in saved:
-        key = _key(item)
-        if key in MOVED_KEYS:
-            item = item.replace(key, MOVED_KEYS[key], 1)
-        renamed.append(item)
+    the new ones."""
     new_by_key = {_key(o): o for o in new}
-    merged = [new_by_key.pop(_key(o), o) for o in renamed]
+    merged = [new_by_key.pop(_key(o), o) for o in saved]
     return merged + [o for o in new if _key(o) in new_by_key and new_by_key[_key(o)] is o]
 
 

@@ -17,11 +17,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mamba_train.conf import MOVED_KEYS, moved_key_message
 from mamba_train.config_checks import check_config, config_warnings, write_resolved_config
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.config import ConfigError
-from mamba_train.training.batch import grad_accumulation
+from mamba_train.training.batch import BatchSizeError, grad_accumulation, planned_world_size
 from mamba_train.training.callbacks.run_start import check_interpolations, check_model_memory
 from mamba_train.training.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.determinism import enable_deterministic_kernels
@@ -69,12 +67,6 @@ def _strategy(cfg: DictConfig):
     return _instantiate(cfg)
 
 
-def check_moved_keys(cfg: DictConfig) -> None:
-    for old in MOVED_KEYS:
-        if OmegaConf.select(cfg, old, default=None) is not None:
-            raise ConfigError(moved_key_message(old))
-
-
 def _fused_gpu_sm_count(backend: str) -> int | None:
     """The GPU's multiprocessor count when the fused kernels will likely run, else None. Only
     finds mamba_ssm, does not import it: the deterministic mode must be set before that."""
@@ -106,7 +98,6 @@ def max_steps(cfg: DictConfig) -> int:
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
     check_interpolations(cfg)  # an unset ${oc.env:...} is one line naming its key
-    check_moved_keys(cfg)
     check_config(cfg)  # every bad value in one line, before anything is built or written
     run_dir = Path(cfg.run_dir)
     lock_run_dir(run_dir)  # a second run in the same directory refuses here
@@ -138,6 +129,14 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     bar = {} if "enable_progress_bar" in cfg.trainer else {
         "enable_progress_bar": any(isinstance(cb, ProgressBar) for cb in callbacks)}
     loggers = _instantiate_dict(cfg.get("logger"))
+    # Lightning counts micro-batches (its accumulation window, its validation cadence); the
+    # config speaks in optimizer steps of a global batch, which needs the world size first
+    world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
+    # the ranks of a context-parallel group (strategy=fsdp2) share their windows: count
+    # data-parallel ranks
+    data_parallel = world_size // int(cfg.strategy.get("context_parallel_size", 1) or 1)
+    accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
+                              cfg.data.seq_len, data_parallel)
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
     trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
@@ -150,15 +149,12 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         logger=loggers or False,
         plugins=[AtomicCheckpointIO(), *_instantiate_dict((cfg.get("cluster") or {}).get("plugins"))],
         check_val_every_n_epoch=None,
-        val_check_interval=int(cfg.train.val_every_n_steps),  # × accumulation, set below
+        accumulate_grad_batches=accum,
+        val_check_interval=int(cfg.train.val_every_n_steps) * accum,
     )
-    # the ranks of a context-parallel group share their windows: count data-parallel ranks
-    data_parallel = trainer.world_size // getattr(trainer.strategy, "context_parallel_size", 1)
-    accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
-                              cfg.data.seq_len, data_parallel)
-    trainer.accumulate_grad_batches = accum
-    # val_check_interval counts micro-batches; the config speaks in optimizer steps.
-    trainer.val_check_interval = int(cfg.train.val_every_n_steps) * accum
+    if trainer.world_size != world_size:
+        raise BatchSizeError(f"the Trainer runs {trainer.world_size} processes, not the {world_size} "
+                             "that trainer.accelerator/devices/num_nodes give; set them explicitly")
 
     if trainer.is_global_zero:
         log.info("run dir: %s | world size %d | micro-batch %d × %d tokens | accumulation %d | "

@@ -1,4 +1,4 @@
-"""Activation checkpointing (``train.activation_checkpointing``) changes memory, not numbers:
+"""Activation checkpointing (``module.activation_checkpointing``) changes memory, not numbers:
 losses and every gradient are bit-identical with and without it (fp32, reference backend) for
 Mamba-1, Mamba-2, Mamba-3, a hybrid with attention and a layer pattern, with packed documents, on one process, through the
 real training task, and under 2-process DDP."""
@@ -120,8 +120,8 @@ def _train(tmp_path, name, *overrides):
 def test_training_task_is_identical_with_checkpointing(tmp_path):
     """Through the composed config and the real module: same losses, same weights after 3 steps."""
     ref_losses, ref_state, _ = _train(tmp_path, "off")
-    losses, state, module = _train(tmp_path, "every2", "train.activation_checkpointing=every_k",
-                                   "train.activation_checkpointing_k=2")
+    losses, state, module = _train(tmp_path, "every2", "module.activation_checkpointing=every_k",
+                                   "module.activation_checkpointing_k=2")
     assert [b.checkpoint_activations for b in module.model.backbone.layers] == [True, False, True, False]
     assert losses == ref_losses and len(losses) == 3
     for k, v in state.items():
@@ -129,8 +129,8 @@ def test_training_task_is_identical_with_checkpointing(tmp_path):
 
 
 def test_bad_policy_fails_before_training(tmp_path):
-    with pytest.raises(ActivationCheckpointingError, match="train.activation_checkpointing"):
-        train(compose_config([*RUN, "train.activation_checkpointing=sometimes"], tmp_path))
+    with pytest.raises(ActivationCheckpointingError, match="module.activation_checkpointing"):
+        train(compose_config([*RUN, "module.activation_checkpointing=sometimes"], tmp_path))
 
 
 @pytest.mark.slow
@@ -143,7 +143,7 @@ def test_two_process_run_is_identical_with_checkpointing(tmp_path, strategy):
 
     common = ["trainer.devices=2", f"strategy={strategy}", "backend=reference"]
     run_cli(tmp_path, *common, "run_name=off")
-    run_cli(tmp_path, *common, "run_name=all", "train.activation_checkpointing=all")
+    run_cli(tmp_path, *common, "run_name=all", "module.activation_checkpointing=all")
     ref, losses = global_losses(tmp_path / "off"), global_losses(tmp_path / "all")
     assert len(ref) >= 3 and losses == ref
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import ast
 import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 from omegaconf import OmegaConf
 
-from mamba_train.models.config import ConfigError, MambaLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "mamba_train"
@@ -25,27 +22,24 @@ def test_every_trainer_key_is_a_lightning_trainer_argument():
     assert keys and keys <= params, sorted(keys - params)
 
 
-def test_module_defaults_match_the_config():
-    """One default per setting: the constructor's defaults are the module group's values."""
+def test_module_settings_have_one_default_the_config():
+    """One default per setting: every module group key is a constructor argument without a
+    default in code (the group's YAML holds the only one)."""
     from mamba_train.training.module import MambaLMModule
 
     cfg = OmegaConf.load(PKG / "conf" / "module" / "default.yaml")
     sig = inspect.signature(MambaLMModule.__init__).parameters
-    for key in ("cuda_graph", "cuda_graph_allreduce"):
-        assert sig[key].default == cfg[key], key
+    keys = set(cfg) - {"_target_", "_convert_"}
+    assert keys and keys <= set(sig), sorted(keys - set(sig))
+    assert all(sig[k].default is inspect.Parameter.empty for k in keys), \
+        sorted(k for k in keys if sig[k].default is not inspect.Parameter.empty)
 
 
-def test_old_trainer_cuda_graph_override_names_the_new_key(make_config):
-    from mamba_train.train import train
-
-    cfg = make_config("+trainer.cuda_graph=on")
-    with pytest.raises(ConfigError, match=r"trainer.cuda_graph is now module.cuda_graph"):
-        train(cfg)
-    res = subprocess.run([sys.executable, "-m", "mamba_train", "trainer.cuda_graph_allreduce=inside"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1, res.stderr
-    assert "module.cuda_graph_allreduce" in lines[0]
+def test_train_group_holds_only_run_level_quantities():
+    cfg = OmegaConf.load(PKG / "conf" / "config.yaml")
+    assert set(cfg.train) == {"global_batch_tokens", "total_tokens", "val_every_n_steps",
+                              "checkpoint_every_n_steps", "keep_last_k_checkpoints",
+                              "allow_low_precision_params"}
 
 
 def test_callbacks_get_tokens_per_step_from_the_config(make_config):
@@ -54,13 +48,6 @@ def test_callbacks_get_tokens_per_step_from_the_config(make_config):
     cfg = make_config("train.global_batch_tokens=4096")
     for name in ("throughput", "run_summary"):
         assert instantiate(cfg.callbacks[name]).tokens_per_step == 4096
-
-
-def test_module_takes_model_config_not_model():
-    from mamba_train.training.module import MambaLMModule
-
-    with pytest.raises(ConfigError, match="model_config="):
-        MambaLMModule(model=MambaLMConfig(d_model=16, n_layer=1, vocab_size=32), optimizer=print)
 
 
 # ------------------------------------------------------------------------------ imports

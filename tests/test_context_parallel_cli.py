@@ -50,11 +50,11 @@ def _close(ref: dict, got: dict, steps) -> None:
 def test_cp2_cli_matches_one_process_and_resumes_on_cp1(one_process, tmp_path):
     ref = metric_by_step(one_process, "train/global_loss")
     _cli(tmp_path, *CP2, "run_name=cp2")
-    _close(ref, metric_by_step(tmp_path / "cp2", "train/global_loss"), range(STEPS))
+    _close(ref, metric_by_step(tmp_path / "cp2", "train/global_loss"), range(1, STEPS + 1))
     mid = tmp_path / "cp2" / "checkpoints" / "step0000005.ckpt"
     assert mid.is_file()  # one ordinary checkpoint, gathered on rank 0
     _cli(tmp_path, "trainer.devices=1", "run_name=resumed", f"ckpt_path={mid}")
-    _close(ref, metric_by_step(tmp_path / "resumed", "train/global_loss"), range(5, STEPS))
+    _close(ref, metric_by_step(tmp_path / "resumed", "train/global_loss"), range(6, STEPS + 1))
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_one_process_checkpoint_resumes_on_cp2(one_process, tmp_path):
     mid = one_process / "checkpoints" / "step0000005.ckpt"
     _cli(tmp_path, *CP2, "run_name=resumed", f"ckpt_path={mid}")
     _close(metric_by_step(one_process, "train/global_loss"),
-           metric_by_step(tmp_path / "resumed", "train/global_loss"), range(5, STEPS))
+           metric_by_step(tmp_path / "resumed", "train/global_loss"), range(6, STEPS + 1))
 
 
 def test_fsdp2_config_composes_and_refuses_a_zero_size(tmp_path):

@@ -21,7 +21,7 @@ from test_init_from import RUN, hf_model, save_hf
     pytest.param(["strategy=ddp"], id="ddp"),
     pytest.param(["strategy=fsdp"], id="fsdp-full"),
     pytest.param(["strategy=fsdp", "strategy.state_dict_type=sharded",
-                  "train.activation_checkpointing=all"], id="fsdp-sharded"),
+                  "module.activation_checkpointing=all"], id="fsdp-sharded"),
     pytest.param(["strategy=deepspeed_zero1", "strategy.allow_cpu=true"], id="zero1", marks=has_deepspeed),
     pytest.param(["strategy=deepspeed_zero2", "strategy.allow_cpu=true"], id="zero2", marks=has_deepspeed),
     pytest.param(["strategy=deepspeed_zero3", "strategy.allow_cpu=true"], id="zero3", marks=has_deepspeed),

@@ -242,7 +242,7 @@ def test_eval_after_training_logs_scores_and_leaves_training_untouched(make_conf
     assert json.loads((run_dir / "eval" / "results.json").read_text())["results"]["local_mc"]
     with open(run_dir / "metrics" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("eval/local_mc/acc")]
-    assert [int(r["step"]) for r in rows] == [1, 3]
+    assert [int(r["step"]) for r in rows] == [2, 4]  # the steps evaluated, as train/loss rows
     assert all(0 <= float(r["eval/local_mc/acc"]) <= 1 and float(r["eval/local_lambada/perplexity"]) > 1
                for r in rows)
 

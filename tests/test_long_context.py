@@ -91,7 +91,7 @@ def test_window_trains_with_boundaries_and_validates_at_another_length(tmp_path)
                           "train.global_batch_tokens=2048", "trainer.max_steps=2",
                           "train.val_every_n_steps=2", "trainer.limit_val_batches=1",
                           "data.document_boundaries=true", "data.mask_cross_document_loss=true",
-                          "train.activation_checkpointing=all"], tmp_path)
+                          "module.activation_checkpointing=all"], tmp_path)
     result = train(cfg, extra_callbacks=[seen])
     assert result["trainer"].accumulate_grad_batches == 2  # 2048 tokens = 2 x 1 x 1024
     assert result["trainer"].global_step == 2 and len(seen.train) == 4

@@ -19,7 +19,6 @@ from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.flops import flops_breakdown, flops_per_token, matmul_params
 from mamba_train.models.lm import MambaLM
 from mamba_train.train import train
-from mamba_train.training.callbacks.grad_norm import total_grad_norm
 from mamba_train.training.callbacks.ssm_health import SSMHealthMonitor
 from mamba_train.training.loggers import RUN_ID_FILE
 
@@ -94,10 +93,19 @@ def test_ssm_health_stats_match_the_parameters(layer):
     assert stats["ssm/update_norm"] == pytest.approx(stats["ssm/layer00/update_norm"])
 
 
-def test_total_grad_norm():
+@pytest.mark.parametrize("clip_val, scale", [(0.0, 1.0), (1.0, 1 / 4), (100.0, 1.0)])
+def test_the_step_clips_and_returns_the_norm_before_clipping(clip_val, scale):
+    """The one owner of the logged grad norm: the training step's clip (replicated kind)."""
+    from types import SimpleNamespace
+
+    from mamba_train.training.step import TrainStep
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
     a.grad, b.grad = torch.full((3,), 2.0), torch.full((2, 2), -1.0)
-    assert total_grad_norm([a, b]).item() == pytest.approx(math.sqrt(3 * 4 + 4))
+    step = TrainStep(loss_fn=None, nan_policy="stop", max_consecutive_skips=1, cuda_graph="off")
+    step.kind, step.clip_val = "replicated", clip_val
+    step.module = SimpleNamespace(parameters=lambda: iter([a, b]))
+    assert step.clip().item() == pytest.approx(math.sqrt(3 * 4 + 4))  # 4.0, before clipping
+    assert torch.allclose(a.grad, torch.full((3,), 2.0 * scale), rtol=1e-5)  # clipped to clip_val
 
 
 # ---------------------------------------------------------------------------------- W&B offline run
@@ -160,7 +168,7 @@ def wandb_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("wandb")
     common = [*TINY, "recipe=debug", "logger=wandb", "logger.wandb.mode=offline",
               "train.checkpoint_every_n_steps=2", "train.val_every_n_steps=2",
-              "train.ssm_health_every_n_steps=2", "train.peak_flops=1e12", *FAST]
+              "callbacks.ssm_health.every_n_steps=2", "callbacks.throughput.peak_flops=1e12", *FAST]
     first = train(compose_config([*common, "trainer.max_steps=4"], out))
     run_id = (first["run_dir"] / RUN_ID_FILE).read_text().strip()
     first_dirs = set(glob.glob(str(first["run_dir"] / "wandb" / "offline-run-*")))
@@ -171,10 +179,9 @@ def wandb_runs(tmp_path_factory):
 
 
 EXPECTED_KEYS = {
-    "train/loss", "train/grad_norm", "lr-AdamW/pg1", "val/loss", "val/ppl",
+    "train/loss", "train/grad_norm", "train/lr", "val/loss", "val/ppl",
     "train/tokens_seen", "train/samples_seen", "train/tokens_per_sec", "train/samples_per_sec",
-    "train/device/tokens_per_sec", "train/device/samples_per_sec", "train/flops_per_sec",
-    "train/device/flops_per_sec", "train/device/mfu", "model/flops_per_token",
+    "train/flops_per_sec", "train/mfu", "model/flops_per_token",
     "ssm/layer00/dt_median", "ssm/layer01/A_min", "ssm/layer00/update_norm", "ssm/param_norm",
 }
 
@@ -186,7 +193,7 @@ def test_wandb_offline_run_has_the_metrics_and_the_config(wandb_runs):
     logged = set().union(*run["history"])
     assert EXPECTED_KEYS <= logged, sorted(EXPECTED_KEYS - logged)
     steps = [h["trainer/global_step"] for h in run["history"] if "train/loss" in h]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [1, 2, 3, 4]  # the step each row follows, as in checkpoint names
     # the resolved Hydra config, not just the module's arguments
     assert run["config"]["model"]["d_model"] == 64
     assert run["config"]["train"]["global_batch_tokens"] == 256
@@ -199,7 +206,7 @@ def test_wandb_resumed_run_reuses_the_run_id(wandb_runs):
     run = wandb_offline_run(Path(wandb_runs["second"][0]))
     assert run["run_id"] == wandb_runs["run_id"]
     steps = [h["trainer/global_step"] for h in run["history"] if "train/loss" in h]
-    assert steps == [4, 5]  # continues where the first process stopped
+    assert steps == [5, 6]  # continues where the first process stopped
     tokens = [h["train/tokens_seen"] for h in run["history"] if "train/tokens_seen" in h]
     assert tokens[-1] == 6 * 256  # exact across the resume
 
@@ -218,14 +225,14 @@ def test_csv_is_written_alongside_wandb_and_mfu_adds_up(wandb_runs):
     fpt = next(float(r["model/flops_per_token"]) for r in rows if r.get("model/flops_per_token"))
     cfg = MambaLMConfig(d_model=64, n_layer=2, vocab_size=4096, ssm_cfg={"layer": "Mamba1"})
     assert fpt == flops_per_token(cfg, 64)
-    rated = [r for r in rows if r.get("train/device/mfu")]
+    rated = [r for r in rows if r.get("train/mfu")]
     assert rated
     for r in rated:
-        tps, fps = float(r["train/device/tokens_per_sec"]), float(r["train/device/flops_per_sec"])
+        tps, fps = float(r["train/tokens_per_sec"]), float(r["train/flops_per_sec"])
         assert fps == pytest.approx(tps * fpt, rel=1e-6)
-        assert float(r["train/device/mfu"]) == pytest.approx(fps / 1e12, rel=1e-6)
-        assert float(r["train/tokens_per_sec"]) == pytest.approx(tps)  # world size 1
-        assert float(r["train/device/samples_per_sec"]) == pytest.approx(tps / 64, rel=1e-6)
+        assert float(r["train/mfu"]) == pytest.approx(fps / 1e12, rel=1e-6)  # world size 1
+        assert float(r["train/samples_per_sec"]) == pytest.approx(tps / 64, rel=1e-6)
+    assert not any(k.startswith(("train/device/", "lr-")) for k in rows[0])  # one key each
     assert (wandb_runs["run_dir"] / "summary.json").is_file()
 
 

@@ -45,6 +45,6 @@ def test_row_blocks_cover_every_row_once(monkeypatch, sms, rows, groups, block_m
 
 
 def test_unknown_norm_backward_is_a_config_error(tmp_path):
-    with pytest.raises(ValueError, match="train.norm_backward='triton' must be mamba_train or mamba_ssm"):
+    with pytest.raises(ValueError, match="kernels.norm_backward='triton' must be mamba_train or mamba_ssm"):
         train(compose_config([*TINY, "recipe=debug-mamba2", "trainer.max_steps=1",
-                              "train.norm_backward=triton"], tmp_path))
+                              "kernels.norm_backward=triton"], tmp_path))

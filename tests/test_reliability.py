@@ -77,26 +77,26 @@ def test_skip_leaves_weights_and_optimizer_state_of_a_bad_step_untouched(
         monkeypatch.setattr(cuda_graph, "graph_blockers", lambda trainer, module: [])
     poison = PoisonGradientAt(2)
     with caplog.at_level(logging.WARNING):
-        result = train(make_config(*FAST, "trainer.max_steps=5", "train.nan_policy=skip", *mode),
+        result = train(make_config(*FAST, "trainer.max_steps=5", "module.nan_policy=skip", *mode),
                        extra_callbacks=[poison])
     module = result["module"]
     if "module.cuda_graph=on" in mode:
         assert module.training_step_mode.startswith("eager: graph-step bookkeeping")
     (w0, s0), (w1, s1) = poison.before, poison.after
-    _assert_same(w0, w1)  # step 2 was not applied ...
+    _assert_same(w0, w1)  # step 3 (poisoned at global_step 2) was not applied ...
     _assert_same(s0, s1)  # ... nor did it move the moments or the step count
     assert result["trainer"].global_step == 5
     assert not all(torch.equal(w0[k], v) for k, v in module.model.state_dict().items())  # went on
     assert module.skipped_steps == 1
     assert json.loads((result["run_dir"] / "summary.json").read_text())["skipped_nonfinite_steps"] == 1
-    assert "nan_policy=skip: step 2 skipped" in caplog.text
+    assert "nan_policy=skip: step 3 skipped" in caplog.text
 
 
 def test_stop_names_the_step_and_the_parameter_and_applies_nothing_after(make_config):
     poison = PoisonGradientAt(2)
     cfg = make_config(*FAST, "trainer.max_steps=6", "train.checkpoint_every_n_steps=2",
                       "trainer.log_every_n_steps=2")
-    with pytest.raises(NonFiniteLossError, match="at step 2, in backbone") as err:
+    with pytest.raises(NonFiniteLossError, match="at step 3, in backbone") as err:
         train(cfg, extra_callbacks=[poison])
     assert poison.poisoned in str(err.value) and "the loss itself" not in str(err.value)
     ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").glob("*.ckpt"))
@@ -154,8 +154,8 @@ def test_the_fused_decision_is_never_read_on_the_host(monkeypatch):
     ("trainer.max_steps=0", "trainer.max_steps=0"),
     ("train.global_batch_tokens=0", "train.global_batch_tokens=0"),
     ("train.checkpoint_every_n_steps=0", "train.checkpoint_every_n_steps=0"),
-    ("train.nan_policy=ignore", "train.nan_policy='ignore'"),
-    ("train.max_consecutive_skips=0", "train.max_consecutive_skips=0"),
+    ("module.nan_policy=ignore", "module.nan_policy='ignore'"),
+    ("module.max_consecutive_skips=0", "module.max_consecutive_skips=0"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
 ])
 def test_each_bad_value_is_named_with_what_to_set(make_config, override, key):

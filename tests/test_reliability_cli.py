@@ -49,7 +49,7 @@ def reference(tmp_path_factory) -> list[tuple[int, str]]:
     out = tmp_path_factory.mktemp("reference")
     _ok(faults.run(out, *COMMON))
     got = faults.losses(out / "debug")
-    assert [s for s, _ in got] == list(range(STEPS))
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))
     return got
 
 
@@ -99,7 +99,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_good_one_or_refuse(tmp_path
     out = proc.stdout + proc.stderr
     assert "skipping" in out and "step0000006.ckpt" in out and "Traceback" not in out
     assert "resuming from" in out and "step0000004.ckpt (step 4)" in out
-    assert [s for s, _ in faults.losses(run_dir)] == list(range(8))  # steps 4-7 redone, once
+    assert [s for s, _ in faults.losses(run_dir)] == list(range(1, 9))  # steps 5-8 redone, once
     assert faults.global_step(ckpt_dir / "last.ckpt") == 8
     assert not list(ckpt_dir.glob("*-v*.ckpt"))
     # every checkpoint unreadable: refuse in one line, never start over at step 0
@@ -141,16 +141,17 @@ def test_signal_saves_at_the_next_step_exits_with_the_resume_command(tmp_path, r
 
 
 def test_skip_policy_stops_a_diverged_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    """Every loss from step 5 on is NaN (weights blown up by an LR spike): the skips are warned
-    about, the run stops after 3 in a row, and keep_last_k=1 still holds the step-4 state."""
+    """Every loss from step 6 on (global_step 5) is NaN (weights blown up by an LR spike): the
+    skips are warned about, the run stops after 3 in a row, and keep_last_k=1 still holds the
+    step-4 state."""
     run_dir, ckpt_dir = tmp_path / "debug", tmp_path / "debug" / "checkpoints"
     proc = faults.run(tmp_path, *COMMON, "train.checkpoint_every_n_steps=2",
-                      "train.keep_last_k_checkpoints=1", "train.nan_policy=skip",
-                      "train.max_consecutive_skips=3", faults={"nan_loss_from": 5})
-    _one_error_line(proc, "3 optimizer steps in a row were skipped (steps 5..7, first non-finite "
+                      "train.keep_last_k_checkpoints=1", "module.nan_policy=skip",
+                      "module.max_consecutive_skips=3", faults={"nan_loss_from": 5})
+    _one_error_line(proc, "3 optimizer steps in a row were skipped (steps 6..8, first non-finite "
                     "in the loss itself", f"last checkpoint: {ckpt_dir / 'last.ckpt'}")
     out = proc.stdout + proc.stderr
-    assert all(f"step {s} skipped" in out for s in (5, 6, 7))
+    assert all(f"step {s} skipped" in out for s in (6, 7, 8))
     assert "not saving the step-6 checkpoint" in out
     assert sorted(f.name for f in ckpt_dir.glob("*.ckpt")) == ["last.ckpt", "step0000004.ckpt"]
     for f in ckpt_dir.glob("*.ckpt"):
@@ -158,7 +159,7 @@ def test_skip_policy_stops_a_diverged_run_and_keeps_the_last_good_checkpoint(tmp
         assert ckpt["global_step"] == 4
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     logged = dict(faults.losses(run_dir))
-    assert logged[5] == logged[6] == "nan"  # each step's own loss, never a stale one
+    assert logged[5] != "nan" and logged[6] == logged[7] == "nan"  # each step's own loss, never a stale one
 
 
 def test_a_second_run_in_the_same_directory_refuses_and_the_first_is_unharmed(tmp_path):
@@ -170,7 +171,7 @@ def test_a_second_run_in_the_same_directory_refuses_and_the_first_is_unharmed(tm
     hold.unlink()
     _one_error_line(second, f"{run_dir.resolve()} is in use by a running training (pid {first.pid}")
     _ok(faults.finish(first))
-    assert [s for s, _ in faults.losses(run_dir)] == list(range(10))
+    assert [s for s, _ in faults.losses(run_dir)] == list(range(1, 11))
 
 
 def test_bad_values_are_named_in_one_line_before_anything_is_written(tmp_path):
@@ -225,4 +226,4 @@ def test_stale_partials_and_orphan_step_files_are_cleaned_on_resume(tmp_path):
     assert "partial write of an interrupted run" in proc.stdout + proc.stderr
     assert not faults.partials(ckpt_dir)
     assert sorted(f.name for f in ckpt_dir.glob("step*.ckpt")) == ["step0000006.ckpt", "step0000008.ckpt"]
-    assert [s for s, _ in faults.losses(run_dir)] == list(range(8))
+    assert [s for s, _ in faults.losses(run_dir)] == list(range(1, 9))

@@ -30,6 +30,6 @@ def test_resume_on_another_world_size_continues_the_run(first, second, tmp_path)
     run_cli(tmp_path, *common, f"trainer.devices={second}", "run_name=resumed", f"ckpt_path={mid}")
 
     straight, resumed = global_losses(tmp_path / "straight"), global_losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(2, STEPS)), resumed  # continued at step 2, not from 0
+    assert sorted(resumed) == list(range(3, STEPS + 1)), resumed  # continued after step 2, not from 1
     for step in resumed:  # same samples per step: the loader's position was carried across sizes
         assert resumed[step] == pytest.approx(straight[step], abs=1e-4), (step, straight, resumed)

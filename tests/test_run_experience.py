@@ -211,12 +211,19 @@ class _FakeTrainer:
     clock = [0.0]  # fake perf_counter: one second per optimizer step
 
     def step(self, bar, loss: float):
+        """One optimizer step: the training step's step-ended signal, then the batch-end hook."""
+        from types import SimpleNamespace
+
         import torch
+
+        from mamba_train.training.step import StepResult
 
         self.clock[0] += 1.0
         self.global_step += 1
-        self.callback_metrics["train/loss"] = torch.tensor(loss)
-        bar.on_train_batch_end(self, None, None, None, self.global_step - 1)
+        ended = StepResult(self.global_step, torch.tensor(loss), None,
+                           self.optimizers[0].param_groups[0]["lr"], 1, 1, 1)
+        module = SimpleNamespace(train_step=SimpleNamespace(ended=ended))
+        bar.on_train_batch_end(self, module, None, None, self.global_step - 1)
 
 
 def _drive(mode: str, steps: int = 6, every: int = 2):

@@ -66,7 +66,7 @@ def test_missing_causal_conv1d_fails_with_one_line(fake_mamba_ssm):
 
 
 def test_names_are_read_at_call_time(fake_mamba_ssm):
-    """A patch of a mamba_ssm global after the first check (what train.norm_backward does to
+    """A patch of a mamba_ssm global after the first check (what kernels.norm_backward does to
     ssd_combined._layer_norm_bwd) reaches the Functions."""
     up = ssd_upstream.upstream()
     marker = object()

@@ -36,14 +36,13 @@ def test_ssd_kernel_not_saved_and_ignored_by_reference():
     torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=0)
 
 
-def test_resume_across_ssd_kernels_but_not_across_models():
-    import functools
+def test_resume_across_ssd_kernels_but_not_across_models(make_config):
+    from hydra.utils import instantiate
 
     from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY
-    from mamba_train.training.module import MambaLMModule
 
-    module = MambaLMModule(model_config=tiny(ssd_kernel="fla"),
-                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    # the module group's settings, with this model config in place of the model group's
+    module = instantiate(make_config().module, model_config=tiny(ssd_kernel="fla"))
     module.on_load_checkpoint({CKPT_CONFIG_KEY: tiny().to_dict()})  # same model, other kernel
     other = MambaLMConfig(d_model=48, n_layer=1, vocab_size=64, ssm_cfg=SSM)
     with pytest.raises(ValueError, match="different model config"):

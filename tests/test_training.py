@@ -27,7 +27,8 @@ NOMINAL = {"mamba-130m": 130e6, "mamba-370m": 370e6, "mamba-790m": 790e6, "mamba
            "mamba3-180m": 180e6, "mamba3-440m": 440e6, "mamba3-820m": 820e6, "mamba3-1.5b": 1.5e9,
            # the transformers hybrids' released shapes (their model cards' counts) and ours
            "nemotron-h-8b": 8.1e9, "bamba-9b": 9.78e9, "falcon-h1-0.5b": 0.52e9,
-           "falcon-h1-1.5b-deep": 1.55e9, "hybrid-370m": 370e6}
+           "falcon-h1-1.5b-deep": 1.55e9, "hybrid-370m": 370e6,
+           "hybrid-moe-1b-a200m": 1e9}
 # The 48 x 2048 Mamba-2 has 1.344B parameters: the Mamba-2 paper names it 1.3B, the Mamba paper
 # names the same shape (Mamba-1, 1.37B) 1.4B. Its name is off by 3.4%, so it gets 4%.
 TOLERANCE = {"mamba2-1.3b": 0.04}
@@ -37,7 +38,8 @@ FAST = ["trainer.limit_val_batches=2", "train.val_every_n_steps=1000"]
 def test_all_recipes_present():
     assert set(NOMINAL) | {"debug", "debug-mamba2", "debug-hybrid", "debug-mamba3",
                            "debug-mamba3-hybrid", "debug-nemotron-h", "debug-bamba",
-                           "debug-falcon-h1"} == set(RECIPES)
+                           "debug-falcon-h1", "debug-nemotron-moe",
+                           "debug-granite-moe"} == set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -88,7 +90,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(make_config, tmp_path):
     assert mid.is_file()
     resumed = train(make_config(*common, "run_name=resumed", f"ckpt_path={mid}"))
     a, b = _losses(straight["run_dir"]), _losses(resumed["run_dir"])
-    assert sorted(b) == [4, 5, 6, 7]  # steps after the checkpoint (0-based step index)
+    assert sorted(b) == [5, 6, 7, 8]  # the steps after the step-4 checkpoint
     for step in b:
         assert a[step] == b[step], (step, a[step], b[step])
     pa = straight["module"].model.state_dict()
@@ -155,7 +157,8 @@ def nan_at_step_3(monkeypatch):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_config, nan_at_step_3):
     cfg = make_config("recipe=debug-mamba2", "trainer.max_steps=6",
                       "train.checkpoint_every_n_steps=2", *FAST)
-    with pytest.raises(NonFiniteLossError, match="step 3"):
+    # the poisoned step starts at global_step 3: it is step 4, as its checkpoint would be named
+    with pytest.raises(NonFiniteLossError, match="step 4"):
         train(cfg)
     ckpts = sorted((Path(cfg.run_dir) / "checkpoints").glob("step*.ckpt"))
     assert [c.name for c in ckpts] == ["step0000002.ckpt"]
@@ -166,7 +169,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_config, nan_at_s
 
 def test_nan_loss_skip_policy_skips_the_step(make_config, nan_at_step_3):
     result = train(make_config("recipe=debug-mamba2", "trainer.max_steps=5", *FAST,
-                               "train.nan_policy=skip"))
+                               "module.nan_policy=skip"))
     assert result["module"].skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in result["module"].parameters())
 
@@ -174,16 +177,16 @@ def test_nan_loss_skip_policy_skips_the_step(make_config, nan_at_step_3):
 def test_resumed_run_keeps_one_continuous_metrics_file(make_config):
     """The CSV log of a resumed run reads as one run: earlier rows kept, redone steps not doubled."""
     common = ["recipe=debug-mamba2", "train.checkpoint_every_n_steps=2", *FAST]
-    first = train(make_config(*common, "trainer.max_steps=3"))  # checkpoint at 2, logs step 2 too
-    assert sorted(_losses(first["run_dir"])) == [0, 1, 2]
-    # resume from the step-2 checkpoint: step 2 is redone, its first row must not stay twice
+    first = train(make_config(*common, "trainer.max_steps=3"))  # checkpoint at 2, logs step 3 too
+    assert sorted(_losses(first["run_dir"])) == [1, 2, 3]
+    # resume from the step-2 checkpoint: step 3 is redone, its first row must not stay twice
     mid = first["run_dir"] / "checkpoints" / "step0000002.ckpt"
     train(make_config(*common, "trainer.max_steps=5", f"ckpt_path={mid}"))
     steps = [s for s in _losses(first["run_dir"])]
-    assert sorted(steps) == [0, 1, 2, 3, 4]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
     with open(first["run_dir"] / "metrics" / "metrics.csv") as f:
         logged = [int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]]
-    assert sorted(logged) == [0, 1, 2, 3, 4]  # no duplicates
+    assert sorted(logged) == [1, 2, 3, 4, 5]  # no duplicates
 
 
 def test_cli_cfg_job_prints_the_composed_recipe(tmp_path):

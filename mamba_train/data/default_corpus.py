@@ -24,7 +24,6 @@ from functools import lru_cache
 
 VAL_EVERY = 10
 VAL_OFFSET = 4
-SOURCE_NAME = "default"
 
 
 def default_documents() -> list[str]:

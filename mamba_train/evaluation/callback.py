@@ -26,6 +26,8 @@ from typing import Any
 
 import lightning as L
 
+from mamba_train.training.step import step_ended
+
 log = logging.getLogger(__name__)
 
 
@@ -48,17 +50,14 @@ class EvalAfterTraining(L.Callback):
         self.strict = strict
         self.every_n_steps = (every_n_checkpoints * checkpoint_every_n_steps
                               if every_n_checkpoints and checkpoint_every_n_steps else None)
-        self._last_step = -1
         self._evaluated_step = -1
         self._results: dict | None = None
         self.last_metrics: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not self.every_n_steps or trainer.global_step == self._last_step:
-            return
-        self._last_step = trainer.global_step
-        if trainer.global_step % self.every_n_steps == 0:
+        ended = step_ended(pl_module)
+        if self.every_n_steps and ended is not None and ended.number % self.every_n_steps == 0:
             self._evaluate(trainer, pl_module, final=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -114,9 +113,8 @@ class EvalAfterTraining(L.Callback):
         if final:
             self._write_final(trainer, step, results)
         self.last_metrics = flat_metrics(results)
-        log_step = max(step - 1, 0)  # the step index train/loss of that step was logged at
-        for logger in trainer.loggers:
-            logger.log_metrics(self.last_metrics, step=log_step)
+        for logger in trainer.loggers:  # the step train/loss of that step was logged at
+            logger.log_metrics(self.last_metrics, step=step)
             logger.save()
 
 

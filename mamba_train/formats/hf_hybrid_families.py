@@ -10,7 +10,8 @@ from mamba_train.formats.hf_hybrids import (
     Family, _attn_out, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
     _mamba2_from, _refuse, as_hf_family)
 from mamba_train.models.config import MambaLMConfig
-from mamba_train.models.pattern import ATTENTION, MLP, PARALLEL, SSM, pattern_of
+from mamba_train.formats import hf_moe_nemotron
+from mamba_train.models.pattern import ATTENTION, MLP, MOE, PARALLEL, SSM, pattern_of
 
 NEMOTRON_H, BAMBA, FALCON_H1 = "NemotronHForCausalLM", "BambaForCausalLM", "FalconH1ForCausalLM"
 
@@ -47,9 +48,8 @@ def _attn_in(c, head_dim: int, bias: bool, rope: dict | None) -> dict[str, Any]:
 def _nemotron_from(raw: Mapping[str, Any]) -> MambaLMConfig:
     c = _hf_config("nemotron_h", raw)
     sub = c.hybrid_override_pattern
-    if set(sub) - {SSM, ATTENTION, MLP}:
-        raise ExportError(f"config.json pattern {sub!r}: mamba_train has no mixture-of-experts "
-                          "(E) layers; only dense Nemotron-H (M, *, -) loads")
+    if set(sub) - {SSM, ATTENTION, MLP, MOE}:
+        raise ExportError(f"config.json pattern {sub!r}: Nemotron-H layers are M, *, - and E")
     if c.mamba_hidden_act != "silu" or c.mlp_hidden_act != "relu2":
         raise ExportError("config.json: Nemotron-H with mamba_hidden_act != silu or "
                           "mlp_hidden_act != relu2 is not implemented")
@@ -66,11 +66,12 @@ def _nemotron_from(raw: Mapping[str, Any]) -> MambaLMConfig:
                   d_intermediate=c.intermediate_size if MLP in sub else 0, ssm_cfg=ssm,
                   attn_cfg=attn, mlp_cfg=dict(act="relu2", bias=c.mlp_bias, multiple_of=1),
                   residual_in_fp32=c.residual_in_fp32, tie_embeddings=c.tie_word_embeddings,
-                  norm_epsilon=eps, initializer_cfg=dict(initializer_range=c.initializer_range))
+                  norm_epsilon=eps, initializer_cfg=dict(initializer_range=c.initializer_range),
+                  moe_cfg=hf_moe_nemotron.moe_cfg_from(c) if MOE in sub else {})
 
 
 def _nemotron_to(cfg: MambaLMConfig) -> dict[str, Any]:
-    _check_common(cfg, NEMOTRON_H, {"M", "*", "-", "M-", "*-"}, "relu2")
+    _check_common(cfg, NEMOTRON_H, {"M", "*", "-", "M-", "*-", "E", "ME", "*E"}, "relu2")
     kw = _check_mamba2(cfg, NEMOTRON_H, norm_eps=cfg.norm_epsilon)
     if cfg.n_ssm_layers and not kw["rmsnorm"]:
         raise _refuse(NEMOTRON_H, "model.ssm_cfg.rmsnorm=false", "its Mamba-2 has the gated norm")
@@ -83,13 +84,15 @@ def _nemotron_to(cfg: MambaLMConfig) -> dict[str, Any]:
             raise _refuse(NEMOTRON_H, "model.attn_cfg.qkv_proj_bias/out_proj_bias",
                           "its attention projections have no bias")
     sub = pattern_of(cfg.blocks)
-    names = {SSM: "linear_attention", ATTENTION: "full_attention", MLP: "mlp"}
+    names = {SSM: "linear_attention", ATTENTION: "full_attention", MLP: "mlp", MOE: "moe"}
     out = dict(model_type="nemotron_h", layers_block_type=[names[s] for s in sub],
                layer_norm_epsilon=float(cfg.norm_epsilon), residual_in_fp32=cfg.residual_in_fp32,
                rescale_prenorm_residual=False, mlp_hidden_act="relu2", mamba_hidden_act="silu",
                **_common_out(cfg), **_attn_out(cfg))
     if cfg.d_intermediate:
         out.update(intermediate_size=cfg.d_intermediate, mlp_bias=bool(cfg.mlp_kwargs()["bias"]))
+    if cfg.n_moe_layers:
+        out.update(hf_moe_nemotron.moe_fields(cfg))
     if cfg.n_ssm_layers:
         d_inner = _d_inner(cfg)
         out.update(mamba_num_heads=d_inner // kw["headdim"], mamba_head_dim=kw["headdim"],
@@ -118,7 +121,8 @@ def _nemotron_layout(cfg: MambaLMConfig) -> list[tuple[str, str, str]]:
         if spec.mlp:
             norm = "norm2" if spec.mixer is not None else "norm"
             out += [("norm", f"{ours}.{norm}", f"model.layers.{s}.norm"),
-                    ("relu2", f"{ours}.mlp", f"model.layers.{s}.mixer")]
+                    ("moe_nemotron" if spec.moe else "relu2", f"{ours}.mlp",
+                     f"model.layers.{s}.mixer")]
             s += 1
     return out
 

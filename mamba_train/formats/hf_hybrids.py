@@ -95,7 +95,7 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
         raise _refuse(family, f"model.layer_pattern={shown}",
                       f"its blocks are {sorted(allowed)}, not {sorted(bad)}")
     mlp = cfg.mlp_kwargs()
-    if any(b.mlp for b in cfg.blocks):
+    if any(b.mlp and not b.moe for b in cfg.blocks):  # experts: the family's own check
         if mlp["act"] != mlp_act:
             raise _refuse(family, f"model.mlp_cfg.act={mlp['act']}", f"its MLP is {mlp_act}")
         if cfg.d_intermediate % mlp["multiple_of"]:
@@ -106,7 +106,8 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
         if a["d_conv"] or a["mlp_dim"] or a["rotary_emb_interleaved"]:
             raise _refuse(family, "model.attn_cfg (d_conv, mlp_dim or rotary_emb_interleaved)",
                           "its attention is plain q/k/v/o projections with GPT-NeoX rotary")
-        if a["softmax_scale"] is not None and a["softmax_scale"] != _head_dim(cfg) ** -0.5:
+        if (a["softmax_scale"] is not None and a["softmax_scale"] != _head_dim(cfg) ** -0.5
+                and family != "GraniteMoeHybridForCausalLM"):  # its attention_multiplier
             raise _refuse(family, f"model.attn_cfg.softmax_scale={a['softmax_scale']}",
                           "it scales scores by head_dim**-0.5")
         if a["qkv_proj_bias"] != a["out_proj_bias"]:
@@ -114,7 +115,7 @@ def _check_common(cfg: MambaLMConfig, family: str, allowed: set[str], mlp_act: s
                           "one attention_bias flag covers q, k, v and o")
     used = {k for k, v in cfg.multipliers.items()
             if v != (1.0 if k != "ssm_zxbcdt" else (1.0,) * 5)}
-    if used and family != "FalconH1ForCausalLM":
+    if used and family not in ("FalconH1ForCausalLM", "GraniteMoeHybridForCausalLM"):
         raise _refuse(family, f"model.multipliers {sorted(used)}", "it has no µP multipliers")
 
 
@@ -180,6 +181,11 @@ def _join_attn(prefix_ours: str, prefix_theirs: str, state, out) -> None:
             out[f"{prefix_ours}.out_proj.{suffix}"] = state[f"{prefix_theirs}.o_proj.{suffix}"]
 
 
+# layout kinds that other modules define (formats/hf_moe_*.py: the experts sublayers):
+# kind -> convert(ours, theirs, state, out, to_hf, cfg)
+SUBLAYER_CONVERTERS: dict[str, Callable[..., None]] = {}
+
+
 def _convert(kind: str, ours: str, theirs: str, state, cfg, out, to_hf: bool) -> None:
     src, dst = (ours, theirs) if to_hf else (theirs, ours)
     if kind in ("norm", "ssm", "top"):  # same parameter names on both sides
@@ -209,6 +215,8 @@ def _convert(kind: str, ours: str, theirs: str, state, cfg, out, to_hf: bool) ->
                         [state[f"{theirs}.up_proj.{suffix}"], state[f"{theirs}.gate_proj.{suffix}"]])
                 if f"{theirs}.down_proj.{suffix}" in state:
                     out[f"{ours}.fc2.{suffix}"] = state[f"{theirs}.down_proj.{suffix}"]
+    elif kind in SUBLAYER_CONVERTERS:
+        SUBLAYER_CONVERTERS[kind](ours, theirs, state, out, to_hf, cfg)
     else:
         raise AssertionError(kind)
 

@@ -52,6 +52,10 @@ def check_representable(cfg: MambaLMConfig) -> None:
             f"model.attn_layer_idx={cfg.attn_layer_idx}: hybrid models with attention layers "
             f"have no transformers equivalent; {cant.format(cls=cls)} (export format=mamba_ssm)"
         )
+    if cfg.n_attention_layers or cfg.n_moe_layers or any(b.mlp for b in cfg.blocks):
+        raise ExportError(
+            f"model.layer_pattern={cfg.layer_pattern}: attention, MLP or mixture-of-experts "
+            f"sublayers; {cant.format(cls=cls)}, its blocks are the SSM mixer alone")
     if not cfg.rms_norm:
         raise ExportError(
             f"model.rms_norm=False (LayerNorm): {cant.format(cls=cls)}, its blocks and final "

@@ -18,7 +18,8 @@ def as_config(config: MambaLMConfig | Mapping[str, Any]) -> MambaLMConfig:
 
 def build_model(config: MambaLMConfig | Mapping[str, Any], backend: str = "auto",
                 device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None) -> MambaLM:
+                dtype: torch.dtype | None = None,
+                kernels: Mapping[str, Any] | None = None) -> MambaLM:
     """A freshly initialised model (fp32 parameters unless ``dtype`` says otherwise).
 
     The modules are created on the meta device and initialised once after ``to_empty``, so a
@@ -33,4 +34,7 @@ def build_model(config: MambaLMConfig | Mapping[str, Any], backend: str = "auto"
         device = "cuda" if model.backend == "fused" else "cpu"
     model.to_empty(device=device)
     model.reset_parameters()
+    if kernels is not None:  # the run's ``kernels`` block (what training ran: ``model.kernels``)
+        from mamba_train.models.kernels import apply_kernels
+        model.kernels = apply_kernels(model, **kernels)
     return model

@@ -23,7 +23,7 @@ def saved_tensors_read_once(function: type[torch.autograd.Function]) -> type[tor
     """``function`` with a backward that unpacks ``ctx.saved_tensors`` exactly once.
 
     Non-reentrant activation checkpointing (``torch.utils.checkpoint``, what
-    ``train.activation_checkpointing`` uses) allows each saved tensor to be unpacked once per
+    ``module.activation_checkpointing`` uses) allows each saved tensor to be unpacked once per
     backward; mamba_ssm 2.3.2's Mamba-3 backward reads ``ctx.saved_tensors`` twice (a ``len`` check,
     then the unpacking) and fails there with "Unpack is being triggered for a tensor that was
     already unpacked once". The subclass hands the unchanged upstream backward a ctx that holds

@@ -53,11 +53,6 @@ MAMBA3_KWARGS = {
 KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "mamba_train", "fla")}
 # Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
 A_ACTIVATIONS = ("softplus", "heavy_tail")
-ATTN_KWARGS = {
-    "num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
-    "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base",
-    "rotary_emb_interleaved",
-}
 
 MAMBA1_DEFAULTS: dict[str, Any] = dict(
     d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init="random",
@@ -120,6 +115,8 @@ class MambaLMConfig:
         mlp_cfg: the MLPs: ``act`` (``swiglu``, mamba_ssm's gated SiLU, or ``relu2``, squared
             ReLU), ``bias``, ``multiple_of`` (the width is rounded up to it; mamba_ssm: 128).
         multipliers: µP-style constant multipliers (``models/pattern.py: MULTIPLIER_DEFAULTS``).
+        moe_cfg: the mixture-of-experts sublayers (``E`` in ``layer_pattern``): experts, router,
+            balancing (``models/moe.py: MOE_DEFAULTS``).
         special_token_ids: ``bos_token_id``/``eos_token_id``/``pad_token_id`` of the checkpoint this
             model came from (a transformers config.json), written back on export.
     """
@@ -142,11 +139,12 @@ class MambaLMConfig:
     mlp_cfg: dict = field(default_factory=dict)
     multipliers: dict = field(default_factory=dict)
     special_token_ids: dict = field(default_factory=dict)
+    moe_cfg: dict = field(default_factory=dict)
 
     # Fields that mamba_ssm's MambaConfig does not have; written to config.json only when they
     # differ from the default, so that mamba_ssm (which rejects unknown keys) loads our files.
     _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg", "layer_pattern", "mlp_cfg", "multipliers",
-                    "special_token_ids")
+                    "special_token_ids", "moe_cfg")
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand in DictConfig/ListConfig; normalise to plain containers.
@@ -158,6 +156,7 @@ class MambaLMConfig:
         self.mlp_cfg = _plain(self.mlp_cfg) or {}
         self.multipliers = _plain(self.multipliers) or {}
         self.special_token_ids = _plain(self.special_token_ids) or {}
+        self.moe_cfg = _plain(self.moe_cfg) or {}
         if "ssm_zxbcdt" in self.multipliers:
             self.multipliers["ssm_zxbcdt"] = tuple(self.multipliers["ssm_zxbcdt"])
         for key in ("A_init_range", "dt_limit"):  # JSON/YAML give lists; mamba_ssm uses tuples
@@ -211,6 +210,14 @@ class MambaLMConfig:
     def mlp_kwargs(self) -> dict[str, Any]:
         return {**MLP_DEFAULTS, **self.mlp_cfg}
 
+    def moe_kwargs(self) -> dict[str, Any]:
+        from mamba_train.models.moe import MOE_DEFAULTS
+        return {**MOE_DEFAULTS, **self.moe_cfg}
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(b.moe for b in self.blocks)
+
     def multiplier(self, name: str):
         return self.multipliers.get(name, MULTIPLIER_DEFAULTS[name])
 
@@ -254,6 +261,14 @@ class MambaLMConfig:
             self._validate_mamba3(kw)
         if self.n_attention_layers:
             self._validate_attention()
+        if self.n_moe_layers:
+            from mamba_train.models.moe import check_moe_cfg
+            problems = check_moe_cfg(self.moe_kwargs(), self.d_model)
+            if problems:
+                raise ConfigError(problems[0])
+        elif self.moe_cfg:
+            raise ConfigError("model.moe_cfg is set but model.layer_pattern has no E "
+                              "(mixture-of-experts) sublayer; add one or drop moe_cfg")
 
     def _validate_mamba2(self, kw: dict[str, Any]) -> None:
         d_inner = kw.get("d_inner") or kw["expand"] * self.d_model

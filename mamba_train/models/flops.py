@@ -13,7 +13,8 @@ Conventions (those of Kaplan et al. 2020 / PaLM App. B, so numbers compare with 
   w.r.t. the weight), so training costs ``3 ×`` the forward: ``6·N`` per token for ``N`` matmul
   weights.
 * ``N`` counts the weights of every ``nn.Linear``/``nn.Conv1d``/Δ-projection of the blocks, plus
-  the LM head (a ``d_model × vocab`` matmul even when tied to the embedding). The embedding
+  the LM head; of a mixture of experts, the router, the shared experts and ``top_k`` of the
+  routed experts (the active parameters: a token's matmuls touch only those), plus (a ``d_model × vocab`` matmul even when tied to the embedding). The embedding
   *lookup* is free. Norm scales, biases, ``A_log``, ``D`` and elementwise work (SiLU, gating,
   softplus, RMSNorm, the softmax of the loss) are left out: together they are < 1% for every
   recipe, and leaving them out is the usual convention.
@@ -78,11 +79,18 @@ def matmul_params(config: MambaLMConfig) -> int:
     from mamba_train.models.init import DeltaProjection
     from mamba_train.models.lm import MambaLM
 
+    from mamba_train.models.moe import MoE
+
     model = MambaLM(config, backend="reference", device="meta")
     total = 0
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, DeltaProjection)):
             total += module.weight.numel()
+        elif isinstance(module, MoE):  # the router, and the top-k of the routed experts
+            c = module.cfg
+            total += module.router.weight.numel() + sum(
+                lin.weight.numel() for lin in (module.experts.fc1, module.experts.fc2)
+            ) * c["top_k"] // c["n_experts"]
     return total
 
 

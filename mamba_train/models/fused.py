@@ -33,7 +33,7 @@ from mamba_train.models.split_linear import SplitOutputLinear
 class FusedMamba(_Mamba):
     # mamba_inner_fn's checkpoint_lvl: 1 (mamba_ssm's choice) recomputes the conv1d output and
     # delta in the backward; 0 keeps them, 2 x d_inner x tokens bf16 values more per layer
-    # (train.mamba1_recompute, applied by set_mamba1_recompute)
+    # (kernels.mamba1_recompute, applied by set_mamba1_recompute)
     checkpoint_lvl = 1
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0,

@@ -224,7 +224,9 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
     if rescale_prenorm_residual:
         for name, p in model.named_parameters():
             if name.endswith(("out_proj.weight", "fc2.weight")):
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                # a 3-D weight holds one matrix per expert (models/moe.py), each drawn alone
+                for w in (p.unbind(0) if p.dim() == 3 else (p,)):
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
                 p /= math.sqrt(n_layer)
 
 

@@ -23,6 +23,7 @@ from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.init import init_weights
 from mamba_train.models.layers import make_mlp, make_norm, scale_in_proj_sections
 from mamba_train.models.loss import linear_cross_entropy
+from mamba_train.models.moe import MoE, aux_loss
 from mamba_train.models.pattern import ATTENTION, PARALLEL, SSM
 
 CausalLMOutput = namedtuple("CausalLMOutput", ["logits", "loss"], defaults=(None, None))
@@ -95,10 +96,14 @@ class Block(nn.Module):
             self.mixer = None
         if spec.mlp and spec.mixer is not None:
             self.norm2 = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
-        self.mlp = make_mlp(config.d_model, config.d_intermediate, **config.mlp_kwargs(),
-                            gate_multiplier=config.multiplier("mlp_gate"),
-                            down_multiplier=config.multiplier("mlp_down"),
-                            **factory) if spec.mlp else None
+        if spec.moe:
+            self.mlp = MoE(config.d_model, config.moe_kwargs(),
+                           down_multiplier=config.multiplier("mlp_down"), **factory)
+        else:
+            self.mlp = make_mlp(config.d_model, config.d_intermediate, **config.mlp_kwargs(),
+                                gate_multiplier=config.multiplier("mlp_gate"),
+                                down_multiplier=config.multiplier("mlp_down"),
+                                **factory) if spec.mlp else None
 
     @property
     def ssm_mixer(self) -> nn.Module | None:
@@ -181,12 +186,14 @@ class MambaLM(nn.Module):
                 labels: torch.Tensor | None = None, num_last_tokens: int = 0,
                 loss_chunk_size: int = 4096) -> CausalLMOutput:
         """Logits (B, L, V_padded) like mamba_ssm; with ``labels`` (-100 = ignore) the mean
-        cross-entropy instead, computed chunk-wise without materialising the logits."""
+        cross-entropy instead, computed chunk-wise without materialising the logits, plus the
+        mixture-of-experts balancing terms where ``moe_cfg`` has them (``models/moe.py``)."""
         hidden = self.hidden_states(input_ids, seq_idx=seq_idx)
         if labels is not None:
             loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
                                         labels.flatten(), chunk_size=loss_chunk_size)
-            return CausalLMOutput(loss=loss)
+            balance = aux_loss(self) if self.config.n_moe_layers else None
+            return CausalLMOutput(loss=loss if balance is None else loss + balance)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden))
@@ -196,6 +203,17 @@ class MambaLM(nn.Module):
         n = sum(p.numel() for p in params.values())
         if exclude_embedding:
             n -= self.backbone.embedding.weight.numel()
+        return n
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token computes with: all but the routed experts it is not sent to
+        (``top_k`` of ``n_experts`` per mixture-of-experts layer)."""
+        n = self.num_parameters()
+        for module in self.modules():
+            if isinstance(module, MoE):
+                c = module.cfg
+                routed = module.experts.fc1.weight.numel() + module.experts.fc2.weight.numel()
+                n -= routed - routed * c["top_k"] // c["n_experts"]
         return n
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = False) -> Path:

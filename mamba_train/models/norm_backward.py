@@ -14,7 +14,7 @@ weight's gradient (one fp32 partial per program, summed after).
 ``install()`` points mamba_ssm's call sites (module globals of ``layer_norm``, ``layernorm_gated``
 and ``ssd_combined``; private names, tested with mamba_ssm 2.3.x) at the adapters below. Cases the
 kernel does not cover (bias, LayerNorm's mean, the gate after the norm, dropout, a second weight,
-row scales) go to mamba_ssm's own function, unchanged. ``train.norm_backward`` chooses.
+row scales) go to mamba_ssm's own function, unchanged. ``kernels.norm_backward`` chooses.
 
 On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1`` before import); that is
 how tests/test_norm_backward.py checks it against autograd.
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-CHOICES = ("mamba_train", "mamba_ssm")  # train.norm_backward: this kernel, or mamba_ssm's own
+CHOICES = ("mamba_train", "mamba_ssm")  # kernels.norm_backward: this kernel, or mamba_ssm's own
 SUPPORTED_MAMBA_SSM = ("2.3.",)
 # grid width and tile size: the best of the kernel sweep on an H200 for both norms of
 # mamba2-370m (benchmarks/results/2026-12-03-mamba2-norm-kernel.md); rows per tile =

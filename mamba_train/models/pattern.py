@@ -8,7 +8,8 @@ A pattern is a string of sublayer symbols, each a pre-norm residual sublayer
 * ``*`` -- causal self-attention (``attn_cfg``);
 * ``P`` -- SSM and attention side by side on the same normalised input, outputs summed
   (Falcon-H1's decoder layer);
-* ``-`` -- an MLP (``d_intermediate`` wide, ``mlp_cfg``).
+* ``-`` -- an MLP (``d_intermediate`` wide, ``mlp_cfg``);
+* ``E`` -- a mixture of experts (``moe_cfg``, ``models/moe.py``), grouped like ``-``.
 
 Sublayers group into blocks, the modules under ``backbone.layers``: a mixer symbol opens a block
 and an ``-`` right after it joins that block as its MLP (``norm``/``mixer`` then ``norm2``/
@@ -28,8 +29,9 @@ from typing import Any
 from mamba_train.errors import MambaTrainError
 
 SSM, ATTENTION, PARALLEL, MLP = "M", "*", "P", "-"
+MOE = "E"
 MIXER_SYMBOLS = (SSM, ATTENTION, PARALLEL)
-SYMBOLS = MIXER_SYMBOLS + (MLP,)
+SYMBOLS = MIXER_SYMBOLS + (MLP, MOE)
 
 MLP_ACTIVATIONS = ("swiglu", "relu2")
 MLP_DEFAULTS: dict[str, Any] = dict(act="swiglu", bias=False, multiple_of=128)
@@ -52,15 +54,16 @@ MULTIPLIER_DEFAULTS: dict[str, Any] = dict(
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One module of ``backbone.layers``: its mixer symbol (None: an MLP-only block) and
-    whether an MLP follows the mixer."""
+    """One module of ``backbone.layers``: its mixer symbol (None: an MLP-only block), whether
+    an MLP follows the mixer, and whether that MLP is a mixture of experts (``E``)."""
 
     mixer: str | None
     mlp: bool
+    moe: bool = False
 
     @property
     def symbols(self) -> str:
-        return (self.mixer or "") + (MLP if self.mlp else "")
+        return (self.mixer or "") + ((MOE if self.moe else MLP) if self.mlp else "")
 
     @property
     def has_ssm(self) -> bool:
@@ -81,15 +84,15 @@ def parse_pattern(pattern: str) -> list[BlockSpec]:
     if bad:
         raise PatternError(
             f"model.layer_pattern {pattern!r} has symbols {bad}; use M (SSM mixer), * (attention), "
-            "P (SSM and attention in parallel) and - (MLP)")
+            "P (SSM and attention in parallel), - (MLP) and E (mixture of experts)")
     blocks: list[BlockSpec] = []
     for char in pattern:
-        if char != MLP:
+        if char not in (MLP, MOE):
             blocks.append(BlockSpec(char, False))
         elif blocks and blocks[-1].mixer is not None and not blocks[-1].mlp:
-            blocks[-1] = BlockSpec(blocks[-1].mixer, True)
+            blocks[-1] = BlockSpec(blocks[-1].mixer, True, char == MOE)
         else:
-            blocks.append(BlockSpec(None, True))
+            blocks.append(BlockSpec(None, True, char == MOE))
     return blocks
 
 
@@ -116,7 +119,7 @@ def check_layout(cfg) -> None:
             raise PatternError(
                 f"model.layer_pattern {cfg.layer_pattern!r} groups into {len(blocks)} blocks "
                 f"({' '.join(b.symbols for b in blocks)}); set n_layer={len(blocks)}")
-        has_mlp = any(b.mlp for b in blocks)
+        has_mlp = any(b.mlp and not b.moe for b in blocks)
         if has_mlp != (cfg.d_intermediate > 0):
             raise PatternError(
                 f"model.layer_pattern {'has' if has_mlp else 'has no'} MLP sublayers (-) but "

@@ -7,7 +7,7 @@ names is public API, so they are listed here with the mamba_ssm version they wer
 a mamba_ssm that lacks one fails once, with one line, when the model is built.
 
 Names are looked up on their module at each call (not bound once): ``models/norm_backward.py``
-replaces ``ssd_combined._layer_norm_bwd`` when ``train.norm_backward=mamba_train``, and the Functions
+replaces ``ssd_combined._layer_norm_bwd`` when ``kernels.norm_backward=mamba_train``, and the Functions
 here must follow that switch exactly as mamba_ssm's own Function does.
 """
 

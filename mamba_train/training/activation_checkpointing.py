@@ -1,4 +1,4 @@
-"""Activation checkpointing of the backbone's blocks (``train.activation_checkpointing``).
+"""Activation checkpointing of the backbone's blocks (``module.activation_checkpointing``).
 
 A checkpointed block keeps only its two inputs (hidden states and residual stream) for the
 backward and runs its forward a second time there, so the activations stored for a step shrink
@@ -11,7 +11,7 @@ Policies:
 
 * ``off`` -- nothing is recomputed (the default);
 * ``all`` -- every block;
-* ``every_k`` -- blocks ``0, k, 2k, ...`` (``train.activation_checkpointing_k``): a dial between
+* ``every_k`` -- blocks ``0, k, 2k, ...`` (``module.activation_checkpointing_k``): a dial between
   the two, about ``1/k`` of the activation memory saved for ``1/k`` of the recompute.
 
 How: :func:`apply_activation_checkpointing` marks the chosen :class:`~mamba_train.models.lm.Block`
@@ -42,7 +42,7 @@ _ALIASES = {False: "off", None: "off", "none": "off", "false": "off", True: "all
 
 
 class ActivationCheckpointingError(ConfigError):
-    """An unknown ``train.activation_checkpointing`` policy or a bad ``k``."""
+    """An unknown ``module.activation_checkpointing`` policy or a bad ``k``."""
 
 
 def normalize_policy(policy: str | bool | None) -> str:
@@ -51,8 +51,8 @@ def normalize_policy(policy: str | bool | None) -> str:
     key = _ALIASES.get(key, key)
     if key not in POLICIES:
         raise ActivationCheckpointingError(
-            f"train.activation_checkpointing={policy!r}: expected one of {POLICIES} "
-            "(every_k checkpoints blocks 0, k, 2k, ... with k = train.activation_checkpointing_k)")
+            f"module.activation_checkpointing={policy!r}: expected one of {POLICIES} "
+            "(every_k checkpoints blocks 0, k, 2k, ... with k = module.activation_checkpointing_k)")
     return key
 
 
@@ -65,7 +65,7 @@ def checkpointed_block_indices(n_layer: int, policy: str | bool | None, k: int =
         return list(range(n_layer))
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ActivationCheckpointingError(
-            f"train.activation_checkpointing_k={k!r}: must be a positive integer (1 = every block)")
+            f"module.activation_checkpointing_k={k!r}: must be a positive integer (1 = every block)")
     return list(range(0, n_layer, k))
 
 

@@ -31,3 +31,23 @@ def grad_accumulation(global_batch_tokens: int, micro_batch_size: int, seq_len: 
             f"{per_pass} such as {lo}"
         )
     return global_batch_tokens // per_pass
+
+
+def planned_world_size(accelerator: str, devices, num_nodes: int) -> int:
+    """The number of processes the Trainer will run, before it is built (the accumulation and
+    the validation cadence are Trainer arguments that depend on it). Lightning's own rules for
+    ``accelerator``/``devices`` (``auto``, ``-1``, a count, a list); ``train`` checks the built
+    Trainer against it."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
+
+    if accelerator == "auto":
+        accelerator = ("mps" if MPSAccelerator.is_available()
+                       else "cuda" if CUDAAccelerator.is_available() else "cpu")
+    kinds = {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "mps": MPSAccelerator,
+             "gpu": MPSAccelerator if MPSAccelerator.is_available() else CUDAAccelerator}
+    if accelerator not in kinds:
+        raise BatchSizeError(f"trainer.accelerator={accelerator!r}: use auto, cpu, cuda/gpu or mps")
+    kind = kinds[accelerator]
+    parsed = kind.parse_devices(kind.auto_device_count() if devices == "auto" else devices)
+    per_node = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed)
+    return per_node * int(num_nodes)

@@ -6,24 +6,23 @@ PyTorch guide to CUDA graphs, https://pytorch.org/docs/stable/notes/cuda.html#cu
 why launch-bound steps gain). ``torch.compile`` cannot capture it for us -- mamba_ssm's kernels
 are not registered custom ops -- so the graph is captured by hand with ``torch.cuda.graph``.
 
-How it sits inside Lightning (automatic optimization is kept, so gradient accumulation, the LR
-schedule, clipping, logging, checkpointing and resume work exactly as in the eager path):
+How it sits in the training step (``training/step.py``, which calls ``forward_backward`` per
+micro-batch and ``sync_gradients`` / ``zero_grad`` once per optimizer step):
 
-* ``training_step`` copies the micro-batch into static input buffers and replays the graph,
+* ``forward_backward`` copies the micro-batch into static input buffers and replays the graph,
   which runs the forward, the loss (scaled by 1/accumulation) and the backward. With gradient
   accumulation or DDP the gradients accumulate in place into one flat fp32 buffer whose views
   are the parameters' ``.grad``. With neither, the graph owns the gradient tensors: captured
   with ``.grad`` unset, the backward allocates them in the graph's pool and each replay
   overwrites them, which saves zeroing and an add over every gradient per step (2.6 ms of a
   243 ms mamba-370m step on an H100, benchmarks/results/2026-11-23-captured-step-throughput.md).
-* ``LightningModule.backward`` becomes a no-op for that micro-batch (the graph did it); under
-  DDP the flat buffer is all-reduced there once per optimizer step, outside the graph (one
-  collective, with no reducer hooks: DDP's own gradient sync is switched off). With
+* Lightning's backward is a no-op for these micro-batches (the graph did it); under DDP the
+  flat buffer is all-reduced by ``sync_gradients`` once per optimizer step, outside the graph
+  (one collective, with no reducer hooks: DDP's own gradient sync is switched off). With
   accumulation 1, ``module.cuda_graph_allreduce=inside`` captures that all-reduce into the
   graph instead (NCCL collectives can be captured); benchmarks/scaling.py measures both.
-* The flat buffer is zeroed in place at the first micro-batch of each optimizer step (Lightning's
-  ``optimizer_zero_grad`` would run after our backward and drop the gradients, so it is a no-op),
-  never set to None: the graph writes into those exact addresses.
+* ``zero_grad`` zeroes the flat buffer in place after each optimizer step, never setting it to
+  None: the graph writes into those exact addresses.
 * Clipping (``clip_grad_norm_``, a few foreach kernels) and the fused AdamW step stay eager: with
   a float LR read at every step the schedule needs no device tensor, and the optimizer state and
   checkpoints are the eager ones, so resume stays exact.
@@ -58,18 +57,13 @@ class CudaGraphError(MambaTrainError, RuntimeError):
 
 def graph_blockers(trainer, module) -> list[str]:
     """Reasons this run's training step cannot be captured (empty: it can)."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
     reasons = []
     strategy = trainer.strategy
     if strategy.root_device.type != "cuda":
         reasons.append(f"the device is {strategy.root_device.type} (CUDA graphs are for GPUs)")
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-            strategy, (SingleDeviceStrategy, DDPStrategy)):
+    if module.train_step.kind != "replicated":  # training/step.py: strategy_kind
         reasons.append(f"{type(strategy).__name__} gathers or partitions parameters and "
                        "gradients inside the step; only single-device and DDP steps are captured")
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        reasons.append("fp16 loss scaling decides on the host whether to step; use bf16-mixed")
     if getattr(trainer.datamodule, "document_boundaries", False) and any(
             getattr(m, "varlen_needs_host_sync", False) for m in module.modules()):
         reasons.append("the fused Mamba-3 kernel and varlen attention take document boundaries "
@@ -230,14 +224,10 @@ class GraphedTrainStep:
             return "eager: graph-step bookkeeping without CUDA graphs (not a CUDA device)"
         return "eager: not captured yet"
 
-    def forward_backward(self, batch: dict, starts_window: bool) -> torch.Tensor:
+    def forward_backward(self, batch: dict) -> torch.Tensor:
         """Accumulate this micro-batch's gradients (scaled by 1/accumulation) into ``p.grad``
-        and return its loss, detached (a fresh tensor: the static one is overwritten).
-
-        ``starts_window``: first micro-batch of an optimizer step, whose gradients start from
-        zero. (Lightning zeroes between ``training_step`` and ``backward``, too late here.)"""
-        if starts_window:
-            self.zero_grad()
+        and return its loss, detached (a fresh tensor: the static one is overwritten). The
+        gradients start from zero after ``zero_grad`` (called once per optimizer step)."""
         self.micro_steps += 1
         self._reduced = False
         if not self._fill_static(batch):

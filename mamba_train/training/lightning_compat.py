@@ -10,8 +10,10 @@ their own classes; they are listed here so that one file names every private dep
   hook lets a subclass change how the wrapped model or the process group is built.
 * ``training/strategies/deepspeed.py``: ``_format_config``, the only place Lightning turns the
   precision flag into DeepSpeed config sections.
-* ``training/strategies/fsdp.py``: ``_precision_plugin`` (the plugin swap behind the public
-  ``precision_plugin`` property, to clip FSDP gradients by global norm).
+* ``training/nonfinite.py`` (a torch handshake, not Lightning): ``optimizer.found_inf``, the
+  device flag ``torch.amp.GradScaler`` hands to fused optimizers (``torch.optim.AdamW(fused=True)``
+  reads it in ``step`` and leaves weights, moments and step count alone when it is set). It is
+  set as an attribute, as ``GradScaler._maybe_opt_step`` does; torch does not document it.
 * ``training/csv_logger.py``: ``ExperimentWriter._check_log_dir_exists`` (Lightning deletes
   ``metrics.csv`` there on restart; the resumable logger keeps it), ``_rewrite_with_new_header``
   (rewritten through the atomic writer: Lightning rewrites the file in place) and ``CSVLogger``'s
@@ -25,38 +27,12 @@ from typing import Any
 import lightning as L
 
 
-def should_accumulate(trainer: L.Trainer) -> bool:
-    """True while the current micro-batch does not end an optimizer step.
-
-    ``fit_loop.epoch_loop._should_accumulate()``: Lightning's own rule (accumulation window and
-    the epoch's last batch); re-deriving it would drift from what DDP's no_sync decides.
-    """
-    return trainer.fit_loop.epoch_loop._should_accumulate()
-
-
-def batches_that_stepped(trainer: L.Trainer) -> int:
-    """The step number Lightning's loggers write (``epoch_loop._batches_that_stepped``).
-
-    ``trainer.global_step`` counts optimizer steps, which matches it for one optimizer but is
-    advanced at a different point in the loop; rows must land on the same step as ``self.log``'s.
-    """
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
-def should_update_logs(trainer: L.Trainer) -> bool:
-    """Whether this step is a logging step (``_logger_connector.should_update_logs``).
-
-    Lightning's rule also covers ``log_every_n_steps`` interplay with accumulation and the last
-    batch; no public property exposes it.
-    """
-    return trainer._logger_connector.should_update_logs
-
-
-def log_metrics(trainer: L.Trainer, metrics: dict[str, Any]) -> None:
-    """Log through Lightning's connector (``_logger_connector.log_metrics``): same step, same
-    ``epoch`` column, same loggers as ``LightningModule.log`` -- a callback's public
-    ``self.log`` cannot be called from ``on_train_batch_end`` with host floats at a chosen step."""
-    trainer._logger_connector.log_metrics(metrics)
+def log_metrics(trainer: L.Trainer, metrics: dict[str, Any], step: int) -> None:
+    """Log at ``step`` through Lightning's connector (``_logger_connector.log_metrics``): the same
+    loggers and tensor-to-scalar conversion as ``LightningModule.log``, and ``trainer.logged_metrics``
+    kept. ``self.log`` cannot choose the step: it writes Lightning's own 0-based counter, while
+    every metric here is logged at the 1-based step it follows (the checkpoint's number)."""
+    trainer._logger_connector.log_metrics(metrics, step=step)
 
 
 def drop_unset_wandb_anonymous(logger) -> None:

@@ -1,6 +1,8 @@
 """The LightningModule: builds the model in ``configure_model``, computes the fp32 chunked loss,
-groups parameters for weight decay by name, steps the LR schedule per optimizer step, and puts
-the model config and RNG states into every checkpoint."""
+hands every micro-batch and optimizer step to ``TrainStep`` (``training/step.py``, where the
+step reads in order), logs the step and validation metrics at the step they follow, groups
+parameters for weight decay by name, and puts the model config and RNG states into every
+checkpoint."""
 
 from __future__ import annotations
 
@@ -13,60 +15,43 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, RNG_KEY, RUN_CONFIG_KEY
-from mamba_train.models.config import ConfigError, MambaLMConfig
-from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
+from mamba_train.models.config import MambaLMConfig
+from mamba_train.models.kernels import apply_kernels
 from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
                                                           checkpointed_block_indices,
                                                           normalize_policy)
 from mamba_train.training.activation_checkpointing import describe as describe_checkpointing
-from mamba_train.training.cuda_graph import (ALLREDUCE_PLACES, GRAPH_MODES, GraphedTrainStep,
-                                             start_graph_step)
-from mamba_train.training.lightning_compat import should_accumulate
-from mamba_train.training.nonfinite import NAN_POLICIES, NonFiniteGuard, NonFiniteLossError  # noqa: F401
+from mamba_train.training.lightning_compat import log_metrics
+from mamba_train.training.nonfinite import NonFiniteLossError  # noqa: F401 (re-exported)
 from mamba_train.training.optim import build_optimizer
+from mamba_train.training.step import TrainStep, step_ended
 
 
 class MambaLMModule(L.LightningModule):
+    """Every argument is a ``module`` group setting (``conf/module/default.yaml`` holds the
+    defaults; values are checked by ``config_checks.py`` before anything is built)."""
+
     def __init__(
         self,
-        model_config: dict | MambaLMConfig | None = None,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        scheduler: Callable[..., Any] | None = None,
-        backend: str = "auto",
-        weight_decay: float = 0.1,
-        loss_chunk_size: int = 4096,
-        nan_policy: str = "stop",
+        model_config: dict | MambaLMConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None,
+        backend: str,
+        weight_decay: float,
+        loss_chunk_size: int,
+        nan_policy: str,
+        max_consecutive_skips: int,
+        cuda_graph: str,
+        cuda_graph_allreduce: str,
+        kernels: dict,
+        activation_checkpointing: str | bool,
+        activation_checkpointing_k: int,
         run_config: str | None = None,
-        cuda_graph: str = "auto",
-        cuda_graph_allreduce: str = "outside",
-        mamba1_recompute: bool = True,
-        norm_backward: str = "mamba_train",
         init_from: Any = None,
-        max_consecutive_skips: int = 10,
-        activation_checkpointing: str | bool = "off",
-        activation_checkpointing_k: int = 2,
-        **unknown: Any,
     ):
         """``model_config`` describes the network (``self.model`` is the ``nn.Module`` built from
         it in ``configure_model``); ``optimizer`` is a partial taking the parameter groups."""
-        if "model" in unknown:
-            raise ConfigError("MambaLMModule takes model_config= (a MambaLMConfig or its dict), "
-                              "not model=; self.model is the nn.Module built from it")
-        if unknown:
-            raise TypeError(f"MambaLMModule got unexpected arguments {sorted(unknown)}")
-        if model_config is None or optimizer is None:
-            raise TypeError("MambaLMModule needs model_config= and optimizer=")
         super().__init__()
-        if nan_policy not in NAN_POLICIES:
-            raise ConfigError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        if cuda_graph not in GRAPH_MODES:
-            raise ConfigError(f"module.cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
-        if cuda_graph_allreduce not in ALLREDUCE_PLACES:
-            raise ConfigError(f"module.cuda_graph_allreduce must be one of {ALLREDUCE_PLACES}, "
-                             f"got {cuda_graph_allreduce!r}")
-        if norm_backward not in NORM_BACKWARDS:
-            raise ConfigError(f"train.norm_backward must be one of {NORM_BACKWARDS}, "
-                              f"got {norm_backward!r}")
         self.activation_checkpointing = normalize_policy(activation_checkpointing)
         checkpointed_block_indices(1, self.activation_checkpointing, activation_checkpointing_k)
         self.activation_checkpointing_k = activation_checkpointing_k
@@ -77,21 +62,15 @@ class MambaLMModule(L.LightningModule):
         self.backend = backend
         self.weight_decay = weight_decay
         self.loss_chunk_size = loss_chunk_size
-        self.nan_policy = nan_policy
         self.run_config = run_config
-        self.cuda_graph = cuda_graph
         self.cuda_graph_allreduce = cuda_graph_allreduce
-        self.mamba1_recompute = mamba1_recompute
-        self.norm_backward = norm_backward
+        self.kernels = dict(kernels)  # applied in configure_model; what ran: self.model.kernels
         self.init_from = init_from  # training/init_from.py: InitFrom, the source of a continued run
         self.loaded_weights = None  # its fingerprints once loaded (checked by the init guard)
-        self.graph_step: GraphedTrainStep | None = None  # set in on_train_start when capturable
-        self._eager_reason = "eager: training has not started"  # set in on_train_start
         self.model = None
-        self.grad_norm: torch.Tensor | None = None  # total norm before clipping, last step
-        # non-finite loss/gradients: decided on the device before each optimizer step
-        self.nonfinite = NonFiniteGuard(nan_policy, max_consecutive_skips)
-        self._polled_step = -1  # the optimizer step whose bookkeeping was last read
+        self._val_sum, self._val_tokens = None, 0
+        # the optimizer step, in order (training/step.py); set up at fit start
+        self.train_step = TrainStep(self._loss, nan_policy, max_consecutive_skips, cuda_graph)
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -112,15 +91,7 @@ class MambaLMModule(L.LightningModule):
                 weights, self.loaded_weights = self.init_from.take_state()
             self.model = build_model_for(strategy, self.model_config, backend=self.backend,
                                          weights=weights)
-            if getattr(self.model, "backend", None) == "fused" and not self.mamba1_recompute:
-                from mamba_train.models.fused import set_mamba1_recompute
-                set_mamba1_recompute(self.model, recompute=False)
-            if getattr(self.model, "backend", None) == "fused":
-                from mamba_train.models import norm_backward  # process-wide: mamba_ssm's call sites
-                if self.norm_backward == "mamba_train":
-                    norm_backward.install()
-                else:
-                    norm_backward.uninstall()
+            self.model.kernels = apply_kernels(self.model, **self.kernels)
             # the one place it is applied, for every strategy (before any sharding wrapper)
             if apply_activation_checkpointing(self.model, self.activation_checkpointing,
                                               self.activation_checkpointing_k):
@@ -133,127 +104,109 @@ class MambaLMModule(L.LightningModule):
     def _loss(self, batch: dict) -> torch.Tensor:
         return self(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"]).loss
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ the step (training/step.py)
     def training_step(self, batch: dict, batch_idx: int):
-        if self.graph_step is not None:  # forward + backward in one CUDA graph replay
-            starts_window = batch_idx % self.trainer.accumulate_grad_batches == 0  # Lightning's rule
-            loss = self.graph_step.forward_backward(batch, starts_window)
-        else:
-            loss = self._loss(batch)
-        self.nonfinite.note_loss(loss)  # a device flag; the step's fate is decided before it
-        n_tokens = batch["input_ids"].numel()
-        # the step's own loss, also when it is skipped (NaN/inf then), never a stale value
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_tokens)
-        if self.nan_policy == "skip":
-            self.log("train/skipped_steps", self.nonfinite.skipped_total(), on_step=True)
-        return loss
+        return self.train_step.forward_backward(batch)
 
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite loss/gradients (reads the device: a sync)."""
-        self.nonfinite.poll_counts()
-        return self.nonfinite.skipped
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        self.train_step.step(optimizer_closure)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-        reduce_max = None
-        if self.trainer.world_size > 1 and not self._gradients_replicated():
-            strategy = self.trainer.strategy
-            reduce_max = lambda f: strategy.reduce(f.float(), reduce_op="sum") > 0  # noqa: E731
-        # DeepSpeed's engine applies the step itself: there the flag is recorded, not applied
-        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
-        self.nonfinite.before_optimizer_step(optimizer, self.global_step, reduce_max,
-                                             mask=not deepspeed)
-
-    def _gradients_replicated(self) -> bool:
-        """DDP (and the graph step's own all-reduce) leave every rank the same full gradients;
-        sharded strategies leave each rank a shard, so the flag must be agreed."""
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-        strategy = self.trainer.strategy
-        return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-
-    # ------------------------------------------------------------------ CUDA graph (see cuda_graph.py)
-    def _start_graph_step(self) -> None:
-        if self.graph_step is None:
-            self.graph_step, self._eager_reason = start_graph_step(self.trainer, self, self.cuda_graph)
-
-    @property
-    def training_step_mode(self) -> str:
-        """How training steps ran: captured in a CUDA graph or eager, and why (summary.json)."""
-        return self.graph_step.describe() if self.graph_step is not None else self._eager_reason
-
+    # the step does these itself, in its order: Lightning's versions are switched off
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        if self.graph_step is None:
-            return super().backward(loss, *args, **kwargs)
-        # the graph step already ran the backward; average over ranks before the optimizer step
-        # (Lightning's own accumulation rule, so that DDP reduces exactly when it would)
-        if not should_accumulate(self.trainer):
-            self.graph_step.sync_gradients()
+        if self.train_step.graph is None:  # the captured step has run its backward already
+            super().backward(loss, *args, **kwargs)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        if self.graph_step is None:
-            return super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        # Lightning calls this between training_step and backward: the graph step has already
-        # produced this micro-batch's gradients (it zeroes and re-binds them at the start of
-        # each window itself), so there is nothing to do
+        pass  # zeroed at the end of every step (TrainStep.zero_grad)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        pass  # TrainStep.clip, which also returns the logged norm
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        pass  # stepped right after the optimizer in TrainStep.step
 
     def on_validation_model_zero_grad(self) -> None:
-        if self.graph_step is None:
-            return super().on_validation_model_zero_grad()
-        self.graph_step.zero_grad()
-
-    def _release_graph_step(self) -> None:
-        if self.graph_step is not None:  # the graph's private memory pool goes with it
-            rank_zero_info(f"training step: {self.graph_step.describe()}")
-            self.graph_step.release()
+        self.train_step.zero_grad()  # keeps the graph step's gradient buffer bound
 
     def on_train_start(self) -> None:
         if self.init_from is not None:
             self.init_from.check_resumed(self.trainer.ckpt_path)
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-        if self.nan_policy == "skip" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            raise NonFiniteLossError(
-                "train.nan_policy=skip cannot skip a step under DeepSpeed (its engine applies "
-                "the optimizer step itself); use train.nan_policy=stop or strategy=fsdp")
-        self.nonfinite.window = 2 * max(1, self.trainer.log_every_n_steps)
-        self._polled_step = -1
-        self._start_graph_step()
-        # a restarted or resumed run redoes the steps from global_step on: drop their rows from
+        self.train_step.setup(self.trainer, self)
+        # a restarted or resumed run redoes the steps after global_step: drop their rows from
         # the CSV log (all of them when a run killed before its first checkpoint starts over)
         for logger in self.loggers:
             if hasattr(logger, "prune_from_step"):
-                logger.prune_from_step(self.global_step)
-
-    # ------------------------------------------------------------------ non-finite steps (nonfinite.py)
-    # Not read every step: Mamba-2 training is bound by the CPU enqueueing kernels, and a
-    # per-step host read stalls that pipeline. The device bookkeeping is read every log
-    # interval and before any checkpoint is written (a checkpoint never holds a NaN step).
-    def raise_if_nonfinite(self) -> None:
-        ckpt_cb = self.trainer.checkpoint_callback if self._trainer is not None else None
-        self.nonfinite.poll(getattr(ckpt_cb, "last_model_path", None) or None)
+                logger.prune_from_step(self.global_step + 1 if self.global_step else 0)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # once per logged optimizer step, not on every micro-batch of the window after it
-        step = self.global_step
-        if step != self._polled_step and step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._polled_step = step
-            self.raise_if_nonfinite()
+        ended = step_ended(self)
+        if ended is None:
+            return
+        every = max(1, self.trainer.log_every_n_steps)
+        if ended.number % every and ended.number != self.trainer.max_steps:
+            return
+        # Not read every step: Mamba-2 training is bound by the CPU enqueueing kernels, and a
+        # per-step host read stalls that pipeline. Read at logging steps and before any
+        # checkpoint is written (a checkpoint never holds a NaN step).
+        self.raise_if_nonfinite()
+        metrics = {"train/loss": ended.loss, "train/lr": ended.lr}
+        if ended.grad_norm is not None:
+            metrics["train/grad_norm"] = ended.grad_norm
+        if self.train_step.nonfinite.policy == "skip":
+            metrics["train/skipped_steps"] = self.train_step.nonfinite.skipped
+        log_metrics(self.trainer, metrics, step=ended.number)
 
     def on_train_end(self) -> None:
         self.raise_if_nonfinite()
-        self._release_graph_step()
+        rank_zero_info(f"training step: {self.training_step_mode}")
+        self.train_step.release()
+
+    def raise_if_nonfinite(self) -> None:
+        ckpt_cb = self.trainer.checkpoint_callback if self._trainer is not None else None
+        self.train_step.nonfinite.poll(getattr(ckpt_cb, "last_model_path", None) or None)
+
+    @property
+    def graph_step(self):
+        """The captured forward/backward (``cuda_graph.GraphedTrainStep``), or None: eager."""
+        return self.train_step.graph
+
+    @property
+    def training_step_mode(self) -> str:
+        """How training steps ran: captured in a CUDA graph or eager, and why (summary.json)."""
+        return self.train_step.describe()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite loss/gradients (reads the device: a sync)."""
+        self.train_step.nonfinite.poll_counts()
+        return self.train_step.nonfinite.skipped
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_tokens = None, 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True,
-                 batch_size=batch["input_ids"].numel())
+        n = batch["input_ids"].numel()
+        loss = self._loss(batch).detach().float() * n
+        self._val_sum = loss if self._val_sum is None else self._val_sum + loss
+        self._val_tokens += n
 
     def on_validation_epoch_end(self) -> None:
-        val_loss = self.trainer.callback_metrics.get("val/loss")
-        if val_loss is not None:
-            # the same value on every rank (val/loss is synced); sync_dist=True costs one scalar
-            # all-reduce per validation and keeps Lightning from warning that it is unsynced
-            self.log("val/ppl", torch.exp(val_loss.float().clamp(max=30)), sync_dist=True)
+        """``val/loss`` (token-weighted over all ranks) and ``val/ppl``, logged at the step
+        they follow: the same step number as the training metrics and the checkpoint."""
+        if self._val_sum is None:
+            return
+        totals = torch.stack([self._val_sum, torch.tensor(float(self._val_tokens), device=self._val_sum.device)])
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        val_loss = totals[0] / totals[1]
+        ppl = torch.exp(val_loss.clamp(max=30))
+        # for callbacks (progress); equal on every rank already, sync_dist keeps Lightning quiet
+        self.log("val/loss", val_loss, prog_bar=True, logger=False, sync_dist=True)
+        self.log("val/ppl", ppl, logger=False, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            log_metrics(self.trainer, {"val/loss": val_loss, "val/ppl": ppl}, step=self.global_step)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -266,35 +219,6 @@ class MambaLMModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def clips_gradients_directly(self) -> bool:
-        """True where ``configure_gradient_clipping`` clips (and logs the norm) itself.
-
-        Lightning's mixed-precision plugin refuses to clip for a fused optimizer (fused AdamW,
-        the fast one on GPU) because it assumes a GradScaler. Under bf16-mixed or fp32 there is
-        no scaler, so clipping the gradients directly is exact: do that on single-device/DDP.
-        Sharded strategies keep Lightning's path (their norm needs a cross-rank reduction);
-        DeepSpeed subclasses DDP but clips by itself.
-        """
-        from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy,
-                                                  SingleDeviceStrategy)
-
-        trainer = self.trainer
-        strategy = trainer.strategy
-        plain = (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))
-                 and not isinstance(strategy, DeepSpeedStrategy))
-        unscaled = getattr(trainer.precision_plugin, "scaler", None) is None
-        algorithm = trainer.gradient_clip_algorithm
-        return bool(trainer.gradient_clip_val) and algorithm in (None, "norm") and plain and unscaled
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and self.clips_gradients_directly():
-            # the total norm before clipping, computed once and logged (GradNormMonitor defers)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-            self.log("train/grad_norm", self.grad_norm, on_step=True, on_epoch=False)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -314,7 +238,7 @@ class MambaLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
-        # compared as saved (to_dict): kernel choices such as ssm_cfg.ssd_kernel may differ
+        # compared as saved (to_dict): kernel choices (ssm_cfg.ssd_kernel, the kernels block) may differ
         if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
             raise ValueError(
                 "the checkpoint was written for a different model config than the one "

@@ -33,7 +33,7 @@ import torch
 from mamba_train.errors import MambaTrainError
 
 log = logging.getLogger(__name__)
-NAN_POLICIES = ("stop", "skip")  # train.nan_policy
+NAN_POLICIES = ("stop", "skip")  # module.nan_policy
 
 
 class NonFiniteLossError(MambaTrainError, FloatingPointError):
@@ -169,7 +169,7 @@ class NonFiniteGuard:
                 f"{_names(s['first_params'].tolist(), self._names, bool(s['first_loss']))}; that step's update was not "
                 "applied and no checkpoint was written after it, so the last checkpoint is the "
                 f"last good state{where}. Lower the LR, check the data, or set "
-                "train.nan_policy=skip to skip such steps.")
+                "module.nan_policy=skip to skip such steps.")
         if self.policy != "skip" or skipped == 0:
             return
         new = sorted(v for v in s["recent"].tolist() if v > self._warned_up_to)
@@ -183,7 +183,7 @@ class NonFiniteGuard:
                 f"{run_start}..{run_start + run - 1}, first non-finite in "
                 f"{_names(s['run_params'].tolist(), self._names, bool(s['run_loss']))}): the run has diverged. No "
                 f"checkpoint was written during those steps{where}. Resume from it with a lower "
-                "optim.lr, check the data, or raise train.max_consecutive_skips.")
+                "optim.lr, check the data, or raise module.max_consecutive_skips.")
 
     def poll_counts(self) -> None:
         """Refresh ``skipped`` only (one sync), without warning or raising."""

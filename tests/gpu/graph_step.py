@@ -26,7 +26,9 @@ def eager_and_captured_gradients(model, vocab_size: int, accumulate: int):
         step = GraphedTrainStep(loss_fn, params, accumulate=accumulate, mode="on", warmup=warmup)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             for i, b in enumerate(batches):
-                step.forward_backward(b, starts_window=i % accumulate == 0)
+                if i % accumulate == 0:  # a new window (the training step zeroes after each step)
+                    step.zero_grad()
+                step.forward_backward(b)
         torch.cuda.synchronize()
         grads = torch.cat([p.grad.flatten() for p in params]).clone()
         replays = step.replays

@@ -46,19 +46,19 @@ def no_sync_in_the_decision(monkeypatch):
 def test_captured_step_skips_a_non_finite_gradient_on_the_device(tmp_path, no_sync_in_the_decision,
                                                                  record):
     poison = PoisonGradientAt(5)  # after the 3 eager warm-up steps and the capture
-    result = train(compose_config([*GRAPH, "train.nan_policy=skip"], tmp_path), extra_callbacks=[poison])
+    result = train(compose_config([*GRAPH, "module.nan_policy=skip"], tmp_path), extra_callbacks=[poison])
     module = result["module"]
     assert module.graph_step is not None and module.graph_step.replays >= 4, module.training_step_mode
-    _assert_same(poison.before, poison.after)  # weights and AdamW state of step 5 untouched
+    _assert_same(poison.before, poison.after)  # weights and AdamW state of step 6 untouched
     assert module.skipped_steps == 1 and result["trainer"].global_step == 8
     assert all(torch.isfinite(p).all() for p in module.parameters())
     record(f"reliability: captured step ({module.training_step_mode}) skipped the non-finite "
-           "step 5 on the device, weights and optimizer state unchanged")
+           "step 6 on the device, weights and optimizer state unchanged")
 
 
 def test_captured_step_stop_names_the_step(tmp_path, no_sync_in_the_decision):
     poison = PoisonGradientAt(5)
-    with pytest.raises(NonFiniteLossError, match="at step 5, in backbone"):
+    with pytest.raises(NonFiniteLossError, match="at step 6, in backbone"):  # global_step 5 -> 6
         train(compose_config(GRAPH, tmp_path), extra_callbacks=[poison])
     ckpts = sorted(p.name for p in (tmp_path / "debug-mamba2" / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "step0000004.ckpt"]

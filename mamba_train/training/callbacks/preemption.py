@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mamba_train.training.cluster import parse_signal
+from mamba_train.training.step import step_ended
 
 log = logging.getLogger(__name__)
 UNSAVED_EXIT = 1  # a saved stop exits 128 + signal (as a shell reports a signal's death)
@@ -54,7 +55,6 @@ class PreemptionCheckpoint(L.Callback):
         self.saved_step: int | None = None
         self.saved_path: str | None = None
         self._previous: dict | None = None
-        self._last_step = -1
         self._pending: _FlagOnHost | None = None
 
     # ------------------------------------------------------------------ signal
@@ -91,7 +91,6 @@ class PreemptionCheckpoint(L.Callback):
         # Lightning registers its SIGTERM handler after ``setup``; it would stop the run at the
         # end of the current micro-batch, unsaved. Ours replaces it (it is restored at teardown).
         self._install()
-        self._last_step = trainer.global_step
         if "SLURM_JOB_ID" not in os.environ:  # a laptop or a plain shell: no scheduler to name
             log.info("training starts at step %d (rank %d)", trainer.global_step, trainer.global_rank)
             return
@@ -101,9 +100,8 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                            batch, batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:
+        if step_ended(pl_module) is None:
             return  # inside a gradient-accumulation window: not a step boundary
-        self._last_step = trainer.global_step
         if not self._agreed(trainer, pl_module):
             return
         path = self._checkpoint_path(trainer)

@@ -33,6 +33,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.training.step import StepResult, step_ended
 
 log = logging.getLogger("mamba_train.progress")
 MODES = ("auto", "bar", "lines")
@@ -99,31 +100,31 @@ class StepProgress(ProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not self.is_enabled:
+        ended = step_ended(pl_module)
+        if not self.is_enabled or ended is None:
             return
-        step = trainer.global_step
-        if not self._first_step and step > self._step_start:
+        step = ended.number
+        if not self._first_step:
             self._first_step, self._t_first_step = step, time.perf_counter()
-        if step == self._step_last or (step % self.every_n_steps and step != trainer.max_steps):
+        if step % self.every_n_steps and step != trainer.max_steps:
             return
-        values = self._train_values(trainer)
+        values = self._train_values(trainer, ended)
         if self.mode == "lines":
             log.info(self._train_line(trainer, values))
         else:
             _to_log_files(self._train_line(trainer, values))
             self._update_bar(trainer, values)
 
-    def _train_values(self, trainer: L.Trainer) -> dict[str, float | None]:
-        metrics = trainer.callback_metrics
-        values = {"loss": _value(metrics, "train/loss"), "grad": _value(metrics, "train/grad_norm")}
+    def _train_values(self, trainer: L.Trainer, ended: StepResult) -> dict[str, float | None]:
+        values = {"loss": float(ended.loss),  # the step's own values, read at logging steps only
+                  "grad": None if ended.grad_norm is None else float(ended.grad_norm),
+                  "lr": ended.lr}
         now = time.perf_counter()  # after the loss was read: the device has caught up
-        step = trainer.global_step
+        step = ended.number
         busy = now - self._t_last - self._val_time
         values["tok_s"] = ((step - self._step_last) * self.tokens_per_step / busy
                            if self.tokens_per_step and busy > 0 else None)
         values["mfu"] = self._mfu(trainer, values["tok_s"])
-        opt = trainer.optimizers[0] if trainer.optimizers else None
-        values["lr"] = float(opt.param_groups[0]["lr"]) if opt is not None else None
         values["elapsed"] = now - self._t_start
         values["eta"] = None
         if self._first_step and step > self._first_step and trainer.max_steps > 0:

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.training.step import step_ended
 
 log = logging.getLogger("mamba_train.run")
 
@@ -50,6 +51,8 @@ def model_summary(trainer: L.Trainer, pl_module: L.LightningModule, seq_len: int
         p.numel() for p in model.parameters())
     lines = [f"parameters: {n_params / 1e6:,.2f} M ({config.n_layer} layers, d_model {config.d_model}, "
              f"vocab {config.vocab_size})"]
+    if getattr(config, "n_moe_layers", 0) and hasattr(model, "num_active_parameters"):
+        lines[0] += f", {model.num_active_parameters() / 1e6:,.2f} M active per token"
     if seq_len:
         lines.append(f"FLOPs/token (training, seq_len {seq_len}): {flops_per_token(config, seq_len) / 1e6:,.1f} M")
     lines.append(f"backend: {getattr(model, 'backend', 'unknown')}")
@@ -71,7 +74,7 @@ def _peak_flops(trainer: L.Trainer) -> str:
         return f"MFU: peak {peak / 1e12:,.0f} TFLOP/s per device"
     device = trainer.strategy.root_device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"MFU: off (no peak FLOP/s known for {name}; set train.peak_flops=<FLOP/s per device>)"
+    return f"MFU: off (no peak FLOP/s known for {name}; set callbacks.throughput.peak_flops=<FLOP/s per device>)"
 
 
 class RunStartReport(L.Callback):
@@ -86,12 +89,10 @@ class RunStartReport(L.Callback):
         self.seq_len = seq_len
         self.time_to_first_step_s: float | None = None
         self._t0: float | None = None
-        self._start_step = 0
         self._announced = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
-        self._start_step = trainer.global_step
         self._announced = False
         self.time_to_first_step_s = None
 
@@ -110,7 +111,7 @@ class RunStartReport(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self.time_to_first_step_s is not None or trainer.global_step == self._start_step:
+        if self.time_to_first_step_s is not None or step_ended(pl_module) is None:
             return
         device = trainer.strategy.root_device
         if device.type == "cuda":

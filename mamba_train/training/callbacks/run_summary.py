@@ -50,7 +50,7 @@ def plot_metrics(series: dict[str, list[tuple[int, float]]], out: Path) -> Path 
     import matplotlib.pyplot as plt
 
     loss_keys = [k for k in ("train/loss", "val/loss") if k in series]
-    lr_keys = [k for k in series if k.startswith("lr")]
+    lr_keys = [k for k in ("train/lr",) if k in series]
     if not loss_keys:
         return None
     fig, axes = plt.subplots(1, 2 if lr_keys else 1, figsize=(11 if lr_keys else 6, 4), squeeze=False)
@@ -125,6 +125,8 @@ class RunSummary(L.Callback):
             "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
             "skipped_nonfinite_steps": getattr(pl_module, "skipped_steps", 0),
             "training_step": getattr(pl_module, "training_step_mode", None),
+            # the kernels that ran (models/kernels.py), not only the ones asked for
+            "kernels": getattr(getattr(pl_module, "model", None), "kernels", None),
             # first optimizer step incl. kernel compile/autotune (training/callbacks/run_start.py)
             "time_to_first_step_s": next((cb.time_to_first_step_s for cb in trainer.callbacks
                                           if getattr(cb, "time_to_first_step_s", None) is not None), None),

@@ -49,15 +49,15 @@ class TextSamples(L.Callback):
         self._tokenizer = None
         self.last_seconds: float | None = None
 
-    def _sharded(self, trainer: L.Trainer) -> bool:
-        from lightning.pytorch.strategies import (DeepSpeedStrategy, FSDPStrategy,
-                                                  ModelParallelStrategy)
-        return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
+    @staticmethod
+    def _sharded(pl_module: L.LightningModule) -> bool:
+        """Parameters spread over the ranks (FSDP, FSDP2, DeepSpeed): the training step's kind."""
+        return getattr(getattr(pl_module, "train_step", None), "kind", None) in ("sharded", "engine")
 
     @torch.no_grad()
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (not self.prompts or self.new_tokens <= 0 or trainer.sanity_checking
-                or not trainer.is_global_zero or self._sharded(trainer)):
+                or not trainer.is_global_zero or self._sharded(pl_module)):
             return
         if self._tokenizer is None:
             from mamba_train.data.tokenizer import load_tokenizer

@@ -32,7 +32,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from mamba_train.training.lightning_compat import batches_that_stepped
+from mamba_train.training.step import step_ended
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class SSMHealthMonitor(L.Callback):
         self.every_n_steps = every_n_steps
         self.track_updates = track_updates
         self._snapshot: dict[str, torch.Tensor] | None = None
-        self._last_step = -1
 
     def _active(self, trainer: L.Trainer) -> bool:
         return bool(self.every_n_steps) and self.every_n_steps > 0 and trainer.is_global_zero
@@ -63,16 +62,13 @@ class SSMHealthMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active(trainer):
             return
-        self._last_step = trainer.global_step
-        self._log(trainer, pl_module.model)  # the state at start (init or resumed weights)
+        self._log(trainer, pl_module.model, trainer.global_step)  # the state at start (init or resumed weights)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not self._active(trainer) or trainer.global_step == self._last_step:
-            return  # mid-accumulation: no optimizer step since the last call
-        self._last_step = trainer.global_step
-        if trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module.model)
+        ended = step_ended(pl_module)
+        if ended is not None and self._active(trainer) and ended.number % self.every_n_steps == 0:
+            self._log(trainer, pl_module.model, ended.number)
 
     @torch.no_grad()
     def health_stats(self, model: torch.nn.Module) -> dict[str, float]:
@@ -135,11 +131,10 @@ class SSMHealthMonitor(L.Callback):
         for n, p in names.items():
             self._snapshot[n].copy_(p.detach(), non_blocking=True)
 
-    def _log(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
+    def _log(self, trainer: L.Trainer, model: torch.nn.Module, step: int) -> None:
         stats = self.health_stats(model)
         if not stats:
             return
-        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=step)
         self.take_snapshot(model)

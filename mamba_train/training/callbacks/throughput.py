@@ -7,19 +7,20 @@ callback calls ``torch.cuda.synchronize()`` after every micro-batch (a host sync
 micro-batch, which stalls the launch queue) and logs a "validate" series on the evaluation loop's
 own step counter. Here:
 
-* micro-batches are counted on the host from tensor *shapes* (no device access);
-* the clock is read (after one ``cuda.synchronize``) only at optimizer steps that Lightning logs
-  anyway (``trainer.log_every_n_steps``), so rates are exact over each logging interval and the
-  extra cost is one sync per logged step, which Lightning already pays to read the loss;
+* samples and tokens are the training step's own counts (``training/step.py``, from tensor
+  shapes: no device access), taken once per optimizer step;
+* the clock is read (after one ``cuda.synchronize``) only at logging steps
+  (``trainer.log_every_n_steps``), so rates are exact over each logging interval and the
+  extra cost is one sync per logged step, which reading the loss there costs anyway;
 * validation time (and mid-training evaluations, see ``excluded_time``) is excluded from the
   training clock, and validation is not itself measured;
-* keys use tokens (``tokens_per_sec``) rather than the generic "items", global keys are logged
-  at any world size (equal to the per-device ones on one device), and the run-level counters are
-  exact across resumes (``tokens_seen = global_step × global_batch_tokens``).
+* keys use tokens (``tokens_per_sec``) rather than the generic "items", one key per quantity
+  for the whole run (all devices; MFU is the same ratio per device), and the run-level counters
+  are exact across resumes (``tokens_seen = global_step × global_batch_tokens``).
 
 FLOPs come from :func:`mamba_train.models.flops.flops_per_token` at the batch's sequence length.
 MFU needs the device's peak: taken from Lightning's table for the compute dtype, or from
-``peak_flops`` (``train.peak_flops``) when set -- needed for accelerators the table lacks and for
+``peak_flops`` (``callbacks.throughput.peak_flops``) when set -- needed for accelerators the table lacks and for
 CPUs (no MFU is logged without a peak).
 """
 
@@ -36,7 +37,8 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mamba_train.models.flops import flops_per_token, matmul_params
-from mamba_train.training.lightning_compat import batches_that_stepped, log_metrics, should_update_logs
+from mamba_train.training.lightning_compat import log_metrics
+from mamba_train.training.step import step_ended
 
 GIB = 2**30
 
@@ -47,8 +49,8 @@ def _batch_shape(batch: Any) -> tuple[int, int]:
 
 
 class StepThroughputMonitor(ThroughputMonitor):
-    """Logs under ``train/``: ``tokens_per_sec``, ``samples_per_sec``, ``flops_per_sec`` (global)
-    and ``device/...`` (per device), ``device/mfu``, ``tokens_seen``, ``samples_seen``,
+    """Logs under ``train/``: ``tokens_per_sec``, ``samples_per_sec``, ``flops_per_sec`` (all
+    devices), ``mfu``, ``tokens_seen``, ``samples_seen``,
     ``time_s``, and ``peak_mem_gib`` / ``reserved_mem_gib`` on CUDA. Once at the start:
     ``model/flops_per_token``, ``model/params``, ``model/matmul_params``, ``model/peak_flops``.
 
@@ -67,7 +69,6 @@ class StepThroughputMonitor(ThroughputMonitor):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token: int | None = None
         self._seq_len: int | None = None
-        self._last_step = -1
         self._pending_flops = 0
         self._val_paused_at: float | None = None
 
@@ -82,7 +83,6 @@ class StepThroughputMonitor(ThroughputMonitor):
     @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer)
-        self._last_step = trainer.global_step
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
@@ -90,19 +90,21 @@ class StepThroughputMonitor(ThroughputMonitor):
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        ended = step_ended(pl_module)
+        if ended is None:
+            return  # inside an accumulation window
         stage = RunningStage.TRAINING
-        samples, tokens = _batch_shape(batch)
-        if self._seq_len != tokens // samples:  # first batch, or a new length: recount
-            self._seq_len = tokens // samples
-            self.flops_per_token = flops_per_token(pl_module.model_config, self._seq_len)
-            self._log_model_constants(trainer, pl_module)
-        self._samples[stage] += samples
-        self._lengths[stage] += tokens
-        self._batches[stage] += 1
-        self._pending_flops += self.flops_per_token * tokens
-        stepped = trainer.global_step != self._last_step
-        self._last_step = trainer.global_step
-        if not stepped or not should_update_logs(trainer):
+        seq_len = ended.tokens // ended.samples
+        if self._seq_len != seq_len:  # first step, or a new length: recount
+            self._seq_len = seq_len
+            self.flops_per_token = flops_per_token(pl_module.model_config, seq_len)
+            self._log_model_constants(trainer, pl_module, ended.number - 1)
+        self._samples[stage] += ended.samples
+        self._lengths[stage] += ended.tokens
+        self._batches[stage] += ended.micro_batches
+        self._pending_flops += self.flops_per_token * ended.tokens
+        every = max(1, trainer.log_every_n_steps)
+        if ended.number % every and ended.number != trainer.max_steps:
             return
         device = trainer.strategy.root_device
         if device.type == "cuda":
@@ -117,26 +119,23 @@ class StepThroughputMonitor(ThroughputMonitor):
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
             metrics["train/reserved_mem_gib"] = torch.cuda.memory_reserved(device) / GIB
             torch.cuda.reset_peak_memory_stats(device)
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, metrics, step=ended.number)
 
     def _step_metrics(self, trainer: L.Trainer, raw: dict[str, float]) -> dict[str, float]:
-        """Throughput's keys -> ours (tokens, not "items"; global keys at any world size)."""
+        """Throughput's per-device rates -> the run's (tokens, not "items"), one key each."""
         ws = trainer.world_size
-        rename = {"device/items_per_sec": "device/tokens_per_sec",
-                  "device/samples_per_sec": "device/samples_per_sec",
-                  "device/batches_per_sec": "device/batches_per_sec",
-                  "device/flops_per_sec": "device/flops_per_sec", "device/mfu": "device/mfu"}
-        out = {f"train/{new}": raw[old] for old, new in rename.items() if old in raw}
-        for key in ("tokens_per_sec", "samples_per_sec", "flops_per_sec"):
-            if f"train/device/{key}" in out:
-                out[f"train/{key}"] = out[f"train/device/{key}"] * ws
+        out = {f"train/{new}": raw[old] * ws for old, new in (
+            ("device/items_per_sec", "tokens_per_sec"), ("device/samples_per_sec", "samples_per_sec"),
+            ("device/flops_per_sec", "flops_per_sec")) if old in raw}
+        if "device/mfu" in raw:  # the same ratio for one device as for all of them
+            out["train/mfu"] = raw["device/mfu"]
         out["train/time_s"] = raw["time"]
         out["train/samples_seen"] = raw["samples"] * ws
         out["train/tokens_seen"] = (trainer.global_step * self.tokens_per_step if self.tokens_per_step
                                     else raw["lengths"] * ws)
         return out
 
-    def _log_model_constants(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _log_model_constants(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         config = pl_module.model_config
         metrics = {"model/flops_per_token": float(self.flops_per_token),
                    "model/seq_len": float(self._seq_len),
@@ -145,7 +144,7 @@ class StepThroughputMonitor(ThroughputMonitor):
         if self.available_flops:
             metrics["model/peak_flops"] = float(self.available_flops)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=batches_that_stepped(trainer))
+            logger.log_metrics(metrics, step=step)
 
     @contextmanager
     def excluded_time(self, device: torch.device | None = None):

@@ -8,8 +8,7 @@ Strategies (``strategy=<name>``, files in ``conf/strategy/``):
 * ``fsdp``: :func:`~mamba_train.training.strategies.fsdp.fsdp_strategy` -- FSDP (``FullyShardedDataParallel``) wrapping each Mamba
   :class:`~mamba_train.models.lm.Block`, ``use_orig_params=True`` (so the optimizer groups go by
   parameter *name*, ``training/optim.py``), full or sharded checkpoints. Activation checkpointing
-  is ``train.activation_checkpointing`` on every strategy (``strategy.activation_checkpointing``
-  is refused).
+  is ``module.activation_checkpointing``, the same on every strategy.
 * ``deepspeed_zero{1,2,3}``: :func:`~mamba_train.training.strategies.deepspeed.deepspeed_strategy` -- DeepSpeed ZeRO through Lightning.
 
 Precision policy (the same numerics under every strategy): parameters, gradients and optimizer

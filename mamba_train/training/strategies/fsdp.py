@@ -1,13 +1,11 @@
 """FSDP for a ``MambaLM``: one FSDP unit per ``Block``, fp32 parameters and gradient reduction
-(bf16 compute from autocast), gradient clipping by global norm (see ``strategies/__init__.py``
-for the precision policy)."""
+(bf16 compute from autocast); see ``strategies/__init__.py`` for the precision policy."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import MixedPrecision
 
@@ -16,37 +14,13 @@ from mamba_train.training.strategies.cpu_shims import FSDPOnCPU
 from mamba_train.training.strategies.policy import ParallelConfigError, refuse_low_precision
 
 
-class ClipByNormFSDPPrecision(FSDPPrecision):
-    """Gradient clipping by global norm for FSDP (Lightning's FSDPPrecision refuses it: it has
-    no handle on the root module, and ``torch.nn.utils.clip_grad_norm_`` over local shards would
-    be wrong). ``trainer.gradient_clip_val`` works as under DDP."""
-
-    def __init__(self, precision, scaler=None, strategy=None):
-        super().__init__(precision, scaler)
-        self._strategy = strategy
-
-    def clip_grad_by_norm(self, optimizer, clip_val, *args, **kwargs) -> None:
-        self._strategy.model.clip_grad_norm_(clip_val)
-
-
 class MambaFSDPStrategy(FSDPOnCPU, FSDPStrategy):
-    """Lightning's FSDPStrategy with clipping by global norm; also runs on CPU processes over
-    gloo (the CPU tests: ``cpu_shims.FSDPOnCPU``)."""
-
-    @property
-    def precision_plugin(self) -> FSDPPrecision:
-        plugin = FSDPStrategy.precision_plugin.fget(self)
-        if not isinstance(plugin, ClipByNormFSDPPrecision):
-            plugin = ClipByNormFSDPPrecision(plugin.precision, plugin.scaler, strategy=self)
-            self._precision_plugin = plugin
-        return plugin
-
-    @precision_plugin.setter
-    def precision_plugin(self, plugin) -> None:
-        FSDPStrategy.precision_plugin.fset(self, plugin)
+    """Lightning's FSDPStrategy, also on CPU processes over gloo (the CPU tests:
+    ``cpu_shims.FSDPOnCPU``). Gradients are clipped by global norm in the training step
+    (``training/step.py``: FSDP's own ``clip_grad_norm_`` on the root module)."""
 
 
-def fsdp_strategy(activation_checkpointing: bool | None = None, state_dict_type: str = "full",
+def fsdp_strategy(state_dict_type: str = "full",
                   sharding_strategy: str = "FULL_SHARD", param_dtype: str = "float32",
                   reduce_dtype: str = "float32", cpu_offload: bool = False,
                   sync_module_states: bool = True, allow_low_precision_params: bool = False,
@@ -54,8 +28,6 @@ def fsdp_strategy(activation_checkpointing: bool | None = None, state_dict_type:
     """Lightning ``FSDPStrategy`` for a ``MambaLM``: one FSDP unit per ``Block``.
 
     Args:
-        activation_checkpointing: moved to ``train.activation_checkpointing`` (the same recompute
-            on every strategy, ``training/activation_checkpointing.py``); a true value is refused.
         state_dict_type: ``full`` (one ``.ckpt`` file gathered on rank 0) or ``sharded`` (a
             directory per checkpoint, every rank writes its shard: fast for large models).
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3-like), ``SHARD_GRAD_OP`` (ZeRO-2-like),
@@ -73,10 +45,6 @@ def fsdp_strategy(activation_checkpointing: bool | None = None, state_dict_type:
     rdt = parse_dtype(reduce_dtype, "strategy.reduce_dtype", ParallelConfigError)
     if pdt != torch.float32:
         refuse_low_precision(f"FSDP with param_dtype={param_dtype}", allow_low_precision_params)
-    if activation_checkpointing:
-        raise ParallelConfigError("strategy.activation_checkpointing is now "
-                                  "train.activation_checkpointing=all (or every_k), the same on "
-                                  "every strategy; drop the strategy key")
     if state_dict_type not in ("full", "sharded"):
         raise ParallelConfigError("strategy.state_dict_type must be 'full' or 'sharded', "
                                   f"got {state_dict_type!r}")
