@@ -133,7 +133,8 @@ def test_chunk_scan_matches_mamba_ssm_sweep(record, fused, case):
     _check_chunk_scan(record, fused, case)
 
 
-def test_atomic_reductions_within_mamba_ssms_own_run_to_run_spread(record, mamba_deterministic):
+def test_atomic_reductions_within_mamba_ssms_own_run_to_run_spread(record, mamba_deterministic,
+                                                                  monkeypatch):
     """mamba_ssm's default mode (atomics): every gradient but the atomically reduced ones
     (``ATOMIC``) is still bit-identical; those are no further from mamba_ssm's than a second
     mamba_ssm run is, up to a floor for the runs whose atomics happened to land in one order:
@@ -141,6 +142,7 @@ def test_atomic_reductions_within_mamba_ssms_own_run_to_run_spread(record, mamba
     magnitude, with k = batch·nchunks here (the most partials any of these atomics adds)."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     mamba_deterministic.set_deterministic_mode(False)  # the fixture's monkeypatch restores it
+    monkeypatch.setattr(ssd, "fused_kernels", "none")  # mamba_ssm's kernels only
     case = (torch.bfloat16, 2048, 1, False, False, False)
     run, leaves, names, label = _chunk_scan_case(*case)
     ours = _grads_of(run(ssd_chunk_scan), leaves)
