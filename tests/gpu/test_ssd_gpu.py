@@ -281,6 +281,17 @@ def test_captured_forward_backward_replays_eagers_result(record, fused):
            "to eager")
 
 
+def _backward_kernel_inputs(length, ngroups):
+    """Seeded shapes (batch, heads, headdim, d_state, chunk) and bf16 x, dout, B, C of the
+    backward-kernel tests; each test draws its remaining inputs after these."""
+    torch.manual_seed(0)
+    b, h, p, n, cs = 8, 32, 64, 128, 256
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    x, dout = torch.randn(b, length, h, p, **bf), torch.randn(b, length, h, p, **bf)
+    B, C = torch.randn(b, length, ngroups, n, **bf), torch.randn(b, length, ngroups, n, **bf)
+    return (b, h, p, n, cs), bf, (x, dout, B, C)
+
+
 @pytest.mark.parametrize("length,ngroups,seq,block_m", [
     (2048, 1, False, 32), (2000, 2, True, 32),
     pytest.param(2000, 1, True, 64, marks=pytest.mark.slow),
@@ -290,11 +301,7 @@ def test_dcb_ddA_kernel_matches_mamba_ssm_kernels(record, monkeypatch, length, n
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd
     monkeypatch.setattr(ssd_bwd_kernel, "block_m", block_m)
-    torch.manual_seed(0)
-    b, h, p, n, cs = 8, 32, 64, 128, 256
-    bf = dict(device=DEV, dtype=torch.bfloat16)
-    x, dout = torch.randn(b, length, h, p, **bf), torch.randn(b, length, h, p, **bf)
-    B, C = torch.randn(b, length, ngroups, n, **bf), torch.randn(b, length, ngroups, n, **bf)
+    (b, h, p, n, cs), bf, (x, dout, B, C) = _backward_kernel_inputs(length, ngroups)
     seq_idx = _seq_idx(b, length) if seq else None
     dA_cumsum, dt = _chunk_cumsum_fwd(torch.randn(b, length, h, **bf), -torch.rand(h, device=DEV) - 0.5,
                                       cs, dt_bias=torch.randn(h, device=DEV), dt_softplus=True)
@@ -320,11 +327,7 @@ def test_fused_backward_kernel_matches_mamba_ssm_kernels(record, monkeypatch, le
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
     monkeypatch.setattr(ssd_bwd_fused, "block_n", block_n)
-    torch.manual_seed(0)
-    b, h, p, n, cs = 8, 32, 64, 128, 256
-    bf = dict(device=DEV, dtype=torch.bfloat16)
-    x, dout = torch.randn(b, length, h, p, **bf), torch.randn(b, length, h, p, **bf)
-    B, C = torch.randn(b, length, ngroups, n, **bf), torch.randn(b, length, ngroups, n, **bf)
+    (b, h, p, n, cs), bf, (x, dout, B, C) = _backward_kernel_inputs(length, ngroups)
     nchunks = -(-length // cs)
     dstates = torch.randn(b, nchunks, h, p, n, **bf)
     D = torch.randn(h, p, device=DEV) if D_hdim else torch.randn(h, device=DEV)
