@@ -17,7 +17,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.config import MAMBA3_DEFAULTS
+from mamba_train.models.mixer_tables import MAMBA3_DEFAULTS
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
 from mamba_train.training.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
 from mamba_train.training.nonfinite import NAN_POLICIES

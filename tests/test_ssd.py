@@ -1,7 +1,7 @@
-"""``model.ssm_cfg.ssd_kernel=mamba_train`` without a GPU: the config choice, the one-line failure
-when mamba_ssm lacks a private name it calls, and (where mamba_ssm's sources import) its Functions
-against mamba_ssm's own under Triton's interpreter, bit for bit. On the GPU:
-tests/gpu/test_ssd_gpu.py."""
+"""``model.ssm_cfg.ssd_kernel=mamba_train`` without a GPU (the config key itself:
+test_ssd_kernel_choice.py): the one-line failure when mamba_ssm lacks a private name it calls,
+and (where mamba_ssm's sources import) its Functions against mamba_ssm's own under Triton's
+interpreter, bit for bit. On the GPU: tests/gpu/test_ssd_gpu.py."""
 
 from __future__ import annotations
 
@@ -9,30 +9,10 @@ import importlib.util
 import types
 
 import pytest
-import torch
 
 from conftest import helper_json
-from mamba_train import MambaLMConfig
 from mamba_train.models import ssd_upstream
-from mamba_train.models.lm import MambaLM
 from mamba_train.models.ssd_fla import SSDKernelError
-
-
-def tiny(**ssm) -> MambaLMConfig:
-    return MambaLMConfig(d_model=32, n_layer=1, vocab_size=64,
-                         ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8,
-                                  "chunk_size": 16, **ssm})
-
-
-def test_kernel_choice_is_accepted_not_saved_and_ignored_by_reference():
-    cfg = tiny(ssd_kernel="mamba_train")
-    assert "ssd_kernel" not in cfg.to_dict()["ssm_cfg"]
-    torch.manual_seed(0)
-    a = MambaLM(cfg, backend="reference")
-    b = MambaLM(tiny(), backend="reference")
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 64, (1, 20))
-    torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=0)
 
 
 @pytest.fixture

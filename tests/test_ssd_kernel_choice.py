@@ -8,7 +8,7 @@ import torch
 from mamba_train import MambaLMConfig
 from mamba_train.models.config import ConfigError
 from mamba_train.models.lm import MambaLM
-from mamba_train.models.reference.ops import causal_conv1d
+from mamba_train.models.reference.common import causal_conv1d
 from mamba_train.models.ssd_fla import _per_group, _per_head, mamba2_forward_fla
 
 SSM = {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 16}
@@ -24,8 +24,9 @@ def test_ssd_kernel_validated():
     tiny(ssd_kernel="fla")
 
 
-def test_ssd_kernel_not_saved_and_ignored_by_reference():
-    cfg = tiny(ssd_kernel="fla")
+@pytest.mark.parametrize("kernel", ["mamba_train", "fla"])
+def test_ssd_kernel_not_saved_and_ignored_by_reference(kernel):
+    cfg = tiny(ssd_kernel=kernel)
     assert "ssd_kernel" not in cfg.to_dict()["ssm_cfg"]
     assert MambaLMConfig.from_dict(cfg.to_dict()).ssm_cfg == tiny().ssm_cfg
     torch.manual_seed(0)

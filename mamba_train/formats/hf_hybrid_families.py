@@ -186,16 +186,26 @@ def _bamba_to(cfg: MambaLMConfig) -> dict[str, Any]:
     return out
 
 
+def _decoder_top(final_norm: str) -> list[tuple[str, str, str]]:
+    """Embedding, final norm and head of a transformers decoder (``model.embed_tokens``...)."""
+    return [("top", "backbone.embedding", "model.embed_tokens"),
+            ("top", "backbone.norm_f", f"model.{final_norm}"), ("top", "lm_head", "lm_head")]
+
+
+def _decoder_block_norms(b: int, second_norm: str) -> tuple[str, str, list[tuple[str, str, str]]]:
+    """Block ``b``'s module prefixes (ours, theirs) and its ``input_layernorm`` + second norm."""
+    ours, theirs = f"backbone.layers.{b}", f"model.layers.{b}"
+    return ours, theirs, [("norm", f"{ours}.norm", f"{theirs}.input_layernorm"),
+                          ("norm", f"{ours}.norm2", f"{theirs}.{second_norm}")]
+
+
 def _decoder_layout(cfg: MambaLMConfig) -> list[tuple[str, str, str]]:
     """Bamba's and Falcon-H1's ``input_layernorm`` -> mixer(s) -> ``pre_ff_layernorm`` ->
     ``feed_forward`` layers, one per block."""
-    out = [("top", "backbone.embedding", "model.embed_tokens"),
-           ("top", "backbone.norm_f", "model.final_layernorm"), ("top", "lm_head", "lm_head")]
+    out = _decoder_top("final_layernorm")
     for b, spec in enumerate(cfg.blocks):
-        ours, theirs = f"backbone.layers.{b}", f"model.layers.{b}"
-        out += [("norm", f"{ours}.norm", f"{theirs}.input_layernorm"),
-                ("norm", f"{ours}.norm2", f"{theirs}.pre_ff_layernorm"),
-                ("swiglu", f"{ours}.mlp", f"{theirs}.feed_forward")]
+        ours, theirs, norms = _decoder_block_norms(b, "pre_ff_layernorm")
+        out += norms + [("swiglu", f"{ours}.mlp", f"{theirs}.feed_forward")]
         if spec.mixer == PARALLEL:
             out += [("ssm", f"{ours}.mixer.ssm", f"{theirs}.mamba"),
                     ("attn", f"{ours}.mixer.attn", f"{theirs}.self_attn")]

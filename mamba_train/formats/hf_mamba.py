@@ -14,12 +14,8 @@ import math
 from typing import Any, Mapping
 
 from mamba_train.formats.hf_family import ExportError, HFFamily
-from mamba_train.models.config import (
-    MAMBA1_DEFAULTS,
-    MAMBA2_DEFAULTS,
-    ConfigError,
-    MambaLMConfig,
-)
+from mamba_train.models.config import ConfigError, MambaLMConfig
+from mamba_train.models.mixer_tables import MAMBA1_DEFAULTS, MAMBA2_DEFAULTS
 
 # mamba_ssm's Mamba2 builds its gated RMSNorm with a hard-coded eps (modules/mamba2.py);
 # transformers' Mamba2Mixer uses config.layer_norm_epsilon for it.

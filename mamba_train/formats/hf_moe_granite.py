@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from mamba_train.formats.hf_hybrid_families import (
-    _attn_in, _eps, _hf_config, _mamba2_out, _rope)
+    _attn_in, _decoder_block_norms, _decoder_top, _eps, _hf_config, _mamba2_out, _rope)
 from mamba_train.formats.hf_hybrids import (
     SUBLAYER_CONVERTERS, Family, _attn_out, as_hf_family, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
     _mamba2_from, _refuse)
@@ -118,15 +118,12 @@ def _to(cfg: MambaLMConfig) -> dict[str, Any]:
 
 
 def _layout(cfg: MambaLMConfig) -> list[tuple[str, str, str]]:
-    out = [("top", "backbone.embedding", "model.embed_tokens"),
-           ("top", "backbone.norm_f", "model.norm"), ("top", "lm_head", "lm_head")]
+    out = _decoder_top("norm")
     for b, spec in enumerate(cfg.blocks):
-        ours, theirs = f"backbone.layers.{b}", f"model.layers.{b}"
-        out += [("norm", f"{ours}.norm", f"{theirs}.input_layernorm"),
-                ("norm", f"{ours}.norm2", f"{theirs}.post_attention_layernorm"),
-                ("ssm", f"{ours}.mixer", f"{theirs}.mamba") if spec.mixer == SSM
-                else ("attn", f"{ours}.mixer", f"{theirs}.self_attn"),
-                ("moe_granite", f"{ours}.mlp", theirs)]
+        ours, theirs, norms = _decoder_block_norms(b, "post_attention_layernorm")
+        out += norms + [("ssm", f"{ours}.mixer", f"{theirs}.mamba") if spec.mixer == SSM
+                        else ("attn", f"{ours}.mixer", f"{theirs}.self_attn"),
+                        ("moe_granite", f"{ours}.mlp", theirs)]
     return out
 
 

@@ -16,63 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.config_validation import (  # A_ACTIVATIONS: re-exported
-    A_ACTIVATIONS, KERNEL_CHOICE_KWARGS, attention_problem, mamba2_problem, mamba3_problem)
+from mamba_train.models.config_validation import (attention_problem, mamba2_problem,
+                                               mamba3_problem)
+from mamba_train.models.mixer_tables import (
+    ATTN_DEFAULTS, KERNEL_CHOICE_KWARGS, MAMBA2_EXTENSION_DEFAULTS,
+    MIXER_LAYERS, MIXER_TABLES)
 from mamba_train.models.pattern import (
     MLP_DEFAULTS, MULTIPLIER_DEFAULTS, BlockSpec, PatternError, check_layout,
     derived_blocks, parse_pattern)
-
-MIXER_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
-
-# Keyword arguments each mixer accepts (mamba_ssm 2.x signatures). Anything else in ``ssm_cfg``
-# is a typo or a knob of another version, and silently ignoring it would train the wrong model.
-MAMBA1_KWARGS = {
-    "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
-    "dt_init_floor", "conv_bias", "bias", "use_fast_path",
-}
-MAMBA2_KWARGS = {
-    "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
-    "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
-    "bias", "conv_bias", "chunk_size", "use_mem_eff_path", "ssd_kernel",
-} | {"d_inner", "norm_eps", "A_init", "dt_bias_init"}
-# Mamba-2 knobs of ours that mamba_ssm's Mamba2 lacks, for the transformers hybrids (Nemotron-H,
-# Bamba, Falcon-H1): an inner width that is not expand*d_model, the gated norm's eps (mamba_ssm
-# fixes 1e-5), and their SSM init (A_h = h for head h = 1..nheads; Bamba and Falcon-H1 start
-# every dt_bias at 1). Absent from a config unless set, so mamba_ssm still reads pure-Mamba files.
-MAMBA2_EXTENSION_DEFAULTS: dict[str, Any] = dict(
-    d_inner=None, norm_eps=1e-5, A_init="uniform", dt_bias_init=None)
-# mamba_ssm 2.3.2's Mamba3 signature, plus our A_activation (see models/reference/mamba3.py)
-MAMBA3_KWARGS = {
-    "d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min", "dt_max",
-    "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size",
-    "dropout", "A_activation",
-}
-
-MAMBA1_DEFAULTS: dict[str, Any] = dict(
-    d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init="random",
-    dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-)
-MAMBA2_DEFAULTS: dict[str, Any] = dict(
-    d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None, ngroups=1,
-    A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
-    dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True,
-    chunk_size=256,
-)
-MAMBA3_DEFAULTS: dict[str, Any] = dict(
-    d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, dt_min=0.001, dt_max=0.1,
-    dt_init_floor=1e-4, A_floor=1e-4, is_outproj_norm=False, is_mimo=False, mimo_rank=4,
-    chunk_size=64,
-)
-_MIXERS = {
-    "Mamba1": (MAMBA1_KWARGS, MAMBA1_DEFAULTS),
-    "Mamba2": (MAMBA2_KWARGS, MAMBA2_DEFAULTS),
-    "Mamba3": (MAMBA3_KWARGS, MAMBA3_DEFAULTS),
-}
-ATTN_DEFAULTS: dict[str, Any] = dict(
-    num_heads_kv=None, head_dim=None, mlp_dim=0, qkv_proj_bias=True, out_proj_bias=True,
-    softmax_scale=None, causal=False, d_conv=0, rotary_emb_dim=0, rotary_emb_base=10000.0,
-    rotary_emb_interleaved=False,
-)
 
 
 class ConfigError(MambaTrainError, ValueError):
@@ -170,7 +121,7 @@ class MambaLMConfig:
 
     def mixer_kwargs(self) -> dict[str, Any]:
         """The mixer's keyword arguments with mamba_ssm's defaults filled in (no ``layer``)."""
-        kwargs = dict(_MIXERS[self.layer][1])
+        kwargs = dict(MIXER_TABLES[self.layer][1])
         if self.layer == "Mamba2":
             kwargs.update({k: v for k, v in MAMBA2_EXTENSION_DEFAULTS.items() if k in self.ssm_cfg})
         kwargs.update({k: v for k, v in self.ssm_cfg.items() if k != "layer"})
@@ -231,7 +182,7 @@ class MambaLMConfig:
             raise ConfigError(
                 f"model.ssm_cfg.layer must be one of {MIXER_LAYERS}, got {self.layer!r}"
             )
-        allowed = _MIXERS[self.layer][0]
+        allowed = MIXER_TABLES[self.layer][0]
         unknown = set(self.ssm_cfg) - allowed - {"layer"}
         if unknown:
             raise ConfigError(

@@ -6,14 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-A_INITS = ("uniform", "arange")
-# Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
-# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels: mamba_ssm's fused Function,
-# ``mamba_train`` (the same kernels, no recomputation in the backward: models/ssd.py) or ``fla``
-# (models/ssd_fla.py).
-KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "mamba_train", "fla")}
-# Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
-A_ACTIVATIONS = ("softplus", "heavy_tail")
+from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS, KERNEL_CHOICE_KWARGS
 
 
 def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:

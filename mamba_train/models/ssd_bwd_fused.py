@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import torch
+
+from mamba_train.models.ssd_bwd_kernel import head_split
 
 block_n = 32    # columns of the chunk per program
 num_warps = 8
@@ -157,11 +158,8 @@ def chunk_scan_bwd_fused(x, dt, dA_cumsum, B, CB, dout, dstates, D=None, seq_idx
     # dΔ is written with Δ's strides (all three are (batch, nheads, nchunks, chunk) contiguous)
     assert dt.is_contiguous() and dA_cumsum.is_contiguous() and dout.shape == x.shape
     heads_per_group = nheads // ngroups
-    if sms is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    heads_per_program = max(1, min(heads_per_group,
-                                   math.ceil(batch * nchunks * nheads / (sms * programs_per_sm))))
-    splits = math.ceil(heads_per_group / heads_per_program)
+    heads_per_program, splits = head_split(x, batch * nchunks * nheads, heads_per_group, sms,
+                                           programs_per_sm)
     bn = min(block_n, triton.next_power_of_2(chunk_size))
     col_blocks = triton.cdiv(chunk_size, bn)
     f32 = dict(device=x.device, dtype=torch.float32)

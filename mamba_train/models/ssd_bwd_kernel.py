@@ -112,6 +112,17 @@ def _kernel():
     return dcb_ddA_kernel
 
 
+def head_split(x, units: int, heads_per_group: int, sms: int | None,
+               per_sm: int) -> tuple[int, int]:
+    """Heads per program and programs per group: enough programs for ``per_sm`` of them on every
+    SM (``sms``: x's GPU's count when None) over ``units`` (batch x chunks x heads), at most one
+    group's heads per program."""
+    if sms is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    heads_per_program = max(1, min(heads_per_group, math.ceil(units / (sms * per_sm))))
+    return heads_per_program, math.ceil(heads_per_group / heads_per_program)
+
+
 def chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB, seq_idx=None, sms=None):
     """``(dCB, ddA)``: dCB (batch, nchunks, ngroups, chunk, chunk) fp32 as mamba_ssm's
     ``_chunk_scan_bwd_dcb`` returns it; ddA (batch, nheads, nchunks, chunk) fp32 as its
@@ -124,11 +135,8 @@ def chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, CB, seq_idx=None, sms=None):
     _, _, nchunks, chunk_size = dt.shape
     ngroups = CB.shape[2]
     heads_per_group = nheads // ngroups
-    if sms is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    heads_per_program = max(1, min(heads_per_group,
-                                   math.ceil(batch * nchunks * nheads / (sms * programs_per_sm))))
-    splits = math.ceil(heads_per_group / heads_per_program)
+    heads_per_program, splits = head_split(x, batch * nchunks * nheads, heads_per_group, sms,
+                                           programs_per_sm)
     bm = min(block_m, triton.next_power_of_2(chunk_size))
     row_blocks = triton.cdiv(chunk_size, bm)
     dcb = torch.empty(batch, nchunks, splits, ngroups, chunk_size, chunk_size, device=x.device,

@@ -47,12 +47,12 @@ class SequenceCarry:
     def doc_starts(self, seq_idx: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
         """(batch, seqlen) bool, True where a document starts -- also at position 0 when the
         token before the slice belongs to another document. None without seq_idx."""
-        if seq_idx is None:
+        # imported here: the reference mixers import this module while their package initialises
+        from mamba_train.models.reference.common import _doc_start_mask
+
+        start = _doc_start_mask(seq_idx, seqlen)
+        if start is None:
             return None
-        if seq_idx.shape[-1] != seqlen:
-            raise ValueError(f"seq_idx has length {seq_idx.shape[-1]}, expected {seqlen}")
-        start = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
-        start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
         if self.prev_seq_idx is not None and self.prev_seq_idx.shape[-1]:
             start[:, 0] = seq_idx[:, 0] != self.prev_seq_idx[:, -1]
         return start
@@ -130,7 +130,7 @@ def carried_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """``causal_conv1d`` over (batch, dim, L), preceded by the previous slice's last
     ``width - 1`` inputs (the halo) when ``carry`` is given: exact, document masks included."""
     # imported here: the reference mixers import this module while their package initialises
-    from mamba_train.models.reference.ops import causal_conv1d
+    from mamba_train.models.reference.common import causal_conv1d
 
     if carry is None:
         return causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)

@@ -39,3 +39,15 @@ def eager_and_captured_gradients(model, vocab_size: int, accumulate: int):
     eager_again, _ = accumulated(warmup=10**9)
     captured, replays = accumulated(warmup=2)
     return eager, eager_again, captured, eager_replays, replays
+
+
+def captured_vs_eager(model, vocab_size: int, accumulate: int, what: str) -> tuple[float, float]:
+    """``eager_and_captured_gradients``, checked to have replayed the captured step (and never
+    the eager one); returns |captured - eager| and the eager run-to-run |eager - eager|, both
+    relative to |eager|."""
+    eager, eager_again, captured, r0, replays = eager_and_captured_gradients(
+        model, vocab_size, accumulate)
+    assert r0 == 0 and replays == 4, f"the {what} step was not captured"
+    assert torch.isfinite(captured).all()
+    norm = eager.norm().item()
+    return (captured - eager).norm().item() / norm, (eager_again - eager).norm().item() / norm

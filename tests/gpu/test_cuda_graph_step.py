@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import compose_config, metric_by_step
-from gpu.graph_step import eager_and_captured_gradients
+from gpu.graph_step import captured_vs_eager
 from mamba_train.train import train
 
 STEPS = 24
@@ -72,16 +72,9 @@ def test_captured_gradients_match_eager(recipe, accumulate, record):
     model_cfg = instantiate(_config(Path("unused"), recipe, "off").model, _convert_="all")
     torch.manual_seed(0)
     model = build_model(model_cfg, backend="fused", device="cuda")
-    eager, eager_again, captured, r0, replays = eager_and_captured_gradients(
-        model, model_cfg.vocab_size, accumulate)
-    assert r0 == 0 and replays == 4
-    norm = eager.norm().item()
-    noise = (eager_again - eager).norm().item() / norm
-    diff = (captured - eager).norm().item() / norm
+    diff, noise = captured_vs_eager(model, model_cfg.vocab_size, accumulate, recipe)
     record(f"cuda_graph gradients {recipe} (4 layers, 6 x 4x1024, accumulation {accumulate}, bf16): "
-           f"relative |captured - eager| "
-           f"{diff:.3g}, |eager - eager| {noise:.3g}")
-    assert torch.isfinite(captured).all()
+           f"relative |captured - eager| {diff:.3g}, |eager - eager| {noise:.3g}")
     if noise == 0.0:
         assert diff == 0.0
     else:

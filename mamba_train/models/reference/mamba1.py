@@ -3,7 +3,7 @@
 Same constructor arguments, parameter names, shapes, dtypes and initial distributions as
 ``mamba_ssm`` 2.3.2, so state dicts move between the two unchanged. The forward is mamba_ssm's
 non-fused path (in_proj -> causal conv + SiLU -> x_proj -> dt_proj -> selective scan -> out_proj),
-with the scan vectorised over chunks of tokens (``ops.selective_scan``).
+with the scan vectorised over chunks of tokens (``reference.selective_scan``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
-from mamba_train.models.reference.ops import selective_scan
+from mamba_train.models.reference.selective_scan import selective_scan
 from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.models.init import SSMInitSpec, init_ssm_parameters_
-from mamba_train.models.reference.ops import gated_rms_norm, ssd_chunked
+from mamba_train.models.reference.common import gated_rms_norm
+from mamba_train.models.reference.ssd import ssd_chunked
 from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
 

@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.models.config import A_ACTIVATIONS
+from mamba_train.models.mixer_tables import A_ACTIVATIONS
 from mamba_train.models.init import SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.reference.mamba2 import GatedRMSNorm
 from mamba_train.models.reference.mamba3_ops import mamba3_siso_chunked

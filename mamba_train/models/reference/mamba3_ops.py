@@ -30,14 +30,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mamba_train.models.reference.ops import (
+from mamba_train.models.reference.common import (
     _compute_dtype,
     _doc_start_mask,
     _no_autocast,
     _skip_and_gate,
-    _SSDCore,
-    ssd_carry,
 )
+from mamba_train.models.reference.ssd import _SSDCore, ssd_carry
 
 TWO_PI = 2 * math.pi
 
