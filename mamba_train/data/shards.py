@@ -135,15 +135,16 @@ class ShardWriter:
         return out
 
     def _write(self, tokens: np.ndarray) -> None:
-        if tokens.size and int(tokens.max()) >= np.iinfo(self.dtype).max + 1:
-            raise DataError(f"token id {int(tokens.max())} does not fit {self.dtype.name}")
+        max_id = int(tokens.max()) if tokens.size else -1  # one pass: checked, then recorded
+        if max_id >= np.iinfo(self.dtype).max + 1:
+            raise DataError(f"token id {max_id} does not fit {self.dtype.name}")
         data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         name = shard_name(len(self.shards))
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.dir / name, data)
         self.shards.append({"file": name, "num_tokens": int(tokens.size),
                             "sha256": hashlib.sha256(data).hexdigest(),
-                            "max_token_id": int(tokens.max()) if tokens.size else -1})
+                            "max_token_id": max_id})
 
 
 @contextlib.contextmanager
