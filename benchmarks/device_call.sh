@@ -29,6 +29,7 @@
 #   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
+#   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
 #   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -91,7 +92,7 @@ for p in "$@"; do
     tp1only) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m \
            "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
-    ssdbwd) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_gpu.py \
+    ssdbwd) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" -m "not slow" tests/gpu/test_ssd_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"}
             run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
     ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
@@ -111,6 +112,8 @@ for p in "$@"; do
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
     longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \
            --out "$OUT" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
+           tests/gpu/test_moe_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \
