@@ -14,6 +14,9 @@ their own classes; they are listed here so that one file names every private dep
   device flag ``torch.amp.GradScaler`` hands to fused optimizers (``torch.optim.AdamW(fused=True)``
   reads it in ``step`` and leaves weights, moments and step count alone when it is set). It is
   set as an attribute, as ``GradScaler._maybe_opt_step`` does; torch does not document it.
+* ``training/callbacks/good_checkpoint.py``: ``ModelCheckpoint._monitor_candidates``,
+  ``_save_topk_checkpoint``, ``_save_last_checkpoint`` (the save of a periodic checkpoint that
+  waits for the validation of its step; Lightning's own waiting flag differs between 2.5 and 2.6).
 * ``training/csv_logger.py``: ``ExperimentWriter._check_log_dir_exists`` (Lightning deletes
   ``metrics.csv`` there on restart; the resumable logger keeps it), ``_rewrite_with_new_header``
   (rewritten through the atomic writer: Lightning rewrites the file in place) and ``CSVLogger``'s
@@ -52,3 +55,11 @@ def drop_unset_wandb_anonymous(logger) -> None:
     init = getattr(logger, "_wandb_init", None)
     if isinstance(init, dict) and init.get("anonymous") is None:
         init.pop("anonymous", None)
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after the current training batch: the epoch loop's own
+    decision (``_should_check_val_fx`` on the fit loop's ``_data_fetcher``), taken in
+    ``on_train_batch_end`` before Lightning takes it again for the same batch."""
+    fetcher = trainer.fit_loop._data_fetcher
+    return fetcher is not None and bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))

@@ -8,6 +8,7 @@ MT_FAULT_NAN_GRAD_AT=K      at optimizer step K one gradient gets an inf (the lo
 MT_FAULT_NAN_LOSS_FROM=K    every loss from step K on is NaN (a diverged run)
 MT_FAULT_GRAPH_STEP_ON_CPU=1  run the CUDA-graph step's bookkeeping on CPU (no capture)
 MT_FAULT_ENOSPC_PLOT=1      saving the loss plot fails half-way with ENOSPC (a disk full at the end)
+MT_FAULT_KILL_IN_VAL_AT=K   SIGKILL inside the validation that follows optimizer step K
 """
 
 import errno
@@ -78,6 +79,16 @@ if env("MT_FAULT_NAN_GRAD_AT"):
                 p.grad.view(-1)[0] = float("inf")
         return _before(self, optimizer)
     MambaLMModule.on_before_optimizer_step = _poison
+
+if env("MT_FAULT_KILL_IN_VAL_AT"):
+    import signal
+    _val_step = MambaLMModule.validation_step
+
+    def _killed_in_val(self, batch, batch_idx):
+        if self.global_step == int(env("MT_FAULT_KILL_IN_VAL_AT")) and not self.trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _val_step(self, batch, batch_idx)
+    MambaLMModule.validation_step = _killed_in_val
 
 if env("MT_FAULT_GRAPH_STEP_ON_CPU"):
     import mamba_train.training.cuda_graph as cuda_graph

@@ -4,16 +4,16 @@ Reads the CSV logger's ``metrics.csv`` rather than keeping its own copy of the m
 plot shows exactly what was logged (and costs nothing during training).
 
 ``tokens_seen`` counts the samples the training loader handed out (all ranks), so it stays
-true when the batch size changed between attempts. After a resume, what this attempt did not
-measure (it ran no step: the time to the first step, how the step ran) is carried over from the
-previous ``summary.json``, and ``wall_time_s`` adds up the attempts that wrote one. Both files
+true when the batch size changed between attempts. Every checkpoint carries the run's wall time
+so far, its time to the first step and how its steps ran (this callback's state): after a resume,
+``wall_time_s`` adds this attempt to the time up to the checkpoint it resumed, and what this
+attempt did not measure (it ran no step: it resumed at max_steps) is the checkpoint's. Both files
 replace the old ones atomically (never written through a link); a failure to write them (a full
 disk) is one warning: training has finished and its checkpoints are saved."""
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -71,21 +71,41 @@ def plot_metrics(series: dict[str, list[tuple[int, float]]], out: Path) -> Path 
     return out
 
 
-def _previous_summary(path: Path) -> dict[str, Any]:
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return previous if isinstance(previous, dict) else {}
-
-
 class RunSummary(L.Callback):
     def __init__(self, tokens_per_step: int | None = None):
         self.tokens_per_step = tokens_per_step
         self._t0 = None
+        self._fit: tuple[L.Trainer, L.LightningModule] | None = None
+        self._carried: dict[str, Any] = {}  # the resumed checkpoint's state_dict()
 
     def on_fit_start(self, trainer, pl_module):
         self._t0 = time.time()
+        self._fit = (trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._fit is None:
+            return {}
+        measured = self._measured(*self._fit)
+        return {**measured, "wall_time_s": self._wall_time()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._carried = dict(state_dict)
+
+    def _wall_time(self) -> float | None:
+        if self._t0 is None:
+            return None
+        carried = self._carried.get("wall_time_s")
+        return round(time.time() - self._t0 + (carried if isinstance(carried, (int, float)) else 0), 1)
+
+    def _measured(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What only an attempt that ran a step knows; the checkpoint's when this one ran none."""
+        first = next((cb.time_to_first_step_s for cb in trainer.callbacks
+                      if getattr(cb, "time_to_first_step_s", None) is not None), None)
+        if first is None and self._carried.get("time_to_first_step_s") is not None:
+            return {k: self._carried.get(k) for k in ("time_to_first_step_s", "training_step")}
+        # first optimizer step incl. kernel compile/autotune (training/callbacks/run_start.py)
+        return {"time_to_first_step_s": first,
+                "training_step": getattr(pl_module, "training_step_mode", None) if first else None}
 
     def _tokens_seen(self, trainer: L.Trainer) -> int | None:
         consumed = getattr(getattr(trainer, "datamodule", None), "train_tokens_consumed", None)
@@ -98,14 +118,6 @@ class RunSummary(L.Callback):
             return
         run_dir = Path(trainer.default_root_dir)
         summary = self._summary(trainer, pl_module)
-        if trainer.ckpt_path:  # resumed: keep what only an earlier attempt measured
-            previous = _previous_summary(run_dir / "summary.json")
-            ran = summary["time_to_first_step_s"] is not None
-            for key in ("time_to_first_step_s", "training_step"):
-                if not ran and previous.get(key) is not None:
-                    summary[key] = previous[key]
-            if isinstance(previous.get("wall_time_s"), (int, float)) and summary["wall_time_s"]:
-                summary["wall_time_s"] = round(summary["wall_time_s"] + previous["wall_time_s"], 1)
         try:
             self._add_metrics(trainer, run_dir, summary)
         except OSError as e:
@@ -118,18 +130,17 @@ class RunSummary(L.Callback):
         log.info("run summary (%s):\n  %s", run_dir / "summary.json", "\n  ".join(lines))
 
     def _summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        measured = self._measured(trainer, pl_module)
         return {
             "steps": trainer.global_step,
             "tokens_seen": self._tokens_seen(trainer),
-            "wall_time_s": round(time.time() - self._t0, 1) if self._t0 else None,
+            "wall_time_s": self._wall_time(),
             "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
             "skipped_nonfinite_steps": getattr(pl_module, "skipped_steps", 0),
-            "training_step": getattr(pl_module, "training_step_mode", None),
+            "training_step": measured["training_step"],
             # the kernels that ran (models/kernels.py), not only the ones asked for
             "kernels": getattr(getattr(pl_module, "model", None), "kernels", None),
-            # first optimizer step incl. kernel compile/autotune (training/callbacks/run_start.py)
-            "time_to_first_step_s": next((cb.time_to_first_step_s for cb in trainer.callbacks
-                                          if getattr(cb, "time_to_first_step_s", None) is not None), None),
+            "time_to_first_step_s": measured["time_to_first_step_s"],
         }
 
     @staticmethod
