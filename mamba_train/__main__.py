@@ -69,11 +69,14 @@ def unify_run_dir(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from mamba_train.console import quiet_third_party
+    from mamba_train.console import console_errors_only, quiet_third_party
     from mamba_train.train import train  # heavy imports after argument parsing (--help is fast)
     from mamba_train.training.callbacks.run_start import check_interpolations
+    from mamba_train.training.run_lock import launching_rank_zero
 
     quiet_third_party()  # after `import lightning` (its console handler) and Hydra's log setup
+    if not launching_rank_zero():
+        console_errors_only()
     # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
     try:
         check_interpolations(cfg)  # before anything below reads a value: one line naming the key

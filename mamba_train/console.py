@@ -10,6 +10,12 @@ root logger, where Hydra's job logging has its console handler: every Lightning 
 twice. Removing Lightning's handler (and letting its records propagate) leaves Hydra's handler,
 which also writes them to the run's log file.
 
+**One console for all ranks.** Every rank of a multi-process run writes the same run
+information, step lines and warnings; only the process of global rank 0 prints them. The other
+ranks print their errors only and keep every line in their own log file
+(``<run dir>/train_ddp_process_<rank>.log`` for Lightning's launcher, the run's log otherwise):
+see :func:`console_errors_only`.
+
 **Noise filtered at its source** (each filter names the message and the versions that emit it;
 a filter that matches nothing costs nothing when a version stops emitting it).
 """
@@ -99,6 +105,16 @@ def quiet_third_party() -> None:
         _install_filter(name, tuple(prefixes))
     for message in _NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def console_errors_only() -> None:
+    """For a process that is not global rank 0: its console handlers (root's, not the log files)
+    pass ERROR and above only, and Python warnings become log records (they would otherwise be
+    printed to stderr by every rank) that go to its log file."""
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) and isinstance(handler, logging.StreamHandler):
+            handler.setLevel(max(handler.level, logging.ERROR))
 
 
 def _install_filter(logger_name: str, prefixes: tuple[str, ...]) -> None:
