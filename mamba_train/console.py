@@ -44,8 +44,10 @@ _NOISE = (
     ("lightning.pytorch", "HPU available"),
     # lm-eval 0.4.x (api/task.py, Task.download): "<task>: Custom kwargs can be passed to
     # `--metadata` ..." for every task whose dataset comes from a function, as the packaged
-    # offline tasks' does (evaluation/tasks/local_data.py): advice for task authors
-    ("lm_eval", r"re:\S+: Custom kwargs can be passed to `--metadata`"),
+    # offline tasks' must (evaluation/tasks/local_data.py: a YAML dataset path is relative to the
+    # working directory, not to the task file): advice for task authors. Filtered on the logger
+    # that writes it: lm-eval's CLI puts its own console handler on "lm_eval"
+    ("lm_eval.api.task", r"re:\S+: Custom kwargs can be passed to `--metadata`"),
     # matplotlib >= 3.x (font_manager): "Matplotlib is building the font cache; this may take a moment."
     ("matplotlib", "Matplotlib is building the font cache"),
 )

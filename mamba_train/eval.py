@@ -84,6 +84,9 @@ def report_name(args: EvalArgs) -> str:
 def run(args: EvalArgs) -> dict:
     from mamba_train.evaluation.lm_eval_adapter import MambaTrainLM
     from mamba_train.evaluation.runner import evaluate, resolve_tasks, write_reports
+    from mamba_train.console import quiet_third_party
+
+    quiet_third_party()  # after the imports above (Lightning's console handler)
 
     tasks = resolve_tasks(args.tasks)
     lm = MambaTrainLM(pretrained=args.ckpt, tokenizer=args.tokenizer, batch_size=args.batch_size,

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int | None:
               "pip install \"mamba_train[eval]\"", file=sys.stderr)
         return 1
     import mamba_train.evaluation.lm_eval_adapter  # noqa: F401  (registers --model mamba_train)
+    from mamba_train.console import quiet_third_party
+
+    quiet_third_party()  # after the imports above (Lightning's console handler)
 
     sys.argv = [sys.argv[0], *with_packaged_tasks(argv)]
     try:

@@ -182,6 +182,22 @@ def test_lm_eval_cli_runs_the_offline_tasks(ckpt, tmp_path):
     assert results["results"]["local_ppl"]["word_perplexity,none"] > 1
     assert results["config"]["model"] == "mamba_train"
     assert "|local_mc" in proc.stdout or "local_mc" in proc.stdout
+    assert "Custom kwargs" not in proc.stdout + proc.stderr  # lm-eval's advice to task authors
+
+
+def test_eval_cli_writes_results_without_per_task_advice(ckpt, tmp_path):
+    """``python -m mamba_train.eval`` on the packaged offline tasks: the report is written and
+    lm-eval's per-task "Custom kwargs can be passed to --metadata" lines are not printed."""
+    out = tmp_path / "reports"
+    proc = subprocess.run([sys.executable, "-m", "mamba_train.eval", f"ckpt={ckpt}", "tasks=local",
+                           "limit=2", "batch_size=8", "dtype=float32", "device=cpu",
+                           f"out={out}"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                                             "HF_DATASETS_OFFLINE": "1", "DISABLE_MULTIPROC": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / f"{ckpt.stem}.json").read_text())
+    assert {"local_mc", "local_ppl"} <= set(results["results"])
+    assert "Custom kwargs" not in proc.stdout + proc.stderr
 
 
 def test_eval_entry_writes_results_next_to_the_checkpoint(ckpt, capsys):
