@@ -18,6 +18,8 @@ authoritative if someone edited the file.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -87,6 +89,8 @@ def to_hf_config(cfg: MambaLMConfig, dtype: torch.dtype | None = None,
     ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     # else the ids of the transformers checkpoint this model came from (a hybrid family's)
     ids = {k: v if v is not None else cfg.special_token_ids.get(k) for k, v in ids.items()}
+    if cfg.padding_idx is not None:  # the row kept frozen here is the one transformers freezes
+        ids["pad_token_id"] = cfg.padding_idx
     hf_cfg = config_cls(**fields, **ids)
     hf_cfg.architectures = [family.architecture]
     if dtype is not None:
@@ -131,7 +135,8 @@ def config_from_hf(raw: Mapping[str, Any]) -> MambaLMConfig:
         log.warning("config.json fields %s were changed after export; ignoring the stashed %s",
                     differ, STASH_KEY)
         return derived
-    return stashed
+    # the frozen embedding row is the family's (transformers builds it from pad_token_id)
+    return dataclasses.replace(stashed, padding_idx=derived.padding_idx)
 
 
 _FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}

@@ -150,7 +150,8 @@ def _bamba_from(raw: Mapping[str, Any]) -> MambaLMConfig:
                   d_intermediate=c.intermediate_size, ssm_cfg=ssm, attn_cfg=attn,
                   mlp_cfg=dict(act="swiglu", bias=c.mlp_bias, multiple_of=1),
                   residual_in_fp32=False, tie_embeddings=c.tie_word_embeddings, norm_epsilon=eps,
-                  initializer_cfg=dict(initializer_range=c.initializer_range))
+                  initializer_cfg=dict(initializer_range=c.initializer_range),
+                  padding_idx=c.pad_token_id)  # its nn.Embedding's padding_idx
 
 
 def _mamba2_out(cfg: MambaLMConfig, kw: dict[str, Any], family: str) -> dict[str, Any]:
@@ -247,7 +248,8 @@ def _falcon_from(raw: Mapping[str, Any]) -> MambaLMConfig:
                                                  _rope(c, head_dim, 1.0)),
                   mlp_cfg=dict(act="swiglu", bias=c.mlp_bias, multiple_of=1), multipliers=mult,
                   residual_in_fp32=False, tie_embeddings=c.tie_word_embeddings, norm_epsilon=eps,
-                  initializer_cfg=dict(initializer_range=c.initializer_range))
+                  initializer_cfg=dict(initializer_range=c.initializer_range),
+                  padding_idx=c.pad_token_id)  # its nn.Embedding's padding_idx
 
 
 def _falcon_to(cfg: MambaLMConfig) -> dict[str, Any]:

@@ -64,6 +64,10 @@ class MambaLMConfig:
             balancing (``models/moe.py: MOE_DEFAULTS``).
         special_token_ids: ``bos_token_id``/``eos_token_id``/``pad_token_id`` of the checkpoint this
             model came from (a transformers config.json), written back on export.
+        padding_idx: the embedding row that gets no gradient and starts at zero (``nn.Embedding``'s
+            ``padding_idx``), as transformers' Bamba and Falcon-H1 build theirs from
+            ``pad_token_id``; set from such a config.json. None: every row trains (mamba_ssm,
+            Nemotron-H).
     """
 
     d_model: int = 2560
@@ -85,11 +89,12 @@ class MambaLMConfig:
     multipliers: dict = field(default_factory=dict)
     special_token_ids: dict = field(default_factory=dict)
     moe_cfg: dict = field(default_factory=dict)
+    padding_idx: int | None = None
 
     # Fields that mamba_ssm's MambaConfig does not have; written to config.json only when they
     # differ from the default, so that mamba_ssm (which rejects unknown keys) loads our files.
     _EXTRA_FIELDS = ("norm_epsilon", "initializer_cfg", "layer_pattern", "mlp_cfg", "multipliers",
-                    "special_token_ids", "moe_cfg")
+                    "special_token_ids", "moe_cfg", "padding_idx")
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand in DictConfig/ListConfig; normalise to plain containers.
@@ -176,6 +181,10 @@ class MambaLMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.padding_idx is not None and not (
+                isinstance(self.padding_idx, int) and 0 <= self.padding_idx < self.vocab_size):
+            raise ConfigError(f"model.padding_idx must be a token id in [0, vocab_size="
+                              f"{self.vocab_size}) or null, got {self.padding_idx!r}")
         if self.d_intermediate < 0:
             raise ConfigError(f"model.d_intermediate must be >= 0, got {self.d_intermediate}")
         if self.layer not in MIXER_LAYERS:

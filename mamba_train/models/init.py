@@ -216,6 +216,8 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=initializer_range)
+            if module.padding_idx is not None:  # as nn.Embedding and transformers start it
+                module.weight[module.padding_idx].zero_()
     # SSM init last: it must win over the generic resets of the mixer's children (conv_init
     # re-draws conv1d.weight, which conv1d.reset_parameters would otherwise overwrite).
     for module in model.modules():

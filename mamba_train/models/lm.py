@@ -135,7 +135,8 @@ class Backbone(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.residual_in_fp32 = config.residual_in_fp32
         self._add_norm = add_norm_fn(backend, config.fused_add_norm)
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, **factory)
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model,
+                                      padding_idx=config.padding_idx, **factory)
         self.layers = nn.ModuleList(
             Block(config, i, backend, **factory) for i in range(config.n_layer)
         )

@@ -346,7 +346,11 @@ class InitFrom:
                     _pad(vocab_size, multiple))
         if self._state is not None:
             self._state = resize_vocab(self._state, src, vocab_size)
-        self.config = dataclasses.replace(self.config, vocab_size=int(vocab_size))
+        # a frozen pad row cut off by the smaller vocabulary is dropped (as transformers'
+        # resize_token_embeddings does)
+        pad = self.config.padding_idx
+        self.config = dataclasses.replace(self.config, vocab_size=int(vocab_size),
+                                          padding_idx=pad if pad is None or pad < vocab_size else None)
         return self.config
 
     def check_resumed(self, restored_from: str | None) -> None:
