@@ -30,6 +30,8 @@
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
+#   tphyb     hybrid-370m throughput: transformers' NemotronHForCausalLM of the same shapes in the
+#             plain loop (arm (a), benchmarks/hf_arms.py) vs mamba_train
 #   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -112,6 +114,8 @@ for p in "$@"; do
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
     longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \
            --out "$OUT" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    tphyb) run_part tp_hybrid python3 benchmarks/train_throughput.py --models hybrid-370m \
+           "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
            tests/gpu/test_moe_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \

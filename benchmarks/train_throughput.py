@@ -22,7 +22,10 @@ flash-linear-attention's ``fla.models`` in the plain loop, ours/fla beside ours/
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
 
 Mamba-3 recipes (``--models mamba3-180m mamba3-440m``) get arm (a) from ``mamba3_plain.py``
-(mamba_ssm 2.3.2's ``MambaLMHeadModel`` has no Mamba-3 blocks). Every arm also reports its first
+(mamba_ssm 2.3.2's ``MambaLMHeadModel`` has no Mamba-3 blocks). Recipes with a layer pattern
+(``--models hybrid-370m``) get it from transformers: the family our export maps the model to
+(``NemotronHForCausalLM`` for hybrid-370m; ``hf_arms.py``), since ``MambaLMHeadModel`` has no
+separate MLP/attention sublayers or squared-ReLU MLPs. Every arm also reports its first
 step's time (Triton compile and autotune, and the graph capture for (b)).
 """
 
@@ -72,6 +75,11 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
     if cfg.layer == "Mamba3":  # mamba_ssm 2.3.2's MambaLMHeadModel has no Mamba3 blocks
         from mamba3_plain import PlainMamba3LM
         model = PlainMamba3LM(cfg)
+    elif cfg.layer_pattern:  # nor layer patterns: transformers' family of the model
+        from hf_arms import describe, hf_model
+        with torch.device("cuda"):
+            model = hf_model(cfg)
+        print(f"PLAIN {name}: {describe(model)}", flush=True)
     else:
         fields = {k: v for k, v in cfg.to_dict().items() if k in MambaConfig.__dataclass_fields__}
         model = MambaLMHeadModel(MambaConfig(**fields), device="cuda")
