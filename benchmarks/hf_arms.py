@@ -31,7 +31,10 @@ def hf_model(cfg, attn_implementation: str = "sdpa"):
     emb = model.get_input_embeddings()
     if cfg.tie_embeddings and model.lm_head.weight is not emb.weight:
         model.lm_head.weight = emb.weight
-    return model
+    # training mode without an inference cache: the Mamba-2 mixers take their fused training
+    # kernel only then (``self.training and cache is None`` in transformers' mixer)
+    model.config.use_cache = False
+    return model.train()
 
 
 def describe(model) -> str:
