@@ -32,6 +32,7 @@
 #   x2k       mamba2-370m with ssd_kernel=mamba_train and without, against transformerpp-370m at 2k
 #             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
 #   m3mb      mamba3-180m throughput at micro-batch 8 and 16 (the SISO grid's SM fill)
+#   cp        context parallelism on the fused backend: two ranks as two processes on one GPU vs one
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
 #   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
 set -uo pipefail
@@ -123,6 +124,7 @@ for p in "$@"; do
            --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     m3mb) run_part m3mb python3 benchmarks/train_throughput.py --models mamba3-180m --micro-batches 8 16 \
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
+    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py tests/test_fused_carried.py ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
            tests/gpu/test_moe_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
