@@ -31,6 +31,8 @@
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
 #   x2k       mamba2-370m with ssd_kernel=mamba_train and without, against transformerpp-370m at 2k
 #             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
+#   hyb64k    hybrid-370m on packed documents (~4k tokens each, document boundaries on) at 2k and
+#             64k per window: tok/s and peak memory, attention through varlen flash attention
 #   m3mb      mamba3-180m throughput at micro-batch 8 and 16 (the SISO grid's SM fill)
 #   cp        context parallelism on the fused backend: two ranks as two processes on one GPU vs one
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
@@ -122,6 +124,8 @@ for p in "$@"; do
          run_part x2k_ssd python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
            --ssm-override +model.ssm_cfg.ssd_kernel=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
            --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    hyb64k) run_part hyb64k python3 benchmarks/long_context.py --arms hybrid-370m --seq-lens 2048 65536 \
+           --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     m3mb) run_part m3mb python3 benchmarks/train_throughput.py --models mamba3-180m --micro-batches 8 16 \
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
     cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py tests/test_fused_carried.py ;;
