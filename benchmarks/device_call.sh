@@ -113,7 +113,7 @@ for p in "$@"; do
     longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \
            --out "$OUT" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
-           tests/gpu/test_moe_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
+           tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \

@@ -236,3 +236,12 @@ def test_init_from_trains_and_exports_the_source_tensors(tmp_path):
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():  # two AdamW steps of 1e-12: below fp32 resolution but at 0
         torch.testing.assert_close(got[key], tensor, rtol=0, atol=1e-10, msg=key)
+
+
+def test_dt_bc_norm_weights_are_not_weight_decayed():
+    from mamba_train.training.optim import no_weight_decay
+
+    names = [n for n, _ in build_model(_jamba_cfg(), backend="reference").named_parameters()]
+    norms = [n for n in names if n.endswith(("dt_norm.weight", "B_norm.weight", "C_norm.weight"))]
+    assert len(norms) == 3 * 3 and all(no_weight_decay(n) for n in norms)
+    assert not no_weight_decay("backbone.layers.0.mixer.x_proj.weight")
