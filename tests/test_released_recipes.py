@@ -70,4 +70,5 @@ def test_jamba_mini_places_attention_and_experts_like_the_released_config(make_c
 
 def test_nemotron_nano_has_23_mamba_23_moe_and_6_attention_sublayers(make_config):
     pattern = _config(make_config, "nemotron-3-nano-30b-a3b").layer_pattern
-    assert (len(pattern), pattern.count("M"), pattern.count("E"), pattern.count("*")) == (52, 23, 23, 6)
+    counts = (len(pattern), pattern.count("M"), pattern.count("E"), pattern.count("*"))
+    assert counts == (52, 23, 23, 6)

@@ -62,9 +62,11 @@ def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
     ssm = dict(layer="Mamba1", d_state=c.mamba_d_state, d_conv=c.mamba_d_conv,
                expand=c.mamba_expand, dt_rank=int(c.mamba_dt_rank), conv_bias=c.mamba_conv_bias,
                bias=c.mamba_proj_bias, dt_bc_norm=True, norm_eps=eps)
-    attn = dict(num_heads=c.num_attention_heads, num_heads_kv=c.num_key_value_heads,
-                head_dim=getattr(c, "head_dim", None) or d // c.num_attention_heads,
-                qkv_proj_bias=False, out_proj_bias=False, causal=True) if ATTENTION in mixers else {}
+    attn = {}
+    if ATTENTION in mixers:
+        attn = dict(num_heads=c.num_attention_heads, num_heads_kv=c.num_key_value_heads,
+                    head_dim=getattr(c, "head_dim", None) or d // c.num_attention_heads,
+                    qkv_proj_bias=False, out_proj_bias=False, causal=True)
     moe = dict(n_experts=c.num_experts, top_k=c.num_experts_per_tok,
                d_expert=c.intermediate_size, act="swiglu", router="softmax",
                norm_topk_prob=False, aux_loss_coef=float(c.router_aux_loss_coef)
