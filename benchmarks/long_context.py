@@ -119,7 +119,7 @@ def _train_once(arm: str, seq_len: int, micro_batch: int, policy: str, args, dat
 
     tokens = micro_batch * seq_len
     overrides = [
-        *BASE, *ARMS[arm], f"data.path={data}", "data.tokenizer=null", "data.num_workers=0",
+        *BASE, *ARMS[arm], *(args.ssm_override if arm in SSMS else []), f"data.path={data}", "data.tokenizer=null", "data.num_workers=0",
         f"data.seq_len={seq_len}", f"data.micro_batch_size={micro_batch}",
         f"train.global_batch_tokens={tokens}", f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.limit_val_batches=0", "train.val_every_n_steps=100000",
@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-run-s", type=float, default=12.0, help="don't start a run with less left")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="bf16 dense peak FLOP/s for MFU (default: Lightning's table, else 989e12)")
+    ap.add_argument("--ssm-override", action="append", default=[],
+                    help="extra Hydra override for the SSM arms only (e.g. the SSD kernel choice)")
     ap.add_argument("--plot-only", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "torch": torch.__version__, "argv": sys.argv, "tokens_per_step": args.tokens,
                "warmup": args.warmup, "steps": args.steps, "peak_bf16_flops": peak,
-               "arms": {a: ARMS[a] for a in arms}, "rows": []}
+               "arms": {a: ARMS[a] for a in arms}, "ssm_override": args.ssm_override, "rows": []}
     rows = results["rows"]
     lock = threading.Lock()
 

@@ -33,6 +33,9 @@ from mamba_train.models.split_linear import SplitOutputLinear
 
 
 class FusedMamba(_Mamba):
+    # set by mamba_train.parallel when each rank holds a slice of the sequence
+    # (models/state_passing.py; the slice runs models/fused_carried.py)
+    sequence_carry = None
     # mamba_inner_fn's checkpoint_lvl: 1 (mamba_ssm's choice) recomputes the conv1d output and
     # delta in the backward; 0 keeps them, 2 x d_inner x tokens bf16 values more per layer
     # (kernels.mamba1_recompute, applied by set_mamba1_recompute)
@@ -51,13 +54,17 @@ class FusedMamba(_Mamba):
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
 
-    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+    def forward(self, hidden_states, seq_idx=None, inference_params=None, carry=None):
+        carry = carry if carry is not None else self.sequence_carry
         if seq_idx is not None:
             raise NotImplementedError(
                 "document boundaries (seq_idx) are not supported by the fused Mamba-1 kernel: "
                 "mamba_ssm has no varlen selective scan. Use Mamba-2 (ssm_cfg.layer=Mamba2), the "
                 "reference backend, or data.document_boundaries=false."
             )
+        if carry is not None and inference_params is None:
+            from mamba_train.models.fused_carried import mamba1_forward
+            return mamba1_forward(self, hidden_states, carry)
         if self.dt_norm is not None:
             if inference_params is not None:
                 raise NotImplementedError("the Mamba-1 mixer with dt/B/C norms (Jamba) has no "
@@ -114,7 +121,11 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
 class FusedMamba2(_Mamba2):
     """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels), ``mamba_train`` (the
     same kernels with the forward's SSD tensors kept for the backward, ``models/ssd_split.py``)
-    or ``fla`` (flash-linear-attention's simple-GLA chunk kernels, ``models/ssd_fla.py``)."""
+    or ``fla`` (flash-linear-attention's simple-GLA chunk kernels, ``models/ssd_fla.py``). A
+    slice of a longer sequence (a carry) runs mamba_ssm's chunk scan whatever ``ssd_kernel`` says
+    (``models/fused_carried.py``)."""
+
+    sequence_carry = None  # set by mamba_train.parallel (models/state_passing.py)
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
                  A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", d_inner=None,
@@ -145,7 +156,13 @@ class FusedMamba2(_Mamba2):
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
 
-    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+    def forward(self, hidden_states, seq_idx=None, inference_params=None, carry=None):
+        carry = carry if carry is not None else self.sequence_carry
+        if carry is not None and inference_params is None:
+            from mamba_train.models.fused_carried import mamba2_forward
+            if seq_idx is not None:
+                seq_idx = seq_idx.to(torch.int32).contiguous()
+            return mamba2_forward(self, hidden_states, seq_idx, carry)
         if self.ssd_kernel == "fla" and inference_params is None:
             if seq_idx is not None:
                 from mamba_train.models.ssd_fla import SSDKernelError
@@ -216,7 +233,10 @@ class FusedMamba3(_ReferenceMamba3):
             return angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1)
         return super().angles_per_head(angles)
 
-    def scan(self, inputs, seq_idx):
+    def scan(self, inputs, seq_idx, carry=None):
+        if carry is not None:  # a slice of a longer sequence: models/fused_carried.py
+            from mamba_train.models.fused_carried import mamba3_scan
+            return mamba3_scan(self, inputs, seq_idx, carry, mamba3_siso_scan)
         z = None if self.is_outproj_norm else inputs["Z"]
         args = dict(Q=inputs["Q"].squeeze(2), K=inputs["K"].squeeze(2), V=inputs["V"],
                     ADT=inputs["ADT"], DT=inputs["DT"], Trap=inputs["Trap"],
@@ -233,10 +253,14 @@ class FusedMamba3(_ReferenceMamba3):
         y = mamba3_siso_scan(**flat, **common, cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
         return rearrange(y, "1 (b l) h p -> b l h p", b=batch)
 
-    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+    def forward(self, hidden_states, seq_idx=None, inference_params=None, carry=None):
         if not self.is_mimo:
             return super().forward(hidden_states, seq_idx=seq_idx,
-                                   inference_params=inference_params)
+                                   inference_params=inference_params, carry=carry)
+        if carry is not None or self.sequence_carry is not None:
+            raise NotImplementedError(
+                "Mamba-3 MIMO takes no carried state here (context parallelism runs the SISO "
+                "kernels): set ssm_cfg.is_mimo=false or strategy.context_parallel_size=1")
         if inference_params is not None:
             raise NotImplementedError("the Mamba-3 mixers here have no incremental decoding")
         upstream = _mimo_kernel()
@@ -269,16 +293,20 @@ def _mamba3_siso_function():
 
 
 def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None,
-                     chunk_size: int = 64, cu_seqlens=None):
-    """``mamba_ssm``'s ``mamba3_siso_combined`` without initial or final states (training),
-    through :func:`saved_tensors_read_once` so it can sit inside a checkpointed block. Same
-    casts as upstream: activations to bf16; ADT, DT and the parameters as they come."""
+                     chunk_size: int = 64, cu_seqlens=None, input_states=None):
+    """``mamba_ssm``'s ``mamba3_siso_combined``, through :func:`saved_tensors_read_once` so it
+    can sit inside a checkpointed block. Same casts as upstream: activations to bf16; ADT, DT and
+    the parameters as they come. Without ``input_states`` (training) the output alone; with them
+    ((angle, SSM, k, v) states entering each sequence: a context-parallel slice) the output and
+    the final SSM state."""
     def bf16(t):
         return None if t is None else t.to(torch.bfloat16)
 
-    return _mamba3_siso_function().apply(
+    carried = input_states is not None
+    out = _mamba3_siso_function().apply(
         bf16(Q), bf16(K), bf16(V), ADT, DT, bf16(Trap), Q_bias, K_bias, bf16(Angles), D, bf16(Z),
-        None, None, None, None, cu_seqlens, chunk_size, False)
+        *(input_states if carried else (None,) * 4), cu_seqlens, chunk_size, carried)
+    return (out[0], out[2]) if carried else out
 
 
 def _mimo_kernel():
