@@ -130,7 +130,7 @@ for p in "$@"; do
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
     cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py tests/test_fused_carried.py ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
-           tests/gpu/test_moe_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
+           tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \

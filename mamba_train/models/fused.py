@@ -14,16 +14,18 @@ import functools
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
 from einops import rearrange
 from mamba_ssm.modules import mamba_simple
 from mamba_ssm.modules.mamba_simple import Mamba as _Mamba
-from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
 from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
 from mamba_train.models.checkpoint_compat import saved_tensors_read_once
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.layers import RMSNorm
+from mamba_train.models.reference.mamba1 import add_dt_bc_norms, split_x_proj
 from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
 from mamba_train.models.reference.mamba3 import MimoKernelError
 from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
@@ -40,12 +42,14 @@ class FusedMamba(_Mamba):
     checkpoint_lvl = 1
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0,
-                 dt_init_floor=1e-4, **kwargs):
+                 dt_init_floor=1e-4, dt_bc_norm=False, norm_eps=1e-5, **kwargs):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init=dt_init,
                          dt_scale=dt_scale, dt_init_floor=dt_init_floor, **kwargs)
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     dt_init=dt_init, dt_scale=dt_scale)
         self.dt_proj = DeltaProjection.from_linear(self.dt_proj, self.ssm_init)
+        add_dt_bc_norms(self, dt_bc_norm, norm_eps, device=kwargs.get("device"),
+                        dtype=kwargs.get("dtype"))
 
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
@@ -61,6 +65,11 @@ class FusedMamba(_Mamba):
         if carry is not None and inference_params is None:
             from mamba_train.models.fused_carried import mamba1_forward
             return mamba1_forward(self, hidden_states, carry)
+        if self.dt_norm is not None:
+            if inference_params is not None:
+                raise NotImplementedError("the Mamba-1 mixer with dt/B/C norms (Jamba) has no "
+                                          "incremental decoding here")
+            return self._forward_dt_bc_norm(hidden_states)
         fast_path = (self.use_fast_path and mamba_simple.causal_conv1d_fn is not None
                      and inference_params is None)
         if self.checkpoint_lvl == 1 or not fast_path:
@@ -77,6 +86,28 @@ class FusedMamba(_Mamba):
             self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             checkpoint_lvl=self.checkpoint_lvl,
         )
+
+
+    def _forward_dt_bc_norm(self, hidden_states):
+        """mamba_ssm's unfused training path (causal_conv1d_fn, selective_scan_fn) with Jamba's
+        norms where x_proj's output is split: mamba_inner_fn's own dt/B/C norm arguments put the
+        dt norm after dt_proj (d_inner wide, not Jamba's dt_rank) and return no gradient for
+        the norm weights, so the fused inner function cannot compute this model."""
+        seqlen = hidden_states.shape[1]
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
+        x, z = xz.chunk(2, dim=1)
+        x = mamba_simple.causal_conv1d_fn(
+            x=x.contiguous(), weight=rearrange(self.conv1d.weight, "d 1 w -> d w"),
+            bias=self.conv1d.bias, activation=self.activation)
+        x_dbl = self.x_proj(rearrange(x, "b d l -> (b l) d"))
+        dt, B, C = split_x_proj(self, x_dbl)
+        dt = rearrange(F.linear(dt, self.dt_proj.weight), "(b l) d -> b d l", l=seqlen)
+        B = rearrange(B, "(b l) n -> b n l", l=seqlen).contiguous()
+        C = rearrange(C, "(b l) n -> b n l", l=seqlen).contiguous()
+        y = selective_scan_fn(x, dt.contiguous(), -torch.exp(self.A_log.float()), B, C,
+                              self.D.float(), z=z.contiguous(),
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
 
 def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
