@@ -30,7 +30,8 @@ RESOLVED_CONFIG = "config.resolved.yaml"  # config_checks.RESOLVED_CONFIG (not i
 SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 # Keys a resumed run may change: where the run goes and how often it reports, saves and
-# validates, what it logs to, and how the same global batch is spread over devices.
+# validates, what it logs to, how the same global batch is spread over devices, and which
+# kernels compute the same model (the kernels block).
 SAFE_PREFIXES = (
     "ckpt_path", "run_name", "run_dir", "paths", "hydra", "backend",
     "trainer.max_steps", "train.total_tokens",
@@ -41,7 +42,7 @@ SAFE_PREFIXES = (
     "trainer.precision", "trainer.deterministic", "trainer.benchmark", "precision",
     "module.activation_checkpointing", "module.activation_checkpointing_k", "module.cuda_graph",
     "data.num_workers", "data.val_windows", "data.checksums", "data.pin_memory",
-    "data.micro_batch_size", "data.val_seq_len",
+    "data.micro_batch_size", "data.val_seq_len", "kernels",
     "logger", "callbacks", "eval", "strategy", "cluster",
 )
 # Hydra flags that mean "do not run one job here": the command line is left as it is.

@@ -35,6 +35,21 @@ def test_module_settings_have_one_default_the_config():
         sorted(k for k in keys if sig[k].default is not inspect.Parameter.empty)
 
 
+def test_every_kernel_choice_is_in_the_kernels_block():
+    """``kernels.*`` are apply_kernels' arguments, without defaults in code; no kernel choice is
+    a model-config key (a saved model would then depend on the kernels that trained it)."""
+    from mamba_train.models.kernels import apply_kernels
+    from mamba_train.models.mixer_tables import KERNEL_KEYS, MIXER_TABLES
+
+    cfg = OmegaConf.load(PKG / "conf" / "config.yaml")
+    sig = dict(inspect.signature(apply_kernels).parameters)
+    sig.pop("model")
+    assert set(cfg.kernels) == set(sig) and "ssd" in sig
+    assert all(p.default is inspect.Parameter.empty for p in sig.values())
+    assert all(not set(KERNEL_KEYS) & accepted for accepted, _ in MIXER_TABLES.values())
+    assert set(KERNEL_KEYS.values()) <= {f"kernels.{k}" for k in cfg.kernels}
+
+
 def test_train_group_holds_only_run_level_quantities():
     cfg = OmegaConf.load(PKG / "conf" / "config.yaml")
     assert set(cfg.train) == {"global_batch_tokens", "total_tokens", "val_every_n_steps",

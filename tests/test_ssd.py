@@ -1,4 +1,4 @@
-"""``model.ssm_cfg.ssd_kernel=mamba_train`` without a GPU (the config key itself:
+"""``kernels.ssd=mamba_train`` without a GPU (the config key itself:
 test_ssd_kernel_choice.py): the one-line failure when mamba_ssm lacks a private name it calls,
 and (where mamba_ssm's sources import) its Functions against mamba_ssm's own under Triton's
 interpreter, bit for bit. On the GPU: tests/gpu/test_ssd_gpu.py."""

@@ -238,7 +238,7 @@ class MambaLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
-        # compared as saved (to_dict): kernel choices (ssm_cfg.ssd_kernel, the kernels block) may differ
+        # compared as saved (to_dict); the kernels block is not part of the model and may differ
         if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
             raise ValueError(
                 "the checkpoint was written for a different model config than the one "
