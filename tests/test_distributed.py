@@ -190,6 +190,45 @@ def test_deepspeed_bf16_mixed_keeps_fp32_module_parameters():
         s._format_config()
 
 
+class FirstStepGradients(L.Callback):
+    """The full gradients the first optimizer step is taken with (DeepSpeed's partitions gathered)."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads:
+            return
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        for name, p in pl_module.model.named_parameters():
+            if isinstance(trainer.strategy, DeepSpeedStrategy):
+                from deepspeed.utils import safe_get_full_grad
+                grad = safe_get_full_grad(p)
+            else:
+                grad = p.grad
+            self.grads[name] = grad.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+
+
+@has_deepspeed
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_deepspeed_gradient_under_accumulation_is_the_plain_one(stage, tmp_path):
+    """Accumulation 2 on one process: DeepSpeed's gradient is the plain step's, not half of it
+    (Lightning's closure divides the loss by the accumulation, the engine must not again)."""
+    grads = {}
+    for name, extra in [("plain", []),
+                        ("ds", [f"strategy=deepspeed_zero{stage}", "strategy.allow_cpu=true"])]:
+        grab = FirstStepGradients()
+        result = train(compose_config([*RUN, "trainer.devices=1", "trainer.max_steps=1",
+                                       f"run_name={name}", *extra], tmp_path), [grab])
+        assert result["trainer"].accumulate_grad_batches == 2
+        grads[name] = grab.grads
+    assert grads["ds"].keys() == grads["plain"].keys() and grads["plain"]
+    for key, plain in grads["plain"].items():
+        torch.testing.assert_close(grads["ds"][key], plain, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
 def test_cli_refuses_bf16_fsdp_parameters_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mamba_train", "recipe=debug", "strategy=fsdp",
                            "strategy.param_dtype=bf16", f"paths.output_dir={tmp_path}"],

@@ -30,6 +30,12 @@ class MambaDeepSpeedStrategy(DeepSpeedOnCPU, DeepSpeedStrategy):
         self._allow_cpu = allow_cpu
         self._allow_low_precision = allow_low_precision_params
 
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # Lightning's closure has already divided the loss by accumulate_grad_batches, which is
+        # also the engine's gradient_accumulation_steps: engine.backward's own division would
+        # leave every gradient 1/accumulation of the DDP one (tests/test_distributed.py)
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
     def _format_config(self) -> None:
         precision = self.precision_plugin.precision
         if any(self.config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
