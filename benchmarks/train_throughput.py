@@ -89,7 +89,7 @@ def timed_loop(model, lr: float, micro_batch: int, warmup: int, windows: int, wi
     """A plain training loop around ``model`` (bf16 autocast, fused AdamW over our decay groups,
     clip 1.0); ``loss_of(model, tokens)`` gives the loss of a (micro_batch, SEQ_LEN + 1) batch."""
     from mamba_train.models import norm_backward
-    from mamba_train.training.optim import param_groups
+    from mamba_train.training.step.optim import param_groups
 
     norm_backward.uninstall()  # a plain loop runs mamba_ssm's own kernels
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups(model, 0.1)]

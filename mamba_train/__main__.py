@@ -71,7 +71,7 @@ def unify_run_dir(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from mamba_train.console import quiet_third_party
     from mamba_train.train import train  # heavy imports after argument parsing (--help is fast)
-    from mamba_train.training.callbacks.run_start import check_interpolations
+    from mamba_train.training.run.callbacks.run_start import check_interpolations
 
     quiet_third_party()  # after `import lightning` (its console handler) and Hydra's log setup
     # the resolved config goes to <run dir>/config.resolved.yaml (train), not above the errors
@@ -93,7 +93,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _take_from_data(cfg: DictConfig) -> None:
     """data.tokenizer / model.vocab_size from the prepared data unless the command line set them."""
     from mamba_train.from_data import adopt_data_tokenizer, explicit_keys, task_overrides
-    from mamba_train.training.run_lock import launching_rank_zero
+    from mamba_train.training.run.run_lock import launching_rank_zero
 
     note = adopt_data_tokenizer(cfg, explicit_keys(task_overrides()))
     if note and launching_rank_zero():
@@ -104,7 +104,7 @@ def _report_resume(cfg: DictConfig) -> None:
     """Say (once) what a resume restored, and what the LR does past the saved schedule."""
     from mamba_train.resume_overrides import schedule_extension_note
     from mamba_train.train import max_steps
-    from mamba_train.training.run_lock import launching_rank_zero
+    from mamba_train.training.run.run_lock import launching_rank_zero
 
     if cfg.ckpt_path is None or not launching_rank_zero():
         return

@@ -20,8 +20,8 @@ from mamba_train.errors import MambaTrainError
 from mamba_train.models.kernels import SSD_KERNELS
 from mamba_train.models.mixer_tables import MAMBA3_DEFAULTS
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
-from mamba_train.training.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
-from mamba_train.training.nonfinite import NAN_POLICIES
+from mamba_train.training.step.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
+from mamba_train.training.step.nonfinite import NAN_POLICIES
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 

@@ -25,7 +25,7 @@ def test_every_trainer_key_is_a_lightning_trainer_argument():
 def test_module_settings_have_one_default_the_config():
     """One default per setting: every module group key is a constructor argument without a
     default in code (the group's YAML holds the only one)."""
-    from mamba_train.training.module import MambaLMModule
+    from mamba_train.training.step.module import MambaLMModule
 
     cfg = OmegaConf.load(PKG / "conf" / "module" / "default.yaml")
     sig = inspect.signature(MambaLMModule.__init__).parameters
@@ -125,6 +125,18 @@ def test_models_import_nothing_above_them():
     graph = _import_graph()
     bad = {m: sorted(d for d in deps if d.startswith(above))
            for m, deps in graph.items() if m.startswith("mamba_train.models")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_the_step_imports_nothing_of_the_run():
+    """training/step (one optimizer step) sits below training/run (the run around the steps)."""
+    graph = _import_graph()
+    step = [m for m in graph if m.startswith("mamba_train.training.step.")]
+    assert "mamba_train.training.step.train_step" in step and any(
+        d.startswith("mamba_train.training.step.") for m in graph
+        if m.startswith("mamba_train.training.run.") for d in graph[m])  # the run uses the step
+    bad = {m: sorted(d for d in graph[m] if d.startswith("mamba_train.training.run"))
+           for m in step}
     assert not {m: d for m, d in bad.items() if d}
 
 

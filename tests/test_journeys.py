@@ -73,6 +73,21 @@ def test_resume_restores_the_saved_overrides_and_refuses_unsafe_ones(tmp_path, m
     assert "log_every_n_steps" not in message and "\n" not in message
 
 
+def test_a_run_from_before_a_module_move_resumes(make_config):
+    """A ``_target_`` names where the code lives: the same object at a new path is no change,
+    another object is."""
+    from omegaconf import OmegaConf
+
+    from mamba_train.resume_overrides import changed_keys
+
+    cfg = make_config()
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["module"]["_target_"] = "mamba_train.training.module.MambaLMModule"  # an older layout
+    assert changed_keys(saved, cfg) == []
+    saved["module"]["_target_"] = "mamba_train.training.module.OtherModule"
+    assert [k for k, _, _ in changed_keys(saved, cfg)] == ["module._target_"]
+
+
 def test_refused_resume_is_one_line_and_leaves_the_run_untouched(tmp_path, make_config):
     run_dir = tmp_path / "outputs" / "X"
     _fake_run(run_dir, [*TINY, "run_name=X", f"paths.output_dir={tmp_path / 'outputs'}"], make_config)
@@ -134,7 +149,7 @@ def _checkpoint_with_schedule(run_dir: Path, schedule, total: int, at_step: int)
 
 
 def test_extending_a_finished_schedule_says_the_lr(tmp_path):
-    from mamba_train.training.schedule import warmup_cosine, wsd
+    from mamba_train.training.step.schedule import warmup_cosine, wsd
 
     _checkpoint_with_schedule(tmp_path / "a", warmup_cosine, total=10, at_step=10)
     note = schedule_extension_note(tmp_path / "a", 20)
@@ -247,7 +262,7 @@ def test_training_on_own_small_corpus_needs_no_extra_keys(own_data, tmp_path):
 def test_batch_error_offers_the_micro_batch_that_keeps_the_global_batch():
     import re
 
-    from mamba_train.training.batch import BatchSizeError, grad_accumulation
+    from mamba_train.training.step.batch import BatchSizeError, grad_accumulation
 
     with pytest.raises(BatchSizeError) as e:
         grad_accumulation(524288, 3, 2048, 2)  # 2 GPUs, micro-batch 3
@@ -298,7 +313,7 @@ logging.basicConfig(level=logging.INFO)
 for name in ("datasets", "pandas", "pyarrow"):  # as if not installed
     sys.modules[name] = None
 import mamba_train.train
-from mamba_train.training.callbacks.run_summary import plot_metrics
+from mamba_train.training.run.callbacks.run_summary import plot_metrics
 # torchmetrics (under Lightning) imports matplotlib when its distribution is installed: absent
 # from here on, as on a base install
 for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:

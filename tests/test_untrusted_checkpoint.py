@@ -137,7 +137,7 @@ INIT = ["model=source", "data.seq_len=64", "data.micro_batch_size=4",
 def test_init_from_refuses_fresh_and_when_resuming(evil, tmp_path, resuming):
     """Resuming reads only the source's config, and that read must be just as safe."""
     from mamba_train.train import train
-    from mamba_train.training.init_from import InitFromError
+    from mamba_train.training.run.init_from import InitFromError
 
     path, _ = evil
     run_dir = tmp_path / "run"

@@ -150,7 +150,7 @@ class FusedMamba3(_ReferenceMamba3):
     (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
 
     # cu_seqlens' length is the document count: a host sync, so no CUDA-graph capture with
-    # document boundaries (training/cuda_graph.py reads this flag)
+    # document boundaries (training/step/cuda_graph.py reads this flag)
     varlen_needs_host_sync = True
 
     def __init__(self, d_model, **kwargs):

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from mamba_train.dtypes import parse_dtype
-from mamba_train.training.strategies.cpu_shims import DeepSpeedOnCPU
-from mamba_train.training.strategies.policy import ParallelConfigError, refuse_low_precision
+from mamba_train.training.step.strategies.cpu_shims import DeepSpeedOnCPU
+from mamba_train.training.step.strategies.policy import ParallelConfigError, refuse_low_precision
 
 
 class MambaDeepSpeedStrategy(DeepSpeedOnCPU, DeepSpeedStrategy):

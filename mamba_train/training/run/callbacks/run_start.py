@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 log = logging.getLogger("mamba_train.run")
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.training.cuda_graph import GraphedTrainStep, start_graph_step
-from mamba_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from mamba_train.training.step.cuda_graph import GraphedTrainStep, start_graph_step
+from mamba_train.training.step.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 KINDS = ("replicated", "sharded", "engine")
 
