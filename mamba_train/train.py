@@ -1,6 +1,6 @@
 """The training task: composed config in, trained run out.
 
-``python -m mamba_train`` (``__main__.py``) only hands Hydra's config to ``train(cfg)``, which
+``python -m mamba_train`` (``cli/train.py``) only hands Hydra's config to ``train(cfg)``, which
 reads top to bottom: validate -> data -> module (one instantiate of the ``module`` group) ->
 callbacks/loggers -> trainer -> batch arithmetic -> fit. Tests call ``train`` directly with a composed config.
 """

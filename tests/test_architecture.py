@@ -71,14 +71,23 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """mamba_train module -> the mamba_train modules it imports (anywhere in the file)."""
+def _is_main_guard(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+
+
+def _import_graph(main_guards: bool = False) -> dict[str, set[str]]:
+    """mamba_train module -> the mamba_train modules it imports (anywhere in the file; under
+    ``if __name__ == "__main__"`` only with ``main_guards``: a module run as a command imports
+    there what importing the module does not)."""
     files = {_module_name(p): p for p in PKG.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         deps: set[str] = set()
         is_pkg = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        if not main_guards:
+            tree.body = [n for n in tree.body if not _is_main_guard(n)]
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -121,7 +130,7 @@ def test_no_import_cycle_among_mamba_train_modules():
 
 def test_models_import_nothing_above_them():
     above = ("mamba_train.training", "mamba_train.evaluation", "mamba_train.export",
-             "mamba_train.data", "mamba_train.formats", "mamba_train.train")
+             "mamba_train.data", "mamba_train.formats", "mamba_train.train", "mamba_train.cli")
     graph = _import_graph()
     bad = {m: sorted(d for d in deps if d.startswith(above))
            for m, deps in graph.items() if m.startswith("mamba_train.models")}
@@ -138,6 +147,34 @@ def test_the_step_imports_nothing_of_the_run():
     bad = {m: sorted(d for d in graph[m] if d.startswith("mamba_train.training.run"))
            for m in step}
     assert not {m: d for m, d in bad.items() if d}
+
+
+def test_entry_points_live_in_cli_and_every_documented_python_m_runs_one():
+    """Console scripts are ``mamba_train.cli.<command>:main``; each ``python -m mamba_train...``
+    in the README and docs names a module that hands over to one of them."""
+    import importlib
+    import re
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    commands = {}
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert module.startswith("mamba_train.cli.") and func == "main", (name, target)
+        commands[module] = getattr(importlib.import_module(module), func)
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    documented = {m for t in texts for m in re.findall(r"python -m (mamba_train[\w.]*)", t.read_text())}
+    assert {"mamba_train", "mamba_train.eval", "mamba_train.export"} <= documented
+    as_run = _import_graph(main_guards=True)
+    for module in documented:
+        name = module + ".__main__" if (PKG.parent / module.replace(".", "/")).is_dir() else module
+        tree = ast.parse(inspect.getsource(importlib.import_module(name)))
+        assert any(_is_main_guard(n) for n in tree.body), name
+        assert as_run[name] & set(commands), (module, sorted(as_run[name]))
+    # the cli package is the top: nothing below it imports it
+    graph = _import_graph()
+    users = {m for m, deps in graph.items() if any(d.startswith("mamba_train.cli") for d in deps)}
+    assert all(m.startswith("mamba_train.cli") or m.count(".") == 1 for m in users), sorted(users)
 
 
 def test_every_user_error_subclasses_the_base():

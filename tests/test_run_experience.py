@@ -129,7 +129,7 @@ def test_redirected_run_prints_progress_lines_once_in_one_directory(tmp_path):
 
 def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys, monkeypatch):
     import lightning  # noqa: F401  (adds its console handler)
-    from mamba_train.console import quiet_third_party
+    from mamba_train.cli.console import quiet_third_party
 
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stdout)
@@ -165,7 +165,7 @@ def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys, monkeyp
 
 
 def test_triton_caches_default_to_a_stable_user_dir(monkeypatch, tmp_path):
-    from mamba_train.console import default_kernel_caches
+    from mamba_train.cli.console import default_kernel_caches
 
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)

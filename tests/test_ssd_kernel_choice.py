@@ -45,7 +45,7 @@ def test_resume_across_ssd_kernels_but_not_across_models(make_config):
     from hydra.utils import instantiate
 
     from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY
-    from mamba_train.resume_overrides import is_safe
+    from mamba_train.cli.resume_overrides import is_safe
 
     # the module group's settings (kernels.ssd=fla), with this model config in place of the
     # model group's

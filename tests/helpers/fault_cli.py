@@ -92,6 +92,6 @@ if env("MT_FAULT_ENOSPC_PLOT"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     matplotlib.figure.Figure.savefig = _full_disk_savefig
 
-from mamba_train.__main__ import main  # noqa: E402
+from mamba_train.cli.train import main  # noqa: E402
 
 main()

@@ -7,6 +7,6 @@ import mamba_train.training.step.cuda_graph as cuda_graph
 
 cuda_graph.graph_blockers = lambda trainer, module: []
 
-from mamba_train.__main__ import main  # noqa: E402
+from mamba_train.cli.train import main  # noqa: E402
 
 main()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mamba_train.cli import UsageError, parse_key_values, wants_help
+from mamba_train.cli.args import UsageError, parse_key_values, wants_help
 from mamba_train.errors import MambaTrainError
 
 USAGE = "usage: mamba-train-eval (or python -m mamba_train.eval) ckpt=<path> tasks=<preset|task,...> [key=value ...] (--help)"

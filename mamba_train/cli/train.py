@@ -67,9 +67,9 @@ def unify_run_dir(cfg: DictConfig) -> None:
     cfg.run_dir = str(hydra_dir)
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://mamba_train.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from mamba_train.console import quiet_third_party
+    from mamba_train.cli.console import quiet_third_party
     from mamba_train.train import train  # heavy imports after argument parsing (--help is fast)
     from mamba_train.training.run.callbacks.run_start import check_interpolations
 
@@ -102,7 +102,7 @@ def _take_from_data(cfg: DictConfig) -> None:
 
 def _report_resume(cfg: DictConfig) -> None:
     """Say (once) what a resume restored, and what the LR does past the saved schedule."""
-    from mamba_train.resume_overrides import schedule_extension_note
+    from mamba_train.cli.resume_overrides import schedule_extension_note
     from mamba_train.train import max_steps
     from mamba_train.training.run.run_lock import launching_rank_zero
 
@@ -120,10 +120,10 @@ def _report_resume(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from mamba_train.console import default_kernel_caches
+    from mamba_train.cli.console import default_kernel_caches
 
     global _RESTORED
-    from mamba_train.resume_overrides import restore_run_overrides
+    from mamba_train.cli.resume_overrides import restore_run_overrides
 
     try:  # before Hydra composes (and writes .hydra/ into the run directory)
         argv, _RESTORED = restore_run_overrides(sys.argv[1:])
