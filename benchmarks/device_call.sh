@@ -29,6 +29,12 @@
 #   prof2ssd  mamba2-370m captured step, kernels.ssd=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
+#   x2k       mamba2-370m with kernels.ssd=mamba_train and without, against transformerpp-370m at 2k
+#             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
+#   hyb64k    hybrid-370m on packed documents (~4k tokens each, document boundaries on) at 2k and
+#             64k per window: tok/s and peak memory, attention through varlen flash attention
+#   m3mb      mamba3-180m throughput at micro-batch 8 and 16 (the SISO grid's SM fill)
+#   cp        context parallelism on the fused backend: two ranks as two processes on one GPU vs one
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
 #   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
 set -uo pipefail
@@ -38,7 +44,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -112,8 +118,19 @@ for p in "$@"; do
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
     longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \
            --out "$OUT" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    x2k) run_part x2k python3 benchmarks/long_context.py --arms mamba2-370m transformerpp-370m \
+           --seq-lens 2048 --probe --out "$OUT/x2k_base" --peak-flops "$PEAK" \
+           --budget-s $(( (BUDGET_S - SECONDS) / 2 - 10 ))
+         run_part x2k_ssd python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
+           --ssm-override kernels.ssd=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
+           --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    hyb64k) run_part hyb64k python3 benchmarks/long_context.py --arms hybrid-370m --seq-lens 2048 65536 \
+           --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
+    m3mb) run_part m3mb python3 benchmarks/train_throughput.py --models mamba3-180m --micro-batches 8 16 \
+           "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
+    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py tests/test_fused_carried.py ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
-           tests/gpu/test_moe_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
+           tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \

@@ -48,8 +48,9 @@ ARMS = {  # name -> Hydra overrides selecting the model (same width 1024)
     "transformerpp-370m": ["model=transformerpp-370m"],
     "mamba-370m": ["model=mamba-370m"],
     "mamba3-370m": ["model=mamba2-370m", "model.ssm_cfg.layer=Mamba3"],  # 48 x 1024, defaults
+    "hybrid-370m": ["model=hybrid-370m"],  # Nemotron-H-style: Mamba-2 + ~8% attention, same width
 }
-SSMS = ("mamba2-370m", "mamba-370m", "mamba3-370m")
+SSMS = ("mamba2-370m", "mamba-370m", "mamba3-370m", "hybrid-370m")
 BASELINE = "transformerpp-370m"
 
 
@@ -69,14 +70,30 @@ def plan(arms: list[str], seq_lens: list[int], probe: list[int]) -> list[tuple[s
     if "mamba2-370m" in arms and seq_lens:
         order.append(("mamba2-370m", max(seq_lens), "all"))  # checkpointing's cost, and capture
         order += [("mamba2-370m", s, "off") for s in probe]
-    if "mamba3-370m" in arms:
-        order += [("mamba3-370m", s, "off") for s in first + middle + rest]
+    for late in ("hybrid-370m", "mamba3-370m"):
+        if late in arms:
+            order += [(late, s, "off") for s in first + middle + rest]
     return order
 
 
-def synthetic_shards(root: Path, train_tokens: int = 8_000_000, val_tokens: int = 600_000) -> Path:
-    """``train_throughput.synthetic_shards`` at this benchmark's sizes (val holds one 256k window)."""
-    return train_throughput.synthetic_shards(root, train_tokens, val_tokens, vocab=VOCAB)
+def synthetic_shards(root: Path, train_tokens: int = 8_000_000, val_tokens: int = 600_000,
+                     doc_len: int = 0) -> Path:
+    """``train_throughput.synthetic_shards`` at this benchmark's sizes (val holds one 256k window).
+    With ``doc_len`` the tokens form packed documents: an EOS (id 0) ends each document, whose
+    lengths are drawn uniformly from [doc_len / 2, 3 doc_len / 2]."""
+    if not doc_len:
+        return train_throughput.synthetic_shards(root, train_tokens, val_tokens, vocab=VOCAB)
+    import numpy as np
+
+    from mamba_train.data.shards import write_tokens
+    rng = np.random.default_rng(0)
+    tok = {"name": "synthetic", "vocab_size": VOCAB, "eos_id": 0}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        tokens = rng.integers(1, VOCAB, n, dtype=np.uint16)
+        ends = np.cumsum(rng.integers(doc_len // 2, 3 * doc_len // 2 + 1, n // (doc_len // 2) + 1))
+        tokens[ends[ends < n]] = 0
+        write_tokens(root / split, tokens, tok, split=split)
+    return root
 
 
 def peak_bf16_flops(override: float | None) -> float:
@@ -119,7 +136,9 @@ def _train_once(arm: str, seq_len: int, micro_batch: int, policy: str, args, dat
 
     tokens = micro_batch * seq_len
     overrides = [
-        *BASE, *ARMS[arm], f"data.path={data}", "data.tokenizer=null", "data.num_workers=0",
+        *BASE, *ARMS[arm], *(args.ssm_override if arm in SSMS else []),
+        *(["data.document_boundaries=true"] if args.doc_len else []),
+        f"data.path={data}", "data.tokenizer=null", "data.num_workers=0",
         f"data.seq_len={seq_len}", f"data.micro_batch_size={micro_batch}",
         f"train.global_batch_tokens={tokens}", f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.limit_val_batches=0", "train.val_every_n_steps=100000",
@@ -286,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-run-s", type=float, default=12.0, help="don't start a run with less left")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="bf16 dense peak FLOP/s for MFU (default: Lightning's table, else 989e12)")
+    ap.add_argument("--ssm-override", action="append", default=[],
+                    help="extra Hydra override for the SSM arms only (e.g. the SSD kernel choice)")
+    ap.add_argument("--doc-len", type=int, default=0,
+                    help="pack documents of about this many tokens and train with "
+                         "data.document_boundaries=true (0: one unbroken token stream)")
     ap.add_argument("--plot-only", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -303,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "torch": torch.__version__, "argv": sys.argv, "tokens_per_step": args.tokens,
                "warmup": args.warmup, "steps": args.steps, "peak_bf16_flops": peak,
-               "arms": {a: ARMS[a] for a in arms}, "rows": []}
+               "arms": {a: ARMS[a] for a in arms}, "ssm_override": args.ssm_override, "doc_len": args.doc_len, "rows": []}
     rows = results["rows"]
     lock = threading.Lock()
 
@@ -320,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = {}
     todo = plan(arms, sorted(args.seq_lens), args.probe)
     with tempfile.TemporaryDirectory() as tmp:
-        data = synthetic_shards(Path(tmp) / "data", train_tokens=8_000_000, val_tokens=600_000)
+        data = synthetic_shards(Path(tmp) / "data", train_tokens=8_000_000, val_tokens=600_000,
+                                doc_len=args.doc_len)
         runs = Path(tmp) / "runs"
         for arm, seq_len, policy in todo:
             if deadline - time.time() < args.min_run_s:

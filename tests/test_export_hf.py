@@ -518,5 +518,5 @@ def test_a_transformers_family_is_one_registry_entry(monkeypatch):
     monkeypatch.setitem(hf.FAMILIES, "mamba2_mlp", dataclasses.replace(with_mlp, config_fields=refuse))
     with pytest.raises(ExportError, match=r"^mamba2: .*d_intermediate.*; mamba2_mlp: .*either"):
         hf.family_for(cfg)
-    with pytest.raises(ExportError, match="model_type='jamba'"):
-        hf.config_from_hf({"model_type": "jamba"})
+    with pytest.raises(ExportError, match="model_type='zamba2'"):
+        hf.config_from_hf({"model_type": "zamba2"})

@@ -75,6 +75,48 @@ def packed_varlen_attention(q, k, v, seq_idx, scale):
                           enable_gqa=k.shape[2] != q.shape[2])
 
 
+def slice_varlen_layout(seq_idx: torch.Tensor, keys_doc: torch.Tensor):
+    """Packed documents when the queries are the last L of T keys per row (a context-parallel
+    slice, ``keys_doc`` the document numbers of all T keys): the keys each row needs -- from the
+    start of its first query's document on -- as flat indices into the (batch * T) keys, and the
+    ``cu_seqlens`` of queries and keys, one segment per document piece. Each query segment ends
+    where its key segment ends, so causal attention aligned bottom-right (flash attention's
+    convention for unequal lengths) is exact. One host sync: the number of keys kept."""
+    batch, seqlen = seq_idx.shape
+    total = keys_doc.shape[1]
+    offset = total - seqlen
+    # keys before the slice in the document of its first token: a run ending at offset - 1
+    same = keys_doc[:, :offset] == seq_idx[:, :1]
+    before = same.flip(1).int().cumprod(1).sum(1)  # (batch,)
+    lengths = seqlen + before
+    row_start = torch.cumsum(lengths, 0) - lengths
+    start = torch.ones(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    q_starts = torch.nonzero(start.flatten()).flatten()
+    row, col = q_starts // seqlen, q_starts % seqlen
+    k_starts = row_start[row] + torch.where(col == 0, torch.zeros_like(col), col + before[row])
+    n_keys = int(lengths.sum())
+    key_row = torch.repeat_interleave(torch.arange(batch, device=seq_idx.device), lengths,
+                                      output_size=n_keys)
+    pos = (torch.arange(n_keys, device=seq_idx.device) - row_start[key_row]
+           + (offset - before)[key_row])
+    cu_q = torch.cat([q_starts, q_starts.new_tensor([batch * seqlen])]).to(torch.int32)
+    cu_k = torch.cat([k_starts, k_starts.new_tensor([n_keys])]).to(torch.int32)
+    return key_row * total + pos, cu_q, cu_k
+
+
+def sliced_varlen_attention(q, k, v, seq_idx, keys_doc, scale):
+    """Causal attention of a slice's queries q (B, L, H, D) over the keys and values k/v
+    (B, T, Hkv, D) of every token up to the slice end, within documents, through torch's
+    variable-length flash attention (no mask): (B*L, H, D)."""
+    batch, seqlen = seq_idx.shape
+    index, cu_q, cu_k = slice_varlen_layout(seq_idx, keys_doc)
+    k, v = (t.reshape(-1, *t.shape[2:])[index] for t in (k, v))
+    return _varlen_attn()(q.reshape(batch * seqlen, *q.shape[2:]), k, v, cu_q, cu_k, seqlen,
+                          keys_doc.shape[1], scale=scale, window_size=(-1, 0),
+                          enable_gqa=k.shape[1] != q.shape[2])
+
+
 class CausalSelfAttention(nn.Module):
     """``sequence_carry`` (or ``carry=`` in forward): the input is a slice of a longer sequence
     (``models/state_passing.py``); the queries attend to the keys and values of every token up to
@@ -191,6 +233,13 @@ class CausalSelfAttention(nn.Module):
     def _attend_slice(self, q, k, v, x_mlp, offset, seq_idx, carry):
         """Queries at positions offset.. attend keys 0..offset+L-1 (causal, same document)."""
         seqlen, total = q.shape[1], k.shape[1]
+        if seq_idx is not None and varlen_eligible(q):  # the GPU in 16 bits: no dense mask
+            ctx = sliced_varlen_attention(q, k, v, seq_idx, carry.seq_idx_up_to_here(seq_idx),
+                                          self.softmax_scale)
+            ctx = ctx.reshape(q.shape[0], seqlen, -1)
+            if x_mlp is not None:
+                ctx = torch.cat([ctx, x_mlp], dim=-1)
+            return self.out_proj(ctx)
         rep = self.num_heads // self.num_heads_kv
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

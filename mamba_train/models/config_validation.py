@@ -9,6 +9,14 @@ from typing import Any
 from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS
 
 
+def mamba1_problem(kw: dict[str, Any]) -> str | None:
+    if not isinstance(kw["dt_bc_norm"], bool):
+        return f"Mamba1 ssm_cfg.dt_bc_norm must be true or false, got {kw['dt_bc_norm']!r}"
+    if not kw["norm_eps"] > 0:
+        return f"Mamba1 ssm_cfg.norm_eps must be > 0, got {kw['norm_eps']}"
+    return None
+
+
 def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
     d_inner = kw.get("d_inner") or kw["expand"] * d_model
     d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]

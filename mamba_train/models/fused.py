@@ -14,16 +14,18 @@ import functools
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
 from einops import rearrange
 from mamba_ssm.modules import mamba_simple
 from mamba_ssm.modules.mamba_simple import Mamba as _Mamba
-from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
 from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
 from mamba_train.models.checkpoint_compat import saved_tensors_read_once
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.layers import RMSNorm
+from mamba_train.models.reference.mamba1 import add_dt_bc_norms, split_x_proj
 from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
 from mamba_train.models.reference.mamba3 import MimoKernelError
 from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
@@ -31,29 +33,43 @@ from mamba_train.models.split_linear import SplitOutputLinear
 
 
 class FusedMamba(_Mamba):
+    # set by mamba_train.parallel when each rank holds a slice of the sequence
+    # (models/state_passing.py; the slice runs models/fused_carried.py)
+    sequence_carry = None
     # mamba_inner_fn's checkpoint_lvl: 1 (mamba_ssm's choice) recomputes the conv1d output and
     # delta in the backward; 0 keeps them, 2 x d_inner x tokens bf16 values more per layer
     # (kernels.mamba1_recompute, applied by set_mamba1_recompute)
     checkpoint_lvl = 1
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0,
-                 dt_init_floor=1e-4, **kwargs):
+                 dt_init_floor=1e-4, dt_bc_norm=False, norm_eps=1e-5, **kwargs):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init=dt_init,
                          dt_scale=dt_scale, dt_init_floor=dt_init_floor, **kwargs)
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     dt_init=dt_init, dt_scale=dt_scale)
         self.dt_proj = DeltaProjection.from_linear(self.dt_proj, self.ssm_init)
+        add_dt_bc_norms(self, dt_bc_norm, norm_eps, device=kwargs.get("device"),
+                        dtype=kwargs.get("dtype"))
 
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
 
-    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+    def forward(self, hidden_states, seq_idx=None, inference_params=None, carry=None):
+        carry = carry if carry is not None else self.sequence_carry
         if seq_idx is not None:
             raise NotImplementedError(
                 "document boundaries (seq_idx) are not supported by the fused Mamba-1 kernel: "
                 "mamba_ssm has no varlen selective scan. Use Mamba-2 (ssm_cfg.layer=Mamba2), the "
                 "reference backend, or data.document_boundaries=false."
             )
+        if carry is not None and inference_params is None:
+            from mamba_train.models.fused_carried import mamba1_forward
+            return mamba1_forward(self, hidden_states, carry)
+        if self.dt_norm is not None:
+            if inference_params is not None:
+                raise NotImplementedError("the Mamba-1 mixer with dt/B/C norms (Jamba) has no "
+                                          "incremental decoding here")
+            return self._forward_dt_bc_norm(hidden_states)
         fast_path = (self.use_fast_path and mamba_simple.causal_conv1d_fn is not None
                      and inference_params is None)
         if self.checkpoint_lvl == 1 or not fast_path:
@@ -70,6 +86,28 @@ class FusedMamba(_Mamba):
             self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             checkpoint_lvl=self.checkpoint_lvl,
         )
+
+
+    def _forward_dt_bc_norm(self, hidden_states):
+        """mamba_ssm's unfused training path (causal_conv1d_fn, selective_scan_fn) with Jamba's
+        norms where x_proj's output is split: mamba_inner_fn's own dt/B/C norm arguments put the
+        dt norm after dt_proj (d_inner wide, not Jamba's dt_rank) and return no gradient for
+        the norm weights, so the fused inner function cannot compute this model."""
+        seqlen = hidden_states.shape[1]
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
+        x, z = xz.chunk(2, dim=1)
+        x = mamba_simple.causal_conv1d_fn(
+            x=x.contiguous(), weight=rearrange(self.conv1d.weight, "d 1 w -> d w"),
+            bias=self.conv1d.bias, activation=self.activation)
+        x_dbl = self.x_proj(rearrange(x, "b d l -> (b l) d"))
+        dt, B, C = split_x_proj(self, x_dbl)
+        dt = rearrange(F.linear(dt, self.dt_proj.weight), "(b l) d -> b d l", l=seqlen)
+        B = rearrange(B, "(b l) n -> b n l", l=seqlen).contiguous()
+        C = rearrange(C, "(b l) n -> b n l", l=seqlen).contiguous()
+        y = selective_scan_fn(x, dt.contiguous(), -torch.exp(self.A_log.float()), B, C,
+                              self.D.float(), z=z.contiguous(),
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
 
 def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
@@ -102,9 +140,12 @@ def set_ssd_kernel(model: torch.nn.Module, kernel: str) -> bool:
 
 
 class FusedMamba2(_Mamba2):
-    """mamba_ssm's Mamba2 with the SSD kernels chosen by :func:`set_ssd_kernel`."""
+    """mamba_ssm's Mamba2 with the SSD kernels chosen by :func:`set_ssd_kernel`. A slice of a
+    longer sequence (a carry) runs mamba_ssm's chunk scan whatever ``kernels.ssd`` says
+    (``models/fused_carried.py``)."""
 
     ssd_kernel = "mamba_ssm"  # mamba_ssm's own forward until set_ssd_kernel says otherwise
+    sequence_carry = None  # set by mamba_train.parallel (models/state_passing.py)
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
                  A_init_range=(1, 16), conv_init=None, d_inner=None,
@@ -124,7 +165,13 @@ class FusedMamba2(_Mamba2):
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
 
-    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+    def forward(self, hidden_states, seq_idx=None, inference_params=None, carry=None):
+        carry = carry if carry is not None else self.sequence_carry
+        if carry is not None and inference_params is None:
+            from mamba_train.models.fused_carried import mamba2_forward
+            if seq_idx is not None:
+                seq_idx = seq_idx.to(torch.int32).contiguous()
+            return mamba2_forward(self, hidden_states, seq_idx, carry)
         if self.ssd_kernel == "fla" and inference_params is None:
             if seq_idx is not None:
                 from mamba_train.models.ssd_fla import SSDKernelError
@@ -195,7 +242,10 @@ class FusedMamba3(_ReferenceMamba3):
             return angles.unsqueeze(-2).expand(-1, -1, self.nheads, -1)
         return super().angles_per_head(angles)
 
-    def scan(self, inputs, seq_idx):
+    def scan(self, inputs, seq_idx, carry=None):
+        if carry is not None:  # a slice of a longer sequence: models/fused_carried.py
+            from mamba_train.models.fused_carried import mamba3_scan
+            return mamba3_scan(self, inputs, seq_idx, carry, mamba3_siso_scan)
         z = None if self.is_outproj_norm else inputs["Z"]
         args = dict(Q=inputs["Q"].squeeze(2), K=inputs["K"].squeeze(2), V=inputs["V"],
                     ADT=inputs["ADT"], DT=inputs["DT"], Trap=inputs["Trap"],
@@ -212,10 +262,14 @@ class FusedMamba3(_ReferenceMamba3):
         y = mamba3_siso_scan(**flat, **common, cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
         return rearrange(y, "1 (b l) h p -> b l h p", b=batch)
 
-    def forward(self, hidden_states, seq_idx=None, inference_params=None):
+    def forward(self, hidden_states, seq_idx=None, inference_params=None, carry=None):
         if not self.is_mimo:
             return super().forward(hidden_states, seq_idx=seq_idx,
-                                   inference_params=inference_params)
+                                   inference_params=inference_params, carry=carry)
+        if carry is not None or self.sequence_carry is not None:
+            raise NotImplementedError(
+                "Mamba-3 MIMO takes no carried state here (context parallelism runs the SISO "
+                "kernels): set ssm_cfg.is_mimo=false or strategy.context_parallel_size=1")
         if inference_params is not None:
             raise NotImplementedError("the Mamba-3 mixers here have no incremental decoding")
         upstream = _mimo_kernel()
@@ -248,16 +302,20 @@ def _mamba3_siso_function():
 
 
 def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None,
-                     chunk_size: int = 64, cu_seqlens=None):
-    """``mamba_ssm``'s ``mamba3_siso_combined`` without initial or final states (training),
-    through :func:`saved_tensors_read_once` so it can sit inside a checkpointed block. Same
-    casts as upstream: activations to bf16; ADT, DT and the parameters as they come."""
+                     chunk_size: int = 64, cu_seqlens=None, input_states=None):
+    """``mamba_ssm``'s ``mamba3_siso_combined``, through :func:`saved_tensors_read_once` so it
+    can sit inside a checkpointed block. Same casts as upstream: activations to bf16; ADT, DT and
+    the parameters as they come. Without ``input_states`` (training) the output alone; with them
+    ((angle, SSM, k, v) states entering each sequence: a context-parallel slice) the output and
+    the final SSM state."""
     def bf16(t):
         return None if t is None else t.to(torch.bfloat16)
 
-    return _mamba3_siso_function().apply(
+    carried = input_states is not None
+    out = _mamba3_siso_function().apply(
         bf16(Q), bf16(K), bf16(V), ADT, DT, bf16(Trap), Q_bias, K_bias, bf16(Angles), D, bf16(Z),
-        None, None, None, None, cu_seqlens, chunk_size, False)
+        *(input_states if carried else (None,) * 4), cu_seqlens, chunk_size, carried)
+    return (out[0], out[2]) if carried else out
 
 
 def _mimo_kernel():

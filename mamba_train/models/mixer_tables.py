@@ -16,7 +16,7 @@ MIXER_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
 MAMBA1_KWARGS = {
     "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
     "dt_init_floor", "conv_bias", "bias", "use_fast_path",
-}
+} | {"dt_bc_norm", "norm_eps"}
 MAMBA2_KWARGS = {
     "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
     "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
@@ -26,6 +26,9 @@ MAMBA2_KWARGS = {
 # Bamba, Falcon-H1): an inner width that is not expand*d_model, the gated norm's eps (mamba_ssm
 # fixes 1e-5), and their SSM init (A_h = h for head h = 1..nheads; Bamba and Falcon-H1 start
 # every dt_bias at 1). Absent from a config unless set, so mamba_ssm still reads pure-Mamba files.
+# Mamba-1 knobs of ours for Jamba (transformers' JambaMambaMixer): RMS norms on dt (dt_rank wide),
+# B and C (d_state wide) between x_proj and dt_proj / the scan, with their eps.
+MAMBA1_EXTENSION_DEFAULTS: dict[str, Any] = dict(dt_bc_norm=False, norm_eps=1e-5)
 MAMBA2_EXTENSION_DEFAULTS: dict[str, Any] = dict(
     d_inner=None, norm_eps=1e-5, A_init="uniform", dt_bias_init=None)
 A_INITS = ("uniform", "arange")

@@ -126,23 +126,25 @@ class StateCarry(SequenceCarry):
 
 def carried_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           seq_idx: torch.Tensor | None, activation: str | None,
-                          carry: SequenceCarry | None) -> torch.Tensor:
+                          carry: SequenceCarry | None, conv=None) -> torch.Tensor:
     """``causal_conv1d`` over (batch, dim, L), preceded by the previous slice's last
-    ``width - 1`` inputs (the halo) when ``carry`` is given: exact, document masks included."""
-    # imported here: the reference mixers import this module while their package initialises
-    from mamba_train.models.reference.common import causal_conv1d
+    ``width - 1`` inputs (the halo) when ``carry`` is given: exact, document masks included.
+    ``conv``: the convolution, called as ``conv(x, weight, bias, seq_idx=, activation=)`` (default
+    the reference's); the halo-extended input it gets is channel-last (stride 1 over channels),
+    the layout causal-conv1d's kernel needs for ``seq_idx``."""
+    if conv is None:
+        # imported here: the reference mixers import this module while their package initialises
+        from mamba_train.models.reference.common import causal_conv1d as conv
 
-    if carry is None:
-        return causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
     k = weight.shape[-1] - 1
-    if k == 0:
-        return causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    if carry is None or k == 0:
+        return conv(x, weight, bias, seq_idx=seq_idx, activation=activation)
     if x.shape[-1] < k:
         raise SliceError(f"a slice of {x.shape[-1]} tokens is shorter than the conv window's "
                          f"{k} previous inputs; use longer slices (fewer context-parallel ranks "
                          "or a longer data.seq_len)")
     halo = carry.halo("conv", x[..., -k:])
     ext_seq = None if seq_idx is None else carry.seq_idx_with_prefix(seq_idx, k)
-    out = causal_conv1d(torch.cat([halo, x], dim=-1), weight, bias, seq_idx=ext_seq,
-                        activation=activation)
+    ext = torch.cat([halo.transpose(1, 2), x.transpose(1, 2)], dim=1).transpose(1, 2)
+    out = conv(ext, weight, bias, seq_idx=ext_seq, activation=activation)
     return out[..., k:]

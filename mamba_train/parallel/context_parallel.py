@@ -109,6 +109,9 @@ class _Halo(torch.autograd.Function):
 def _shift(x: torch.Tensor, group, forward: bool) -> torch.Tensor:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     src, dst = (rank - 1, rank + 1) if forward else (rank + 1, rank - 1)
+    if x.device.type != "cpu" and dist.get_backend(group) == "gloo":
+        # gloo's point-to-point takes host tensors only (its collectives stage device ones)
+        return _shift(x.cpu(), group, forward).to(x.device)
     out = torch.zeros_like(x)
     ops = []
     if 0 <= dst < size:

@@ -56,6 +56,15 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def recomputed(fn, *args):
+    """fn(*args), with its intermediates recomputed in the backward (``torch.utils.checkpoint``)
+    instead of kept: for the carried-state terms, whose inputs are small next to what they build."""
+    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 def _doc_start_mask(seq_idx: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
     """(batch, seqlen) bool: True where a new document starts (seq_idx differs from the previous
     position). Position 0 is False: the state is zero there anyway."""

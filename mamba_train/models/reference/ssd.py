@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mamba_train.models.reference.common import (
-    _compute_dtype, _doc_start_mask, _no_autocast, _skip_and_gate)
+    _compute_dtype, _doc_start_mask, _no_autocast, _skip_and_gate, recomputed)
 
 __all__ = ["segsum", "ssd_chunked", "ssd_sequential", "ssd_state_output", "ssd_carry"]
 
@@ -93,14 +93,21 @@ def _ssd_core(xdt, log_a, B, C, T):
     return y.reshape(batch, n_chunks * T, nheads, headdim)[:, :seqlen], final
 
 
+def _state_output(C, log_a, h0):
+    batch, seqlen, ngroups, dstate = C.shape
+    nheads, headdim = log_a.shape[-1], h0.shape[2]
+    w = torch.exp(torch.cumsum(log_a, dim=1))  # non-positive prefix sums: no overflow
+    heads = h0.reshape(batch, ngroups, nheads // ngroups, headdim, dstate)
+    y = torch.einsum("blgn,bgjpn->blgjp", C, heads).reshape(batch, seqlen, nheads, headdim)
+    return y * w.unsqueeze(-1)
+
+
 def ssd_state_output(C, log_a, h0):
     """The output that an initial state h0 (b, h, p, n) adds to an SSD scan: exp(log_a_0 + ... +
     log_a_t) C_t . h0, with C (b, l, g, n) and log_a (b, l, h) as in ``_ssd_core`` (-inf at a
-    document start: nothing passes it). Returns (b, l, h, p)."""
-    hpg = log_a.shape[-1] // C.shape[-2]
-    w = torch.exp(torch.cumsum(log_a, dim=1))  # non-positive prefix sums: no overflow
-    Ch = C.repeat_interleave(hpg, dim=2) if hpg > 1 else C
-    return torch.einsum("blhn,bhpn->blhp", Ch, h0) * w.unsqueeze(-1)
+    document start: nothing passes it). Returns (b, l, h, p); recomputed in the backward, so only
+    C, log_a and h0 stay alive."""
+    return recomputed(_state_output, C, log_a, h0)
 
 
 def ssd_carry(carry, y, final, C, log_a, extra_state=None):

@@ -370,7 +370,9 @@ class InitFrom:
         from mamba_train.models.lm import MambaLM
 
         skeleton = MambaLM(self.config, backend="reference", device="meta")
-        names = [n for n, _ in [*skeleton.named_parameters(), *skeleton.named_buffers()]]
+        kept = set(skeleton.state_dict())  # not the MoE statistics (non-persistent buffers)
+        names = [n for n, _ in [*skeleton.named_parameters(), *skeleton.named_buffers()]
+                 if n in kept]
         return state, LoadedWeights(self.spec, {n: fingerprint(state[n]) for n in names})
 
 

@@ -19,7 +19,7 @@ from torch import nn
 _NO_DECAY = re.compile(
     r"(^|\.)(A_log|D|dt_bias|B_bias|C_bias)$"  # SSM parameters (Mamba-3's B/C biases too)
     r"|\.bias$"                          # every bias, the Mamba-1 Δ bias (dt_proj.bias) included
-    r"|(^|\.)(norm|norm2|norm_f|B_norm|C_norm)\.weight$"  # block/MLP/final, gated, B/C norms
+    r"|(^|\.)(norm|norm2|norm_f|B_norm|C_norm|dt_norm)\.weight$"  # block/MLP/final, gated, dt/B/C
 )
 
 

@@ -78,11 +78,6 @@ class MambaFSDP2Strategy(ModelParallelStrategy):
         from torch.distributed.fsdp import fully_shard
 
         model = self.lightning_module.model
-        if self.context_parallel_size > 1 and getattr(model, "backend", None) == "fused":
-            raise ParallelConfigError(
-                "strategy.context_parallel_size > 1 runs the reference mixers only for now (the "
-                "fused kernels take no carried state yet); set backend=reference or "
-                "strategy.context_parallel_size=1")
         if self.context_parallel_size > 1:
             from mamba_train.parallel.context_parallel import ContextParallel
             self.context_parallel = ContextParallel(self._device_mesh["context_parallel"].get_group())

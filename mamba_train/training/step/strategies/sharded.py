@@ -78,7 +78,8 @@ def build_model_for(strategy, config, backend: str = "auto",
         else:
             with torch.no_grad():
                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-                    tensor.copy_(weights[name])
+                    if name in weights:  # not the MoE statistics: no state dict carries them
+                        tensor.copy_(weights[name])
     deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
     return model
 
