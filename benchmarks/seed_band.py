@@ -59,8 +59,8 @@ def parse_arm(spec: str) -> tuple[str, list[str]]:
     """``name=override override ...`` (whitespace-separated Hydra overrides, taken verbatim;
     ``name=`` is the recipe as it is) -> (name, overrides)."""
     name, sep, rest = spec.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"--arm {spec!r}: give NAME=OVERRIDES (NAME of letters, digits, _.-; "
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name):  # no '.': catches a bare override
+        raise ValueError(f"--arm {spec!r}: give NAME=OVERRIDES (NAME of letters, digits, _ and -; "
                          "OVERRIDES Hydra overrides separated by spaces, may be empty)")
     return name, rest.split()
 
