@@ -52,7 +52,7 @@ def test_init_from_trains_and_exports_the_source_tensors(family, tmp_path):
 
 
 DEBUG = {"debug-nemotron-h": "NemotronHForCausalLM", "debug-bamba": "BambaForCausalLM",
-         "debug-falcon-h1": "FalconH1ForCausalLM"}
+         "debug-falcon-h1": "FalconH1ForCausalLM", "debug-jamba": "JambaForCausalLM"}
 
 
 @pytest.mark.parametrize("recipe", sorted(DEBUG))

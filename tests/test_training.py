@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from mamba_train.data.shards import DataError
 from mamba_train.models.lm import MambaLM
 from mamba_train.train import RunDirError, train
-from mamba_train.training.batch import BatchSizeError
-from mamba_train.training.callbacks.precision_guard import LowPrecisionParametersError
-from mamba_train.training.module import MambaLMModule, NonFiniteLossError
+from mamba_train.training.step.batch import BatchSizeError
+from mamba_train.training.run.callbacks.precision_guard import LowPrecisionParametersError
+from mamba_train.training.step.module import MambaLMModule, NonFiniteLossError
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "mamba_train/conf/recipe").glob("*.yaml"))
 # Nominal sizes (the papers' names); counted with tied embeddings once, padded vocab.
@@ -28,7 +28,10 @@ NOMINAL = {"mamba-130m": 130e6, "mamba-370m": 370e6, "mamba-790m": 790e6, "mamba
            # the transformers hybrids' released shapes (their model cards' counts) and ours
            "nemotron-h-8b": 8.1e9, "bamba-9b": 9.78e9, "falcon-h1-0.5b": 0.52e9,
            "falcon-h1-1.5b-deep": 1.55e9, "hybrid-370m": 370e6,
-           "hybrid-moe-1b-a200m": 1e9}
+           "hybrid-moe-1b-a200m": 1e9,
+           # the released mixture-of-experts hybrids (tests/test_released_recipes.py: sources)
+           "nemotron-3-nano-30b-a3b": 31.6e9, "granite-4.0-h-tiny": 7e9,
+           "granite-4.0-h-small": 32e9, "jamba-1.5-mini": 52e9}
 # The 48 x 2048 Mamba-2 has 1.344B parameters: the Mamba-2 paper names it 1.3B, the Mamba paper
 # names the same shape (Mamba-1, 1.37B) 1.4B. Its name is off by 3.4%, so it gets 4%.
 TOLERANCE = {"mamba2-1.3b": 0.04}
@@ -39,7 +42,7 @@ def test_all_recipes_present():
     assert set(NOMINAL) | {"debug", "debug-mamba2", "debug-hybrid", "debug-mamba3",
                            "debug-mamba3-hybrid", "debug-nemotron-h", "debug-bamba",
                            "debug-falcon-h1", "debug-nemotron-moe",
-                           "debug-granite-moe"} == set(RECIPES)
+                           "debug-granite-moe", "debug-jamba"} == set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

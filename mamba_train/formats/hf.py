@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mamba_train.formats import hf_hybrid_families, hf_mamba, hf_moe_granite
+from mamba_train.formats import hf_hybrid_families, hf_jamba, hf_mamba, hf_moe_granite
 from mamba_train.formats.hf_family import ExportError, HFFamily
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.mamba_ssm_format import CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, HFFamily] = {
     f.model_type: f for f in (*hf_mamba.FAMILIES, *hf_hybrid_families.FAMILIES,
-                              *hf_moe_granite.FAMILIES)}
+                              *hf_moe_granite.FAMILIES, *hf_jamba.FAMILIES)}
 
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"

@@ -63,6 +63,10 @@ def check_representable(cfg: MambaLMConfig) -> None:
             f"model.ssm_cfg.expand={kw['expand']!r}: transformers' config needs an integer expand"
         )
     if cfg.layer == "Mamba1":
+        if kw["dt_bc_norm"]:
+            raise ExportError(
+                "model.ssm_cfg.dt_bc_norm=true: transformers' MambaMixer has no dt/B/C norms "
+                f"(JambaForCausalLM has, with an MLP after each mixer); {cant.format(cls=cls)}")
         if kw["dt_init"] not in ("random", "constant"):
             raise ExportError(f"model.ssm_cfg.dt_init={kw['dt_init']!r} is not 'random'/'constant'")
         return

@@ -55,6 +55,13 @@ def model_from_state_dict(config: MambaLMConfig, state: Mapping[str, torch.Tenso
         device = "cuda" if model.backend == "fused" else "cpu"
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
     model.tie_weights()
+    # buffers no state dict carries (the MoE statistics) are still meta: their module resets them
+    for module in model.modules():
+        stale = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        for name in stale:
+            setattr(module, name, torch.empty_like(getattr(module, name), device=device))
+        if stale:
+            module.reset_parameters()
     return model
 
 

@@ -14,16 +14,18 @@ import functools
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from mamba_ssm.modules.mamba2 import Mamba2 as _Mamba2
 from einops import rearrange
 from mamba_ssm.modules import mamba_simple
 from mamba_ssm.modules.mamba_simple import Mamba as _Mamba
-from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
 from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
 from mamba_train.models.checkpoint_compat import saved_tensors_read_once
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
 from mamba_train.models.layers import RMSNorm
+from mamba_train.models.reference.mamba1 import add_dt_bc_norms, split_x_proj
 from mamba_train.models.reference.mamba3 import Mamba3 as _ReferenceMamba3
 from mamba_train.models.reference.mamba3 import MimoKernelError
 from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
@@ -40,12 +42,14 @@ class FusedMamba(_Mamba):
     checkpoint_lvl = 1
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0,
-                 dt_init_floor=1e-4, **kwargs):
+                 dt_init_floor=1e-4, dt_bc_norm=False, norm_eps=1e-5, **kwargs):
         super().__init__(d_model, dt_min=dt_min, dt_max=dt_max, dt_init=dt_init,
                          dt_scale=dt_scale, dt_init_floor=dt_init_floor, **kwargs)
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     dt_init=dt_init, dt_scale=dt_scale)
         self.dt_proj = DeltaProjection.from_linear(self.dt_proj, self.ssm_init)
+        add_dt_bc_norms(self, dt_bc_norm, norm_eps, device=kwargs.get("device"),
+                        dtype=kwargs.get("dtype"))
 
     def reset_parameters(self) -> None:
         init_ssm_parameters_(self)
@@ -61,6 +65,11 @@ class FusedMamba(_Mamba):
         if carry is not None and inference_params is None:
             from mamba_train.models.fused_carried import mamba1_forward
             return mamba1_forward(self, hidden_states, carry)
+        if self.dt_norm is not None:
+            if inference_params is not None:
+                raise NotImplementedError("the Mamba-1 mixer with dt/B/C norms (Jamba) has no "
+                                          "incremental decoding here")
+            return self._forward_dt_bc_norm(hidden_states)
         fast_path = (self.use_fast_path and mamba_simple.causal_conv1d_fn is not None
                      and inference_params is None)
         if self.checkpoint_lvl == 1 or not fast_path:
@@ -79,6 +88,28 @@ class FusedMamba(_Mamba):
         )
 
 
+    def _forward_dt_bc_norm(self, hidden_states):
+        """mamba_ssm's unfused training path (causal_conv1d_fn, selective_scan_fn) with Jamba's
+        norms where x_proj's output is split: mamba_inner_fn's own dt/B/C norm arguments put the
+        dt norm after dt_proj (d_inner wide, not Jamba's dt_rank) and return no gradient for
+        the norm weights, so the fused inner function cannot compute this model."""
+        seqlen = hidden_states.shape[1]
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
+        x, z = xz.chunk(2, dim=1)
+        x = mamba_simple.causal_conv1d_fn(
+            x=x.contiguous(), weight=rearrange(self.conv1d.weight, "d 1 w -> d w"),
+            bias=self.conv1d.bias, activation=self.activation)
+        x_dbl = self.x_proj(rearrange(x, "b d l -> (b l) d"))
+        dt, B, C = split_x_proj(self, x_dbl)
+        dt = rearrange(F.linear(dt, self.dt_proj.weight), "(b l) d -> b d l", l=seqlen)
+        B = rearrange(B, "(b l) n -> b n l", l=seqlen).contiguous()
+        C = rearrange(C, "(b l) n -> b n l", l=seqlen).contiguous()
+        y = selective_scan_fn(x, dt.contiguous(), -torch.exp(self.A_log.float()), B, C,
+                              self.D.float(), z=z.contiguous(),
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
+
+
 def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
     """Whether the fused Mamba-1 backward recomputes conv1d output and delta (mamba_ssm's
     default) or keeps them from the forward."""
@@ -87,17 +118,37 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
             m.checkpoint_lvl = 1 if recompute else 0
 
 
+def set_ssd_kernel(model: torch.nn.Module, kernel: str) -> bool:
+    """The Mamba-2 SSD kernels of every fused Mamba-2 mixer (``kernels.ssd``): ``mamba_ssm``
+    (its fused split-conv1d-scan Function), ``mamba_train`` (the same kernels with the forward's
+    SSD tensors kept for the backward, ``models/ssd_split.py``) or ``fla`` (flash-linear-attention's
+    simple-GLA chunk kernels, ``models/ssd_fla.py``). Returns whether the model has such a mixer."""
+    mixers = [m for m in model.modules() if isinstance(m, FusedMamba2)]
+    if mixers and kernel == "fla":
+        from mamba_train.models.ssd_fla import check_fla_stack
+        check_fla_stack()
+    elif mixers and kernel == "mamba_train":
+        from mamba_train.models import ssd_upstream
+        ssd_upstream.check()
+        if not all(m.use_mem_eff_path for m in mixers):
+            raise ssd_upstream.SSDKernelError(
+                "kernels.ssd=mamba_train replaces mamba_ssm's fused path: set "
+                "model.ssm_cfg.use_mem_eff_path=true or kernels.ssd=mamba_ssm")
+    for m in mixers:
+        m.ssd_kernel = kernel
+    return bool(mixers)
+
+
 class FusedMamba2(_Mamba2):
-    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels), ``mamba_train`` (the
-    same kernels with the forward's SSD tensors kept for the backward, ``models/ssd_split.py``)
-    or ``fla`` (flash-linear-attention's simple-GLA chunk kernels, ``models/ssd_fla.py``). A
-    slice of a longer sequence (a carry) runs mamba_ssm's chunk scan whatever ``ssd_kernel`` says
+    """mamba_ssm's Mamba2 with the SSD kernels chosen by :func:`set_ssd_kernel`. A slice of a
+    longer sequence (a carry) runs mamba_ssm's chunk scan whatever ``kernels.ssd`` says
     (``models/fused_carried.py``)."""
 
+    ssd_kernel = "mamba_ssm"  # mamba_ssm's own forward until set_ssd_kernel says otherwise
     sequence_carry = None  # set by mamba_train.parallel (models/state_passing.py)
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", d_inner=None,
+                 A_init_range=(1, 16), conv_init=None, d_inner=None,
                  norm_eps=1e-5, A_init="uniform", dt_bias_init=None, **kwargs):
         if d_inner is not None:
             # mamba_ssm sizes everything from (expand * d_model) // world_size: an exact
@@ -107,17 +158,6 @@ class FusedMamba2(_Mamba2):
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
         if getattr(self, "norm", None) is not None:
             self.norm.eps = norm_eps  # mamba_ssm fixes 1e-5; its kernels read norm.eps
-        self.ssd_kernel = ssd_kernel
-        if ssd_kernel == "fla":
-            from mamba_train.models.ssd_fla import check_fla_stack
-            check_fla_stack()
-        elif ssd_kernel == "mamba_train":
-            from mamba_train.models import ssd_upstream
-            ssd_upstream.check()
-            if not self.use_mem_eff_path:
-                raise ssd_upstream.SSDKernelError(
-                    "model.ssm_cfg.ssd_kernel=mamba_train replaces mamba_ssm's fused path: set "
-                    "ssm_cfg.use_mem_eff_path=true or ssd_kernel=mamba_ssm")
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     A_init_range=tuple(A_init_range), conv_init=conv_init,
                                     A_init=A_init, dt_bias_init=dt_bias_init)
@@ -136,8 +176,8 @@ class FusedMamba2(_Mamba2):
             if seq_idx is not None:
                 from mamba_train.models.ssd_fla import SSDKernelError
                 raise SSDKernelError(
-                    "model.ssm_cfg.ssd_kernel=fla does not take document boundaries (seq_idx): "
-                    "set data.document_boundaries=false or ssd_kernel=mamba_ssm")
+                    "kernels.ssd=fla does not take document boundaries (seq_idx): "
+                    "set data.document_boundaries=false or kernels.ssd=mamba_ssm")
             from mamba_train.models.ssd_fla import mamba2_forward_fla
             return mamba2_forward_fla(self, hidden_states)
         if seq_idx is not None:
@@ -157,7 +197,7 @@ class FusedMamba3(_ReferenceMamba3):
     (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
 
     # cu_seqlens' length is the document count: a host sync, so no CUDA-graph capture with
-    # document boundaries (training/cuda_graph.py reads this flag)
+    # document boundaries (training/step/cuda_graph.py reads this flag)
     varlen_needs_host_sync = True
 
     def __init__(self, d_model, **kwargs):

@@ -35,6 +35,7 @@ from mamba_train.models.carried_terms import (mamba3_final_angle, mamba3_incomin
                                               selective_scan_incoming_output,
                                               selective_scan_summary)
 from mamba_train.models.reference.common import _compute_dtype, _no_autocast
+from mamba_train.models.reference.mamba1 import split_x_proj
 from mamba_train.models.reference.mamba3_ops import (TWO_PI, cu_seqlens_from_seq_idx,
                                                      rotate_pairs)
 from mamba_train.models.reference.ssd import _prepare_dt, ssd_carry
@@ -59,7 +60,7 @@ def mamba1_forward(m, hidden_states: torch.Tensor, carry: SequenceCarry) -> torc
     x, z = m.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d) each
     x = carried_causal_conv1d(x.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, None,
                               m.activation, carry, conv=kernel_conv)  # (b, d, l)
-    dt, B, C = torch.split(m.x_proj(x.transpose(1, 2)), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+    dt, B, C = split_x_proj(m, m.x_proj(x.transpose(1, 2)))  # Jamba's dt/B/C norms too
     dt = F.linear(dt, m.dt_proj.weight).transpose(1, 2)  # (b, d, l); its bias goes in the scan
     B, C, z = B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
     A = -torch.exp(m.A_log.float())

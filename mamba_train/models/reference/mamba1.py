@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.models.init import DeltaProjection, SSMInitSpec, init_ssm_parameters_
+from mamba_train.models.layers import RMSNorm
 from mamba_train.models.reference.selective_scan import selective_scan
 from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
@@ -27,6 +28,8 @@ class Mamba(nn.Module):
     ``DeltaProjection``: weight (d_inner, dt_rank), bias (d_inner,)), ``A_log`` (d_inner, d_state)
     and ``D`` (d_inner,) kept in fp32, ``out_proj`` (d_model, d_inner).
     ``use_fast_path`` is accepted and ignored (there is only the reference path here).
+    ``dt_bc_norm``: Jamba's RMS norms (``dt_norm``, ``B_norm``, ``C_norm``, eps ``norm_eps``) on
+    the three parts of ``x_proj``'s output, before ``dt_proj`` and the scan (:func:`split_x_proj`).
     ``sequence_carry``: set by ``mamba_train.parallel`` when each rank holds a slice of the
     sequence (``models/state_passing.py``); None runs whole sequences.
     """
@@ -48,6 +51,8 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         use_fast_path: bool = True,
+        dt_bc_norm: bool = False,
+        norm_eps: float = 1e-5,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -83,6 +88,7 @@ class Mamba(nn.Module):
                                               dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+        add_dt_bc_norms(self, dt_bc_norm, norm_eps, **factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,7 +110,7 @@ class Mamba(nn.Module):
         x = carried_causal_conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                   seq_idx, self.activation, carry)  # (b, d, l)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2*d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = split_x_proj(self, x_dbl)
         dt = F.linear(dt, self.dt_proj.weight)  # the Δ bias is added inside the scan
         A = -torch.exp(self.A_log.float())
         y = selective_scan(
@@ -117,3 +123,22 @@ class Mamba(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
                 f"d_conv={self.d_conv}, dt_rank={self.dt_rank}")
+
+
+def add_dt_bc_norms(mixer: nn.Module, enabled: bool, eps: float, device=None, dtype=None) -> None:
+    """Give a Mamba-1 mixer Jamba's RMS norms on dt, B and C (``dt_norm``/``B_norm``/``C_norm``
+    weights, dt_rank and d_state wide), or None for each: transformers' ``JambaMambaMixer``
+    (Lieber et al. 2024, arXiv 2403.19887, added there to stabilise training at scale)."""
+    factory = dict(eps=eps, device=device, dtype=dtype)
+    mixer.dt_norm = RMSNorm(mixer.dt_rank, **factory) if enabled else None
+    mixer.B_norm = RMSNorm(mixer.d_state, **factory) if enabled else None
+    mixer.C_norm = RMSNorm(mixer.d_state, **factory) if enabled else None
+
+
+def split_x_proj(mixer: nn.Module, x_dbl: torch.Tensor):
+    """``x_proj``'s output (..., dt_rank + 2*d_state) -> (dt, B, C), each through its norm when
+    the mixer has them (both backends call this, so they compute the same maths)."""
+    dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    if mixer.dt_norm is not None:
+        dt, B, C = mixer.dt_norm(dt), mixer.B_norm(B), mixer.C_norm(C)
+    return dt, B, C
