@@ -14,7 +14,9 @@
   kernel-backed functions. Its Mamba-2 mixer calls ``mamba_ssm``'s fused
   ``mamba_split_conv1d_scan_combined`` (and ``causal_conv1d``) where those packages are
   installed and falls back to PyTorch otherwise; the experts run through
-  ``config._experts_implementation`` (``grouped_mm`` by default) and attention through
+  ``config._experts_implementation`` (``grouped_mm`` by default, which autocast does not
+  reach: it casts the tokens to the weights' dtype, so in this loop over fp32 parameters the
+  expert GEMMs run in fp32, as they would in any such loop) and attention through
   ``config._attn_implementation``. Each PEER/MOE line names them, so a ratio is never read
   against a PyTorch fallback by mistake.
 * ``moe_arms``: mamba_train's MoE backends (``model.moe_cfg.impl``: ``grouped``, one
@@ -32,9 +34,10 @@ import sys
 MOE_IMPL_KEY = "++model.moe_cfg.impl"
 
 
-def hf_model(cfg, attn: str = "sdpa"):
+def hf_model(cfg, attn: str = "sdpa", experts: str | None = None):
     """transformers' model for our ``MambaLMConfig``, random weights, fp32, on the current
-    default device (``with torch.device("cuda"):`` builds it on the GPU)."""
+    default device (``with torch.device("cuda"):`` builds it on the GPU); ``experts`` an
+    ``experts_implementation`` (None: transformers' default)."""
     import transformers
 
     from mamba_train.formats.hf import to_hf_config
@@ -42,6 +45,8 @@ def hf_model(cfg, attn: str = "sdpa"):
     hf_cfg = to_hf_config(cfg)
     cls = getattr(transformers, hf_cfg.architectures[0])
     kwargs = {"attn_implementation": attn} if attn and cfg.n_attention_layers else {}
+    if experts and cfg.n_moe_layers:
+        kwargs["experts_implementation"] = experts
     model = cls._from_config(hf_cfg, **kwargs)
     emb = model.get_input_embeddings().weight
     if cfg.tie_embeddings and model.lm_head.weight is not emb:
@@ -109,7 +114,11 @@ def describe(model) -> str:
     cfg = model.config
     parts.append(f"attention {getattr(cfg, '_attn_implementation', '?')}")
     if getattr(cfg, "n_routed_experts", None):
-        parts.append(f"experts {getattr(cfg, '_experts_implementation', '?')}")
+        # transformers' grouped_mm is outside autocast: it casts the tokens to the weights'
+        # dtype (integrations/moe.py), so fp32 parameters give fp32 expert GEMMs
+        w = next((p for n, p in model.named_parameters() if ".experts." in n), None)
+        dtype = str(w.dtype).removeprefix("torch.") if w is not None else "?"
+        parts.append(f"experts {getattr(cfg, '_experts_implementation', '?')} on {dtype} weights")
     return ", ".join(parts)
 
 
@@ -123,7 +132,7 @@ def peer_loss(model, x):
 
 
 def hf_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window: int,
-                 attn: str = "sdpa") -> dict:
+                 attn: str = "sdpa", experts: str | None = None) -> dict:
     import torch
 
     from train_throughput import model_config, timed_loop
@@ -131,7 +140,7 @@ def hf_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window:
     cfg, run_cfg = model_config(name)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = hf_model(cfg, attn)
+        model = hf_model(cfg, attn, experts)
     model.train()
     path = describe(model)
 
@@ -197,12 +206,21 @@ def _free() -> None:
 
 def hf_peer_arm(args, name: str, ours: dict, entry: dict, timing: tuple, add_mfu, fmt):
     """The transformers arm at the first micro-batch and its PEER line (None if it failed)."""
+    from train_throughput import model_config
+
     mb = args.micro_batches[0]
-    try:
-        peer = hf_peer_loop(name, mb, *timing, attn=args.hf_attn)
-    except Exception as e:  # a failed peer must not lose the other arms' lines
-        print(f"PEER {name} mb={mb}: transformers failed: {type(e).__name__}: {e}"[:300], flush=True)
-        _free()
+    # transformers' default experts first; where that fails (its grouped_mm over fp32 weights),
+    # its per-expert loop, so the call still gives a number
+    tries = [None, "eager"] if model_config(name)[0].n_moe_layers else [None]
+    for experts in tries:
+        try:
+            peer = hf_peer_loop(name, mb, *timing, attn=args.hf_attn, experts=experts)
+            break
+        except Exception as e:  # a failed peer must not lose the other arms' lines
+            print(f"PEER {name} mb={mb}: transformers (experts {experts or 'default'}) failed: "
+                  f"{type(e).__name__}: {e}"[:300], flush=True)
+        _free()  # after the except block: the traceback no longer holds the failed model
+    else:
         return None
     add_mfu(peer)
     entry["hf_peer"] = peer

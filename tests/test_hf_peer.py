@@ -61,7 +61,8 @@ def test_the_kernel_path_names_the_pytorch_fallback_without_mamba_ssm():
     assert paths["mamba2_split_conv1d_scan_combined"].startswith("transformers.")
     text = hf_peer.describe(peer)
     assert "PyTorch fallback" in text and "mamba2_split_conv1d_scan_combined" in text
-    assert "NemotronHForCausalLM" in text and "attention sdpa" in text and "experts " in text
+    assert "NemotronHForCausalLM" in text and "attention sdpa" in text
+    assert "experts grouped_mm on float32 weights" in text
 
 
 def _arm(tok_s):
@@ -96,7 +97,12 @@ def test_a_hybrid_runs_ours_the_peer_and_the_moe_arms_with_named_backends(monkey
         return _arm({"": 300.0, "-loop": 100.0}[tag])
 
     monkeypatch.setattr(train_throughput, "framework", fake_framework)
-    monkeypatch.setattr(hf_peer, "hf_peer_loop", lambda *a, **k: {**_arm(150.0), "path": "P"})
+    def fake_peer(*a, experts=None, **k):
+        if experts is None:  # transformers' default experts fail: its loop is tried next
+            raise RuntimeError("grouped_mm: expected bf16")
+        return {**_arm(150.0), "path": f"experts {experts}"}
+
+    monkeypatch.setattr(hf_peer, "hf_peer_loop", fake_peer)
     args = argparse.Namespace(micro_batches=[8], override=["x=1"], moe_arms=True, hf_peer=True,
                               hf_attn="sdpa")
     entry = hf_peer.without_plain(args, "hybrid-moe-1b-a200m", 10, (1, 1, 1), None, None,
@@ -105,6 +111,7 @@ def test_a_hybrid_runs_ours_the_peer_and_the_moe_arms_with_named_backends(monkey
     assert calls[2] == ("-loop", ["x=1", "++model.moe_cfg.impl=loop", "module.cuda_graph=off"])
     out = capsys.readouterr().out
     assert "PLAIN hybrid-moe-1b-a200m mb=8: not run" in out
-    assert "ratio mamba_train/transformers 2.00" in out
+    assert "transformers (experts default) failed: RuntimeError: grouped_mm" in out
+    assert "[experts eager] | mamba_train" in out and "ratio mamba_train/transformers 2.00" in out
     assert "grouped_eager failed: RuntimeError" in out and "grouped/loop 3.00" in out
     assert set(entry["moe"]) == {"grouped", "loop"} and entry["hf_peer"]["tok_s"] == 150.0
