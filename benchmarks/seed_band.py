@@ -16,8 +16,8 @@ initialisation and the data order (``data.seed`` follows ``seed``), so the band 
 the run-to-run spread of the kernels' atomic accumulations.
 
 Per run one raw line (``arm``, ``seed``, validation loss after the last step, and the train
-loss at steps 50/100/200 -- each the mean of the 10 steps ending there, since one step's loss
-moves by more than the effect in question -- plus the mean of the last 20 steps):
+loss at steps 50/100/200, a quarter, half and all of ``--steps`` -- each the mean of the 10
+steps ending there, less noisy than one step's loss -- plus the mean of the last 20 steps):
 
     SEEDBAND arm=ssd seed=1235 val=3.4974 train@50=4.2101 train@100=3.5012 train@200=2.9410 last20=2.9332 steps=200 wall_s=61.2
 
@@ -28,7 +28,7 @@ seed by seed, every arm at each seed, so a ``--budget-s`` stop leaves the arms b
 (``--json``) is rewritten after every run. ``--from-log`` re-summarises the ``SEEDBAND`` lines of
 earlier logs (several device calls) without training.
 
-    python benchmarks/seed_band.py --arm base= --arm "ssd=+model.ssm_cfg.ssd_kernel=mamba_train" \\
+    python benchmarks/seed_band.py --arm base= --arm ssd=kernels.ssd=mamba_train \\
         --seeds 1234 1235 1236 --budget-s 500 --json seed_band.json
     python benchmarks/seed_band.py --from-log call1.log call2.log     # combine earlier runs
 """

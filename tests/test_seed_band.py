@@ -18,8 +18,8 @@ import seed_band as sb  # noqa: E402
 def test_arms_take_overrides_verbatim_and_refuse_a_nameless_spec():
     assert sb.parse_arm("base=") == ("base", [])
     assert sb.parse_arm("ssd=kernels.ssd=mamba_train") == ("ssd", ["kernels.ssd=mamba_train"])
-    assert sb.parse_arm("x=+model.ssm_cfg.ssd_kernel=mamba_train  kernels.norm_backward=mamba_ssm") \
-        == ("x", ["+model.ssm_cfg.ssd_kernel=mamba_train", "kernels.norm_backward=mamba_ssm"])
+    assert sb.parse_arm("x=+model.ssm_cfg.extra=1  kernels.norm_backward=mamba_ssm") \
+        == ("x", ["+model.ssm_cfg.extra=1", "kernels.norm_backward=mamba_ssm"])
     for bad in ("kernels.ssd", "=a=b", "two words=x", "kernels.ssd=mamba_train"):
         with pytest.raises(ValueError):
             sb.parse_arm(bad)
