@@ -139,8 +139,8 @@ def hf_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window:
 
     cfg, run_cfg = model_config(name)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = hf_model(cfg, attn, experts)
+    with torch.device("cuda"):  # built on the GPU; .to() in case transformers built elsewhere
+        model = hf_model(cfg, attn, experts).to("cuda")
     model.train()
     path = describe(model)
 
