@@ -37,6 +37,13 @@
 #   cp        context parallelism on the fused backend: two ranks as two processes on one GPU vs one
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
 #   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
+#   seedband  the SSD kernel's seed band: mamba2-130m, 200 steps on standard-library text, arms
+#             base= and ssd=kernels.ssd=mamba_train (SEEDBAND_SSD replaces the ssd arm's overrides,
+#             SSD_FUSED picks ssd.fused_kernels), seeds 1234 1235 1236 (SEEDBAND_SEEDS) seed by
+#             seed until the budget; benchmarks/seed_band.py --from-log combines several calls' logs
+#   hybpeer   hybrid-370m: mamba_train against transformers' NemotronHForCausalLM in the plain loop
+#   moetp     hybrid-moe-1b-a200m: grouped experts (captured, eager) vs the per-expert loop vs
+#             transformers' NemotronHForCausalLM with its MoE layers, MFU on active FLOPs
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
@@ -44,7 +51,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='SEEDBAND|MOE |LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -135,6 +142,14 @@ for p in "$@"; do
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \
            --deselect tests/gpu/test_fla_ssd.py --deselect tests/gpu/test_ssd_gpu.py ;;
+    seedband) run_part seedband env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/seed_band.py \
+           --recipe mamba2-130m --arm base= --arm "ssd=${SEEDBAND_SSD:-kernels.ssd=mamba_train}" \
+           --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} --json "$OUT/seedband.json" \
+           --budget-s $(( BUDGET_S - SECONDS - 30 )) ;;
+    hybpeer) run_part hybpeer python3 benchmarks/train_throughput.py --models hybrid-370m --hf-peer \
+           "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
+    moetp) run_part moetp python3 benchmarks/train_throughput.py --models hybrid-moe-1b-a200m --hf-peer \
+           --moe-arms "${TIMING[@]}" --json "$OUT/tp_moe.json" ;;
     *) echo "unknown part $p" ;;
   esac
 done

@@ -17,7 +17,12 @@ ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``module.cuda_
 measured gain of the captured step. ``--fla-peer`` adds a PEER line: the same model through
 flash-linear-attention's ``fla.models`` in the plain loop, ours/fla beside ours/plain;
 ``--ssd-kernel-fla`` an SSD line: (b) with ``kernels.ssd=fla`` vs the default
-(Mamba-2 models; both in ``fla_arms.py``). ``--json`` writes everything.
+(Mamba-2 models; both in ``fla_arms.py``). ``--hf-peer`` adds a PEER line for transformers' own
+class of the model (``NemotronHForCausalLM``, ``Mamba2ForCausalLM``...) in the same plain loop,
+``--moe-arms`` MOE lines for a mixture-of-experts model: the grouped experts against the
+per-expert loop, captured and eager, MFU on active FLOPs (both in ``hf_peer.py``). Models that
+``MambaLMHeadModel`` cannot build (layer patterns: the hybrids) get no arm (a); their ratio is
+against transformers. ``--json`` writes everything.
 
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
 
@@ -194,6 +199,14 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     return result
 
 
+def plain_problem(cfg) -> str | None:
+    """Why arm (a) cannot build this model (None where it can): mamba_ssm's ``MambaLMHeadModel``
+    stacks mixer (+ gated MLP) blocks; it has no layer patterns with MLP/MoE sublayers."""
+    if cfg.layer_pattern:
+        return "mamba_ssm's MambaLMHeadModel has no layer patterns (hybrid sublayers)"
+    return None
+
+
 def ready_cuda() -> bool:
     """The GPU set-up both arms share; False, with a message, where there is no CUDA."""
     if not torch.cuda.is_available():
@@ -261,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
                          "(first micro-batch; benchmarks/fla_arms.py)")
     ap.add_argument("--ssd-kernel-fla", action="store_true",
                     help="also run (b) with kernels.ssd=fla for Mamba-2 models")
+    ap.add_argument("--hf-peer", action="store_true",
+                    help="also run transformers' own class of the model in the plain loop "
+                         "(first micro-batch; benchmarks/hf_peer.py)")
+    ap.add_argument("--hf-attn", default="sdpa", help="the transformers peer's attn_implementation")
+    ap.add_argument("--moe-arms", action="store_true",
+                    help="mixture-of-experts models: also mamba_train with model.moe_cfg.impl=loop "
+                         "and with the grouped experts eager (MOE lines)")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="dense bf16 FLOP/s of the GPU for MFU where Lightning's table lacks it "
                          "(e.g. 989e12 for an H200 that reports itself as just 'NVIDIA H200')")
@@ -279,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         data, runs = synthetic_shards(Path(tmp) / "data"), Path(tmp) / "runs"
         for name in args.models:
             fpt = flops_per_token(model_config(name)[0], SEQ_LEN)
+            if plain_problem(model_config(name)[0]):
+                from hf_peer import without_plain
+                results["models"][name] = without_plain(
+                    args, name, fpt, timing, data, runs,
+                    lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)), _fmt_arm)
+                continue
             per_mb = {}
             for mb in args.micro_batches:
                 a = plain_loop(name, mb, *timing)
@@ -308,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_fmt_arm(c)} | gain {b['tok_s'] / c['tok_s']:.2f}", flush=True)
             fla_lines(args, name, per_mb[args.micro_batches[0]], entry, timing, data, runs,
                       lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)))
+            if args.hf_peer:
+                from hf_peer import hf_peer_arm
+                hf_peer_arm(args, name, per_mb[args.micro_batches[0]]["mamba_train"], entry,
+                            timing, lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)), _fmt_arm)
             results["models"][name] = entry
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
