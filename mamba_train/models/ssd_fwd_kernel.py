@@ -36,13 +36,15 @@ import torch
 
 # chunk rows per block (the same block for the causal column loop). Fixed: it sets the order of
 # the fp32 sums, so autotuning picks only among settings that leave the numbers unchanged
-# (headdim block, warps, stages); benchmarks/ssd_backward.py --arms fwd times the alternatives
-block_m = 64
-# (BLOCK_P, num_warps, num_stages): the state tile is BLOCK_P x d_state fp32 in registers twice
-# (entering state and this chunk's addition): 64 x 128 is 64 KiB, too much for one program's
-# registers at 4 warps, so the list starts narrower; more headdim blocks also mean more programs
-# (batch x heads x headdim/BLOCK_P) to fill the SMs, as the chunks are walked in sequence
-CONFIGS = ((32, 4, 2), (16, 4, 2), (32, 8, 2), (64, 8, 2))
+# (headdim block, warps, stages); benchmarks/ssd_backward.py --arms fwd --sweep times the others
+block_m = 32
+# (BLOCK_P, num_warps, num_stages). Registers, not the state alone, are the budget: besides the
+# BLOCK_P x d_state fp32 state and this chunk's addition to it, a program holds block_m x d_state
+# tiles of C and B (d_state 128). Compiled for sm_90 at d_state 128, bf16, block_m 32, these
+# need 190-255 registers a thread and spill nothing, where 4 warps at BLOCK_P 32, or block_m 64
+# at 4 or 8 warps, spill. A narrower headdim block gives more programs (batch x heads x
+# headdim / BLOCK_P, the chunks being walked in sequence) but reads C, B and CB once per block
+CONFIGS = ((32, 8, 1), (64, 8, 1), (16, 8, 1), (32, 8, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,14 +187,15 @@ def _strides(t, n):
 
 
 def ssd_fwd_fused(x, dt, dA_cumsum, CB, B, C, D=None, z=None, initial_states=None, seq_idx=None,
-                  block_p=None):
+                  config=None):
     """``(out, out_x, states, final_states)`` as mamba_ssm's chunk_state + state_passing (fp32
     out) + chunk_scan return them: out (batch, seqlen, nheads, headdim) in x's dtype, out_x the
     same before the z gate (None without z), states the fp32 state entering each chunk (batch,
     nchunks, nheads, headdim, d_state), final_states fp32 (batch, nheads, headdim, d_state).
     dt, dA_cumsum (batch, nheads, nchunks, chunk) fp32 from the chunk cumsum; CB (batch, nchunks,
-    ngroups, chunk, chunk) zero across documents. ``block_p`` fixes the headdim block (else
-    autotuned on the GPU, 32 under the interpreter)."""
+    ngroups, chunk, chunk) zero across documents; B, C (batch, seqlen, ngroups, d_state).
+    ``config``: a (BLOCK_P, num_warps, num_stages) (else autotuned over CONFIGS on the GPU, the
+    first of them under the interpreter)."""
     import triton
 
     batch, seqlen, nheads, hdim = x.shape
@@ -214,14 +217,14 @@ def ssd_fwd_fused(x, dt, dA_cumsum, CB, B, C, D=None, z=None, initial_states=Non
                 HAS_INIT=initial_states is not None,
                 BLOCK_N=max(16, triton.next_power_of_2(dstate)),
                 BLOCK_M=min(block_m, max(16, triton.next_power_of_2(chunk_size))))
-    if block_p is None and x.is_cuda:
+    if config is None and x.is_cuda:
         kernel = _tuned()
         grid = lambda m: (triton.cdiv(hdim, m["BLOCK_P"]), nheads, batch)  # noqa: E731
     else:
-        block_p = block_p or 32
+        block_p, warps, stages = config or CONFIGS[0]
         kernel = _kernel()
         grid = (triton.cdiv(hdim, block_p), nheads, batch)
-        meta.update(BLOCK_P=block_p, num_warps=4)
+        meta.update(BLOCK_P=block_p, num_warps=warps, num_stages=stages)
     with torch.cuda.device(x.device.index) if x.is_cuda else contextlib.nullcontext():
         kernel[grid](*args, **meta)
     return out, out_x, states, final

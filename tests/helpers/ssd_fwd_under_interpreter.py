@@ -58,7 +58,8 @@ def recurrence(x, dt, A, B, C, D, z, h0, seq_idx, cs):
         if seq_idx is not None:
             decay = decay * (seq_idx[:, t] == prev).double()[:, None]
             prev = seq_idx[:, t]
-        state = decay[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None]
+        step = (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None]
+        state = decay[..., None, None] * state + step
         ys.append((state * Ch[:, t, :, None]).sum(-1))
     y = torch.stack(ys, 1)
     if D is not None:
@@ -85,7 +86,8 @@ def case(b=2, length=80, h=4, groups=2, p=32, n=16, cs=32, block_p=16, block_m=1
     dt, dA_cumsum, CB = chunked_inputs(dt_raw, A, B, C, cs, seq_idx, dt_bias, softplus, dt_limit)
     ssd_fwd_kernel.block_m = block_m
     out, out_x, states, final = ssd_fwd_kernel.ssd_fwd_fused(
-        x, dt, dA_cumsum, CB, B, C, D=D, z=z, initial_states=h0, seq_idx=seq_idx, block_p=block_p)
+        x, dt, dA_cumsum, CB, B, C, D=D, z=z, initial_states=h0, seq_idx=seq_idx,
+        config=(block_p, 4, 1))
     dt_tok = _prepare_dt(dt_raw, dt_bias, softplus, dt_limit, torch.float32)
     ref_y, ref_x, ref_states, ref_final = recurrence(x, dt_tok, A, B, C, D, z, h0, seq_idx, cs)
     rel = lambda a, ref: ((a.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
