@@ -16,7 +16,9 @@ backward needs) and ``_chunk_scan_fwd`` rounds them to the activations' dtype on
 the rounding the state-passing kernel applies on store. So values and gradients match mamba_ssm's
 bit for bit (tests/gpu/test_ssd_gpu.py checks this). ``fused_kernels`` swaps two or three of the
 backward's kernels (dx, d(CB), the intra-chunk dA term) for one of ours: same formulas, fp32 sums
-in another order.
+in another order. ``forward_kernels="fused"`` (``MAMBA_TRAIN_SSD_FORWARD``) runs the forward's
+chunk_state + state_passing + chunk_scan as one kernel of ours (models/ssd_fwd_kernel.py), which
+keeps the same tensors: same formulas, fp32 sums in another order.
 
 The pieces are private mamba_ssm names, all read through ``models/ssd_upstream.py``.
 """
