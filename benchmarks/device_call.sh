@@ -21,19 +21,19 @@
 #   tp2only tp1only  mamba2-370m / mamba-370m throughput, plain loop vs mamba_train (no peer arm)
 #   refusal flatests   the fla SSD kernel refusal tests, parity tests
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
-#   ssdbwd    ssd_kernel=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
+#   ssdbwd    kernels.ssd=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
 #             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
 #   ssdfwd    the fused SSD forward (MAMBA_TRAIN_SSD_FORWARD=fused, models/ssd_fwd_kernel.py):
 #             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd scan
 #             (forward alone, then forward + backward per layer; SSDFWD_SWEEP=1 adds --sweep)
-#   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with ssd_kernel=mamba_train
+#   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with kernels.ssd=mamba_train
 #             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels, SSD_FORWARD=mamba_ssm|fused
 #             ssd.forward_kernels)
-#   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
+#   prof2ssd  mamba2-370m captured step, kernels.ssd=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
-#   x2k       mamba2-370m with ssd_kernel=mamba_train and without, against transformerpp-370m at 2k
+#   x2k       mamba2-370m with kernels.ssd=mamba_train and without, against transformerpp-370m at 2k
 #             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
 #   hyb64k    hybrid-370m on packed documents (~4k tokens each, document boundaries on) at 2k and
 #             64k per window: tok/s and peak memory, attention through varlen flash attention
@@ -49,7 +49,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='LONGCTX|SSDBWD|ssd_kernel=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -112,16 +112,16 @@ for p in "$@"; do
             run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
     tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
            MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/train_throughput.py \
-           --models mamba2-370m --override +model.ssm_cfg.ssd_kernel=mamba_train "${TIMING[@]}" \
+           --models mamba2-370m --override kernels.ssd=mamba_train "${TIMING[@]}" \
            --json "$OUT/tp_mamba2_ssd.json" ;;
     prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
-           "${PROF[@]}" --variant ssd=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           "${PROF[@]}" --variant ssd=mamba_train:kernels.ssd=mamba_train ;;
     prof2ssdf) run_part prof2ssdf env MAMBA_TRAIN_SSD_FUSED=dcb_ddA python3 benchmarks/profile_step.py \
            --model mamba2-370m --skip-plain "${PROF[@]}" \
-           --variant ssd_dcb_ddA=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           --variant ssd_dcb_ddA=mamba_train:kernels.ssd=mamba_train ;;
     prof2ssda) run_part prof2ssda env MAMBA_TRAIN_SSD_FUSED=all python3 benchmarks/profile_step.py \
            --model mamba2-370m --skip-plain "${PROF[@]}" \
-           --variant ssd_all=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           --variant ssd_all=mamba_train:kernels.ssd=mamba_train ;;
     ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     # captured vs eager bit for bit under the deterministic mode: a process of its own
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
@@ -131,7 +131,7 @@ for p in "$@"; do
            --seq-lens 2048 --probe --out "$OUT/x2k_base" --peak-flops "$PEAK" \
            --budget-s $(( (BUDGET_S - SECONDS) / 2 - 10 ))
          run_part x2k_ssd python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
-           --ssm-override +model.ssm_cfg.ssd_kernel=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
+           --ssm-override kernels.ssd=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
            --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     hyb64k) run_part hyb64k python3 benchmarks/long_context.py --arms hybrid-370m --seq-lens 2048 65536 \
            --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;

@@ -1,4 +1,4 @@
-"""Per-layer Mamba-2 SSD forward + backward: mamba_ssm's Functions against ``ssd_kernel=mamba_train``
+"""Per-layer Mamba-2 SSD forward + backward: mamba_ssm's Functions against ``kernels.ssd=mamba_train``
 (models/ssd.py, models/ssd_split.py), one process, one GPU, alternating windows.
 
 Arms, at mamba2-370m's mixer shape by default (batch 8, length 2048, 32 heads x headdim 64,

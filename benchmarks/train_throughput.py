@@ -16,7 +16,7 @@ with each arm's best micro-batch over ``--micro-batches`` (a larger batch is not
 ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``module.cuda_graph=off``, the
 measured gain of the captured step. ``--fla-peer`` adds a PEER line: the same model through
 flash-linear-attention's ``fla.models`` in the plain loop, ours/fla beside ours/plain;
-``--ssd-kernel-fla`` an SSD line: (b) with ``model.ssm_cfg.ssd_kernel=fla`` vs the default
+``--ssd-kernel-fla`` an SSD line: (b) with ``kernels.ssd=fla`` vs the default
 (Mamba-2 models; both in ``fla_arms.py``). ``--json`` writes everything.
 
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
@@ -89,7 +89,7 @@ def timed_loop(model, lr: float, micro_batch: int, warmup: int, windows: int, wi
     """A plain training loop around ``model`` (bf16 autocast, fused AdamW over our decay groups,
     clip 1.0); ``loss_of(model, tokens)`` gives the loss of a (micro_batch, SEQ_LEN + 1) batch."""
     from mamba_train.models import norm_backward
-    from mamba_train.training.optim import param_groups
+    from mamba_train.training.step.optim import param_groups
 
     norm_backward.uninstall()  # a plain loop runs mamba_ssm's own kernels
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups(model, 0.1)]
@@ -237,12 +237,12 @@ def fla_lines(args, name: str, same_mb: dict, entry: dict, timing, data, runs, a
     if args.ssd_kernel_fla and model_config(name)[0].layer == "Mamba2":
         from mamba_train.models.ssd_fla import fla_stack_problem
         if fla_stack_problem():
-            print(f"SSD {name} mb={mb}: ssd_kernel=fla not run: {fla_stack_problem()}", flush=True)
+            print(f"SSD {name} mb={mb}: kernels.ssd=fla not run: {fla_stack_problem()}", flush=True)
             return
         c = ssd_kernel_arm(name, mb, timing, data, runs, args.override)
         add_mfu(c)
         entry["ssd_kernel_fla"] = c
-        print(f"SSD {name} mb={mb}: ssd_kernel=fla {_fmt_arm(c)} | ssd_kernel=mamba_ssm "
+        print(f"SSD {name} mb={mb}: kernels.ssd=fla {_fmt_arm(c)} | kernels.ssd=mamba_ssm "
               f"{_fmt_arm(ours)} | fla/mamba_ssm {c['tok_s'] / ours['tok_s']:.2f}", flush=True)
 
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the same model through fla.models in the plain loop "
                          "(first micro-batch; benchmarks/fla_arms.py)")
     ap.add_argument("--ssd-kernel-fla", action="store_true",
-                    help="also run (b) with model.ssm_cfg.ssd_kernel=fla for Mamba-2 models")
+                    help="also run (b) with kernels.ssd=fla for Mamba-2 models")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="dense bf16 FLOP/s of the GPU for MFU where Lightning's table lacks it "
                          "(e.g. 989e12 for an H200 that reports itself as just 'NVIDIA H200')")

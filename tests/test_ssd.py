@@ -1,4 +1,4 @@
-"""``model.ssm_cfg.ssd_kernel=mamba_train`` without a GPU (the config key itself:
+"""``kernels.ssd=mamba_train`` without a GPU (the config key itself:
 test_ssd_kernel_choice.py): the one-line failure when mamba_ssm lacks a private name it calls,
 and (where mamba_ssm's sources import) its Functions against mamba_ssm's own under Triton's
 interpreter, bit for bit. On the GPU: tests/gpu/test_ssd_gpu.py."""
@@ -36,7 +36,7 @@ def test_missing_private_name_fails_with_one_line_naming_it(fake_mamba_ssm):
         ssd_upstream.check()
     msg = str(e.value)
     assert "\n" not in msg and "ssd_chunk_scan._chunk_scan_bwd_dcb" in msg
-    assert f"mamba-ssm=={ssd_upstream.TESTED_WITH}" in msg and "ssd_kernel=mamba_ssm" in msg
+    assert f"mamba-ssm=={ssd_upstream.TESTED_WITH}" in msg and "kernels.ssd=mamba_ssm" in msg
 
 
 def test_missing_causal_conv1d_fails_with_one_line(fake_mamba_ssm):

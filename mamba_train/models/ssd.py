@@ -1,5 +1,5 @@
 """Mamba-2's SSD (chunked state-space dual) on mamba_ssm's Triton kernels, without the backward's
-recomputation: ``model.ssm_cfg.ssd_kernel=mamba_train``.
+recomputation: ``kernels.ssd=mamba_train``.
 
 mamba_ssm's SSD backward (``ssd_combined._mamba_chunk_scan_combined_bwd``) starts by running four
 forward kernels again: the chunk cumsum of ``A·Δ`` (``dA_cumsum`` and the softplus'd ``Δ``), the

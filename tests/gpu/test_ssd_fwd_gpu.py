@@ -1,4 +1,4 @@
-"""``MAMBA_TRAIN_SSD_FORWARD=fused`` (models/ssd_fwd_kernel.py: mamba_ssm's chunk_state +
+"""``MAMBA_TRAIN_SSD_FORWARD=fused`` under ``kernels.ssd=mamba_train`` (models/ssd_fwd_kernel.py: mamba_ssm's chunk_state +
 state_passing + chunk_scan as one kernel walking the chunks) on the GPU: outputs, final states
 and the gradients through ours (the fused forward's kept states into models/ssd.py's backward)
 against mamba_ssm's ``mamba_chunk_scan_combined``, bf16 and fp32; the kept states against the
@@ -51,7 +51,7 @@ def test_fused_forward_and_backward_match_mamba_ssm(record, case):
         assert a.dtype == b.dtype and a.shape == b.shape, n
     assert rels["final_states"] < (1e-5 if case[0] == torch.bfloat16 else FP32_BOUND), rels
     assert max(rels.values()) < bound, rels
-    record(f"ssd_kernel=mamba_train forward=fused {label}: worst rel diff "
+    record(f"kernels.ssd=mamba_train forward=fused {label}: worst rel diff "
            f"{max(rels.values()):.1e} to mamba_ssm (final states {rels['final_states']:.1e}; "
            f"{len(names)} tensors)")
 
@@ -81,7 +81,7 @@ def test_kept_states_match_mamba_ssm_forward(record, monkeypatch):
     states = _rel(ours[3].states, ref[3].states)
     assert ours[3].states.dtype == torch.float32 and states < 1e-5, states
     assert _rel(ours[2], ref[2]) < 1e-5
-    record(f"ssd_kernel=mamba_train forward=fused {label}: kept states rel diff {states:.1e} "
+    record(f"kernels.ssd=mamba_train forward=fused {label}: kept states rel diff {states:.1e} "
            "to mamba_ssm's")
 
 
@@ -90,7 +90,7 @@ def test_autotuned_settings_give_the_same_numbers(record):
     results = [ssd_fwd_kernel.ssd_fwd_fused(*args, **kw, config=c) for c in ssd_fwd_kernel.CONFIGS]
     for c, r in zip(ssd_fwd_kernel.CONFIGS[1:], results[1:]):
         assert all(torch.equal(a, b) for a, b in zip(r, results[0])), c
-    record(f"ssd_kernel=mamba_train forward=fused: {len(results)} autotune settings bit-identical")
+    record(f"kernels.ssd=mamba_train forward=fused: {len(results)} autotune settings bit-identical")
 
 
 def test_repeats_and_captured_graph_replays_eager(record):
@@ -105,4 +105,5 @@ def test_repeats_and_captured_graph_replays_eager(record):
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(eager, captured))
-    record("ssd_kernel=mamba_train forward=fused: repeat and captured replay bit-identical to eager")
+    record("kernels.ssd=mamba_train forward=fused: repeat and captured replay bit-identical to "
+           "eager")

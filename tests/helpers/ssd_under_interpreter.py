@@ -1,4 +1,4 @@
-"""Runs ``ssd_kernel=mamba_train``'s Functions (models/ssd.py, models/ssd_split.py) and mamba_ssm's
+"""Runs ``kernels.ssd=mamba_train``'s Functions (models/ssd.py, models/ssd_split.py) and mamba_ssm's
 own on CPU under Triton's interpreter and prints, as JSON, which outputs and gradients differ.
 
 mamba_ssm's Triton launchers assume a CUDA build of torch in three places that do not touch the
@@ -126,15 +126,16 @@ def split_case():
 
 
 def mixer_case():
-    """models/fused.py's FusedMamba2 with ssd_kernel=mamba_train against ssd_kernel=mamba_ssm
+    """models/fused.py's FusedMamba2 with kernels.ssd=mamba_train against kernels.ssd=mamba_ssm
     (mamba_ssm's Mamba2.forward): the hook passes the module's parameters the same way."""
-    from mamba_train.models.fused import FusedMamba2
+    from mamba_train.models.fused import FusedMamba2, set_ssd_kernel
     u = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
     results = []
     for kernel in ("mamba_train", "mamba_ssm"):
         torch.manual_seed(0)
         mixer = FusedMamba2(32, d_state=16, headdim=16, chunk_size=16, ngroups=2, d_ssm=32,
-                            ssd_kernel=kernel, norm_before_gate=False)
+                            norm_before_gate=False)
+        set_ssd_kernel(mixer, kernel)
         y = mixer(u)
         y.square().mean().backward()
         results.append([y.detach()] + [p.grad for _, p in mixer.named_parameters()])

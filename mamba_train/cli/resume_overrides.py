@@ -30,7 +30,8 @@ RESOLVED_CONFIG = "config.resolved.yaml"  # config_checks.RESOLVED_CONFIG (not i
 SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 # Keys a resumed run may change: where the run goes and how often it reports, saves and
-# validates, what it logs to, and how the same global batch is spread over devices.
+# validates, what it logs to, how the same global batch is spread over devices, and which
+# kernels compute the same model (the kernels block).
 SAFE_PREFIXES = (
     "ckpt_path", "run_name", "run_dir", "paths", "hydra", "backend",
     "trainer.max_steps", "train.total_tokens",
@@ -41,7 +42,7 @@ SAFE_PREFIXES = (
     "trainer.precision", "trainer.deterministic", "trainer.benchmark", "precision",
     "module.activation_checkpointing", "module.activation_checkpointing_k", "module.cuda_graph",
     "data.num_workers", "data.val_windows", "data.checksums", "data.pin_memory",
-    "data.micro_batch_size", "data.val_seq_len",
+    "data.micro_batch_size", "data.val_seq_len", "kernels",
     "logger", "callbacks", "eval", "strategy", "cluster",
 )
 # Hydra flags that mean "do not run one job here": the command line is left as it is.
@@ -104,7 +105,16 @@ def changed_keys(saved_resolved: dict, cfg) -> list[tuple[str, Any, Any]]:
     from omegaconf import OmegaConf
 
     old, new = _leaves(saved_resolved), _leaves(OmegaConf.to_container(cfg, resolve=True))
-    return [(k, old[k], new[k]) for k in old if k in new and old[k] != new[k] and not is_safe(k)]
+    return [(k, old[k], new[k]) for k in old
+            if k in new and _differ(k, old[k], new[k]) and not is_safe(k)]
+
+
+def _differ(key: str, old: Any, new: Any) -> bool:
+    # a ``_target_`` says where the code lives: a module moved between versions keeps the
+    # object's name, and what the run trained with is the same
+    if key.rsplit(".", 1)[-1] == "_target_" and isinstance(old, str) and isinstance(new, str):
+        return old.rsplit(".", 1)[-1] != new.rsplit(".", 1)[-1]
+    return old != new
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]], keys: list[str], limit: int = 8) -> str:
@@ -191,8 +201,8 @@ def schedule_extension_note(run_dir: Path, new_max_steps: int) -> str | None:
     (None when it does not, or there is no schedule)."""
     import torch
 
-    from mamba_train.training.resume import checkpoint_files, inspect_checkpoint
-    from mamba_train.training.schedule import WarmupCosine, WarmupStableDecay
+    from mamba_train.training.run.resume import checkpoint_files, inspect_checkpoint
+    from mamba_train.training.step.schedule import WarmupCosine, WarmupStableDecay
 
     good = [c for c in map(inspect_checkpoint, checkpoint_files(Path(run_dir) / "checkpoints"))
             if c.global_step is not None and c.path.is_file()]

@@ -7,7 +7,7 @@ callback calls ``torch.cuda.synchronize()`` after every micro-batch (a host sync
 micro-batch, which stalls the launch queue) and logs a "validate" series on the evaluation loop's
 own step counter. Here:
 
-* samples and tokens are the training step's own counts (``training/step.py``, from tensor
+* samples and tokens are the training step's own counts (``training/step/train_step.py``, from tensor
   shapes: no device access), taken once per optimizer step;
 * the clock is read (after one ``cuda.synchronize``) only at logging steps
   (``trainer.log_every_n_steps``), so rates are exact over each logging interval and the
@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mamba_train.models.flops import flops_per_token, matmul_params
 from mamba_train.training.lightning_compat import log_metrics
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 GIB = 2**30
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import lightning as L
 
 from mamba_train.training.lightning_compat import log_metrics
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 
 class GlobalBatchLoss(L.Callback):

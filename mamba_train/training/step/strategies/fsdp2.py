@@ -29,7 +29,7 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mamba_train.formats.checkpoint import load_checkpoint_dict
-from mamba_train.training.strategies.policy import ParallelConfigError
+from mamba_train.training.step.strategies.policy import ParallelConfigError
 
 
 class MambaFSDP2Strategy(ModelParallelStrategy):

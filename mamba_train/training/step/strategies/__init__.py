@@ -5,11 +5,11 @@ precision policy (``policy.py``), strategy-aware model building and parameter ga
 Strategies (``strategy=<name>``, files in ``conf/strategy/``):
 
 * ``ddp``: Lightning's ``DDPStrategy``; fp32 parameters, bf16 autocast under ``bf16-mixed``.
-* ``fsdp``: :func:`~mamba_train.training.strategies.fsdp.fsdp_strategy` -- FSDP (``FullyShardedDataParallel``) wrapping each Mamba
+* ``fsdp``: :func:`~mamba_train.training.step.strategies.fsdp.fsdp_strategy` -- FSDP (``FullyShardedDataParallel``) wrapping each Mamba
   :class:`~mamba_train.models.lm.Block`, ``use_orig_params=True`` (so the optimizer groups go by
-  parameter *name*, ``training/optim.py``), full or sharded checkpoints. Activation checkpointing
+  parameter *name*, ``training/step/optim.py``), full or sharded checkpoints. Activation checkpointing
   is ``module.activation_checkpointing``, the same on every strategy.
-* ``deepspeed_zero{1,2,3}``: :func:`~mamba_train.training.strategies.deepspeed.deepspeed_strategy` -- DeepSpeed ZeRO through Lightning.
+* ``deepspeed_zero{1,2,3}``: :func:`~mamba_train.training.step.strategies.deepspeed.deepspeed_strategy` -- DeepSpeed ZeRO through Lightning.
 
 Precision policy (the same numerics under every strategy): parameters, gradients and optimizer
 state stay **fp32**; under ``precision=bf16-mixed`` the forward/backward run under bf16 autocast
@@ -32,8 +32,8 @@ strategies would otherwise keep 16-bit *parameters* for compute:
   forward. Asking for DeepSpeed's own ``bf16``/``fp16`` sections is refused (same opt-out).
 
 The init guard (``callbacks/init_guard.py``) reads the SSM parameters through
-:func:`~mamba_train.training.strategies.sharded.gathered_parameters`, which un-shards them where a strategy sharded them (FSDP
-``summon_full_params``, DeepSpeed ``GatheredParameters``); :func:`~mamba_train.training.strategies.sharded.build_model_for` builds the
+:func:`~mamba_train.training.step.strategies.sharded.gathered_parameters`, which un-shards them where a strategy sharded them (FSDP
+``summon_full_params``, DeepSpeed ``GatheredParameters``); :func:`~mamba_train.training.step.strategies.sharded.build_model_for` builds the
 model under ZeRO-3's partitioned init and re-runs the mamba_ssm init on gathered parameters
 (``MambaLM.reset_parameters`` on partitioned, size-0 tensors would silently do nothing).
 """

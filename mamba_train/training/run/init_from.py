@@ -30,7 +30,7 @@ Weights are read by :func:`mamba_train.formats.load.read_weights`, which reads t
   the average logit (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language
   Models").
 * **Weights**, converted to fp32 when stored in 16 bits (exact). They are assigned into the
-  model in ``configure_model`` (``training/strategies/sharded.py: build_model_for``) instead of an init,
+  model in ``configure_model`` (``training/step/strategies/sharded.py: build_model_for``) instead of an init,
   and a fingerprint (BLAKE2b of the bytes) of every tensor is taken when read; the init guard
   (``callbacks/init_guard.py``) recomputes them on the full parameters after strategy setup on
   every rank, so an init hook, a materialisation or a cast that touched them stops the run.
@@ -378,7 +378,7 @@ class InitFrom:
 
 def model_and_source(cfg, resuming: bool) -> tuple[MambaLMConfig, InitFrom | None]:
     """The run's model config and, with ``cfg.init_from``, its source (``train.py``).
-    ``resuming``: whether a checkpoint will be restored, as ``training/resume.py`` resolved it
+    ``resuming``: whether a checkpoint will be restored, as ``training/run/resume.py`` resolved it
     (``MambaLMModule.on_train_start`` checks that one was)."""
     from hydra.utils import instantiate
 

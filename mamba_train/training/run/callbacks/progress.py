@@ -33,7 +33,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.training.step import StepResult, step_ended
+from mamba_train.training.step.train_step import StepResult, step_ended
 
 log = logging.getLogger("mamba_train.progress")
 MODES = ("auto", "bar", "lines")

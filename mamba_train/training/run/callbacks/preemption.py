@@ -26,9 +26,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mamba_train.training.cluster import parse_signal
+from mamba_train.training.run.cluster import parse_signal
 from mamba_train.training.lightning_compat import replace_restored_signal_handler
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 log = logging.getLogger(__name__)
 # per signal: the handler before any PreemptionCheckpoint took it, and how many hold it now

@@ -127,7 +127,7 @@ class RunSummary(L.Callback):
             "training_step": getattr(pl_module, "training_step_mode", None),
             # the kernels that ran (models/kernels.py), not only the ones asked for
             "kernels": getattr(getattr(pl_module, "model", None), "kernels", None),
-            # first optimizer step incl. kernel compile/autotune (training/callbacks/run_start.py)
+            # first optimizer step incl. kernel compile/autotune (training/run/callbacks/run_start.py)
             "time_to_first_step_s": next((cb.time_to_first_step_s for cb in trainer.callbacks
                                           if getattr(cb, "time_to_first_step_s", None) is not None), None),
         }

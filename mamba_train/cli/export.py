@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mamba_train.cli import UsageError, parse_key_values, wants_help
+from mamba_train.cli.args import UsageError, parse_key_values, wants_help
 from mamba_train.errors import MambaTrainError
 
 FORMATS = ("hf", "mamba_ssm")

@@ -9,7 +9,7 @@ backend, mixer per layer, precision, strategy and whether the step runs as a CUD
 timed once (one ``cuda.synchronize`` on the first step only): ``time_to_first_step_s`` (from the
 start of training) goes to the log and to ``summary.json``. Compiled kernels and autotune results
 persist across runs of the same shapes through ``TRITON_CACHE_DIR`` / ``TRITON_CACHE_AUTOTUNING``
-(``mamba_train.console.default_kernel_caches``, set by the command-line entry).
+(``mamba_train.cli.console.default_kernel_caches``, set by the command-line entry).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 log = logging.getLogger("mamba_train.run")
 

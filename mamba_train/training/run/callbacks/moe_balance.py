@@ -19,7 +19,7 @@ import torch
 
 from mamba_train.models.moe import moe_layers, moe_stats, update_router_bias
 from mamba_train.training.lightning_compat import log_metrics
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 
 class MoEBalance(L.Callback):

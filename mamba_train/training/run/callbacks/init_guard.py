@@ -3,7 +3,7 @@
 checkpoint then). See ``mamba_train/models/init.py`` for why this is needed.
 
 A run started from released weights (``init_from``) has no S4 init to check: there the guard
-checks that every loaded tensor is still bit-identical to the source (``training/init_from.py``)."""
+checks that every loaded tensor is still bit-identical to the source (``training/run/init_from.py``)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class SSMInitGuard(L.Callback):
             return
         # sharded strategies (FSDP, ZeRO-3): read the full SSM parameters (a collective)
         from mamba_train.models.init import ssm_parameters
-        from mamba_train.training.strategies.sharded import gathered_parameters
+        from mamba_train.training.step.strategies.sharded import gathered_parameters
         loaded = getattr(pl_module, "loaded_weights", None)
         if loaded is not None:
             with gathered_parameters(trainer.strategy, pl_module.model):  # every tensor

@@ -14,7 +14,7 @@ import logging
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from mamba_train.dtypes import parse_dtype
-from mamba_train.training.strategies.cpu_shims import DeepSpeedOnCPU
-from mamba_train.training.strategies.policy import ParallelConfigError, refuse_low_precision
+from mamba_train.training.step.strategies.cpu_shims import DeepSpeedOnCPU
+from mamba_train.training.step.strategies.policy import ParallelConfigError, refuse_low_precision
 
 
 class MambaDeepSpeedStrategy(DeepSpeedOnCPU, DeepSpeedStrategy):
@@ -29,6 +29,12 @@ class MambaDeepSpeedStrategy(DeepSpeedOnCPU, DeepSpeedStrategy):
         self._reduce_dtype = parse_dtype(reduce_dtype, "strategy.reduce_dtype", ParallelConfigError)
         self._allow_cpu = allow_cpu
         self._allow_low_precision = allow_low_precision_params
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # Lightning's closure has already divided the loss by accumulate_grad_batches, which is
+        # also the engine's gradient_accumulation_steps: engine.backward's own division would
+        # leave every gradient 1/accumulation of the DDP one (tests/test_distributed.py)
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
 
     def _format_config(self) -> None:
         precision = self.precision_plugin.precision

@@ -6,7 +6,7 @@ PyTorch guide to CUDA graphs, https://pytorch.org/docs/stable/notes/cuda.html#cu
 why launch-bound steps gain). ``torch.compile`` cannot capture it for us -- mamba_ssm's kernels
 are not registered custom ops -- so the graph is captured by hand with ``torch.cuda.graph``.
 
-How it sits in the training step (``training/step.py``, which calls ``forward_backward`` per
+How it sits in the training step (``training/step/train_step.py``, which calls ``forward_backward`` per
 micro-batch and ``sync_gradients`` / ``zero_grad`` once per optimizer step):
 
 * ``forward_backward`` copies the micro-batch into static input buffers and replays the graph,
@@ -61,7 +61,7 @@ def graph_blockers(trainer, module) -> list[str]:
     strategy = trainer.strategy
     if strategy.root_device.type != "cuda":
         reasons.append(f"the device is {strategy.root_device.type} (CUDA graphs are for GPUs)")
-    if module.train_step.kind != "replicated":  # training/step.py: strategy_kind
+    if module.train_step.kind != "replicated":  # training/step/train_step.py: strategy_kind
         reasons.append(f"{type(strategy).__name__} gathers or partitions parameters and "
                        "gradients inside the step; only single-device and DDP steps are captured")
     if getattr(trainer.datamodule, "document_boundaries", False) and any(

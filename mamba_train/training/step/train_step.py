@@ -8,7 +8,8 @@ object, so what one optimizer step does is read here, top to bottom:
 
 1. ``forward_backward(batch)`` for each micro-batch: the loss, and its backward -- run by the
    captured CUDA graph (``cuda_graph.py``), or by Lightning right after ``training_step``
-   returns the loss (scaled by 1/accumulation, the captured step scales the same way).
+   returns the loss (scaled by 1/accumulation, the captured step scales the same way; DeepSpeed's
+   engine is told not to scale it again: ``strategies/deepspeed.py``).
 2. ``step(closure)`` on the last micro-batch: its forward/backward (``closure``), the gradient
    sync, ``on_before_optimizer_step``, the non-finite decision (``nonfinite.py``), clipping
    (which returns the logged norm), the optimizer (or DeepSpeed engine) step, the LR schedule,
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from mamba_train.errors import MambaTrainError
-from mamba_train.training.cuda_graph import GraphedTrainStep, start_graph_step
-from mamba_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from mamba_train.training.step.cuda_graph import GraphedTrainStep, start_graph_step
+from mamba_train.training.step.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 KINDS = ("replicated", "sharded", "engine")
 

@@ -10,14 +10,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import MixedPrecision
 
 from mamba_train.dtypes import parse_dtype
-from mamba_train.training.strategies.cpu_shims import FSDPOnCPU
-from mamba_train.training.strategies.policy import ParallelConfigError, refuse_low_precision
+from mamba_train.training.step.strategies.cpu_shims import FSDPOnCPU
+from mamba_train.training.step.strategies.policy import ParallelConfigError, refuse_low_precision
 
 
 class MambaFSDPStrategy(FSDPOnCPU, FSDPStrategy):
     """Lightning's FSDPStrategy, also on CPU processes over gloo (the CPU tests:
     ``cpu_shims.FSDPOnCPU``). Gradients are clipped by global norm in the training step
-    (``training/step.py``: FSDP's own ``clip_grad_norm_`` on the root module)."""
+    (``training/step/train_step.py``: FSDP's own ``clip_grad_norm_`` on the root module)."""
 
 
 def fsdp_strategy(state_dict_type: str = "full",

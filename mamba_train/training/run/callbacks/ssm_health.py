@@ -32,7 +32,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The LightningModule: builds the model in ``configure_model``, computes the fp32 chunked loss,
-hands every micro-batch and optimizer step to ``TrainStep`` (``training/step.py``, where the
+hands every micro-batch and optimizer step to ``TrainStep`` (``training/step/train_step.py``, where the
 step reads in order), logs the step and validation metrics at the step they follow, groups
 parameters for weight decay by name, and puts the model config and RNG states into every
 checkpoint."""
@@ -17,14 +17,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, RNG_KEY, RUN_CONFIG_KEY
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.kernels import apply_kernels
-from mamba_train.training.activation_checkpointing import (apply_activation_checkpointing,
+from mamba_train.training.step.activation_checkpointing import (apply_activation_checkpointing,
                                                           checkpointed_block_indices,
                                                           normalize_policy)
-from mamba_train.training.activation_checkpointing import describe as describe_checkpointing
+from mamba_train.training.step.activation_checkpointing import describe as describe_checkpointing
 from mamba_train.training.lightning_compat import log_metrics
-from mamba_train.training.nonfinite import NonFiniteLossError  # noqa: F401 (re-exported)
-from mamba_train.training.optim import build_optimizer
-from mamba_train.training.step import TrainStep, step_ended
+from mamba_train.training.step.nonfinite import NonFiniteLossError  # noqa: F401 (re-exported)
+from mamba_train.training.step.optim import build_optimizer
+from mamba_train.training.step.train_step import TrainStep, step_ended
 
 
 class MambaLMModule(L.LightningModule):
@@ -65,11 +65,11 @@ class MambaLMModule(L.LightningModule):
         self.run_config = run_config
         self.cuda_graph_allreduce = cuda_graph_allreduce
         self.kernels = dict(kernels)  # applied in configure_model; what ran: self.model.kernels
-        self.init_from = init_from  # training/init_from.py: InitFrom, the source of a continued run
+        self.init_from = init_from  # training/run/init_from.py: InitFrom, the source of a continued run
         self.loaded_weights = None  # its fingerprints once loaded (checked by the init guard)
         self.model = None
         self._val_sum, self._val_tokens = None, 0
-        # the optimizer step, in order (training/step.py); set up at fit start
+        # the optimizer step, in order (training/step/train_step.py); set up at fit start
         self.train_step = TrainStep(self._loss, nan_policy, max_consecutive_skips, cuda_graph)
 
     # ------------------------------------------------------------------ model
@@ -84,7 +84,7 @@ class MambaLMModule(L.LightningModule):
         # Called by Lightning inside the strategy's init contexts (meta device for sharded
         # strategies, which then materialise through MambaLM.reset_parameters).
         if self.model is None:
-            from mamba_train.training.strategies.sharded import build_model_for  # strategy-aware (ZeRO-3)
+            from mamba_train.training.step.strategies.sharded import build_model_for  # strategy-aware (ZeRO-3)
             strategy = self._trainer.strategy if self._trainer is not None else None
             weights = None
             if self.init_from is not None and not self.init_from.resuming:
@@ -104,7 +104,7 @@ class MambaLMModule(L.LightningModule):
     def _loss(self, batch: dict) -> torch.Tensor:
         return self(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"]).loss
 
-    # ------------------------------------------------------------------ the step (training/step.py)
+    # ------------------------------------------------------------------ the step (training/step/train_step.py)
     def training_step(self, batch: dict, batch_idx: int):
         return self.train_step.forward_backward(batch)
 
@@ -238,7 +238,7 @@ class MambaLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
-        # compared as saved (to_dict): kernel choices (ssm_cfg.ssd_kernel, the kernels block) may differ
+        # compared as saved (to_dict); the kernels block is not part of the model and may differ
         if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
             raise ValueError(
                 "the checkpoint was written for a different model config than the one "
