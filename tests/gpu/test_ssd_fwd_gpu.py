@@ -1,12 +1,13 @@
-"""``MAMBA_TRAIN_SSD_FORWARD=fused`` under ``kernels.ssd=mamba_train`` (models/ssd_fwd_kernel.py: mamba_ssm's chunk_state +
-state_passing + chunk_scan as one kernel walking the chunks) on the GPU: outputs, final states
-and the gradients through ours (the fused forward's kept states into models/ssd.py's backward)
-against mamba_ssm's ``mamba_chunk_scan_combined``, bf16 and fp32; the kept states against the
-mamba_ssm forward's; the autotuned settings giving the same numbers; repeatable and unchanged in
-a captured CUDA graph. Same formulas, fp32 sums in another order: fp32 state tensors agree to
-fp32 rounding; bf16 outputs may differ in one bf16 rounding, which then propagates (the 1e-2
-bound of tests/gpu/test_ssd_gpu.py's fused kernels). Run with ``TRITON_F32_DEFAULT=ieee`` (the
-device part ``ssdfwd``) for the tight fp32 bound; under tf32 products the bound is 5e-3."""
+"""``MAMBA_TRAIN_SSD_FORWARD=fused`` under ``kernels.ssd=mamba_train`` (models/ssd_fwd_kernel.py:
+mamba_ssm's chunk_state + state_passing + chunk_scan as one kernel walking the chunks) on the
+GPU: outputs, final states and the gradients through ours (the fused forward's kept states into
+models/ssd.py's backward) against mamba_ssm's ``mamba_chunk_scan_combined``, bf16 and fp32; the
+kept states against the mamba_ssm forward's; the autotuned settings giving the same numbers;
+repeatable and unchanged in a captured CUDA graph. Same formulas, fp32 sums in another order:
+fp32 state tensors agree to fp32 rounding; bf16 outputs may differ in one bf16 rounding, which
+then propagates (the 1e-2 bound of tests/gpu/test_ssd_gpu.py's fused kernels). Run with
+``TRITON_F32_DEFAULT=ieee`` (the device part ``ssdfwd``) for the tight fp32 bound; under tf32
+products the bound is 5e-3."""
 
 import os
 
