@@ -24,8 +24,12 @@
 #   ssdbwd    kernels.ssd=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
 #             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
+#   ssdfwd    the fused SSD forward (MAMBA_TRAIN_SSD_FORWARD=fused, models/ssd_fwd_kernel.py):
+#             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd scan
+#             (forward alone, then forward + backward per layer; SSDFWD_SWEEP=1 adds --sweep)
 #   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with kernels.ssd=mamba_train
-#             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels)
+#             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels, SSD_FORWARD=mamba_ssm|fused
+#             ssd.forward_kernels)
 #   prof2ssd  mamba2-370m captured step, kernels.ssd=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
@@ -36,7 +40,8 @@
 #   m3mb      mamba3-180m throughput at micro-batch 8 and 16 (the SISO grid's SM fill)
 #   cp        context parallelism on the fused backend: two ranks as two processes on one GPU vs one
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
-#   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
+#   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's, test_ssd_fwd_gpu.py
+#             ssdfwd's)
 #   seedband  the SSD kernel's seed band: mamba2-130m, 200 steps on standard-library text, arms
 #             base= and ssd=kernels.ssd=mamba_train (SEEDBAND_SSD replaces the ssd arm's overrides,
 #             SSD_FUSED picks ssd.fused_kernels), seeds 1234 1235 1236 (SEEDBAND_SEEDS) seed by
@@ -109,7 +114,11 @@ for p in "$@"; do
            ${PYTEST_K:+-k "$PYTEST_K"}
             run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
     ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
-    tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/train_throughput.py \
+    ssdfwd) run_part ssd_fwd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_fwd_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"}
+            run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
+    tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
+           MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/train_throughput.py \
            --models mamba2-370m --override kernels.ssd=mamba_train "${TIMING[@]}" \
            --json "$OUT/tp_mamba2_ssd.json" ;;
     prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
@@ -141,7 +150,8 @@ for p in "$@"; do
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \
-           --deselect tests/gpu/test_fla_ssd.py --deselect tests/gpu/test_ssd_gpu.py ;;
+           --deselect tests/gpu/test_fla_ssd.py --deselect tests/gpu/test_ssd_gpu.py \
+           --deselect tests/gpu/test_ssd_fwd_gpu.py ;;
     seedband) run_part seedband env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/seed_band.py \
            --recipe mamba2-130m --arm base= --arm "ssd=${SEEDBAND_SSD:-kernels.ssd=mamba_train}" \
            --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} --json "$OUT/seedband.json" \
