@@ -21,24 +21,34 @@
 #   tp2only tp1only  mamba2-370m / mamba-370m throughput, plain loop vs mamba_train (no peer arm)
 #   refusal flatests   the fla SSD kernel refusal tests, parity tests
 #   ac graph  activation-checkpointing GPU tests; captured-vs-eager GPU tests
-#   ssdbwd    ssd_kernel=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
+#   ssdbwd    kernels.ssd=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
 #             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
-#   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with ssd_kernel=mamba_train
-#             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels)
-#   prof2ssd  mamba2-370m captured step, ssd_kernel=mamba_train as a variant column
+#   ssdfwd    the fused SSD forward (MAMBA_TRAIN_SSD_FORWARD=fused, models/ssd_fwd_kernel.py):
+#             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd scan
+#             (forward alone, then forward + backward per layer; SSDFWD_SWEEP=1 adds --sweep)
+#   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with kernels.ssd=mamba_train
+#             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels, SSD_FORWARD=mamba_ssm|fused
+#             ssd.forward_kernels)
+#   prof2ssd  mamba2-370m captured step, kernels.ssd=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
-#   x2k       mamba2-370m with ssd_kernel=mamba_train and without, against transformerpp-370m at 2k
+#   x2k       mamba2-370m with kernels.ssd=mamba_train and without, against transformerpp-370m at 2k
 #             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
 #   hyb64k    hybrid-370m on packed documents (~4k tokens each, document boundaries on) at 2k and
 #             64k per window: tok/s and peak memory, attention through varlen flash attention
 #   m3mb      mamba3-180m throughput at micro-batch 8 and 16 (the SISO grid's SM fill)
 #   cp        context parallelism on the fused backend: two ranks as two processes on one GPU vs one
 #   hm        the hybrid-family, MoE and init_from GPU tests (fused vs transformers, grouped experts)
-#   tphyb     hybrid-370m throughput: transformers' NemotronHForCausalLM of the same shapes in the
-#             plain loop (arm (a), benchmarks/hf_arms.py) vs mamba_train
-#   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's)
+#   gputests  every other file under tests/gpu (test_ssd_gpu.py is ssdbwd's, test_ssd_fwd_gpu.py
+#             ssdfwd's)
+#   seedband  the SSD kernel's seed band: mamba2-130m, 200 steps on standard-library text, arms
+#             base= and ssd=kernels.ssd=mamba_train (SEEDBAND_SSD replaces the ssd arm's overrides,
+#             SSD_FUSED picks ssd.fused_kernels), seeds 1234 1235 1236 (SEEDBAND_SEEDS) seed by
+#             seed until the budget; benchmarks/seed_band.py --from-log combines several calls' logs
+#   hybpeer   hybrid-370m: mamba_train against transformers' NemotronHForCausalLM in the plain loop
+#   moetp     hybrid-moe-1b-a200m: grouped experts (captured, eager) vs the per-expert loop vs
+#             transformers' NemotronHForCausalLM with its MoE layers, MFU on active FLOPs
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/gpu_results.txt"
@@ -46,7 +56,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='LONGCTX|SSDBWD|ssd_kernel=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='SEEDBAND|MOE |LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -104,29 +114,31 @@ for p in "$@"; do
            ${PYTEST_K:+-k "$PYTEST_K"}
             run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
     ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
-    tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/train_throughput.py \
-           --models mamba2-370m --override +model.ssm_cfg.ssd_kernel=mamba_train "${TIMING[@]}" \
+    ssdfwd) run_part ssd_fwd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_fwd_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"}
+            run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
+    tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
+           MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/train_throughput.py \
+           --models mamba2-370m --override kernels.ssd=mamba_train "${TIMING[@]}" \
            --json "$OUT/tp_mamba2_ssd.json" ;;
     prof2ssd) run_part prof2ssd python3 benchmarks/profile_step.py --model mamba2-370m --skip-plain \
-           "${PROF[@]}" --variant ssd=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           "${PROF[@]}" --variant ssd=mamba_train:kernels.ssd=mamba_train ;;
     prof2ssdf) run_part prof2ssdf env MAMBA_TRAIN_SSD_FUSED=dcb_ddA python3 benchmarks/profile_step.py \
            --model mamba2-370m --skip-plain "${PROF[@]}" \
-           --variant ssd_dcb_ddA=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           --variant ssd_dcb_ddA=mamba_train:kernels.ssd=mamba_train ;;
     prof2ssda) run_part prof2ssda env MAMBA_TRAIN_SSD_FUSED=all python3 benchmarks/profile_step.py \
            --model mamba2-370m --skip-plain "${PROF[@]}" \
-           --variant ssd_all=mamba_train:+model.ssm_cfg.ssd_kernel=mamba_train ;;
+           --variant ssd_all=mamba_train:kernels.ssd=mamba_train ;;
     ac) run_part ac_tests "${PYTEST[@]}" tests/gpu/test_activation_checkpointing_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     # captured vs eager bit for bit under the deterministic mode: a process of its own
     graph) run_part graph_tests "${PYTEST[@]}" tests/gpu/test_cuda_graph_step.py ;;
     longctx3) run_part longctx3 python3 benchmarks/long_context.py --arms mamba3-370m --probe \
            --out "$OUT" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
-    tphyb) run_part tp_hybrid python3 benchmarks/train_throughput.py --models hybrid-370m \
-           "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
     x2k) run_part x2k python3 benchmarks/long_context.py --arms mamba2-370m transformerpp-370m \
            --seq-lens 2048 --probe --out "$OUT/x2k_base" --peak-flops "$PEAK" \
            --budget-s $(( (BUDGET_S - SECONDS) / 2 - 10 ))
          run_part x2k_ssd python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
-           --ssm-override +model.ssm_cfg.ssd_kernel=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
+           --ssm-override kernels.ssd=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
            --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     hyb64k) run_part hyb64k python3 benchmarks/long_context.py --arms hybrid-370m --seq-lens 2048 65536 \
            --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
@@ -138,7 +150,16 @@ for p in "$@"; do
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
            --deselect tests/gpu/test_mamba3_gpu.py --deselect tests/gpu/test_reliability_gpu.py \
-           --deselect tests/gpu/test_fla_ssd.py --deselect tests/gpu/test_ssd_gpu.py ;;
+           --deselect tests/gpu/test_fla_ssd.py --deselect tests/gpu/test_ssd_gpu.py \
+           --deselect tests/gpu/test_ssd_fwd_gpu.py ;;
+    seedband) run_part seedband env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} python3 benchmarks/seed_band.py \
+           --recipe mamba2-130m --arm base= --arm "ssd=${SEEDBAND_SSD:-kernels.ssd=mamba_train}" \
+           --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} --json "$OUT/seedband.json" \
+           --budget-s $(( BUDGET_S - SECONDS - 30 )) ;;
+    hybpeer) run_part hybpeer python3 benchmarks/train_throughput.py --models hybrid-370m --hf-peer \
+           "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
+    moetp) run_part moetp python3 benchmarks/train_throughput.py --models hybrid-moe-1b-a200m --hf-peer \
+           --moe-arms "${TIMING[@]}" --json "$OUT/tp_moe.json" ;;
     *) echo "unknown part $p" ;;
   esac
 done

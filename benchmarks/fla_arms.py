@@ -6,7 +6,7 @@
   micro-batch. The loss is fla's own (``labels=`` -> its fused cross-entropy), as flame calls it.
   fla's Mamba layers call mamba_ssm's kernels where installed, so this arm measures fla's model
   code around the same scan kernels, plus fla's fused norms and loss.
-* ``ssd_kernel_arm``: mamba_train's path with ``model.ssm_cfg.ssd_kernel=fla`` (Mamba-2's SSD on
+* ``ssd_kernel_arm``: mamba_train's path with ``kernels.ssd=fla`` (Mamba-2's SSD on
   fla's simple-GLA chunk kernels, ``mamba_train/models/ssd_fla.py``).
 """
 
@@ -48,4 +48,4 @@ def fla_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window
 def ssd_kernel_arm(name: str, micro_batch: int, timing: tuple, data, runs, overrides: list[str]):
     from train_throughput import framework
     return framework(name, micro_batch, *timing, data, runs,
-                     [*overrides, "+model.ssm_cfg.ssd_kernel=fla"], tag="-ssd-fla")
+                     [*overrides, "kernels.ssd=fla"], tag="-ssd-fla")

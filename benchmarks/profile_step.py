@@ -22,7 +22,7 @@ replay are listed only where CUPTI reports graph kernels; the kernel count says 
 
     python benchmarks/profile_step.py --model mamba-370m --micro-batch 8 --cuda-graph off auto
     python benchmarks/profile_step.py --model mamba2-370m --cuda-graph auto \
-        --variant fla:+model.ssm_cfg.ssd_kernel=fla --peak-flops 989e12
+        --variant fla:kernels.ssd=fla --peak-flops 989e12
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for (b)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDE",
                     help="also profile (b) with cuda_graph=auto and this extra override, e.g. "
-                         "fla:+model.ssm_cfg.ssd_kernel=fla (a column of the kernel budget)")
+                         "fla:kernels.ssd=fla (a column of the kernel budget)")
     ap.add_argument("--skip-plain", action="store_true", help="leave out arm (a)")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="dense bf16 FLOP/s for the matmul-only bound (e.g. 989e12 for an H200)")

@@ -16,16 +16,18 @@ with each arm's best micro-batch over ``--micro-batches`` (a larger batch is not
 ratio), and with ``--ablate-graph`` a GRAPH line: (b) vs (b) with ``module.cuda_graph=off``, the
 measured gain of the captured step. ``--fla-peer`` adds a PEER line: the same model through
 flash-linear-attention's ``fla.models`` in the plain loop, ours/fla beside ours/plain;
-``--ssd-kernel-fla`` an SSD line: (b) with ``model.ssm_cfg.ssd_kernel=fla`` vs the default
-(Mamba-2 models; both in ``fla_arms.py``). ``--json`` writes everything.
+``--ssd-kernel-fla`` an SSD line: (b) with ``kernels.ssd=fla`` vs the default
+(Mamba-2 models; both in ``fla_arms.py``). ``--hf-peer`` adds a PEER line for transformers' own
+class of the model (``NemotronHForCausalLM``, ``Mamba2ForCausalLM``...) in the same plain loop,
+``--moe-arms`` MOE lines for a mixture-of-experts model: the grouped experts against the
+per-expert loop, captured and eager, MFU on active FLOPs (both in ``hf_peer.py``). Models that
+``MambaLMHeadModel`` cannot build (layer patterns: the hybrids) get no arm (a); their ratio is
+against transformers. ``--json`` writes everything.
 
     python benchmarks/train_throughput.py --models mamba-130m mamba2-130m --micro-batches 8 16
 
 Mamba-3 recipes (``--models mamba3-180m mamba3-440m``) get arm (a) from ``mamba3_plain.py``
-(mamba_ssm 2.3.2's ``MambaLMHeadModel`` has no Mamba-3 blocks). Recipes with a layer pattern
-(``--models hybrid-370m``) get it from transformers: the family our export maps the model to
-(``NemotronHForCausalLM`` for hybrid-370m; ``hf_arms.py``), since ``MambaLMHeadModel`` has no
-separate MLP/attention sublayers or squared-ReLU MLPs. Every arm also reports its first
+(mamba_ssm 2.3.2's ``MambaLMHeadModel`` has no Mamba-3 blocks). Every arm also reports its first
 step's time (Triton compile and autotune, and the graph capture for (b)).
 """
 
@@ -75,11 +77,6 @@ def plain_loop(name: str, micro_batch: int, warmup: int, windows: int, window: i
     if cfg.layer == "Mamba3":  # mamba_ssm 2.3.2's MambaLMHeadModel has no Mamba3 blocks
         from mamba3_plain import PlainMamba3LM
         model = PlainMamba3LM(cfg)
-    elif cfg.layer_pattern:  # nor layer patterns: transformers' family of the model
-        from hf_arms import describe, hf_model
-        with torch.device("cuda"):
-            model = hf_model(cfg)
-        print(f"PLAIN {name}: {describe(model)}", flush=True)
     else:
         fields = {k: v for k, v in cfg.to_dict().items() if k in MambaConfig.__dataclass_fields__}
         model = MambaLMHeadModel(MambaConfig(**fields), device="cuda")
@@ -97,7 +94,7 @@ def timed_loop(model, lr: float, micro_batch: int, warmup: int, windows: int, wi
     """A plain training loop around ``model`` (bf16 autocast, fused AdamW over our decay groups,
     clip 1.0); ``loss_of(model, tokens)`` gives the loss of a (micro_batch, SEQ_LEN + 1) batch."""
     from mamba_train.models import norm_backward
-    from mamba_train.training.optim import param_groups
+    from mamba_train.training.step.optim import param_groups
 
     norm_backward.uninstall()  # a plain loop runs mamba_ssm's own kernels
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups(model, 0.1)]
@@ -202,6 +199,14 @@ def framework(name: str, micro_batch: int, warmup: int, windows: int, window: in
     return result
 
 
+def plain_problem(cfg) -> str | None:
+    """Why arm (a) cannot build this model (None where it can): mamba_ssm's ``MambaLMHeadModel``
+    stacks mixer (+ gated MLP) blocks; it has no layer patterns with MLP/MoE sublayers."""
+    if cfg.layer_pattern:
+        return "mamba_ssm's MambaLMHeadModel has no layer patterns (hybrid sublayers)"
+    return None
+
+
 def ready_cuda() -> bool:
     """The GPU set-up both arms share; False, with a message, where there is no CUDA."""
     if not torch.cuda.is_available():
@@ -245,12 +250,12 @@ def fla_lines(args, name: str, same_mb: dict, entry: dict, timing, data, runs, a
     if args.ssd_kernel_fla and model_config(name)[0].layer == "Mamba2":
         from mamba_train.models.ssd_fla import fla_stack_problem
         if fla_stack_problem():
-            print(f"SSD {name} mb={mb}: ssd_kernel=fla not run: {fla_stack_problem()}", flush=True)
+            print(f"SSD {name} mb={mb}: kernels.ssd=fla not run: {fla_stack_problem()}", flush=True)
             return
         c = ssd_kernel_arm(name, mb, timing, data, runs, args.override)
         add_mfu(c)
         entry["ssd_kernel_fla"] = c
-        print(f"SSD {name} mb={mb}: ssd_kernel=fla {_fmt_arm(c)} | ssd_kernel=mamba_ssm "
+        print(f"SSD {name} mb={mb}: kernels.ssd=fla {_fmt_arm(c)} | kernels.ssd=mamba_ssm "
               f"{_fmt_arm(ours)} | fla/mamba_ssm {c['tok_s'] / ours['tok_s']:.2f}", flush=True)
 
 
@@ -268,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the same model through fla.models in the plain loop "
                          "(first micro-batch; benchmarks/fla_arms.py)")
     ap.add_argument("--ssd-kernel-fla", action="store_true",
-                    help="also run (b) with model.ssm_cfg.ssd_kernel=fla for Mamba-2 models")
+                    help="also run (b) with kernels.ssd=fla for Mamba-2 models")
+    ap.add_argument("--hf-peer", action="store_true",
+                    help="also run transformers' own class of the model in the plain loop "
+                         "(first micro-batch; benchmarks/hf_peer.py)")
+    ap.add_argument("--hf-attn", default="sdpa", help="the transformers peer's attn_implementation")
+    ap.add_argument("--moe-arms", action="store_true",
+                    help="mixture-of-experts models: also mamba_train with model.moe_cfg.impl=loop "
+                         "and with the grouped experts eager (MOE lines)")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="dense bf16 FLOP/s of the GPU for MFU where Lightning's table lacks it "
                          "(e.g. 989e12 for an H200 that reports itself as just 'NVIDIA H200')")
@@ -287,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         data, runs = synthetic_shards(Path(tmp) / "data"), Path(tmp) / "runs"
         for name in args.models:
             fpt = flops_per_token(model_config(name)[0], SEQ_LEN)
+            if plain_problem(model_config(name)[0]):
+                from hf_peer import without_plain
+                results["models"][name] = without_plain(
+                    args, name, fpt, timing, data, runs,
+                    lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)), _fmt_arm)
+                continue
             per_mb = {}
             for mb in args.micro_batches:
                 a = plain_loop(name, mb, *timing)
@@ -316,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_fmt_arm(c)} | gain {b['tok_s'] / c['tok_s']:.2f}", flush=True)
             fla_lines(args, name, per_mb[args.micro_batches[0]], entry, timing, data, runs,
                       lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)))
+            if args.hf_peer:
+                from hf_peer import hf_peer_arm
+                hf_peer_arm(args, name, per_mb[args.micro_batches[0]]["mamba_train"], entry,
+                            timing, lambda r: r.update(mfu=mfu(r["tok_s"], fpt, peak)), _fmt_arm)
             results["models"][name] = entry
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

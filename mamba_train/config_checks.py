@@ -17,10 +17,11 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.models.kernels import SSD_KERNELS
 from mamba_train.models.mixer_tables import MAMBA3_DEFAULTS
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
-from mamba_train.training.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
-from mamba_train.training.nonfinite import NAN_POLICIES
+from mamba_train.training.step.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
+from mamba_train.training.step.nonfinite import NAN_POLICIES
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 
@@ -61,6 +62,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                                                   "before nan_policy=skip gives up)"),
     "module.cuda_graph": (lambda v: v in GRAPH_MODES, ", ".join(GRAPH_MODES)),
     "module.cuda_graph_allreduce": (lambda v: v in ALLREDUCE_PLACES, " or ".join(ALLREDUCE_PLACES)),
+    "kernels.ssd": (lambda v: v in SSD_KERNELS, ", ".join(SSD_KERNELS)),
     "kernels.norm_backward": (lambda v: v in NORM_BACKWARDS, " or ".join(NORM_BACKWARDS)),
     "kernels.mamba1_recompute": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (positive_number, "a positive number, e.g. 3e-4"),

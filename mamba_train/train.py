@@ -1,6 +1,6 @@
 """The training task: composed config in, trained run out.
 
-``python -m mamba_train`` (``__main__.py``) only hands Hydra's config to ``train(cfg)``, which
+``python -m mamba_train`` (``cli/train.py``) only hands Hydra's config to ``train(cfg)``, which
 reads top to bottom: validate -> data -> module (one instantiate of the ``module`` group) ->
 callbacks/loggers -> trainer -> batch arithmetic -> fit. Tests call ``train`` directly with a composed config.
 """
@@ -19,15 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.config_checks import check_config, config_warnings, write_resolved_config
 from mamba_train.errors import MambaTrainError
-from mamba_train.training.batch import BatchSizeError, grad_accumulation, planned_world_size
-from mamba_train.training.callbacks.run_start import check_interpolations, check_model_memory
-from mamba_train.training.checkpoint_io import AtomicCheckpointIO
-from mamba_train.training.determinism import enable_deterministic_kernels
-from mamba_train.training.init_from import model_and_source
-from mamba_train.training.module import MambaLMModule
-from mamba_train.training.resume import (checkpoint_dir, checkpoint_files, clean_checkpoint_dir,
+from mamba_train.training.step.batch import BatchSizeError, grad_accumulation, planned_world_size
+from mamba_train.training.run.callbacks.run_start import check_interpolations, check_model_memory
+from mamba_train.training.run.checkpoint_io import AtomicCheckpointIO
+from mamba_train.training.run.determinism import enable_deterministic_kernels
+from mamba_train.training.run.init_from import model_and_source
+from mamba_train.training.step.module import MambaLMModule
+from mamba_train.training.run.resume import (checkpoint_dir, checkpoint_files, clean_checkpoint_dir,
                                          resolve_ckpt_path, resume_command)
-from mamba_train.training.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
+from mamba_train.training.run.run_lock import launching_rank_zero, lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from conftest import TINY, compose_config, metric_by_step
 from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.train import train
-from mamba_train.training.activation_checkpointing import (ActivationCheckpointingError,
+from mamba_train.training.step.activation_checkpointing import (ActivationCheckpointingError,
                                                           apply_activation_checkpointing,
                                                           checkpointed_block_indices, describe,
                                                           normalize_policy)

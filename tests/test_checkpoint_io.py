@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mamba_train.training.checkpoint_io import AtomicCheckpointIO
+from mamba_train.training.run.checkpoint_io import AtomicCheckpointIO
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

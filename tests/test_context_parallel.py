@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.parallel.context_parallel import ContextParallel
-from mamba_train.training.activation_checkpointing import apply_activation_checkpointing
+from mamba_train.training.step.activation_checkpointing import apply_activation_checkpointing
 
 WORLD, BATCH, SEQLEN, VOCAB = 2, 2, 32, 128
 ATTN = {"causal": True, "num_heads": 2, "rotary_emb_dim": 8, "qkv_proj_bias": False,

@@ -66,8 +66,8 @@ def test_one_process_checkpoint_resumes_on_cp2(one_process, tmp_path):
 
 
 def test_fsdp2_config_composes_and_refuses_a_zero_size(tmp_path):
-    from mamba_train.training.strategies.fsdp2 import fsdp2_strategy
-    from mamba_train.training.strategies.policy import ParallelConfigError
+    from mamba_train.training.step.strategies.fsdp2 import fsdp2_strategy
+    from mamba_train.training.step.strategies.policy import ParallelConfigError
 
     with pytest.raises(ParallelConfigError, match="context_parallel_size must be >= 1"):
         fsdp2_strategy(context_parallel_size=0)

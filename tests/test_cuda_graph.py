@@ -16,10 +16,10 @@ import lightning as L
 import pytest
 import torch
 
-import mamba_train.training.cuda_graph as cuda_graph_mod
+import mamba_train.training.step.cuda_graph as cuda_graph_mod
 from conftest import TINY, compose_config, metric_by_step
 from mamba_train.train import train
-from mamba_train.training.cuda_graph import CudaGraphError, GraphedTrainStep
+from mamba_train.training.step.cuda_graph import CudaGraphError, GraphedTrainStep
 
 STEPS = 6
 # accumulation 2 (512 tokens/step = 2 micro-batches of 4 × 64), validation inside the run (its
@@ -110,7 +110,7 @@ def test_cuda_graph_on_is_refused_with_the_reasons(tmp_path):
     with pytest.raises(CudaGraphError, match=r"device is cpu.*cuda_graph=auto or off") as err:
         train(compose_config([*TINY, *COMMON, "trainer.max_steps=1", "module.cuda_graph=on",
                               "module.nan_policy=skip"], tmp_path))
-    # nan_policy=skip decides on the device (training/nonfinite.py): no reason to stay eager
+    # nan_policy=skip decides on the device (training/step/nonfinite.py): no reason to stay eager
     assert "nan_policy" not in str(err.value)
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from mamba_train.cli import UsageError
-from mamba_train.data.prepare import main, parse_args
+from mamba_train.cli.args import UsageError
+from mamba_train.cli.prepare import main, parse_args
 from mamba_train.data.shards import TokenShards, validate_dataset
 from mamba_train.data.tokenizer import load_tokenizer
 

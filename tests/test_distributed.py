@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 
 from conftest import TINY, compose_config
 from mamba_train.train import train
-from mamba_train.training.strategies.policy import ParallelConfigError
+from mamba_train.training.step.strategies.policy import ParallelConfigError
 
 STEPS = 4
 # 512 tokens/step = 2 × micro-batch 4 × 64 tokens: accumulation 2 on 1 process, 1 on 2 processes
@@ -156,7 +156,7 @@ def test_fsdp_strategy_wraps_blocks_with_fp32_parameters(tmp_path):
     mp = s.mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
     # gradient clipping by global norm: the training step's sharded kind, FSDP's own clip
-    from mamba_train.training.step import strategy_kind
+    from mamba_train.training.step.train_step import strategy_kind
     assert strategy_kind(s) == "sharded"
 
 
@@ -176,7 +176,7 @@ def test_fsdp_bf16_parameters_are_refused_unless_allowed(tmp_path, caplog):
 def test_deepspeed_bf16_mixed_keeps_fp32_module_parameters():
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
-    from mamba_train.training.strategies.deepspeed import deepspeed_strategy
+    from mamba_train.training.step.strategies.deepspeed import deepspeed_strategy
 
     s = deepspeed_strategy(stage=3)
     s.precision_plugin = DeepSpeedPrecision("bf16-mixed")
@@ -188,6 +188,45 @@ def test_deepspeed_bf16_mixed_keeps_fp32_module_parameters():
     s.precision_plugin = DeepSpeedPrecision("bf16-mixed")
     with pytest.raises(ParallelConfigError, match="16-bit module"):
         s._format_config()
+
+
+class FirstStepGradients(L.Callback):
+    """The full gradients the first optimizer step is taken with (DeepSpeed's partitions gathered)."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads:
+            return
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        for name, p in pl_module.model.named_parameters():
+            if isinstance(trainer.strategy, DeepSpeedStrategy):
+                from deepspeed.utils import safe_get_full_grad
+                grad = safe_get_full_grad(p)
+            else:
+                grad = p.grad
+            self.grads[name] = grad.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+
+
+@has_deepspeed
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_deepspeed_gradient_under_accumulation_is_the_plain_one(stage, tmp_path):
+    """Accumulation 2 on one process: DeepSpeed's gradient is the plain step's, not half of it
+    (Lightning's closure divides the loss by the accumulation, the engine must not again)."""
+    grads = {}
+    for name, extra in [("plain", []),
+                        ("ds", [f"strategy=deepspeed_zero{stage}", "strategy.allow_cpu=true"])]:
+        grab = FirstStepGradients()
+        result = train(compose_config([*RUN, "trainer.devices=1", "trainer.max_steps=1",
+                                       f"run_name={name}", *extra], tmp_path), [grab])
+        assert result["trainer"].accumulate_grad_batches == 2
+        grads[name] = grab.grads
+    assert grads["ds"].keys() == grads["plain"].keys() and grads["plain"]
+    for key, plain in grads["plain"].items():
+        torch.testing.assert_close(grads["ds"][key], plain, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_cli_refuses_bf16_fsdp_parameters_in_one_line(tmp_path):
@@ -214,7 +253,7 @@ class _SignalAt(L.Callback):
 def test_preemption_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     common = [*RUN, "trainer.max_steps=6", "train.global_batch_tokens=768",  # accumulation 3
-              "+callbacks.preemption._target_=mamba_train.training.callbacks.preemption.PreemptionCheckpoint"]
+              "+callbacks.preemption._target_=mamba_train.training.run.callbacks.preemption.PreemptionCheckpoint"]
     straight = train(compose_config([*common, "run_name=straight"], tmp_path))
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     cut = train(compose_config([*common, "run_name=cut"], tmp_path), extra_callbacks=[_SignalAt(2)])
@@ -237,7 +276,7 @@ def test_preemption_agreement_across_ranks_is_read_one_boundary_late():
     on the step just queued); every rank then decides at the same boundary."""
     from types import SimpleNamespace
 
-    from mamba_train.training.callbacks.preemption import PreemptionCheckpoint
+    from mamba_train.training.run.callbacks.preemption import PreemptionCheckpoint
 
     other_rank_flag = {"value": 0.0}
     strategy = SimpleNamespace(root_device=torch.device("cpu"),

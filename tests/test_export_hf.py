@@ -422,7 +422,7 @@ def test_cli_usage_errors(args, needle):
 @pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
 def test_cli_conversion_error_is_one_line(fmt, tmp_path, capsys):
     # in-process (the subprocess path is covered above; this one would pay the imports again)
-    from mamba_train.export.__main__ import main
+    from mamba_train.cli.export import main
 
     assert main([f"ckpt={tmp_path / 'missing'}", f"out={tmp_path / 'o'}", f"format={fmt}"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
@@ -461,7 +461,7 @@ def test_exported_training_checkpoint_generates_with_its_own_tokenizer(trained_c
     """No tokenizer argument needed: the export carries the training tokenizer and its special
     ids, so AutoTokenizer + AutoModelForCausalLM + generate() work on the directory as it is."""
     from mamba_train.data.tokenizer import load_tokenizer
-    from mamba_train.export.__main__ import main
+    from mamba_train.cli.export import main
 
     out = tmp_path / "hf"
     assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=hf", *tokenizer_arg]) == 0, \
@@ -484,7 +484,7 @@ def test_exported_training_checkpoint_generates_with_its_own_tokenizer(trained_c
 
 
 def test_mamba_ssm_export_carries_the_training_tokenizer(trained_ckpt, tmp_path, capsys):
-    from mamba_train.export.__main__ import main
+    from mamba_train.cli.export import main
 
     out = tmp_path / "ssm"
     assert main([f"ckpt={trained_ckpt}", f"out={out}", "format=mamba_ssm"]) == 0

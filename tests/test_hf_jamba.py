@@ -242,7 +242,7 @@ def test_init_from_trains_and_exports_the_source_tensors(tmp_path):
 
 
 def test_dt_bc_norm_weights_are_not_weight_decayed():
-    from mamba_train.training.optim import no_weight_decay
+    from mamba_train.training.step.optim import no_weight_decay
 
     names = [n for n, _ in build_model(_jamba_cfg(), backend="reference").named_parameters()]
     norms = [n for n in names if n.endswith(("dt_norm.weight", "B_norm.weight", "C_norm.weight"))]

@@ -20,7 +20,7 @@ from mamba_train import MambaLMConfig, build_model  # noqa: E402
 from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY  # noqa: E402
 from mamba_train.formats.hf_mamba import MAMBA  # noqa: E402
 from mamba_train.train import train  # noqa: E402
-from mamba_train.training.init_from import (InitFromError, LoadedWeights, fingerprint,  # noqa: E402
+from mamba_train.training.run.init_from import (InitFromError, LoadedWeights, fingerprint,  # noqa: E402
                                             resolve_source)
 
 hf_key = MAMBA.hf_key  # Mamba and Mamba-2 rename the same prefix
@@ -269,7 +269,7 @@ def test_recipe_agrees_with_the_released_checkpoint(name, tmp_path):
     recipe's data (GPT-NeoX tokenizer: 50277 tokens) fits the embedding exactly."""
     from hydra.utils import instantiate
 
-    from mamba_train.training.init_from import InitFrom, architecture_differences
+    from mamba_train.training.run.init_from import InitFrom, architecture_differences
 
     recipe = instantiate(compose_config([f"recipe={name}"], tmp_path).model, _convert_="all")
     released = MambaLMConfig.from_dict(RELEASED[name])
@@ -284,7 +284,7 @@ def test_recipe_agrees_with_the_released_checkpoint(name, tmp_path):
 
 
 def test_resize_vocab_grows_and_cuts_an_untied_head():
-    from mamba_train.training.init_from import resize_vocab
+    from mamba_train.training.run.init_from import resize_vocab
 
     cfg = MambaLMConfig(d_model=8, n_layer=1, vocab_size=10, tie_embeddings=False)  # 16 rows
     state = {"backbone.embedding.weight": torch.randn(16, 8), "lm_head.weight": torch.randn(16, 8),

@@ -13,7 +13,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from mamba_train.resume_overrides import (ResumeConfigError, merge_overrides, restore_run_overrides,
+from mamba_train.cli.resume_overrides import (ResumeConfigError, merge_overrides, restore_run_overrides,
                                           schedule_extension_note)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,21 @@ def test_resume_restores_the_saved_overrides_and_refuses_unsafe_ones(tmp_path, m
     message = str(e.value)
     assert "model.d_model: 32 -> 64" in message and "optim.lr: 0.001 -> 0.002" in message
     assert "log_every_n_steps" not in message and "\n" not in message
+
+
+def test_a_run_from_before_a_module_move_resumes(make_config):
+    """A ``_target_`` names where the code lives: the same object at a new path is no change,
+    another object is."""
+    from omegaconf import OmegaConf
+
+    from mamba_train.cli.resume_overrides import changed_keys
+
+    cfg = make_config()
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["module"]["_target_"] = "mamba_train.training.module.MambaLMModule"  # an older layout
+    assert changed_keys(saved, cfg) == []
+    saved["module"]["_target_"] = "mamba_train.training.module.OtherModule"
+    assert [k for k, _, _ in changed_keys(saved, cfg)] == ["module._target_"]
 
 
 def test_refused_resume_is_one_line_and_leaves_the_run_untouched(tmp_path, make_config):
@@ -134,7 +149,7 @@ def _checkpoint_with_schedule(run_dir: Path, schedule, total: int, at_step: int)
 
 
 def test_extending_a_finished_schedule_says_the_lr(tmp_path):
-    from mamba_train.training.schedule import warmup_cosine, wsd
+    from mamba_train.training.step.schedule import warmup_cosine, wsd
 
     _checkpoint_with_schedule(tmp_path / "a", warmup_cosine, total=10, at_step=10)
     note = schedule_extension_note(tmp_path / "a", 20)
@@ -178,7 +193,7 @@ def _own_tokenizer(directory: Path, docs: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def own_data(tmp_path_factory):
     """100 documents prepared with their own tokenizer (default prepare settings)."""
-    from mamba_train.data.prepare import main as prepare_main
+    from mamba_train.cli.prepare import main as prepare_main
 
     d = tmp_path_factory.mktemp("own")
     docs = _corpus(d / "docs.jsonl")
@@ -224,7 +239,7 @@ def test_prepare_without_a_terminal_prints_whole_dated_lines(tmp_path):
 def test_training_on_own_small_corpus_needs_no_extra_keys(own_data, tmp_path):
     """100 documents, their own tokenizer, default prepare: trains and validates with no
     tokenizer or vocabulary key; prepared without a val split, it trains with validation off."""
-    from mamba_train.data.prepare import main as prepare_main
+    from mamba_train.cli.prepare import main as prepare_main
 
     data, tok = own_data
     common = ["recipe=debug", "model.d_model=32", "model.n_layer=1", "data.num_workers=0",
@@ -247,7 +262,7 @@ def test_training_on_own_small_corpus_needs_no_extra_keys(own_data, tmp_path):
 def test_batch_error_offers_the_micro_batch_that_keeps_the_global_batch():
     import re
 
-    from mamba_train.training.batch import BatchSizeError, grad_accumulation
+    from mamba_train.training.step.batch import BatchSizeError, grad_accumulation
 
     with pytest.raises(BatchSizeError) as e:
         grad_accumulation(524288, 3, 2048, 2)  # 2 GPUs, micro-batch 3
@@ -261,7 +276,7 @@ def test_batch_error_offers_the_micro_batch_that_keeps_the_global_batch():
 def test_a_save_model_directory_is_one_line_asking_for_tokenizer_json(tmp_path, capsys):
     from tokenizers import Tokenizer, models
 
-    from mamba_train.data.prepare import main as prepare_main
+    from mamba_train.cli.prepare import main as prepare_main
 
     Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).model.save(str(tmp_path))
     (tmp_path / "docs.jsonl").write_text('{"text": "ab"}\n')
@@ -298,12 +313,12 @@ logging.basicConfig(level=logging.INFO)
 for name in ("datasets", "pandas", "pyarrow"):  # as if not installed
     sys.modules[name] = None
 import mamba_train.train
-from mamba_train.training.callbacks.run_summary import plot_metrics
+from mamba_train.training.run.callbacks.run_summary import plot_metrics
 # torchmetrics (under Lightning) imports matplotlib when its distribution is installed: absent
 # from here on, as on a base install
 for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
     sys.modules[name] = None
-from mamba_train.data.prepare import main
+from mamba_train.cli.prepare import main
 assert plot_metrics({{"train/loss": [(1, 2.0)]}}, {str(tmp_path / 'p.png')!r}) is None
 assert main(["source={tmp_path / 'd.jsonl'}", "out={tmp_path / 'o'}", "num_proc=1"]) == 0
 assert main(["source={tmp_path / 'x.parquet'}", "out={tmp_path / 'o2'}"]) == 2

@@ -83,7 +83,7 @@ def test_flops_count_parallel_blocks_in_both_and_mlp_blocks_in_neither():
 
 
 def test_ssm_health_reads_the_ssm_inside_a_parallel_block():
-    from mamba_train.training.callbacks.ssm_health import SSMHealthMonitor
+    from mamba_train.training.run.callbacks.ssm_health import SSMHealthMonitor
 
     model = build_model(cfg("P--", 2), backend="reference")
     stats = SSMHealthMonitor(every_n_steps=1).health_stats(model)
@@ -106,6 +106,6 @@ def test_every_mixer_family_sits_at_M(ssm):
 
 
 def test_run_summary_names_the_pattern():
-    from mamba_train.training.callbacks.run_start import _mixers
+    from mamba_train.training.run.callbacks.run_start import _mixers
 
     assert _mixers(cfg("MM-*-P-", 4)) == "pattern MM-*-P-: Mamba2 x 3, attention x 2, MLP x 3"

@@ -201,7 +201,7 @@ def test_eval_cli_writes_results_without_per_task_advice(ckpt, tmp_path):
 
 
 def test_eval_entry_writes_results_next_to_the_checkpoint(ckpt, capsys):
-    from mamba_train.eval import main
+    from mamba_train.cli.eval import main
     assert main([f"ckpt={ckpt}", "tasks=local_mc,local_lambada", "limit=4", "batch_size=8",
                  "dtype=float32", "device=cpu"]) == 0
     out = ckpt.parent / "eval"
@@ -264,7 +264,7 @@ def test_eval_after_training_logs_scores_and_leaves_training_untouched(make_conf
 
 
 def test_lm_eval_wrapper_adds_the_packaged_tasks_once():
-    from mamba_train.lm_eval import with_packaged_tasks
+    from mamba_train.cli.lm_eval import with_packaged_tasks
 
     args = ["--model", "mamba_train", "--tasks", "local_mc"]
     assert with_packaged_tasks(args) == [*args, "--include_path", str(TASKS_DIR)]
@@ -284,7 +284,7 @@ def test_lm_eval_wrapper_adds_the_packaged_tasks_once():
 ])
 def test_eval_entries_without_the_eval_extra(module, argv, rc, stream, needle):
     """lm-eval not installed: --help still answers, anything else is one line naming the extra."""
-    code = (f"import sys; sys.modules['lm_eval'] = None; from mamba_train.{module} import main; "
+    code = (f"import sys; sys.modules['lm_eval'] = None; from mamba_train.cli.{module} import main; "
             f"sys.exit(main({argv!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == rc, proc.stderr

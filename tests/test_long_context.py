@@ -15,7 +15,7 @@ from mamba_train.data.datamodule import TokenDataModule
 from mamba_train.data.shards import DataError
 from mamba_train.models.loss import linear_cross_entropy
 from mamba_train.train import train
-from mamba_train.training.batch import BatchSizeError, grad_accumulation
+from mamba_train.training.step.batch import BatchSizeError, grad_accumulation
 
 
 @pytest.mark.parametrize("seq_len", [2048, 4096, 8192, 16384, 32768, 65536])

@@ -50,9 +50,19 @@ def test_one_measurement_trains_through_the_real_task_on_cpu(tmp_path, monkeypat
                                      "trainer.precision=32-true", "backend=reference",
                                      "model.d_model=64", "model.n_layer=2"])
     monkeypatch.setattr(lc, "ARMS", {"tiny": []})
-    data = lc.synthetic_shards(tmp_path / "data", train_tokens=20_000, val_tokens=2_000)
-    args = type("A", (), {"warmup": 1, "steps": 2})()
+    data = lc.synthetic_shards(tmp_path / "data", train_tokens=20_000, val_tokens=2_000, doc_len=48)
+    args = type("A", (), {"warmup": 1, "steps": 2, "ssm_override": [], "doc_len": 48})()
     clock = lc.StepClock(1, 2, deadline=float("inf"))
     out = lc._train_once("tiny", 64, 4, "every_k", args, data, tmp_path / "runs", clock)
     assert out["steps_done"] == 3 and out["step_mode"].startswith("eager")
     assert clock.tok_s(256) > 0
+
+
+def test_packed_documents_end_with_eos_at_the_asked_mean_length(tmp_path):
+    from mamba_train.data.shards import TokenShards
+
+    lc.synthetic_shards(tmp_path, train_tokens=200_000, val_tokens=20_000, doc_len=400)
+    shards = TokenShards(tmp_path / "train")
+    tokens = shards.tokens(0, shards.total_tokens)
+    n_docs = int((tokens == 0).sum())
+    assert 200_000 / 400 * 0.9 < n_docs < 200_000 / 400 * 1.1

@@ -17,7 +17,7 @@ from mamba_train.models.flops import flops_breakdown, ssm_flops_per_token
 from mamba_train.models.init import SSMInitError, check_ssm_init
 from mamba_train.models.reference import Mamba3, mamba3_siso_chunked, mamba3_siso_sequential
 from mamba_train.models.reference.mamba3_ops import cu_seqlens_from_seq_idx
-from mamba_train.training.optim import no_weight_decay
+from mamba_train.training.step.optim import no_weight_decay
 
 F64 = torch.float64
 KEYS = json.loads((Path(__file__).parent / "data" / "mamba_ssm_keys_mamba3_layer.json").read_text())
@@ -232,7 +232,7 @@ def test_config_rejects_an_odd_number_of_rope_angles():
 
 
 def test_ssm_health_reports_mamba3_dt_and_bc_biases():
-    from mamba_train.training.callbacks.ssm_health import SSMHealthMonitor
+    from mamba_train.training.run.callbacks.ssm_health import SSMHealthMonitor
 
     model = build_model(tiny_config(), backend="reference")
     mixer = model.backbone.layers[1].mixer

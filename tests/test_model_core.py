@@ -10,7 +10,7 @@ from mamba_train import MambaLMConfig, build_model
 from mamba_train.models.backend import BackendError, resolve_backend
 from mamba_train.models.config import ConfigError
 from mamba_train.models.loss import IGNORE_INDEX, linear_cross_entropy
-from mamba_train.training.optim import no_weight_decay, param_groups
+from mamba_train.training.step.optim import no_weight_decay, param_groups
 
 TINY_M2 = dict(d_model=64, n_layer=2, vocab_size=250,
                ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})

@@ -1,6 +1,6 @@
 """Training a mixture-of-experts model end to end on the CPU: the debug recipes train, the
 balancing terms reach the loss, the correction bias moves after each optimizer step and the
-per-layer expert load is logged (models/moe.py, training/callbacks/moe_balance.py)."""
+per-layer expert load is logged (models/moe.py, training/run/callbacks/moe_balance.py)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, make_conf
 @pytest.mark.slow
 def test_router_bias_updates_once_per_optimizer_step_under_accumulation(make_config, monkeypatch):
     """Two micro-batches per optimizer step: the correction bias moves once per step, not
-    once per micro-batch (the callback follows training/step.py's step_ended)."""
+    once per micro-batch (the callback follows training/step/train_step.py's step_ended)."""
     from mamba_train.train import train
-    from mamba_train.training.callbacks import moe_balance
+    from mamba_train.training.run.callbacks import moe_balance
 
     calls = []
     real = moe_balance.update_router_bias

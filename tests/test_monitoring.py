@@ -19,8 +19,8 @@ from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.flops import flops_breakdown, flops_per_token, matmul_params
 from mamba_train.models.lm import MambaLM
 from mamba_train.train import train
-from mamba_train.training.callbacks.ssm_health import SSMHealthMonitor
-from mamba_train.training.loggers import RUN_ID_FILE
+from mamba_train.training.run.callbacks.ssm_health import SSMHealthMonitor
+from mamba_train.training.run.loggers import RUN_ID_FILE
 
 FAST = ["trainer.limit_val_batches=2"]
 
@@ -98,7 +98,7 @@ def test_the_step_clips_and_returns_the_norm_before_clipping(clip_val, scale):
     """The one owner of the logged grad norm: the training step's clip (replicated kind)."""
     from types import SimpleNamespace
 
-    from mamba_train.training.step import TrainStep
+    from mamba_train.training.step.train_step import TrainStep
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
     a.grad, b.grad = torch.full((3,), 2.0), torch.full((2, 2), -1.0)
     step = TrainStep(loss_fn=None, nan_policy="stop", max_consecutive_skips=1, cuda_graph="off")
@@ -212,7 +212,7 @@ def test_wandb_resumed_run_reuses_the_run_id(wandb_runs):
 
 
 def test_fresh_run_gets_a_new_wandb_id(tmp_path):
-    from mamba_train.training.loggers import resolve_run_id
+    from mamba_train.training.run.loggers import resolve_run_id
     first = resolve_run_id(tmp_path, resume=False)
     assert resolve_run_id(tmp_path, resume=True) == first
     assert resolve_run_id(tmp_path, resume=False) != first
@@ -239,9 +239,9 @@ def test_csv_is_written_alongside_wandb_and_mfu_adds_up(wandb_runs):
 def test_wandb_missing_falls_back_to_a_no_op_logger(monkeypatch, tmp_path, caplog):
     from lightning.pytorch.loggers.logger import DummyLogger
 
-    from mamba_train.training.loggers import wandb_logger
+    from mamba_train.training.run.loggers import wandb_logger
     monkeypatch.setitem(sys.modules, "wandb", None)  # "import wandb" raises ImportError
-    caplog.set_level("INFO", logger="mamba_train.training.loggers")
+    caplog.set_level("INFO", logger="mamba_train.training.run.loggers")
     assert isinstance(wandb_logger(run_dir=str(tmp_path), project="p"), DummyLogger)
     (record,) = [r for r in caplog.records if "wandb" in r.getMessage()]
     assert record.levelname == "INFO" and "pip install wandb" in record.getMessage()
@@ -267,7 +267,7 @@ def test_excluded_time_leaves_the_training_clock():
 
     from lightning.pytorch.trainer.states import RunningStage
 
-    from mamba_train.training.callbacks.throughput import StepThroughputMonitor
+    from mamba_train.training.run.callbacks.throughput import StepThroughputMonitor
     mon = StepThroughputMonitor()
     mon._t0s[RunningStage.TRAINING] = t0 = 100.0
     with mon.excluded_time(torch.device("cpu")):

@@ -15,7 +15,7 @@ import torch
 
 from mamba_train.config_checks import ConfigValueError, check_config, config_problems
 from mamba_train.train import train
-from mamba_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from mamba_train.training.step.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 FAST = ["recipe=debug-mamba2", "trainer.limit_val_batches=1", "train.val_every_n_steps=1000",
         "logger=csv"]
@@ -73,7 +73,7 @@ def _assert_same(a, b):
 def test_skip_leaves_weights_and_optimizer_state_of_a_bad_step_untouched(
         make_config, monkeypatch, caplog, mode):
     if "module.cuda_graph=on" in mode:
-        import mamba_train.training.cuda_graph as cuda_graph
+        import mamba_train.training.step.cuda_graph as cuda_graph
         monkeypatch.setattr(cuda_graph, "graph_blockers", lambda trainer, module: [])
     poison = PoisonGradientAt(2)
     with caplog.at_level(logging.WARNING):
@@ -182,7 +182,7 @@ def test_fsdp_init_check_under_no_shard_does_not_offload(tmp_path):
 
     from mamba_train import MambaLMConfig, build_model
     from mamba_train.models.init import check_ssm_init
-    from mamba_train.training.strategies.sharded import gathered_parameters
+    from mamba_train.training.step.strategies.sharded import gathered_parameters
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
@@ -212,7 +212,7 @@ def test_last_among_sharded_checkpoints_is_the_newest_written_directory(tmp_path
     """FSDP/DeepSpeed write a directory per checkpoint; the one preemption wrote last wins."""
     import os
 
-    from mamba_train.training.resume import resolve_ckpt_path
+    from mamba_train.training.run.resume import resolve_ckpt_path
 
     for name, age in (("step0000004.ckpt", 100), ("last.ckpt", 10), ("step0000002.ckpt", 200)):
         (tmp_path / name).mkdir()

@@ -30,7 +30,7 @@ def _enospc_after(nbytes: int):
 
 def test_full_disk_while_appending_metrics_keeps_whole_rows_and_is_one_error(tmp_path, monkeypatch):
     from mamba_train.fileio import DiskFullError
-    from mamba_train.training.csv_logger import ResumableCSVLogger
+    from mamba_train.training.run.csv_logger import ResumableCSVLogger
 
     logger = ResumableCSVLogger(save_dir=str(tmp_path), name="metrics", version="")
     logger.log_metrics({"train/loss": 2.5}, step=0)
@@ -46,7 +46,7 @@ def test_full_disk_while_appending_metrics_keeps_whole_rows_and_is_one_error(tmp
 
 @pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", b"name,value\nfoo,1\n"])
 def test_a_metrics_file_that_is_not_csv_text_is_one_line(tmp_path, content):
-    from mamba_train.training.csv_logger import MetricsFileError, ResumableCSVLogger
+    from mamba_train.training.run.csv_logger import MetricsFileError, ResumableCSVLogger
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "metrics.csv").write_bytes(content)
@@ -58,7 +58,7 @@ def test_a_metrics_file_that_is_not_csv_text_is_one_line(tmp_path, content):
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00\x01", b"abc def\n../../x"])
 def test_a_wandb_run_id_file_that_is_not_an_id_is_one_line(tmp_path, content):
-    from mamba_train.training.loggers import RunIdFileError, resolve_run_id
+    from mamba_train.training.run.loggers import RunIdFileError, resolve_run_id
 
     (tmp_path / "wandb_run_id").write_bytes(content)
     with pytest.raises(RunIdFileError, match="wandb_run_id does not hold a W&B run id"):
@@ -79,7 +79,7 @@ class _FullDisk:
 
 
 def test_a_log_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path, capfd):
-    from mamba_train.training.run_lock import lock_run_dir, unlock_run_dir
+    from mamba_train.training.run.run_lock import lock_run_dir, unlock_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -44,7 +44,7 @@ def test_symbolic_links_planted_in_the_run_directory_are_never_written_through(t
                                   "metrics/metrics.csv"])
 def test_every_file_a_run_writes_refuses_a_planted_link(tmp_path, name):
     from mamba_train.fileio import UnsafePathError
-    from mamba_train.training.run_lock import lock_run_dir, unlock_run_dir
+    from mamba_train.training.run.run_lock import lock_run_dir, unlock_run_dir
 
     run_dir, target = tmp_path / "run", tmp_path / "target"
     (run_dir / "metrics").mkdir(parents=True)
@@ -178,7 +178,7 @@ def test_sigusr1_and_sighup_save_and_a_second_signal_says_it_did_not(tmp_path):
 def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path):
     from mamba_train.models.config import MambaLMConfig
     from mamba_train.models.lm import MambaLM
-    from mamba_train.training.callbacks.run_start import ModelTooLargeError, check_model_memory
+    from mamba_train.training.run.callbacks.run_start import ModelTooLargeError, check_model_memory
 
     hybrid = MambaLMConfig(d_model=64, n_layer=5, vocab_size=4096, d_intermediate=128,
                            ssm_cfg={"layer": "Mamba2"}, attn_layer_idx=[1, 4],

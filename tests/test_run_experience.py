@@ -129,7 +129,7 @@ def test_redirected_run_prints_progress_lines_once_in_one_directory(tmp_path):
 
 def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys, monkeypatch):
     import lightning  # noqa: F401  (adds its console handler)
-    from mamba_train.console import quiet_third_party
+    from mamba_train.cli.console import quiet_third_party
 
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stdout)
@@ -165,7 +165,7 @@ def test_third_party_noise_is_filtered_and_lightning_prints_once(capsys, monkeyp
 
 
 def test_triton_caches_default_to_a_stable_user_dir(monkeypatch, tmp_path):
-    from mamba_train.console import default_kernel_caches
+    from mamba_train.cli.console import default_kernel_caches
 
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
@@ -184,7 +184,7 @@ def test_batched_greedy_samples_match_one_prompt_at_a_time():
 
     from mamba_train.models.build import build_model
     from mamba_train.models.config import MambaLMConfig
-    from mamba_train.training.callbacks.samples import greedy_continue
+    from mamba_train.training.run.callbacks.samples import greedy_continue
 
     torch.manual_seed(0)
     model = build_model(MambaLMConfig(d_model=32, n_layer=2, vocab_size=64), backend="reference").eval()
@@ -216,7 +216,7 @@ class _FakeTrainer:
 
         import torch
 
-        from mamba_train.training.step import StepResult
+        from mamba_train.training.step.train_step import StepResult
 
         self.clock[0] += 1.0
         self.global_step += 1
@@ -229,7 +229,7 @@ class _FakeTrainer:
 def _drive(mode: str, steps: int = 6, every: int = 2):
     import torch
 
-    from mamba_train.training.callbacks.progress import StepProgress
+    from mamba_train.training.run.callbacks.progress import StepProgress
 
     _FakeTrainer.clock[0] = 0.0
     bar = StepProgress(mode=mode, every_n_steps=every, tokens_per_step=1000)
@@ -249,7 +249,7 @@ def _drive(mode: str, steps: int = 6, every: int = 2):
 def test_progress_lines_count_optimizer_steps_of_the_run(caplog, monkeypatch):
     import types
 
-    import mamba_train.training.callbacks.progress as progress
+    import mamba_train.training.run.callbacks.progress as progress
 
     monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: _FakeTrainer.clock[0]))
     caplog.set_level(logging.INFO, logger="mamba_train.progress")
@@ -268,7 +268,7 @@ def test_progress_lines_count_optimizer_steps_of_the_run(caplog, monkeypatch):
 def test_progress_bar_counts_steps_and_shows_val_loss():
     import torch
 
-    from mamba_train.training.callbacks.progress import StepProgress
+    from mamba_train.training.run.callbacks.progress import StepProgress
 
     bar = StepProgress(mode="bar", every_n_steps=2, tokens_per_step=1000)
     trainer = _FakeTrainer(6)
@@ -293,7 +293,7 @@ def test_progress_bar_eta_is_the_runs_and_the_log_file_gets_the_lines(monkeypatc
     mean step time; the bar's steps and validations are lines in the run's log file."""
     import types
 
-    import mamba_train.training.callbacks.progress as progress
+    import mamba_train.training.run.callbacks.progress as progress
 
     monkeypatch.setattr(progress, "time", types.SimpleNamespace(
         perf_counter=lambda: 60 * _FakeTrainer.clock[0]))  # a minute per step

@@ -1,4 +1,4 @@
-"""LR schedules (training/schedule.py): the warm-up / stable / decay shape of ``scheduler=wsd``,
+"""LR schedules (training/step/schedule.py): the warm-up / stable / decay shape of ``scheduler=wsd``,
 the re-warm-up from a chosen LR, and the config group wiring."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from mamba_train.training.schedule import WarmupCosine, WarmupStableDecay, warmup_cosine, wsd
+from mamba_train.training.step.schedule import WarmupCosine, WarmupStableDecay, warmup_cosine, wsd
 
 
 def lrs(scheduler, steps: int) -> list[float]:

@@ -1,5 +1,5 @@
-"""``model.ssm_cfg.ssd_kernel``: validated, left out of saved configs, ignored by the reference
-backend; the fla forward's Mamba-2 -> simple-GLA mapping (q=C, k=B, v=Δx, g=AΔ, D skip, gate,
+"""``kernels.ssd``: checked with the run's settings, refused as a model key, ignored by the
+reference backend; the fla forward's Mamba-2 -> simple-GLA mapping (q=C, k=B, v=Δx, g=AΔ, D skip, gate,
 group broadcast) checked on CPU with the kernels swapped for plain PyTorch."""
 
 import pytest
@@ -18,33 +18,41 @@ def tiny(**ssm) -> MambaLMConfig:
     return MambaLMConfig(d_model=32, n_layer=1, vocab_size=64, ssm_cfg={**SSM, **ssm})
 
 
-def test_ssd_kernel_validated():
-    with pytest.raises(ConfigError, match="ssd_kernel must be one of"):
-        tiny(ssd_kernel="triton")
-    tiny(ssd_kernel="fla")
+def test_ssd_kernel_checked_with_the_run_settings(make_config):
+    from mamba_train.config_checks import config_problems
+
+    assert config_problems(make_config("kernels.ssd=fla")) == []
+    assert config_problems(make_config("kernels.ssd=triton")) == [
+        "kernels.ssd='triton' must be mamba_ssm, mamba_train, fla"]
 
 
-@pytest.mark.parametrize("kernel", ["mamba_train", "fla"])
-def test_ssd_kernel_not_saved_and_ignored_by_reference(kernel):
-    cfg = tiny(ssd_kernel=kernel)
-    assert "ssd_kernel" not in cfg.to_dict()["ssm_cfg"]
-    assert MambaLMConfig.from_dict(cfg.to_dict()).ssm_cfg == tiny().ssm_cfg
-    torch.manual_seed(0)
-    a = MambaLM(cfg, backend="reference")
-    b = MambaLM(tiny(), backend="reference")
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 64, (1, 20))
-    torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=0)
+def test_ssd_kernel_in_the_model_config_names_its_key():
+    with pytest.raises(ConfigError) as e:
+        tiny(ssd_kernel="fla")
+    assert str(e.value) == ("model.ssm_cfg.ssd_kernel is a kernel choice, not a model key: "
+                            "set kernels.ssd instead")
+
+
+def test_reference_backend_records_no_ssd_kernel():
+    from mamba_train.models.build import build_model
+
+    kernels = {"ssd": "mamba_train", "mamba1_recompute": True, "norm_backward": "mamba_ssm"}
+    model = build_model(tiny(), backend="reference", kernels=kernels)
+    assert model.kernels == {"backend": "reference"}  # what summary.json records: what ran
 
 
 def test_resume_across_ssd_kernels_but_not_across_models(make_config):
     from hydra.utils import instantiate
 
     from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY
+    from mamba_train.cli.resume_overrides import is_safe
 
-    # the module group's settings, with this model config in place of the model group's
-    module = instantiate(make_config().module, model_config=tiny(ssd_kernel="fla"))
+    # the module group's settings (kernels.ssd=fla), with this model config in place of the
+    # model group's
+    module = instantiate(make_config("kernels.ssd=fla").module, model_config=tiny())
+    assert module.kernels["ssd"] == "fla"
     module.on_load_checkpoint({CKPT_CONFIG_KEY: tiny().to_dict()})  # same model, other kernel
+    assert is_safe("kernels.ssd")  # a resume may change it
     other = MambaLMConfig(d_model=48, n_layer=1, vocab_size=64, ssm_cfg=SSM)
     with pytest.raises(ValueError, match="different model config"):
         module.on_load_checkpoint({CKPT_CONFIG_KEY: other.to_dict()})

@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from mamba_train.data.shards import DataError
 from mamba_train.models.lm import MambaLM
 from mamba_train.train import RunDirError, train
-from mamba_train.training.batch import BatchSizeError
-from mamba_train.training.callbacks.precision_guard import LowPrecisionParametersError
-from mamba_train.training.module import MambaLMModule, NonFiniteLossError
+from mamba_train.training.step.batch import BatchSizeError
+from mamba_train.training.run.callbacks.precision_guard import LowPrecisionParametersError
+from mamba_train.training.step.module import MambaLMModule, NonFiniteLossError
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "mamba_train/conf/recipe").glob("*.yaml"))
 # Nominal sizes (the papers' names); counted with tied embeddings once, padded vocab.

@@ -92,8 +92,8 @@ def test_weight_files_of_model_directories_are_refused_too(layout, tmp_path):
 
 
 def test_eval_and_export_clis_refuse_in_one_line(evil, tmp_path, capsys):
-    from mamba_train.eval import main as eval_main
-    from mamba_train.export.__main__ import main as export_main
+    from mamba_train.cli.eval import main as eval_main
+    from mamba_train.cli.export import main as export_main
 
     path, _ = evil
     assert eval_main([f"ckpt={path}", "tasks=local_mc", "limit=2", "device=cpu"]) == 1
@@ -117,7 +117,7 @@ def test_lm_eval_adapter_refuses(evil):
 @pytest.mark.slow  # lm-eval's CLI indexes its ~15k task files before it builds the model
 def test_lm_eval_cli_refuses_in_one_line(evil, capsys):
     pytest.importorskip("lm_eval")
-    from mamba_train.lm_eval import main
+    from mamba_train.cli.lm_eval import main
 
     path, _ = evil
     assert main(["--model", "mamba_train", "--model_args", f"pretrained={path}",
@@ -137,7 +137,7 @@ INIT = ["model=source", "data.seq_len=64", "data.micro_batch_size=4",
 def test_init_from_refuses_fresh_and_when_resuming(evil, tmp_path, resuming):
     """Resuming reads only the source's config, and that read must be just as safe."""
     from mamba_train.train import train
-    from mamba_train.training.init_from import InitFromError
+    from mamba_train.training.run.init_from import InitFromError
 
     path, _ = evil
     run_dir = tmp_path / "run"

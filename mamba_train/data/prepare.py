@@ -43,16 +43,12 @@ from typing import Iterator
 
 import numpy as np
 
-from mamba_train.cli import UsageError, parse_key_values, wants_help
 from mamba_train.data.prepare_console import progress_display
 from mamba_train.data.readers import hf_dataset, read_local, readable, resolve_files
 from mamba_train.data.shards import (FORMAT_VERSION, DataError, ShardWriter, atomic_write_json,
                                      is_fresh_output, locked_output)
 from mamba_train.data.tokenizer import load_backend
-from mamba_train.errors import MambaTrainError
 
-USAGE = ("usage: mamba-train-prepare (or python -m mamba_train.data.prepare) source=<file|glob|dir|hub-name|default> "
-         "out=<dir> [key=value ...] (--help)")
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
 
@@ -76,16 +72,6 @@ class PrepareConfig:
         """The settings that determine the output (a resumed run must use the same)."""
         skip = {"out", "num_proc", "batch_docs", "max_shards"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
-def parse_args(argv: list[str]) -> PrepareConfig:
-    """``key=value`` arguments -> :class:`PrepareConfig` (typed by the dataclass fields)."""
-    cfg = parse_key_values(argv, PrepareConfig, required=("source", "out"), usage=USAGE)
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise UsageError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.min_val_tokens < 0:
-        raise UsageError(f"min_val_tokens must be >= 0, got {cfg.min_val_tokens}")
-    return cfg
 
 
 # ----------------------------------------------------------------------------- reading sources
@@ -349,19 +335,7 @@ def _summary(state: dict) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print(USAGE)
-        print(__doc__)
-        return 0
-    try:
-        prepare(parse_args(argv))
-    except MambaTrainError as e:  # DataError, UsageError, ...
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # python -m mamba_train.data.prepare
+    from mamba_train.cli.prepare import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ from typing import Any
 
 import lightning as L
 
-from mamba_train.training.step import step_ended
+from mamba_train.training.step.train_step import step_ended
 
 log = logging.getLogger(__name__)
 

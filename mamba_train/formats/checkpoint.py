@@ -2,7 +2,7 @@
 one safe way to open it.
 
 Lightning writes ``state_dict`` (our model under ``model.``), optimizer and loop states; the
-LightningModule adds the keys defined here (``training/module.py`` imports them). Nothing else
+LightningModule adds the keys defined here (``training/step/module.py`` imports them). Nothing else
 in the project names a checkpoint key.
 
 Checkpoints are shared and downloaded, and unpickling is code execution: a ``.ckpt`` whose pickle

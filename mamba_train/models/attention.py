@@ -124,7 +124,7 @@ class CausalSelfAttention(nn.Module):
 
     sequence_carry = None
     # packed documents on the GPU go through varlen flash attention, whose cu_seqlens length is
-    # read on the host (training/cuda_graph.py keeps such a step eager)
+    # read on the host (training/step/cuda_graph.py keeps such a step eager)
     varlen_needs_host_sync = True
 
     def __init__(self, embed_dim: int, num_heads: int, num_heads_kv: int | None = None,

@@ -19,7 +19,7 @@ from mamba_train.errors import MambaTrainError
 from mamba_train.models.config_validation import (attention_problem, mamba1_problem,
                                                mamba2_problem, mamba3_problem)
 from mamba_train.models.mixer_tables import (
-    ATTN_DEFAULTS, KERNEL_CHOICE_KWARGS, MAMBA1_EXTENSION_DEFAULTS, MAMBA2_EXTENSION_DEFAULTS,
+    ATTN_DEFAULTS, KERNEL_KEYS, MAMBA1_EXTENSION_DEFAULTS, MAMBA2_EXTENSION_DEFAULTS,
     MIXER_LAYERS, MIXER_TABLES)
 from mamba_train.models.pattern import (
     MLP_DEFAULTS, MULTIPLIER_DEFAULTS, BlockSpec, PatternError, check_layout,
@@ -195,6 +195,10 @@ class MambaLMConfig:
             )
         allowed = MIXER_TABLES[self.layer][0]
         unknown = set(self.ssm_cfg) - allowed - {"layer"}
+        moved = sorted(unknown & set(KERNEL_KEYS))
+        if moved:
+            raise ConfigError(f"model.ssm_cfg.{moved[0]} is a kernel choice, not a model key: "
+                              f"set {KERNEL_KEYS[moved[0]]} instead")
         if unknown:
             raise ConfigError(
                 f"model.ssm_cfg has keys {sorted(unknown)} that a {self.layer} mixer does not "
@@ -236,8 +240,7 @@ class MambaLMConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default;
-        kernel choices (``ssm_cfg.ssd_kernel``) are left out: they do not change the model."""
+        """The ``config.json`` content: mamba_ssm's keys, plus ours only where non-default."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -245,8 +248,6 @@ class MambaLMConfig:
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 if value == default:
                     continue
-            if f.name == "ssm_cfg":
-                value = {k: v for k, v in value.items() if k not in KERNEL_CHOICE_KWARGS}
             out[f.name] = _jsonable(value)
         return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS, KERNEL_CHOICE_KWARGS
+from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS
 
 
 def mamba1_problem(kw: dict[str, Any]) -> str | None:
@@ -40,9 +40,6 @@ def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
             f"Mamba2 ssm_cfg.chunk_size must be a power of two (the Triton SSD kernels "
             f"assume it), got {cs}"
         )
-    for key, choices in KERNEL_CHOICE_KWARGS.items():
-        if key in kw and kw[key] not in choices:
-            return (f"model.ssm_cfg.{key} must be one of {choices}, got {kw[key]!r}")
     lo, hi = kw["A_init_range"]
     if not (0 < lo <= hi):
         return (f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")

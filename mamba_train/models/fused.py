@@ -118,17 +118,37 @@ def set_mamba1_recompute(model: torch.nn.Module, recompute: bool) -> None:
             m.checkpoint_lvl = 1 if recompute else 0
 
 
+def set_ssd_kernel(model: torch.nn.Module, kernel: str) -> bool:
+    """The Mamba-2 SSD kernels of every fused Mamba-2 mixer (``kernels.ssd``): ``mamba_ssm``
+    (its fused split-conv1d-scan Function), ``mamba_train`` (the same kernels with the forward's
+    SSD tensors kept for the backward, ``models/ssd_split.py``) or ``fla`` (flash-linear-attention's
+    simple-GLA chunk kernels, ``models/ssd_fla.py``). Returns whether the model has such a mixer."""
+    mixers = [m for m in model.modules() if isinstance(m, FusedMamba2)]
+    if mixers and kernel == "fla":
+        from mamba_train.models.ssd_fla import check_fla_stack
+        check_fla_stack()
+    elif mixers and kernel == "mamba_train":
+        from mamba_train.models import ssd_upstream
+        ssd_upstream.check()
+        if not all(m.use_mem_eff_path for m in mixers):
+            raise ssd_upstream.SSDKernelError(
+                "kernels.ssd=mamba_train replaces mamba_ssm's fused path: set "
+                "model.ssm_cfg.use_mem_eff_path=true or kernels.ssd=mamba_ssm")
+    for m in mixers:
+        m.ssd_kernel = kernel
+    return bool(mixers)
+
+
 class FusedMamba2(_Mamba2):
-    """``ssd_kernel``: ``mamba_ssm`` (its fused split-conv1d-scan kernels), ``mamba_train`` (the
-    same kernels with the forward's SSD tensors kept for the backward, ``models/ssd_split.py``)
-    or ``fla`` (flash-linear-attention's simple-GLA chunk kernels, ``models/ssd_fla.py``). A
-    slice of a longer sequence (a carry) runs mamba_ssm's chunk scan whatever ``ssd_kernel`` says
+    """mamba_ssm's Mamba2 with the SSD kernels chosen by :func:`set_ssd_kernel`. A slice of a
+    longer sequence (a carry) runs mamba_ssm's chunk scan whatever ``kernels.ssd`` says
     (``models/fused_carried.py``)."""
 
+    ssd_kernel = "mamba_ssm"  # mamba_ssm's own forward until set_ssd_kernel says otherwise
     sequence_carry = None  # set by mamba_train.parallel (models/state_passing.py)
 
     def __init__(self, d_model, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 A_init_range=(1, 16), conv_init=None, ssd_kernel="mamba_ssm", d_inner=None,
+                 A_init_range=(1, 16), conv_init=None, d_inner=None,
                  norm_eps=1e-5, A_init="uniform", dt_bias_init=None, **kwargs):
         if d_inner is not None:
             # mamba_ssm sizes everything from (expand * d_model) // world_size: an exact
@@ -138,17 +158,6 @@ class FusedMamba2(_Mamba2):
                          A_init_range=A_init_range, conv_init=conv_init, **kwargs)
         if getattr(self, "norm", None) is not None:
             self.norm.eps = norm_eps  # mamba_ssm fixes 1e-5; its kernels read norm.eps
-        self.ssd_kernel = ssd_kernel
-        if ssd_kernel == "fla":
-            from mamba_train.models.ssd_fla import check_fla_stack
-            check_fla_stack()
-        elif ssd_kernel == "mamba_train":
-            from mamba_train.models import ssd_upstream
-            ssd_upstream.check()
-            if not self.use_mem_eff_path:
-                raise ssd_upstream.SSDKernelError(
-                    "model.ssm_cfg.ssd_kernel=mamba_train replaces mamba_ssm's fused path: set "
-                    "ssm_cfg.use_mem_eff_path=true or ssd_kernel=mamba_ssm")
         self.ssm_init = SSMInitSpec(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                                     A_init_range=tuple(A_init_range), conv_init=conv_init,
                                     A_init=A_init, dt_bias_init=dt_bias_init)
@@ -167,8 +176,8 @@ class FusedMamba2(_Mamba2):
             if seq_idx is not None:
                 from mamba_train.models.ssd_fla import SSDKernelError
                 raise SSDKernelError(
-                    "model.ssm_cfg.ssd_kernel=fla does not take document boundaries (seq_idx): "
-                    "set data.document_boundaries=false or ssd_kernel=mamba_ssm")
+                    "kernels.ssd=fla does not take document boundaries (seq_idx): "
+                    "set data.document_boundaries=false or kernels.ssd=mamba_ssm")
             from mamba_train.models.ssd_fla import mamba2_forward_fla
             return mamba2_forward_fla(self, hidden_states)
         if seq_idx is not None:
@@ -188,7 +197,7 @@ class FusedMamba3(_ReferenceMamba3):
     (mamba_ssm's Mamba3 takes no ``seq_idx``). MIMO runs mamba_ssm's own forward (TileLang)."""
 
     # cu_seqlens' length is the document count: a host sync, so no CUDA-graph capture with
-    # document boundaries (training/cuda_graph.py reads this flag)
+    # document boundaries (training/step/cuda_graph.py reads this flag)
     varlen_needs_host_sync = True
 
     def __init__(self, d_model, **kwargs):

@@ -1,6 +1,10 @@
 """Kernel choices of the fused backend that do not change the model (the ``kernels`` config
 block): same parameters, same formulas, other kernels or recomputation.
 
+* ``ssd``: Mamba-2's SSD on mamba_ssm's fused Function (``mamba_ssm``), on the same kernels
+  without recomputation in the backward (``mamba_train``, ``models/ssd.py``) or on
+  flash-linear-attention's simple-GLA kernels (``fla``, ``models/ssd_fla.py``)
+  (``fused.set_ssd_kernel``).
 * ``mamba1_recompute``: the fused Mamba-1 backward recomputes the conv1d output and delta
   (mamba_ssm's default) or keeps them from the forward (``fused.set_mamba1_recompute``).
 * ``norm_backward``: the RMSNorm backward on mamba_train's Triton kernel (``norm_backward.py``)
@@ -18,20 +22,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
+SSD_KERNELS = ("mamba_ssm", "mamba_train", "fla")
 
-def apply_kernels(model: torch.nn.Module, mamba1_recompute: bool,
+
+def apply_kernels(model: torch.nn.Module, ssd: str, mamba1_recompute: bool,
                   norm_backward: str) -> dict[str, object]:
     """Apply the choices (checked by ``config_checks``) to a built model; returns the kernels
     that will run."""
     if getattr(model, "backend", None) != "fused":
         return {"backend": getattr(model, "backend", "reference")}  # plain PyTorch throughout
     from mamba_train.models import norm_backward as norm_kernels
-    from mamba_train.models.fused import FusedMamba, set_mamba1_recompute
+    from mamba_train.models.fused import FusedMamba, set_mamba1_recompute, set_ssd_kernel
 
     ran: dict[str, object] = {"backend": "fused"}
-    ssd = sorted({m.ssd_kernel for m in model.modules() if hasattr(m, "ssd_kernel")})
-    if ssd:  # model.ssm_cfg.ssd_kernel (a model-config key: models/config.py)
-        ran["ssd_kernel"] = ssd[0] if len(ssd) == 1 else ssd
+    if set_ssd_kernel(model, ssd):
+        ran["ssd"] = ssd
     if any(isinstance(m, FusedMamba) for m in model.modules()):
         set_mamba1_recompute(model, recompute=mamba1_recompute)
         ran["mamba1_recompute"] = bool(mamba1_recompute)

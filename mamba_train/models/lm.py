@@ -68,7 +68,7 @@ class Block(nn.Module):
 
     The mixer is an SSM, attention, or both in parallel (``models/pattern.py``); a block without
     a mixer is ``norm`` -> ``mlp``. ``checkpoint_activations`` (set by
-    ``training/activation_checkpointing.py``): keep only the inputs for the backward and
+    ``training/step/activation_checkpointing.py``): keep only the inputs for the backward and
     recompute the block there."""
 
     checkpoint_activations: bool = False

@@ -20,7 +20,7 @@ MAMBA1_KWARGS = {
 MAMBA2_KWARGS = {
     "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
     "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
-    "bias", "conv_bias", "chunk_size", "use_mem_eff_path", "ssd_kernel",
+    "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
 } | {"d_inner", "norm_eps", "A_init", "dt_bias_init"}
 # Mamba-2 knobs of ours that mamba_ssm's Mamba2 lacks, for the transformers hybrids (Nemotron-H,
 # Bamba, Falcon-H1): an inner width that is not expand*d_model, the gated norm's eps (mamba_ssm
@@ -38,11 +38,10 @@ MAMBA3_KWARGS = {
     "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size",
     "dropout", "A_activation",
 }
-# Kernel choices: the same maths either way, so not part of a saved model (mamba_ssm's Mamba2
-# would reject the key); ``ssd_kernel`` picks the Mamba-2 SSD kernels: mamba_ssm's fused Function,
-# ``mamba_train`` (the same kernels, no recomputation in the backward: models/ssd.py) or ``fla``
-# (models/ssd_fla.py).
-KERNEL_CHOICE_KWARGS = {"ssd_kernel": ("mamba_ssm", "mamba_train", "fla")}
+# Kernel choices are not model keys (the same maths either way, and mamba_ssm's Mamba2 rejects
+# unknown keys): they live in the run's ``kernels`` block (models/kernels.py). Such a key in
+# ssm_cfg is refused with the line naming its place.
+KERNEL_KEYS = {"ssd_kernel": "kernels.ssd"}
 # Mamba-3's A activation: softplus (mamba_ssm 2.3.2) or heavy_tail (newer mamba_ssm)
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 

@@ -1,5 +1,5 @@
 """Mamba-2's SSD (chunked state-space dual) on mamba_ssm's Triton kernels, without the backward's
-recomputation: ``model.ssm_cfg.ssd_kernel=mamba_train``.
+recomputation: ``kernels.ssd=mamba_train``.
 
 mamba_ssm's SSD backward (``ssd_combined._mamba_chunk_scan_combined_bwd``) starts by running four
 forward kernels again: the chunk cumsum of ``A·Δ`` (``dA_cumsum`` and the softplus'd ``Δ``), the
@@ -16,7 +16,9 @@ backward needs) and ``_chunk_scan_fwd`` rounds them to the activations' dtype on
 the rounding the state-passing kernel applies on store. So values and gradients match mamba_ssm's
 bit for bit (tests/gpu/test_ssd_gpu.py checks this). ``fused_kernels`` swaps two or three of the
 backward's kernels (dx, d(CB), the intra-chunk dA term) for one of ours: same formulas, fp32 sums
-in another order.
+in another order. ``forward_kernels="fused"`` (``MAMBA_TRAIN_SSD_FORWARD``) runs the forward's
+chunk_state + state_passing + chunk_scan as one kernel of ours (models/ssd_fwd_kernel.py), which
+keeps the same tensors: same formulas, fp32 sums in another order.
 
 The pieces are private mamba_ssm names, all read through ``models/ssd_upstream.py``.
 """
@@ -40,10 +42,24 @@ NO_DT_LIMIT = (0.0, float("inf"))
 # "none" until benchmarks/ssd_backward.py shows another faster on the GPU; the environment
 # variable chooses for whole-step benchmarks (device_call.sh parts prof2ssdf, prof2ssda)
 FUSED_CHOICES = ("none", "dcb_ddA", "all")
-fused_kernels = os.environ.get("MAMBA_TRAIN_SSD_FUSED", "none")
-if fused_kernels not in FUSED_CHOICES:
-    raise SSDKernelError(f"MAMBA_TRAIN_SSD_FUSED={fused_kernels!r}: use one of "
-                         f"{', '.join(FUSED_CHOICES)}")
+# The forward after the chunk cumsum and CB:
+#   "mamba_ssm"  its chunk_state, state_passing and chunk_scan kernels
+#   "fused"      one kernel of ours walking the chunks with the state on chip
+#                (models/ssd_fwd_kernel.py; same formulas, fp32 sums in another order)
+# "mamba_ssm" until benchmarks/ssd_backward.py --arms fwd shows the fused one faster on the GPU
+FORWARD_CHOICES = ("mamba_ssm", "fused")
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment's choice of ``name`` (the first of ``choices`` when unset), checked."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise SSDKernelError(f"{name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+fused_kernels = _env_choice("MAMBA_TRAIN_SSD_FUSED", FUSED_CHOICES)
+forward_kernels = _env_choice("MAMBA_TRAIN_SSD_FORWARD", FORWARD_CHOICES)
 
 
 class ForwardKept(NamedTuple):
@@ -71,6 +87,12 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initia
         D = D.contiguous()
     dA_cumsum, dt = up._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias,
                                          dt_softplus=dt_softplus, dt_limit=dt_limit)
+    if forward_kernels == "fused":
+        from mamba_train.models.ssd_fwd_kernel import ssd_fwd_fused
+        CB = up._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        out, out_x, states, final_states = ssd_fwd_fused(
+            x, dt, dA_cumsum, CB, B, C, D=D, z=z, initial_states=initial_states, seq_idx=seq_idx)
+        return out, out_x, final_states, ForwardKept(dt, dA_cumsum, states, CB)
     chunk_states = up._chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
     flat = lambda t: None if t is None else rearrange(t, "... p n -> ... (p n)")  # noqa: E731
     states, final_states = up._state_passing_fwd(

@@ -13,7 +13,7 @@ grouped tensors and sums the per-head gradients back over each group, so the exp
 activation memory. Document boundaries (``seq_idx``) are refused: fla's varlen path flattens the
 batch and needs the boundary offsets on the host, which a captured step cannot provide.
 
-fla is imported lazily: ``ssm_cfg.ssd_kernel=fla`` without the package fails with one line, and
+fla is imported lazily: ``kernels.ssd=fla`` without the package fails with one line, and
 so does a stack where fla's gated backward is known to be wrong: on Hopper GPUs, Triton 3.4.0 up
 to (not including) 3.7.1 miscompiles a transposed wgmma result in ``chunk_bwd_kernel_dqkwg``
 (wrong dk / dg; fla-org/flash-linear-attention #640, fixed in Triton 3.7.1 per fla PR #983).
@@ -42,8 +42,8 @@ def _fla():
         from fla.ops.utils.constant import RCP_LN2
     except ImportError as e:
         raise SSDKernelError(
-            f"model.ssm_cfg.ssd_kernel=fla needs flash-linear-attention ({e}); install "
-            "`flash-linear-attention` or set ssd_kernel=mamba_ssm") from e
+            f"kernels.ssd=fla needs flash-linear-attention ({e}); install "
+            "`flash-linear-attention` or set kernels.ssd=mamba_ssm") from e
     return chunk_simple_gla_fwd, chunk_simple_gla_bwd, chunk_local_cumsum, RCP_LN2
 
 
@@ -52,16 +52,16 @@ def fla_stack_problem() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("fla") is None:
-        return ("model.ssm_cfg.ssd_kernel=fla needs flash-linear-attention; install "
-                "`flash-linear-attention` or set ssd_kernel=mamba_ssm")
+        return ("kernels.ssd=fla needs flash-linear-attention; install "
+                "`flash-linear-attention` or set kernels.ssd=mamba_ssm")
     import triton
     from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
 
     if (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
             and importlib.util.find_spec("tilelang") is None):
-        return (f"model.ssm_cfg.ssd_kernel=fla cannot train here: Triton {triton.__version__} on a "
+        return (f"kernels.ssd=fla cannot train here: Triton {triton.__version__} on a "
                 "Hopper GPU computes fla's gated chunk backward wrongly (fla-org/flash-linear-"
-                "attention #640); it needs Triton >= 3.7.1 (or tilelang). Use ssd_kernel=mamba_ssm")
+                "attention #640); it needs Triton >= 3.7.1 (or tilelang). Use kernels.ssd=mamba_ssm")
     return None
 
 

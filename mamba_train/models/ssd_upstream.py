@@ -64,15 +64,15 @@ def _modules() -> dict[str, object]:
             modules[module] = modules.get(module) or importlib.import_module(_PREFIX + module)
         except ImportError as e:
             raise SSDKernelError(
-                f"model.ssm_cfg.ssd_kernel=mamba_train needs mamba_ssm's Triton SSD kernels "
-                f"({e}); install mamba-ssm=={TESTED_WITH} or set ssd_kernel=mamba_ssm") from e
+                f"kernels.ssd=mamba_train needs mamba_ssm's Triton SSD kernels "
+                f"({e}); install mamba-ssm=={TESTED_WITH} or set kernels.ssd=mamba_ssm") from e
         if not hasattr(modules[module], name):
             missing.append(f"{module}.{name}")
     if missing:
         raise SSDKernelError(
-            f"model.ssm_cfg.ssd_kernel=mamba_train calls private mamba_ssm names that mamba_ssm "
+            f"kernels.ssd=mamba_train calls private mamba_ssm names that mamba_ssm "
             f"{_version()} does not have: {', '.join(missing)}; it was checked "
-            f"with mamba-ssm=={TESTED_WITH}: install that, or set ssd_kernel=mamba_ssm")
+            f"with mamba-ssm=={TESTED_WITH}: install that, or set kernels.ssd=mamba_ssm")
     return modules
 
 
@@ -101,5 +101,5 @@ def check() -> None:
     up = upstream()
     if up.causal_conv1d_fwd_function is None or up.causal_conv1d_bwd_function is None:
         raise SSDKernelError(
-            "model.ssm_cfg.ssd_kernel=mamba_train needs the causal-conv1d package (mamba_ssm "
-            "imports it optionally): install causal-conv1d, or set ssd_kernel=mamba_ssm")
+            "kernels.ssd=mamba_train needs the causal-conv1d package (mamba_ssm "
+            "imports it optionally): install causal-conv1d, or set kernels.ssd=mamba_ssm")

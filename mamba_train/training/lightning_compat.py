@@ -5,19 +5,19 @@ Each accessor wraps one name that has no public equivalent in Lightning 2.5-2.6 
 Subclasses that *override* private hooks or read a parent's private attributes must do so in
 their own classes; they are listed here so that one file names every private dependency:
 
-* ``training/strategies/cpu_shims.py`` (CPU-process runs for the tests): ``_setup_model``,
+* ``training/step/strategies/cpu_shims.py`` (CPU-process runs for the tests): ``_setup_model``,
   ``_full_state_dict_context``, ``_state_dict_type`` (FSDP); ``_setup_model_and_optimizer``, ``_init_deepspeed_distributed`` (DeepSpeed). No public
   hook lets a subclass change how the wrapped model or the process group is built.
-* ``training/strategies/deepspeed.py``: ``_format_config``, the only place Lightning turns the
+* ``training/step/strategies/deepspeed.py``: ``_format_config``, the only place Lightning turns the
   precision flag into DeepSpeed config sections.
-* ``training/nonfinite.py`` (a torch handshake, not Lightning): ``optimizer.found_inf``, the
+* ``training/step/nonfinite.py`` (a torch handshake, not Lightning): ``optimizer.found_inf``, the
   device flag ``torch.amp.GradScaler`` hands to fused optimizers (``torch.optim.AdamW(fused=True)``
   reads it in ``step`` and leaves weights, moments and step count alone when it is set). It is
   set as an attribute, as ``GradScaler._maybe_opt_step`` does; torch does not document it.
-* ``training/callbacks/good_checkpoint.py``: ``ModelCheckpoint._monitor_candidates``,
+* ``training/run/callbacks/good_checkpoint.py``: ``ModelCheckpoint._monitor_candidates``,
   ``_save_topk_checkpoint``, ``_save_last_checkpoint`` (the save of a periodic checkpoint that
   waits for the validation of its step; Lightning's own waiting flag differs between 2.5 and 2.6).
-* ``training/csv_logger.py``: ``ExperimentWriter._check_log_dir_exists`` (Lightning deletes
+* ``training/run/csv_logger.py``: ``ExperimentWriter._check_log_dir_exists`` (Lightning deletes
   ``metrics.csv`` there on restart; the resumable logger keeps it), ``_rewrite_with_new_header``
   (rewritten through the atomic writer: Lightning rewrites the file in place) and ``CSVLogger``'s
   ``_experiment`` / ``_fs`` (the ``experiment`` property it re-implements to use that writer).

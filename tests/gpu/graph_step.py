@@ -10,7 +10,7 @@ def eager_and_captured_gradients(model, vocab_size: int, accumulate: int):
     """6 micro-batches of 4 x 1024 tokens through ``GraphedTrainStep``: eagerly (warm-up never
     ends), eagerly again, and captured after 2 warm-up micro-steps. Returns the three flat
     gradients and the replay counts of the first eager and the captured run."""
-    from mamba_train.training.cuda_graph import GraphedTrainStep
+    from mamba_train.training.step.cuda_graph import GraphedTrainStep
 
     params = list(model.parameters())
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -18,7 +18,7 @@ from conftest import compose_config, metric_by_step
 from mamba_train.models.build import build_model
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.train import train
-from mamba_train.training.activation_checkpointing import apply_activation_checkpointing
+from mamba_train.training.step.activation_checkpointing import apply_activation_checkpointing
 
 
 def _run(tmp_path, policy: str):

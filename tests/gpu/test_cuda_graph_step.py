@@ -90,7 +90,7 @@ def test_graph_owned_gradients_survive_a_grad_reset_and_an_odd_shaped_batch():
     """Accumulation 1: the captured backward owns the gradient tensors. A ``.grad = None`` from
     elsewhere is re-bound after the next replay, and an eager micro-step (a batch of another
     shape) starts from zero in those same tensors, not from the last replay's values."""
-    from mamba_train.training.cuda_graph import GraphedTrainStep
+    from mamba_train.training.step.cuda_graph import GraphedTrainStep
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).cuda()

@@ -1,4 +1,4 @@
-"""``model.ssm_cfg.ssd_kernel=fla`` (Mamba-2's SSD on flash-linear-attention's simple-GLA chunk
+"""``kernels.ssd=fla`` (Mamba-2's SSD on flash-linear-attention's simple-GLA chunk
 kernels) against mamba_ssm's fused path (same weights, bf16 autocast) and against the pure-PyTorch
 reference (IEEE fp32: run with ``TRITON_F32_DEFAULT=ieee``, as run_all.sh does): logits and every
 parameter gradient; a short training run that learns the same as the default kernel; document
@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("fla", reason="flash-linear-attention is not installed (copy its wheels into .whl/)")
 
 from mamba_train import MambaLMConfig, build_model  # noqa: E402
+from mamba_train.models.fused import set_ssd_kernel  # noqa: E402
 from mamba_train.models.lm import MambaLM  # noqa: E402
 from mamba_train.models import ssd_fla  # noqa: E402
 
@@ -43,12 +44,13 @@ def models(name: str, *backends: str):
     torch.manual_seed(0)
     out = []
     for backend in backends:
-        kernel = "fla" if backend == "fla" else "mamba_ssm"
-        cfg = MambaLMConfig(**{**CONFIGS[name], "ssm_cfg": {**CONFIGS[name]["ssm_cfg"], "ssd_kernel": kernel}})
+        cfg = MambaLMConfig(**CONFIGS[name])
         if backend == "reference":
             out.append(MambaLM(cfg, backend="reference", device="cuda"))
         else:
-            out.append(build_model(cfg, backend="fused", device="cuda"))
+            model = build_model(cfg, backend="fused", device="cuda")
+            set_ssd_kernel(model, "fla" if backend == "fla" else "mamba_ssm")
+            out.append(model)
     for m in out[1:]:
         m.load_state_dict(out[0].state_dict())
     return out

@@ -17,7 +17,7 @@ import torch
 
 from conftest import compose_config
 from mamba_train.train import train
-from mamba_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from mamba_train.training.step.nonfinite import NonFiniteGuard, NonFiniteLossError
 from test_reliability import PoisonGradientAt, _assert_same
 
 pytestmark = pytest.mark.gpu

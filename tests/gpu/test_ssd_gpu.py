@@ -1,4 +1,4 @@
-"""``model.ssm_cfg.ssd_kernel=mamba_train`` (models/ssd.py, models/ssd_split.py) against mamba_ssm's
+"""``kernels.ssd=mamba_train`` (models/ssd.py, models/ssd_split.py) against mamba_ssm's
 own Functions on the GPU: the same kernels on the same inputs, so values and gradients must be
 equal bit for bit (bf16 and fp32; lengths a multiple of the chunk and not; document boundaries;
 initial and final states; the z gate; grouped B/C), in a whole fused model too, deterministic
@@ -78,7 +78,7 @@ def _assert_equal(ours, ref, names, record, label, fused=False, bf16=True):
             raise AssertionError(f"{label}: {name} differs from mamba_ssm's by {diff:.3e} "
                                  f"({rel:.2e} of its largest value)")
     how = f"worst rel diff {worst:.1e}" if fused else "bit-identical"
-    record(f"ssd_kernel=mamba_train fused={ssd.fused_kernels} {label}: {how} to mamba_ssm "
+    record(f"kernels.ssd=mamba_train fused={ssd.fused_kernels} {label}: {how} to mamba_ssm "
            f"({len(names)} tensors)")
 
 
@@ -160,7 +160,7 @@ def test_atomic_reductions_within_mamba_ssms_own_run_to_run_spread(record, mamba
         assert diff <= max(2 * spread, floor), (
             f"{label}: {name} differs from mamba_ssm's by {diff:.3e}; two mamba_ssm runs by "
             f"{spread:.3e}; fp32 order floor {floor:.3e}")
-    record(f"ssd_kernel=mamba_train default (atomic) mode {label}: bit-identical but for "
+    record(f"kernels.ssd=mamba_train default (atomic) mode {label}: bit-identical but for "
            + ", ".join(f"{n} {d:.1e} (mamba_ssm vs itself {s:.1e})" for n, (d, s) in worst.items()))
 
 
@@ -202,11 +202,12 @@ def test_split_conv1d_scan_matches_mamba_ssm(record, fused, length, d_nonssm, ng
 def _model_grads(kernel, seq_idx=None, deterministic=False, backend="fused", bf16=True):
     from mamba_train import MambaLMConfig
     from mamba_train.models.build import build_model
+    from mamba_train.models.fused import set_ssd_kernel
     from mamba_train.models.lm import MambaLM
     torch.manual_seed(0)
-    cfg = MambaLMConfig(d_model=256, n_layer=2, vocab_size=512,
-                        ssm_cfg={"layer": "Mamba2", "ssd_kernel": kernel})
+    cfg = MambaLMConfig(d_model=256, n_layer=2, vocab_size=512, ssm_cfg={"layer": "Mamba2"})
     model = build_model(cfg, backend="fused", device=DEV)
+    set_ssd_kernel(model, kernel)
     if backend == "reference":  # the same weights in the fp32 PyTorch reference mixers
         ref = MambaLM(cfg, backend="reference", device=DEV)
         ref.load_state_dict(model.state_dict())
@@ -235,7 +236,7 @@ def test_fused_model_matches_fp32_reference(record, fused):
     ours = _model_grads("mamba_train", seq_idx, bf16=False)
     ref = _model_grads("mamba_train", seq_idx, backend="reference", bf16=False)
     errs = [((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(ours, ref)]
-    record(f"ssd_kernel=mamba_train fused={ssd.fused_kernels} vs fp32 reference (logits, grads): "
+    record(f"kernels.ssd=mamba_train fused={ssd.fused_kernels} vs fp32 reference (logits, grads): "
            f"worst rel err {max(errs):.2e}")
     assert max(errs) < 1e-3, errs
 
@@ -243,7 +244,7 @@ def test_fused_model_matches_fp32_reference(record, fused):
 def test_deterministic_mode_repeats_bit_for_bit(record, fused):
     a, b = _model_grads("mamba_train", deterministic=True), _model_grads("mamba_train", deterministic=True)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    record(f"ssd_kernel=mamba_train fused={ssd.fused_kernels}: two deterministic-mode runs bit-identical")
+    record(f"kernels.ssd=mamba_train fused={ssd.fused_kernels}: two deterministic-mode runs bit-identical")
 
 
 def test_captured_forward_backward_replays_eagers_result(record, fused):
@@ -277,7 +278,7 @@ def test_captured_forward_backward_replays_eagers_result(record, fused):
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
     assert all(torch.equal(v.grad, g) for v, g in zip(static.values(), eager_grads))
-    record(f"ssd_kernel=mamba_train fused={ssd.fused_kernels}: captured fwd+bwd replay bit-identical "
+    record(f"kernels.ssd=mamba_train fused={ssd.fused_kernels}: captured fwd+bwd replay bit-identical "
            "to eager")
 
 

@@ -53,7 +53,7 @@ def _faulty_save(obj, f, *args, **kwargs):
 
 torch.save = _faulty_save
 
-from mamba_train.training.module import MambaLMModule  # noqa: E402
+from mamba_train.training.step.module import MambaLMModule  # noqa: E402
 
 if env("MT_FAULT_STEP_SLEEP") or env("MT_FAULT_NAN_LOSS_FROM") or env("MT_FAULT_HOLD_WHILE"):
     _loss = MambaLMModule._loss
@@ -91,7 +91,7 @@ if env("MT_FAULT_KILL_IN_VAL_AT"):
     MambaLMModule.validation_step = _killed_in_val
 
 if env("MT_FAULT_GRAPH_STEP_ON_CPU"):
-    import mamba_train.training.cuda_graph as cuda_graph
+    import mamba_train.training.step.cuda_graph as cuda_graph
     cuda_graph.graph_blockers = lambda trainer, module: []
 
 if env("MT_FAULT_ENOSPC_PLOT"):
@@ -103,6 +103,6 @@ if env("MT_FAULT_ENOSPC_PLOT"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     matplotlib.figure.Figure.savefig = _full_disk_savefig
 
-from mamba_train.__main__ import main  # noqa: E402
+from mamba_train.cli.train import main  # noqa: E402
 
 main()

@@ -1,4 +1,4 @@
-"""Runs ``ssd_kernel=mamba_train``'s Functions (models/ssd.py, models/ssd_split.py) and mamba_ssm's
+"""Runs ``kernels.ssd=mamba_train``'s Functions (models/ssd.py, models/ssd_split.py) and mamba_ssm's
 own on CPU under Triton's interpreter and prints, as JSON, which outputs and gradients differ.
 
 mamba_ssm's Triton launchers assume a CUDA build of torch in three places that do not touch the
@@ -30,6 +30,7 @@ autotuner.Autotuner.__init__ = lambda self, fn, names, configs, *a, **k: _autotu
 
 from mamba_ssm.ops.triton import ssd_combined  # noqa: E402
 
+from mamba_train.models import ssd  # noqa: E402
 from mamba_train.models.ssd import ssd_chunk_scan  # noqa: E402
 from mamba_train.models.ssd_split import split_conv1d_scan_kept  # noqa: E402
 
@@ -57,8 +58,9 @@ ssd_combined.causal_conv1d_fwd_function = conv_fwd
 ssd_combined.causal_conv1d_bwd_function = conv_bwd
 
 
-def compare(ours, theirs, leaves, names):
-    """Names of the outputs / input gradients that are not bit-identical, with the max diff."""
+def compare(ours, theirs, leaves, names, relative=False):
+    """Names of the outputs / input gradients that are not bit-identical, with the max diff
+    (``relative``: over the largest value of mamba_ssm's)."""
     results = []
     for fn in (ours, theirs):
         copies = [t.clone().requires_grad_() if t is not None else None for t in leaves]
@@ -68,11 +70,12 @@ def compare(ours, theirs, leaves, names):
         sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
         results.append([o.detach() for o in outs] + [c.grad for c in copies if c is not None])
     assert len(results[0]) == len(names)
-    return {n: (a.float() - b.float()).abs().max().item()
+    scale = lambda b: b.float().abs().max().item() if relative else 1.0  # noqa: E731
+    return {n: (a.float() - b.float()).abs().max().item() / scale(b)
             for n, a, b in zip(names, *results) if not torch.equal(a, b)}
 
 
-def chunk_scan_case(dtype):
+def chunk_scan_case(dtype, relative=False):
     """Length 40 in chunks of 16, document boundaries, initial states, the z gate, 2 groups."""
     g = torch.Generator().manual_seed(0)
     b, l, h, ngroups, p, n = 1, 40, 4, 2, 16, 16
@@ -88,7 +91,17 @@ def chunk_scan_case(dtype):
             dt_softplus=True, return_final_states=True)
     names = ["out", "final_states", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"]
     return compare(call(ssd_chunk_scan), call(ssd_combined.mamba_chunk_scan_combined), leaves,
-                   names)
+                   names, relative)
+
+
+def fused_forward_case():
+    """chunk_scan_case with models/ssd_fwd_kernel.py's forward (fp32 sums in another order, so
+    relative differences, not bit-identity)."""
+    ssd.forward_kernels = "fused"
+    try:
+        return chunk_scan_case(torch.float32, relative=True)
+    finally:
+        ssd.forward_kernels = "mamba_ssm"
 
 
 def split_case():
@@ -113,15 +126,16 @@ def split_case():
 
 
 def mixer_case():
-    """models/fused.py's FusedMamba2 with ssd_kernel=mamba_train against ssd_kernel=mamba_ssm
+    """models/fused.py's FusedMamba2 with kernels.ssd=mamba_train against kernels.ssd=mamba_ssm
     (mamba_ssm's Mamba2.forward): the hook passes the module's parameters the same way."""
-    from mamba_train.models.fused import FusedMamba2
+    from mamba_train.models.fused import FusedMamba2, set_ssd_kernel
     u = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
     results = []
     for kernel in ("mamba_train", "mamba_ssm"):
         torch.manual_seed(0)
         mixer = FusedMamba2(32, d_state=16, headdim=16, chunk_size=16, ngroups=2, d_ssm=32,
-                            ssd_kernel=kernel, norm_before_gate=False)
+                            norm_before_gate=False)
+        set_ssd_kernel(mixer, kernel)
         y = mixer(u)
         y.square().mean().backward()
         results.append([y.detach()] + [p.grad for _, p in mixer.named_parameters()])
@@ -133,4 +147,4 @@ if __name__ == "__main__":
     # fp32 only: Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (both
     # Functions would agree on wrong numbers); bf16 is compared on the GPU
     print(json.dumps({"chunk_scan": chunk_scan_case(torch.float32), "split": split_case(),
-                      "mixer": mixer_case()}))
+                      "mixer": mixer_case(), "fused_forward": fused_forward_case()}))

@@ -54,7 +54,7 @@ class Mamba2(nn.Module):
     only if rmsnorm), ``out_proj`` (d_model, d_inner).
     Beyond mamba_ssm (for the transformers hybrids): ``d_inner`` (inner width other than
     expand*d_model), ``norm_eps`` (the gated norm's eps), ``A_init``/``dt_bias_init`` (their SSM init).
-    ``use_mem_eff_path``, ``ssd_kernel`` and ``sequence_parallel`` are accepted and ignored;
+    ``use_mem_eff_path`` and ``sequence_parallel`` are accepted and ignored;
     ``process_group`` must be None (no tensor parallelism in the reference).
     ``sequence_carry``: set by ``mamba_train.parallel`` when each rank holds a slice of the
     sequence (``models/state_passing.py``); None runs whole sequences.
@@ -84,7 +84,6 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         use_mem_eff_path: bool = True,
-        ssd_kernel: str = "mamba_ssm",
         d_inner: int | None = None,
         norm_eps: float = 1e-5,
         A_init: str = "uniform",
