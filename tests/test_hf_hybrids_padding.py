@@ -1,6 +1,7 @@
-"""The embedding's pad row against transformers: BambaForCausalLM and FalconH1ForCausalLM build
-``nn.Embedding(vocab, d, padding_idx=pad_token_id)`` (that row gets no gradient and starts at
-zero), NemotronHForCausalLM trains every row. One training step on the same weights and batch on
+"""The embedding's pad row against transformers: BambaForCausalLM, FalconH1ForCausalLM,
+JambaForCausalLM and GraniteMoeHybridForCausalLM build ``nn.Embedding(vocab, d,
+padding_idx=pad_token_id)`` (that row gets no gradient and starts at zero), NemotronHForCausalLM
+trains every row. One training step on the same weights and batch on
 both sides: the pad row's gradient and update match transformers', and every exported tensor
 equals transformers' after the step."""
 
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from test_hf_hybrids import VOCAB, bamba, falcon_h1, make_hf, nemotron_h  # noqa: E402
+from test_hf_jamba import jamba  # noqa: E402
+from test_moe_hf import granite  # noqa: E402
 
 from mamba_train.formats.hf import to_hf_state_dict  # noqa: E402
 from mamba_train.formats.load import load_model  # noqa: E402
@@ -25,6 +28,10 @@ FAMILIES = {  # (transformers config, whether transformers freezes the pad row)
     "bamba-tied": (bamba([0], True, pad_token_id=PAD), True),
     "falcon_h1": (falcon_h1(False, pad_token_id=PAD), True),
     "nemotron_h": (nemotron_h("M-*-", False, pad_token_id=PAD), False),
+    # no balancing term: transformers leaves it out of the loss unless asked for router logits
+    "jamba": (jamba(4, (2, 1), (2, 0), False, pad_token_id=PAD, router_aux_loss_coef=0.0), True),
+    "granite-moe-tied": (granite(["mamba", "attention"], pad_token_id=PAD, router_aux_loss_coef=0.0,
+                                 tie_word_embeddings=True), True),
 }
 
 

@@ -75,7 +75,8 @@ def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
                   d_intermediate=c.intermediate_size if MLP in ffns else 0, ssm_cfg=ssm,
                   attn_cfg=attn, mlp_cfg=dict(act="swiglu", bias=False, multiple_of=1),
                   moe_cfg=moe, residual_in_fp32=False, tie_embeddings=c.tie_word_embeddings,
-                  norm_epsilon=eps, initializer_cfg=dict(initializer_range=c.initializer_range))
+                  norm_epsilon=eps, initializer_cfg=dict(initializer_range=c.initializer_range),
+                  padding_idx=c.pad_token_id)  # its nn.Embedding's padding_idx
 
 
 def _placement(cfg: MambaLMConfig, what: str, indices: set[int]) -> tuple[int, int]:

@@ -66,7 +66,8 @@ def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
                   d_intermediate=0 if experts else c.shared_intermediate_size, ssm_cfg=ssm,
                   attn_cfg=attn, mlp_cfg=dict(act="swiglu", multiple_of=1), moe_cfg=moe,
                   multipliers=mult, residual_in_fp32=False, tie_embeddings=c.tie_word_embeddings,
-                  norm_epsilon=eps, initializer_cfg=dict(initializer_range=c.initializer_range))
+                  norm_epsilon=eps, initializer_cfg=dict(initializer_range=c.initializer_range),
+                  padding_idx=c.pad_token_id)  # its nn.Embedding's padding_idx
 
 
 def _to(cfg: MambaLMConfig) -> dict[str, Any]:
