@@ -17,8 +17,9 @@ SMALL = ["data.seq_len=64", "data.micro_batch_size=4", "train.global_batch_token
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["debug-nemotron-moe", "debug-granite-moe"])
-def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, make_config):
+@pytest.mark.parametrize("recipe,n_moe", [("debug-nemotron-moe", 4), ("debug-granite-moe", 4),
+                                          ("debug-jamba", 2)])
+def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, n_moe, make_config):
     from mamba_train.train import train
 
     cfg = make_config(f"recipe={recipe}", *SMALL, tiny=False)
@@ -26,7 +27,7 @@ def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, make_conf
     trainer = result["trainer"]
     assert trainer.global_step == 4
     layers = moe_layers(trainer.lightning_module.model)
-    assert len(layers) == 4
+    assert len(layers) == n_moe
     for _, m in layers:
         bias = m.router.e_score_correction_bias
         if m.cfg["bias_update_rate"]:
@@ -36,8 +37,9 @@ def test_debug_moe_recipe_trains_balances_and_logs_expert_load(recipe, make_conf
             assert steps.abs().max() > 0 and steps.abs().max() <= 4
         else:
             assert bias is None
-    imbalance = metric_by_step(result["run_dir"], "moe/layer00/imbalance")
-    entropy = metric_by_step(result["run_dir"], "moe/layer00/router_entropy")
+    first = int(layers[0][0].split("layers.")[1].split(".")[0])  # the block holding the first E
+    imbalance = metric_by_step(result["run_dir"], f"moe/layer{first:02d}/imbalance")
+    entropy = metric_by_step(result["run_dir"], f"moe/layer{first:02d}/router_entropy")
     assert sorted(imbalance) and all(v >= 1.0 for v in imbalance.values())
     n = layers[0][1].cfg["n_experts"]
     assert all(0 < v <= torch.log(torch.tensor(float(n))).item() + 1e-4 for v in entropy.values()), entropy
