@@ -212,9 +212,14 @@ class FirstStepGradients(L.Callback):
 
 @has_deepspeed
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_deepspeed_gradient_under_accumulation_is_the_plain_one(stage, tmp_path):
+def test_deepspeed_gradient_under_accumulation_is_the_plain_one(stage, tmp_path, monkeypatch):
     """Accumulation 2 on one process: DeepSpeed's gradient is the plain step's, not half of it
     (Lightning's closure divides the loss by the accumulation, the engine must not again)."""
+    # DeepSpeed's in-process run exports a rendezvous and keeps its process group (and the
+    # store's port) open: both end with this test, not with the pytest process
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # recorded, so undo removes what is set later
+        monkeypatch.delenv(key)
     grads = {}
     for name, extra in [("plain", []),
                         ("ds", [f"strategy=deepspeed_zero{stage}", "strategy.allow_cpu=true"])]:
@@ -223,6 +228,8 @@ def test_deepspeed_gradient_under_accumulation_is_the_plain_one(stage, tmp_path)
                                        f"run_name={name}", *extra], tmp_path), [grab])
         assert result["trainer"].accumulate_grad_batches == 2
         grads[name] = grab.grads
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     assert grads["ds"].keys() == grads["plain"].keys() and grads["plain"]
     for key, plain in grads["plain"].items():
         torch.testing.assert_close(grads["ds"][key], plain, rtol=1e-5, atol=1e-7,

@@ -41,6 +41,8 @@ def slurm_env():
     env = {**os.environ, "SLURM_CONF": f"{cluster}/slurm.conf"}
     for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         del env[key]  # never look like we are inside a job (launch.sh would run, not submit)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(key, None)  # a rendezvous another test left in this process is not the job's
     yield env
     subprocess.run(["bash", str(SLURM / "stop_cluster.sh"), cluster], timeout=120)
 
