@@ -34,7 +34,7 @@ def fla_model(cfg):
 
 
 def fla_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window: int) -> dict:
-    from train_throughput import model_config, timed_loop
+    from harness import model_config, timed_loop
 
     import torch
 
@@ -46,6 +46,6 @@ def fla_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window
 
 
 def ssd_kernel_arm(name: str, micro_batch: int, timing: tuple, data, runs, overrides: list[str]):
-    from train_throughput import framework
+    from harness import framework
     return framework(name, micro_batch, *timing, data, runs,
                      [*overrides, "kernels.ssd=fla"], tag="-ssd-fla")

@@ -6,7 +6,7 @@
   config our exporter writes (``mamba_train.formats.hf.to_hf_config``), so the shapes are the
   recipe's by the same mapping a checkpoint export uses; ``tests/test_hf_peer.py`` checks that
   the parameter counts agree.
-* ``hf_peer_loop``: that model in ``train_throughput.timed_loop``, the plain loop of arm (a):
+* ``hf_peer_loop``: that model in ``harness.timed_loop``, the plain loop of arm (a):
   bf16 autocast over fp32 parameters, fused AdamW over the same decay groups, clip 1.0, the same
   micro-batch, seq_len and timing windows, the loss on an fp32 copy of the logits, no
   torch.compile, ``use_cache=False``.
@@ -135,7 +135,7 @@ def hf_peer_loop(name: str, micro_batch: int, warmup: int, windows: int, window:
                  attn: str = "sdpa", experts: str | None = None) -> dict:
     import torch
 
-    from train_throughput import model_config, timed_loop
+    from harness import model_config, timed_loop
 
     cfg, run_cfg = model_config(name)
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def peer_line(name: str, mb: int, peer: dict, ours: dict, fmt) -> str:
 def moe_arms(name: str, mb: int, timing: tuple, data, runs, overrides: list[str],
              grouped: dict, add_mfu) -> dict:
     """The loop backend (eager) and the grouped backend eager, against ``grouped`` (captured)."""
-    from train_throughput import framework
+    from harness import framework
 
     arms = {"grouped": grouped}
     for label, extra in (("grouped_eager", [f"{MOE_IMPL_KEY}=grouped", "module.cuda_graph=off"]),
@@ -206,7 +206,7 @@ def _free() -> None:
 
 def hf_peer_arm(args, name: str, ours: dict, entry: dict, timing: tuple, add_mfu, fmt):
     """The transformers arm at the first micro-batch and its PEER line (None if it failed)."""
-    from train_throughput import model_config
+    from harness import model_config
 
     mb = args.micro_batches[0]
     # transformers' default experts first; where that fails (its grouped_mm over fp32 weights),
@@ -232,7 +232,7 @@ def hf_peer_arm(args, name: str, ours: dict, entry: dict, timing: tuple, add_mfu
 def without_plain(args, name: str, fpt: int, timing: tuple, data, runs, add_mfu, fmt) -> dict:
     """A model arm (a) cannot build (the hybrids): mamba_train, then transformers' class
     (``--hf-peer``) and the MoE arms (``--moe-arms``), at the first micro-batch."""
-    from train_throughput import framework, model_config, plain_problem
+    from harness import framework, model_config, plain_problem
 
     cfg = model_config(name)[0]
     mb, problem = args.micro_batches[0], plain_problem(cfg)

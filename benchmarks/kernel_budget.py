@@ -56,7 +56,7 @@ def by_family(by_name: dict[str, float]) -> collections.Counter:
 
 def matmul_bound_ms(model_name: str, micro_batch: int, seq_len: int, peak: float) -> float:
     from mamba_train.models.flops import matmul_params
-    from train_throughput import model_config
+    from harness import model_config
     return 6 * matmul_params(model_config(model_name)[0]) * micro_batch * seq_len / peak * 1e3
 
 
@@ -85,7 +85,7 @@ def print_budget(model_name: str, micro_batch: int, arms: dict[str, dict], peak:
     if not arms:
         return
     if peak is None:
-        from train_throughput import peak_bf16_flops
+        from harness import peak_bf16_flops
         peak = peak_bf16_flops(None)
     bound = matmul_bound_ms(model_name, micro_batch, seq_len, peak) if peak else None
     peak_note = f"bf16 peak {peak:.3g} FLOP/s" if peak else "no peak FLOP/s known (pass --peak-flops)"

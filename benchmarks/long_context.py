@@ -37,8 +37,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/train_throughput.py
-import train_throughput  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py
+import harness  # noqa: E402
 
 VOCAB = 50277
 SEQ_LENS = [2048, 4096, 8192, 16384, 32768, 65536]
@@ -78,11 +78,11 @@ def plan(arms: list[str], seq_lens: list[int], probe: list[int]) -> list[tuple[s
 
 def synthetic_shards(root: Path, train_tokens: int = 8_000_000, val_tokens: int = 600_000,
                      doc_len: int = 0) -> Path:
-    """``train_throughput.synthetic_shards`` at this benchmark's sizes (val holds one 256k window).
+    """``harness.synthetic_shards`` at this benchmark's sizes (val holds one 256k window).
     With ``doc_len`` the tokens form packed documents: an EOS (id 0) ends each document, whose
     lengths are drawn uniformly from [doc_len / 2, 3 doc_len / 2]."""
     if not doc_len:
-        return train_throughput.synthetic_shards(root, train_tokens, val_tokens, vocab=VOCAB)
+        return harness.synthetic_shards(root, train_tokens, val_tokens, vocab=VOCAB)
     import numpy as np
 
     from mamba_train.data.shards import write_tokens
@@ -97,9 +97,9 @@ def synthetic_shards(root: Path, train_tokens: int = 8_000_000, val_tokens: int 
 
 
 def peak_bf16_flops(override: float | None) -> float:
-    """``train_throughput.peak_bf16_flops``, else the H100/H200 dense bf16 peak (989e12)."""
+    """``harness.peak_bf16_flops``, else the H100/H200 dense bf16 peak (989e12)."""
     try:
-        return train_throughput.peak_bf16_flops(override) or 989e12
+        return harness.peak_bf16_flops(override) or 989e12
     except Exception:  # noqa: BLE001 -- no table entry for this device: the H100/H200 figure
         return 989e12
 
@@ -180,7 +180,7 @@ def measure(arm: str, seq_len: int, policy: str, args, data: Path, runs: Path, d
     if row["tok_s"] is not None:
         fpt = flops.get((arm, seq_len))
         row["flops_per_token"] = fpt
-        row["mfu"] = train_throughput.mfu(row["tok_s"], fpt, peak) if fpt else None
+        row["mfu"] = harness.mfu(row["tok_s"], fpt, peak) if fpt else None
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.time()
     deadline = t0 + args.budget_s
-    if not train_throughput.ready_cuda():
+    if not harness.ready_cuda():
         return 2
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_budget import print_budget  # noqa: E402
-from train_throughput import framework, plain_loop, ready_cuda, synthetic_shards  # noqa: E402
+from harness import framework, plain_loop, ready_cuda, synthetic_shards  # noqa: E402
 
 
 class StepWindowProfiler:

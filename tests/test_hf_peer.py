@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import hf_peer  # noqa: E402
-from train_throughput import _fmt_arm, model_config, plain_problem  # noqa: E402
+from harness import _fmt_arm, model_config, plain_problem  # noqa: E402
 
 from mamba_train.formats.hf import family_for, to_hf_state_dict  # noqa: E402
 from mamba_train.models.build import build_model  # noqa: E402
@@ -35,7 +35,7 @@ def test_the_peer_has_the_recipes_parameters(name):
 
 def test_the_hybrid_peer_trains_our_tensors_in_our_decay_groups():
     """Tensor by tensor through the export mapping, and the decay groups the plain loop builds
-    (``train_throughput.timed_loop``) hold the same number of weights on both sides."""
+    (``harness.timed_loop``) hold the same number of weights on both sides."""
     cfg = model_config("hybrid-370m")[0]
     ours = build_model(cfg, backend="reference", device="meta")
     with torch.device("meta"):
@@ -104,7 +104,7 @@ def test_a_hybrid_runs_ours_the_peer_and_the_moe_arms_with_named_backends(monkey
     overrides each mamba_train run gets, and the lines printed (a failed arm reported, not fatal)."""
     import argparse
 
-    import train_throughput
+    import harness
 
     calls = []
 
@@ -114,7 +114,7 @@ def test_a_hybrid_runs_ours_the_peer_and_the_moe_arms_with_named_backends(monkey
             raise RuntimeError("out of memory")
         return _arm({"": 300.0, "-loop": 100.0}[tag])
 
-    monkeypatch.setattr(train_throughput, "framework", fake_framework)
+    monkeypatch.setattr(harness, "framework", fake_framework)
     def fake_peer(*a, experts=None, **k):
         if experts is None:  # transformers' default experts fail: its loop is tried next
             raise RuntimeError("grouped_mm: expected bf16")
