@@ -248,3 +248,15 @@ def test_dt_bc_norm_weights_are_not_weight_decayed():
     norms = [n for n in names if n.endswith(("dt_norm.weight", "B_norm.weight", "C_norm.weight"))]
     assert len(norms) == 3 * 3 and all(no_weight_decay(n) for n in norms)
     assert not no_weight_decay("backbone.layers.0.mixer.x_proj.weight")
+
+
+@pytest.mark.parametrize("family", ["jamba", "bamba", "granitemoehybrid"])
+def test_a_source_whose_mlps_are_not_silu_is_refused_in_one_line(tmp_path, family):
+    from test_hf_hybrids import bamba
+    from test_moe_hf import granite
+
+    spec = {"jamba": jamba(2, (2, 1), (2, 0), False), "bamba": bamba([1], False),
+            "granitemoehybrid": granite(["mamba", "attention"])}[family]
+    _, src = make_hf(tmp_path, {**spec, "hidden_act": "gelu"})
+    with pytest.raises(ExportError, match=r"hidden_act='gelu': .* other than silu is not implemented"):
+        load_model(src, backend="reference", device="cpu")

@@ -24,6 +24,15 @@ def _hf_config(model_type: str, raw: Mapping[str, Any]):
     return cls(**fields)
 
 
+def _silu_config(model_type: str, raw: Mapping[str, Any], family: str):
+    """``_hf_config`` of a family whose gated MLPs (and experts) are implemented with SiLU only."""
+    c = _hf_config(model_type, raw)
+    if c.hidden_act != "silu":
+        raise ExportError(f"config.json hidden_act={c.hidden_act!r}: {family} with an activation "
+                          "other than silu is not implemented")
+    return c
+
+
 def _eps(c) -> float:
     return float(getattr(c, "rms_norm_eps", None) or c.layer_norm_epsilon)
 
@@ -129,10 +138,7 @@ def _nemotron_layout(cfg: MambaLMConfig) -> list[tuple[str, str, str]]:
 
 # ------------------------------------------------------------------------------ Bamba
 def _bamba_from(raw: Mapping[str, Any]) -> MambaLMConfig:
-    c = _hf_config("bamba", raw)
-    if c.hidden_act != "silu":
-        raise ExportError(f"config.json hidden_act={c.hidden_act!r}: Bamba with an activation "
-                          "other than silu is not implemented")
+    c = _silu_config("bamba", raw, "Bamba")
     if c.z_loss_coefficient:
         raise ExportError(f"config.json z_loss_coefficient={c.z_loss_coefficient}: mamba_train's "
                           "loss has no z-loss term; set it to 0 to train this model here")
@@ -224,10 +230,7 @@ _FALCON_MULTIPLIERS = dict(embedding="embedding_multiplier", lm_head="lm_head_mu
 
 
 def _falcon_from(raw: Mapping[str, Any]) -> MambaLMConfig:
-    c = _hf_config("falcon_h1", raw)
-    if c.hidden_act != "silu":
-        raise ExportError(f"config.json hidden_act={c.hidden_act!r}: Falcon-H1 with an "
-                          "activation other than silu is not implemented")
+    c = _silu_config("falcon_h1", raw, "Falcon-H1")
     if c.mamba_proj_bias != c.projectors_bias:
         raise ExportError("config.json mamba_proj_bias != projectors_bias: mamba_train's Mamba-2 "
                           "has one bias flag for in_proj and out_proj")

@@ -25,9 +25,8 @@ from typing import Any, Mapping
 
 import torch
 
-from mamba_train.formats.hf_family import ExportError
 from mamba_train.formats.hf_hybrid_families import (_decoder_block_norms, _decoder_top,
-                                                    _hf_config)
+                                                    _silu_config)
 from mamba_train.formats.hf_hybrids import (SUBLAYER_CONVERTERS, Family, _build, _check_common,
                                             _common_out, _head_dim, _refuse, as_hf_family)
 from mamba_train.formats.hf_moe_granite import _swap
@@ -51,10 +50,7 @@ def period_of(indices: set[int], n_layer: int) -> tuple[int, int] | None:
 
 
 def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
-    c = _hf_config("jamba", raw)
-    if c.hidden_act != "silu":
-        raise ExportError(f"config.json hidden_act={c.hidden_act!r}: Jamba with an activation "
-                          "other than silu is not implemented")
+    c = _silu_config("jamba", raw, "Jamba")
     d, eps = c.hidden_size, float(c.rms_norm_eps)
     mixers = [ATTENTION if t == "attention" else SSM for t in c.layers_block_type]
     ffns = [MOE if n > 1 else MLP for n in c.layers_num_experts]

@@ -23,11 +23,10 @@ from typing import Any, Mapping
 import torch
 
 from mamba_train.formats.hf_hybrid_families import (
-    _attn_in, _decoder_block_norms, _decoder_top, _eps, _hf_config, _mamba2_out, _rope)
+    _attn_in, _decoder_block_norms, _decoder_top, _eps, _silu_config, _mamba2_out, _rope)
 from mamba_train.formats.hf_hybrids import (
     SUBLAYER_CONVERTERS, Family, _attn_out, as_hf_family, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
     _mamba2_from, _refuse)
-from mamba_train.formats.hf_family import ExportError
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.pattern import ATTENTION, MOE, SSM
 
@@ -41,9 +40,7 @@ def _swap(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
-    c = _hf_config("granitemoehybrid", raw)
-    if c.hidden_act != "silu":
-        raise ExportError(f"config.json hidden_act={c.hidden_act!r}: only silu is implemented")
+    c = _silu_config("granitemoehybrid", raw, "Granite 4.0-H")
     d, eps, experts = c.hidden_size, _eps(c), c.num_local_experts or 0
     mixers = [SSM if t in ("mamba", "linear_attention") else ATTENTION for t in c.layer_types]
     pattern = "".join(m + (MOE if experts else "-") for m in mixers)
