@@ -36,6 +36,7 @@ from mamba_train.models.carried_terms import (mamba3_final_angle, mamba3_incomin
                                               selective_scan_summary)
 from mamba_train.models.reference.common import _compute_dtype, _no_autocast
 from mamba_train.models.reference.mamba1 import split_x_proj
+from mamba_train.models.reference.mamba2 import split_in_proj
 from mamba_train.models.reference.mamba3_ops import (TWO_PI, cu_seqlens_from_seq_idx,
                                                      rotate_pairs)
 from mamba_train.models.reference.ssd import _prepare_dt, ssd_carry
@@ -85,9 +86,7 @@ def mamba2_forward(m, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None,
     zxbcdt = m.in_proj(hidden_states)
     A = -torch.exp(m.A_log.float())
     ng_ds = m.ngroups * m.d_state
-    d_mlp = (zxbcdt.shape[-1] - 2 * m.d_ssm - 2 * ng_ds - m.nheads) // 2
-    z0, x0, z, xBC, dt = torch.split(
-        zxbcdt, [d_mlp, d_mlp, m.d_ssm, m.d_ssm + 2 * ng_ds, m.nheads], dim=-1)
+    z0, x0, z, xBC, dt = split_in_proj(m, zxbcdt)
     xBC = carried_causal_conv1d(xBC.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, seq_idx,
                                 m.activation, carry, conv=kernel_conv).transpose(1, 2)
     x, B, C = torch.split(xBC, [m.d_ssm, ng_ds, ng_ds], dim=-1)
@@ -108,7 +107,7 @@ def mamba2_forward(m, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None,
         y = ssd_carry(carry, y, final.to(cdt), C.to(cdt), log_a).to(y.dtype)
     y = rearrange(y, "b l h p -> b l (h p)")
     y = m.norm(y, z) if m.rmsnorm else y * F.silu(z)
-    if d_mlp > 0:
+    if z0.shape[-1] > 0:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
     return m.out_proj(y)
 

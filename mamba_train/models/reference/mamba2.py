@@ -18,6 +18,15 @@ from mamba_train.models.reference.ssd import ssd_chunked
 from mamba_train.models.state_passing import SequenceCarry, carried_causal_conv1d
 
 
+def split_in_proj(m, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """mamba_ssm ``Mamba2``'s in_proj output split as its forward does: ``(z0, x0, z, xBC, dt)``
+    (z0/x0 the optional parallel MLP's halves, empty when ``d_mlp == 0``), for any module with
+    the ``Mamba2`` attribute names (this reference, or mamba_ssm's own on the fused path)."""
+    ng_ds = m.ngroups * m.d_state
+    d_mlp = (zxbcdt.shape[-1] - 2 * m.d_ssm - 2 * ng_ds - m.nheads) // 2
+    return torch.split(zxbcdt, [d_mlp, d_mlp, m.d_ssm, m.d_ssm + 2 * ng_ds, m.nheads], dim=-1)
+
+
 class GatedRMSNorm(nn.Module):
     """``mamba_ssm.ops.triton.layernorm_gated.RMSNorm``: RMSNorm (per group of ``group_size``
     channels) gated by z -- norm(x) * silu(z) if norm_before_gate else norm(x * silu(z))."""
@@ -169,9 +178,7 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(hidden_states)
         A = -torch.exp(self.A_log.float())
         ng_ds = self.ngroups * self.d_state
-        d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * ng_ds - self.nheads) // 2
-        z0, x0, z, xBC, dt = torch.split(
-            zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * ng_ds, self.nheads], dim=-1)
+        z0, x0, z, xBC, dt = split_in_proj(self, zxbcdt)
         xBC = carried_causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                     seq_idx, self.activation, carry).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_ssm, ng_ds, ng_ds], dim=-1)
@@ -193,7 +200,7 @@ class Mamba2(nn.Module):
         y = y.reshape(batch, seqlen, self.d_ssm)
         if self.rmsnorm:
             y = self.norm(y, z)
-        if d_mlp > 0:
+        if z0.shape[-1] > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
