@@ -6,10 +6,12 @@
 # fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
 # pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
+# Parts joined by "+" (e.g. cp+hm+ssdfwdt) run side by side; see the loop at the end.
 # parts:
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
 #   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train (M3BENCH_MODELS)
-#   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed)
+#   reliab    tests/gpu/test_reliability_gpu.py (captured-step NaN skip/stop, 1-GPU FSDP/DeepSpeed;
+#             RELIAB_K selects tests by -k)
 #   first     time to first step, cold vs warm Triton cache (benchmarks/first_step.sh)
 #   prof2 prof1 prof3  per-kernel-family budget of the captured mamba2-370m / mamba-370m /
 #             mamba3-180m steps
@@ -24,6 +26,7 @@
 #   ssdbwd    kernels.ssd=mamba_train (SSD backward without recomputation): tests/gpu/test_ssd_gpu.py
 #             (bit-identical to mamba_ssm's Functions), then benchmarks/ssd_backward.py (per layer)
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
+#   ssdbwdt ssdbwdb  ssdbwd's tests alone, its timing alone (likewise ssdfwdt, ssdfwdb)
 #   ssdfwd    the fused SSD forward (MAMBA_TRAIN_SSD_FORWARD=fused, models/ssd_fwd_kernel.py):
 #             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd scan
 #             (forward alone, then forward + backward per layer; SSDFWD_SWEEP=1 adds --sweep)
@@ -82,14 +85,14 @@ for p in ('torch', 'triton', 'mamba_ssm', 'causal_conv1d', 'flash-linear-attenti
 TIMING=(--warmup 4 --windows 2 --window 6 --peak-flops "$PEAK")
 PROF=(--warmup 6 --steps 4 --cuda-graph auto --top 8 --peak-flops "$PEAK")
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
-for p in "$@"; do
-  case $p in
+part() {  # one named part (the parts listed above)
+  case $1 in
     # IEEE fp32 in Triton dots for the "fp32" parity cases (tl.dot defaults to TF32)
     m3tests) run_part m3tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_mamba3_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"} ;;
     m3bench) run_part m3bench python3 benchmarks/train_throughput.py --models ${M3BENCH_MODELS:-mamba3-180m mamba3-440m} \
            "${TIMING[@]}" --json "$OUT/throughput_mamba3.json" ;;
-    reliab) run_part reliab "${PYTEST[@]}" tests/gpu/test_reliability_gpu.py ;;
+    reliab) run_part reliab "${PYTEST[@]}" tests/gpu/test_reliability_gpu.py ${RELIAB_K:+-k "$RELIAB_K"} ;;
     first) run_part first bash benchmarks/first_step.sh ;;
     prof2) run_part prof_mamba2 python3 benchmarks/profile_step.py --model mamba2-370m "${PROF[@]}" ;;
     prof1) run_part prof_mamba1 python3 benchmarks/profile_step.py --model mamba-370m "${PROF[@]}" ;;
@@ -110,13 +113,15 @@ for p in "$@"; do
     tp1only) run_part tp_mamba1 python3 benchmarks/train_throughput.py --models mamba-370m \
            "${TIMING[@]}" --json "$OUT/tp_mamba1.json" ;;
     flatests) run_part fla_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_fla_ssd.py ;;
-    ssdbwd) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" -m "not slow" tests/gpu/test_ssd_gpu.py \
-           ${PYTEST_K:+-k "$PYTEST_K"}
-            run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
+    ssdbwd) part ssdbwdt; part ssdbwdb ;;
+    ssdbwdt) run_part ssd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" -m "not slow" tests/gpu/test_ssd_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    ssdbwdb) run_part ssd_backward python3 benchmarks/ssd_backward.py ;;
     ssdsweep) run_part ssd_sweep python3 benchmarks/ssd_backward.py --arms kernel --sweep ;;
-    ssdfwd) run_part ssd_fwd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_fwd_gpu.py \
-           ${PYTEST_K:+-k "$PYTEST_K"}
-            run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
+    ssdfwd) part ssdfwdt; part ssdfwdb ;;
+    ssdfwdt) run_part ssd_fwd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_fwd_gpu.py \
+           ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    ssdfwdb) run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
     tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
            MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/train_throughput.py \
            --models mamba2-370m --override kernels.ssd=mamba_train "${TIMING[@]}" \
@@ -160,7 +165,19 @@ for p in "$@"; do
            "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
     moetp) run_part moetp python3 benchmarks/train_throughput.py --models hybrid-moe-1b-a200m --hf-peer \
            --moe-arms "${TIMING[@]}" --json "$OUT/tp_moe.json" ;;
-    *) echo "unknown part $p" ;;
+    *) echo "unknown part $1" ;;
   esac
+}
+# "a+b+c" runs those parts side by side on the one GPU (their Triton compiles use the host's cores
+# in parallel): for correctness tests only, never for parts whose timings are reported.
+for p in "$@"; do
+  if [[ $p == *+* ]]; then
+    IFS=+ read -ra group <<< "$p"
+    for g in "${group[@]}"; do part "$g" > "$OUT/$g.summary" 2>&1 & done
+    wait
+    for g in "${group[@]}"; do cat "$OUT/$g.summary"; done
+  else
+    part "$p"
+  fi
 done
 echo "== done at ${SECONDS}s"; ls "$OUT"

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.config_checks import check_config, config_warnings, write_resolved_config
-from mamba_train.errors import MambaTrainError
+from mamba_train.errors import MambaTrainError, instantiate_config
 from mamba_train.training.step.batch import BatchSizeError, grad_accumulation, planned_world_size
 from mamba_train.training.run.callbacks.run_start import check_interpolations, check_model_memory
 from mamba_train.training.run.checkpoint_io import AtomicCheckpointIO
@@ -49,22 +49,10 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
 
 
-def _instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
-    """``instantiate``, but a refused setting is its own one-line error, not Hydra's wrapper."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(cfg, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, MambaTrainError):
-            raise e.__cause__ from None
-        raise
-
-
 def _strategy(cfg: DictConfig):
     if "_target_" not in cfg:
         return cfg.get("name", "auto")
-    return _instantiate(cfg)
+    return instantiate_config(cfg)
 
 
 def _fused_gpu_sm_count(backend: str) -> int | None:
@@ -104,24 +92,25 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     ckpt_dir = checkpoint_dir(cfg)  # callbacks.model_checkpoint.dirpath, wherever it points
     _check_run_dir(run_dir, ckpt_dir, cfg.ckpt_path)
     ckpt_path = resolve_ckpt_path(ckpt_dir, cfg.ckpt_path)  # newest that loads
+    if cfg.trainer.get("deterministic"):
+        enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned
+    # the model group's config, or init_from=<source>'s (continued pretraining); a model that
+    # cannot be built refuses before the run directory's record (config, checkpoints) is touched
+    model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
+    check_model_memory(model_config)  # a mistyped size refuses now, not after minutes of allocation
     if launching_rank_zero():
         clean_checkpoint_dir(ckpt_dir, int(cfg.train.keep_last_k_checkpoints),
                              keep=ckpt_path)
         log.info("resolved config: %s", write_resolved_config(cfg, run_dir))
         for warning in config_warnings(cfg, sm_count=_fused_gpu_sm_count(cfg.backend)):
             log.warning(warning)
-    if cfg.trainer.get("deterministic"):
-        enable_deterministic_kernels()  # before any mamba_ssm kernel is imported or tuned
     L.seed_everything(cfg.seed, workers=True)
 
-    # the model group's config, or init_from=<source>'s (continued pretraining)
-    model_config, init_from = model_and_source(cfg, resuming=ckpt_path is not None)
-    check_model_memory(model_config)  # a mistyped size refuses now, not after minutes of allocation
     # with init_from the vocabulary is checked against the source instead (module setup)
     datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
     datamodule.check_paths()  # a missing data directory refuses before any logger starts a run
     source = {"model_config": model_config.to_dict(), "init_from": init_from} if init_from else {}
-    module: MambaLMModule = _instantiate(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True),
+    module: MambaLMModule = instantiate_config(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True),
                                          **source)
 
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])

@@ -222,3 +222,18 @@ def test_what_hydra_would_trip_over_is_one_line(tmp_path, override, expected):
         (tmp_path / "debug" / ".hydra").write_text("")
         override = "trainer.max_steps=1"
     _one_error_line(faults.run(tmp_path, override, timeout=120), expected)
+
+
+def test_a_model_key_that_cannot_build_on_resume_leaves_the_run_untouched(tmp_path):
+    """A resume whose model config fails to build (here a kernel choice under model.*) is one line
+    naming the right key, and the run's record (resolved config, checkpoints) stays as it was."""
+    run_dir = tmp_path / "debug"
+    _ok(faults.run(tmp_path, "trainer.max_steps=2", "train.checkpoint_every_n_steps=2"))
+    before = {p: p.read_bytes() for p in [run_dir / "config.resolved.yaml",
+                                          *(run_dir / "checkpoints").glob("*.ckpt")]}
+    proc = faults.run(tmp_path, "trainer.max_steps=4", "ckpt_path=last",
+                      "+model.ssm_cfg.ssd_kernel=mamba_train", timeout=120)
+    _one_error_line(proc, "model.ssm_cfg.ssd_kernel is a kernel choice", "set kernels.ssd")
+    after = {p: p.read_bytes() for p in [run_dir / "config.resolved.yaml",
+                                         *(run_dir / "checkpoints").glob("*.ckpt")]}
+    assert after == before

@@ -51,7 +51,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mamba_train.errors import MambaTrainError
+from mamba_train.errors import MambaTrainError, instantiate_config
 from mamba_train.models.config import MambaLMConfig
 
 log = logging.getLogger(__name__)
@@ -384,9 +384,7 @@ def model_and_source(cfg, resuming: bool) -> tuple[MambaLMConfig, InitFrom | Non
     """The run's model config and, with ``cfg.init_from``, its source (``train.py``).
     ``resuming``: whether a checkpoint will be restored, as ``training/run/resume.py`` resolved it
     (``MambaLMModule.on_train_start`` checks that one was)."""
-    from hydra.utils import instantiate
-
-    configured = instantiate(cfg.model, _convert_="all") if cfg.get("model") else None
+    configured = instantiate_config(cfg.model, _convert_="all") if cfg.get("model") else None
     if cfg.get("init_from"):
         source = InitFrom.from_run_config(cfg, configured, resuming)
         return source.config, source
