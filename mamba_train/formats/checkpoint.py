@@ -118,3 +118,24 @@ def run_config_of(path: str | Path) -> dict[str, Any] | None:
 
     text = load_checkpoint_dict(path, mmap=True).get(RUN_CONFIG_KEY)
     return yaml.safe_load(text) if text else None
+
+
+
+def optimizer_state_in_group_order(state: dict[str, Any], optimizer,
+                                   model_parameters) -> dict[str, Any]:
+    """An optimizer state dict numbered as torch numbers it: parameter ``i`` is the ``i``-th of
+    the optimizer's groups, in order (what one process, DDP and ``strategy=fsdp2`` write).
+
+    Lightning's FSDP1 full checkpoints number by position in ``model.parameters()`` instead
+    (``FSDP.rekey_optim_state_dict(..., PARAM_ID, model)``) and list those numbers sorted in each
+    group, so torch's ``load_state_dict`` would pair states with the wrong parameters (our groups
+    are sorted by name). Such a state is recognised by its groups not counting 0, 1, 2, ... in
+    order, and renumbered through ``model_parameters`` (in module order) and ``optimizer``."""
+    groups = state["param_groups"]
+    ids = [i for g in groups for i in g["params"]]
+    if ids == list(range(len(ids))):
+        return state
+    position = {id(p): n for n, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    new = {i: position[id(p)] for i, p in enumerate(model_parameters)}
+    return {**state, "state": {new[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": sorted(new[i] for i in g["params"])} for g in groups]}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import MixedPrecision
 
 from mamba_train.dtypes import parse_dtype
+from mamba_train.formats.checkpoint import load_checkpoint_dict, optimizer_state_in_group_order
 from mamba_train.training.step.strategies.cpu_shims import FSDPOnCPU
 from mamba_train.training.step.strategies.policy import ParallelConfigError, refuse_low_precision
 
@@ -18,6 +20,45 @@ class MambaFSDPStrategy(FSDPOnCPU, FSDPStrategy):
     """Lightning's FSDPStrategy, also on CPU processes over gloo (the CPU tests:
     ``cpu_shims.FSDPOnCPU``). Gradients are clipped by global norm in the training step
     (``training/step/train_step.py``: FSDP's own ``clip_grad_norm_`` on the root module)."""
+
+    def optimizer_state(self, optimizer) -> dict:
+        """A full checkpoint's optimizer state numbered as torch numbers it (group order), so
+        that every strategy resumes it; Lightning numbers it in ``model.parameters()`` order."""
+        state = super().optimizer_state(optimizer)
+        if self._state_dict_type != "full" or self.global_rank != 0:
+            return state
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        return optimizer_state_in_group_order(state, optimizer, self.model.parameters())
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """A full ``.ckpt`` from any strategy. Lightning's loader reads numbered optimizer states
+        as positions in ``model.parameters()`` (its own FSDP numbering); torch's numbering (group
+        order) is what every strategy here writes, and what is named through the optimizer."""
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import OptimStateKeyType
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_file():  # a sharded checkpoint directory
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # the package's one loader: tensors and plain data only, whatever ``weights_only`` says
+        checkpoint = load_checkpoint_dict(path)
+        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model,
+                               world_size=self.world_size, strict=self.lightning_module.strict_loading)
+        states = checkpoint.get("optimizer_states")
+        if not states or self.lightning_module.trainer.state.fn != "fit":
+            return checkpoint
+        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
+            for optimizer, state in zip(self.optimizers, states):
+                if all(isinstance(k, int) for k in state["state"]):
+                    state = optimizer_state_in_group_order(state, optimizer, self.model.parameters())
+                    state = FSDP.rekey_optim_state_dict(state,
+                                                        OptimStateKeyType.PARAM_NAME, self.model,
+                                                        optim=optimizer)
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(
+                    model=self.model, optim=optimizer, optim_state_dict=state))
+        return checkpoint
 
 
 def fsdp_strategy(state_dict_type: str = "full",

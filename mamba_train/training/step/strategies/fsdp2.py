@@ -28,7 +28,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from mamba_train.formats.checkpoint import load_checkpoint_dict
+from mamba_train.formats.checkpoint import load_checkpoint_dict, optimizer_state_in_group_order
 from mamba_train.training.step.strategies.policy import ParallelConfigError
 
 
@@ -131,6 +131,7 @@ class MambaFSDP2Strategy(ModelParallelStrategy):
         fqn = {id(p): n for n, p in self.model.named_parameters()}
         for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", [])):
             optimizer = getattr(optimizer, "_optimizer", optimizer)
+            state = optimizer_state_in_group_order(state, optimizer, self.model.parameters())
             names = [fqn[id(p)] for group in optimizer.param_groups for p in group["params"]]
             groups = [{**g, "params": [names[i] for i in g["params"]]}
                       for g in state["param_groups"]]
