@@ -12,7 +12,7 @@ Data: the embedded default corpus (4096-token BPE) with ``model.vocab_size=4096`
 once it is used up, which does not matter for speed. Bf16-mixed (fp32 parameters), fused kernels.
 
     python3 benchmarks/scaling.py --json $OUT/scaling.json           # on nvidia-h200-x2
-    python3 benchmarks/scaling.py --strategies ddp fsdp deepspeed_zero2 --steps 40
+    python3 benchmarks/scaling.py --strategies ddp fsdp fsdp2 deepspeed_zero2 --steps 40
     python3 benchmarks/scaling.py --global-batch-tokens 32768 --strategies ddp ddp_allreduce_in_graph ddp_eager
 
 On a GPU machine without internet: copy the prebuilt wheels (mamba_ssm 2.3.2, causal_conv1d 1.7,
@@ -46,6 +46,7 @@ ARMS = {  # name -> (GPUs, strategy overrides)
     "ddp_eager": (2, ["strategy=ddp", "module.cuda_graph=off"]),
     "fsdp": (2, ["strategy=fsdp"]),
     "fsdp_sharded_ac": (2, ["strategy=fsdp", "module.activation_checkpointing=all"]),
+    "fsdp2": (2, ["strategy=fsdp2"]),  # fully_shard, context-parallel size 1
     "deepspeed_zero1": (2, ["strategy=deepspeed_zero1"]),
     "deepspeed_zero2": (2, ["strategy=deepspeed_zero2"]),
     "deepspeed_zero3": (2, ["strategy=deepspeed_zero3"]),

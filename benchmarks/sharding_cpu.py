@@ -3,8 +3,9 @@
 the real CLI against one process with the same global batch.
 
 Per arm it prints the ``train/global_loss`` of every step and its largest difference from the
-one-process run, per rank: peak RSS and the bytes of parameters, gradients and optimizer state
-the rank holds itself (its shard: the storages of each tensor counted once, DTensors by their
+one-process run, per rank: RSS (the largest at an optimizer step before the first checkpoint,
+and the peak of the whole run, checkpoint gathers included) and the bytes of parameters,
+gradients and optimizer state the rank holds itself (its shard: the storages of each tensor counted once, DTensors by their
 local part), the median step time after warm-up, and the checkpoints' format and size. Then a
 full checkpoint of each strategy is resumed on the other (``fsdp -> fsdp2``, ``fsdp2 -> fsdp``)
 and so is a one-process checkpoint on each and an FSDP one in one process; the continued
@@ -78,7 +79,11 @@ class CPUProbe(L.Callback):
         self.out = Path(out)
         self.stamps: list[float] = []
         self.held = {"params": 0, "grads": 0, "optimizer_state": 0}
-        self.step_rss = 0
+        self.rss: list[int] = []
+        self.start_rss = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_rss = _rss_bytes()  # the model set up and sharded, before the first step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.stamps.append(time.perf_counter())
@@ -88,7 +93,7 @@ class CPUProbe(L.Callback):
         now = {"params": held_bytes(params), "grads": held_bytes(p.grad for p in params),
                "optimizer_state": held_bytes(state)}
         self.held = {k: max(v, now[k]) for k, v in self.held.items()}
-        self.step_rss = max(self.step_rss, _rss_bytes())
+        self.rss.append(_rss_bytes())
 
     def on_train_end(self, trainer, pl_module):
         import resource
@@ -99,7 +104,7 @@ class CPUProbe(L.Callback):
             "rank": trainer.global_rank, "world_size": trainer.world_size,
             "strategy": type(trainer.strategy).__name__,
             "accumulation": trainer.accumulate_grad_batches, "step_s": steps,
-            "held_bytes": self.held, "step_rss_bytes": self.step_rss,
+            "held_bytes": self.held, "rss_bytes": self.rss, "start_rss_bytes": self.start_rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
@@ -153,6 +158,8 @@ def checkpoint_info(run_dir: Path, step: int) -> dict:
 def summarize(args, out: Path, name: str) -> dict:
     ranks = [json.loads(p.read_text()) for p in sorted((out / name / "probe").glob("rank*.json"))]
     warm = args.warmup
+    for r in ranks:  # RSS at the optimizer steps before the first checkpoint's gather and save
+        r["step_rss_bytes"] = max(r["rss_bytes"][:args.steps // 2] or [0])
     return {"arm": name, "losses": global_losses(out / name),
             "ranks": ranks, "checkpoint": checkpoint_info(out / name, args.steps // 2),
             "median_step_s": statistics.median([s for r in ranks for s in r["step_s"][warm:]] or [float("nan")])}
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             h = k["held_bytes"]
             print(f"SHARDING_CPU_RANK arm={name} rank={k['rank']} params_MiB={h['params'] / 2**20:.2f} "
                   f"grads_MiB={h['grads'] / 2**20:.2f} optim_MiB={h['optimizer_state'] / 2**20:.2f} "
-                  f"held_MiB={sum(h.values()) / 2**20:.2f} step_rss_MiB={k['step_rss_bytes'] / 2**20:.0f} "
+                  f"held_MiB={sum(h.values()) / 2**20:.2f} rss_at_start_MiB={k['start_rss_bytes'] / 2**20:.0f} rss_before_ckpt_MiB={k['step_rss_bytes'] / 2**20:.0f} "
                   f"peak_rss_MiB={k['peak_rss_bytes'] / 2**20:.0f}")
     names = list(results)
     for i, a in enumerate(names):
