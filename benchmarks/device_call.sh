@@ -28,15 +28,16 @@
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
 #   ssdbwdt ssdbwdb  ssdbwd's tests alone, its timing alone (likewise ssdfwdt, ssdfwdb)
 #   ssdfwd    the fused SSD forward (MAMBA_TRAIN_SSD_FORWARD=fused, models/ssd_fwd_kernel.py):
-#             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd scan
-#             (forward alone, then forward + backward per layer; SSDFWD_SWEEP=1 adds --sweep)
+#             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd (the
+#             forward alone; ssdbwd's scan arm times it with the backward; SSDFWD_SWEEP=1: --sweep)
 #   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with kernels.ssd=mamba_train
 #             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels, SSD_FORWARD=mamba_ssm|fused
 #             ssd.forward_kernels)
 #   prof2ssd  mamba2-370m captured step, kernels.ssd=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
-#   x2k       mamba2-370m with kernels.ssd=mamba_train and without, against transformerpp-370m at 2k
+#   x2k       mamba2-370m with kernels.ssd=mamba_train (SSD_FUSED, SSD_FORWARD as for tp2ssd) and
+#             without, against transformerpp-370m at 2k
 #             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
 #   hyb64k    hybrid-370m on packed documents (~4k tokens each, document boundaries on) at 2k and
 #             64k per window: tok/s and peak memory, attention through varlen flash attention
@@ -121,7 +122,7 @@ part() {  # one named part (the parts listed above)
     ssdfwd) part ssdfwdt; part ssdfwdb ;;
     ssdfwdt) run_part ssd_fwd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_fwd_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    ssdfwdb) run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
+    ssdfwdb) run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd ${SSDFWD_SWEEP:+--sweep} ;;
     tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
            MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/train_throughput.py \
            --models mamba2-370m --override kernels.ssd=mamba_train "${TIMING[@]}" \
@@ -142,7 +143,8 @@ part() {  # one named part (the parts listed above)
     x2k) run_part x2k python3 benchmarks/long_context.py --arms mamba2-370m transformerpp-370m \
            --seq-lens 2048 --probe --out "$OUT/x2k_base" --peak-flops "$PEAK" \
            --budget-s $(( (BUDGET_S - SECONDS) / 2 - 10 ))
-         run_part x2k_ssd python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
+         run_part x2k_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
+           MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
            --ssm-override kernels.ssd=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
            --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     hyb64k) run_part hyb64k python3 benchmarks/long_context.py --arms hybrid-370m --seq-lens 2048 65536 \
