@@ -50,6 +50,8 @@
 #             base= and ssd=kernels.ssd=mamba_train (SEEDBAND_SSD replaces the ssd arm's overrides,
 #             SSD_FUSED picks ssd.fused_kernels), seeds 1234 1235 1236 (SEEDBAND_SEEDS) seed by
 #             seed until the budget; benchmarks/seed_band.py --from-log combines several calls' logs
+#   moeband   the MoE learning check: hybrid-moe-1b-a200m, 200 steps of 4 x 1024 (MOEBAND_MB,
+#             MOEBAND_LEN), the grouped experts inside the per-expert loop's seed band
 #   hybpeer   hybrid-370m: mamba_train against transformers' NemotronHForCausalLM in the plain loop
 #   moetp     hybrid-moe-1b-a200m: grouped experts (captured, eager) vs the per-expert loop vs
 #             transformers' NemotronHForCausalLM with its MoE layers, MFU on active FLOPs
@@ -163,6 +165,10 @@ part() {  # one named part (the parts listed above)
            --recipe mamba2-130m --arm base= --arm "ssd=${SEEDBAND_SSD:-kernels.ssd=mamba_train}" \
            --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} --json "$OUT/seedband.json" \
            --budget-s $(( BUDGET_S - SECONDS - 30 )) ;;
+    moeband) run_part moeband python3 benchmarks/seed_band.py --recipe hybrid-moe-1b-a200m \
+           --micro-batch ${MOEBAND_MB:-4} --seq-len ${MOEBAND_LEN:-1024} --arm loop=++model.moe_cfg.impl=loop \
+           --arm grouped=++model.moe_cfg.impl=grouped --baseline loop --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} \
+           --json "$OUT/moeband.json" --budget-s $(( BUDGET_S - SECONDS - 30 )) ;;
     hybpeer) run_part hybpeer python3 benchmarks/train_throughput.py --models hybrid-370m --hf-peer \
            "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
     moetp) run_part moetp python3 benchmarks/train_throughput.py --models hybrid-moe-1b-a200m --hf-peer \
