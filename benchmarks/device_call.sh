@@ -6,7 +6,6 @@
 # fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
 # pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
-# Parts joined by "+" (e.g. cp+hm+ssdfwdt) run side by side; see the loop at the end.
 # parts:
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
 #   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train (M3BENCH_MODELS)
@@ -153,7 +152,8 @@ part() {  # one named part (the parts listed above)
            --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     m3mb) run_part m3mb python3 benchmarks/train_throughput.py --models mamba3-180m --micro-batches 8 16 \
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
-    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py tests/test_fused_carried.py ;;
+    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py
+        run_part cp_glue "${PYTEST[@]}" --tb=line tests/test_fused_carried.py ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
            tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
@@ -176,16 +176,5 @@ part() {  # one named part (the parts listed above)
     *) echo "unknown part $1" ;;
   esac
 }
-# "a+b+c" runs those parts side by side on the one GPU (their Triton compiles use the host's cores
-# in parallel): for correctness tests only, never for parts whose timings are reported.
-for p in "$@"; do
-  if [[ $p == *+* ]]; then
-    IFS=+ read -ra group <<< "$p"
-    for g in "${group[@]}"; do part "$g" > "$OUT/$g.summary" 2>&1 & done
-    wait
-    for g in "${group[@]}"; do cat "$OUT/$g.summary"; done
-  else
-    part "$p"
-  fi
-done
+for p in "$@"; do part "$p"; done
 echo "== done at ${SECONDS}s"; ls "$OUT"
