@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels and the project, then run the named parts in order,
 # each under what is left of BUDGET_S seconds (default 540); a part that would start with < 25 s
-# left is skipped and says so. Each part's full output is in $OUT/<part>.log; its key lines are
+# left is skipped and says so; PART_CAP_S caps each part's seconds. Each part's full output is in $OUT/<part>.log; its key lines are
 # printed. The wheels come from .whl, or the folder WHL names (benchmarks/README.md lists the set),
 # fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
 # pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
@@ -69,6 +69,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 run_part() {  # name, command...
   local name=$1; shift
   local left=$(( BUDGET_S - SECONDS ))
+  (( ${PART_CAP_S:-0} > 0 && PART_CAP_S < left )) && left=$PART_CAP_S
   if (( left < 25 )); then echo "== $name SKIPPED (${left}s left of ${BUDGET_S})"; return; fi
   echo "== $name (limit ${left}s): $*"
   timeout -k 5 "$left" "$@" > "$OUT/$name.log" 2>&1
@@ -154,7 +155,7 @@ part() {  # one named part (the parts listed above)
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
     cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py
         run_part cp_glue "${PYTEST[@]}" --tb=line tests/test_fused_carried.py ;;
-    hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
+    hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" --tb=line tests/gpu/test_hybrids_gpu.py \
            tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
