@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels and the project, then run the named parts in order,
-# each under what is left of BUDGET_S seconds (default 540); a part that would start with < 25 s
-# left is skipped and says so; PART_CAP_S caps each part's seconds. Each part's full output is in $OUT/<part>.log; its key lines are
-# printed. The wheels come from .whl, or the folder WHL names (benchmarks/README.md lists the set),
+# each under what is left of BUDGET_S seconds (default 540; PART_CAP_S caps each part); a part
+# that would start with < 25 s left is skipped and says so. Each part's full output is in
+# $OUT/<part>.log; its key lines are printed. The wheels come from .whl, or the folder WHL names (benchmarks/README.md lists the set),
 # fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
 # pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
