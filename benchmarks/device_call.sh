@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels and the project, then run the named parts in order,
-# each under what is left of BUDGET_S seconds (default 540); a part that would start with < 25 s
-# left is skipped and says so. Each part's full output is in $OUT/<part>.log; its key lines are
-# printed. The wheels come from .whl, or the folder WHL names (benchmarks/README.md lists the set),
+# each under what is left of BUDGET_S seconds (default 540; PART_CAP_S caps each part); a part
+# that would start with < 25 s left is skipped and says so. Each part's full output is in
+# $OUT/<part>.log; its key lines are printed. The wheels come from .whl, or the folder WHL names (benchmarks/README.md lists the set),
 # fla's only for the parts that use it, DeepSpeed's (a wheel built here with DS_BUILD_OPS=0, plus
 # pydantic, pydantic-core, annotated-types, typing-inspection, hjson) only for `reliab`.
 #   device run: carry .whl, command: BUDGET_S=540 bash benchmarks/device_call.sh <parts...>
-# Parts joined by "+" (e.g. cp+hm+ssdfwdt) run side by side; see the loop at the end.
 # parts:
 #   m3tests   Mamba-3 GPU tests (fused vs mamba_ssm.Mamba3 vs reference, packing, captured step)
 #   m3bench   Mamba-3 throughput: plain mamba_ssm Mamba3 loop vs mamba_train (M3BENCH_MODELS)
@@ -28,15 +27,16 @@
 #   ssdsweep  benchmarks/ssd_backward.py --arms kernel --sweep (the fused kernels' block sizes)
 #   ssdbwdt ssdbwdb  ssdbwd's tests alone, its timing alone (likewise ssdfwdt, ssdfwdb)
 #   ssdfwd    the fused SSD forward (MAMBA_TRAIN_SSD_FORWARD=fused, models/ssd_fwd_kernel.py):
-#             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd scan
-#             (forward alone, then forward + backward per layer; SSDFWD_SWEEP=1 adds --sweep)
+#             tests/gpu/test_ssd_fwd_gpu.py, then benchmarks/ssd_backward.py --arms fwd (the
+#             forward alone; ssdbwd's scan arm times it with the backward; SSDFWD_SWEEP=1: --sweep)
 #   tp2ssd    mamba2-370m throughput, plain loop vs mamba_train with kernels.ssd=mamba_train
 #             (SSD_FUSED=none|dcb_ddA|all picks ssd.fused_kernels, SSD_FORWARD=mamba_ssm|fused
 #             ssd.forward_kernels)
 #   prof2ssd  mamba2-370m captured step, kernels.ssd=mamba_train as a variant column
 #   prof2ssdf prof2ssda  the same with MAMBA_TRAIN_SSD_FUSED=dcb_ddA / =all (models/ssd.py)
 #   longctx3  the Mamba-3 arm of benchmarks/long_context.py
-#   x2k       mamba2-370m with kernels.ssd=mamba_train and without, against transformerpp-370m at 2k
+#   x2k       mamba2-370m with kernels.ssd=mamba_train (SSD_FUSED, SSD_FORWARD as for tp2ssd) and
+#             without, against transformerpp-370m at 2k
 #             (benchmarks/long_context.py, the crossover target of the SSD kernel work)
 #   hyb64k    hybrid-370m on packed documents (~4k tokens each, document boundaries on) at 2k and
 #             64k per window: tok/s and peak memory, attention through varlen flash attention
@@ -49,6 +49,8 @@
 #             base= and ssd=kernels.ssd=mamba_train (SEEDBAND_SSD replaces the ssd arm's overrides,
 #             SSD_FUSED picks ssd.fused_kernels), seeds 1234 1235 1236 (SEEDBAND_SEEDS) seed by
 #             seed until the budget; benchmarks/seed_band.py --from-log combines several calls' logs
+#   moeband   the MoE learning check: hybrid-moe-1b-a200m, 200 steps of 4 x 1024 (MOEBAND_MB,
+#             MOEBAND_LEN), the grouped experts inside the per-expert loop's seed band
 #   hybpeer   hybrid-370m: mamba_train against transformers' NemotronHForCausalLM in the plain loop
 #   moetp     hybrid-moe-1b-a200m: grouped experts (captured, eager) vs the per-expert loop vs
 #             transformers' NemotronHForCausalLM with its MoE layers, MFU on active FLOPs
@@ -67,6 +69,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 run_part() {  # name, command...
   local name=$1; shift
   local left=$(( BUDGET_S - SECONDS ))
+  (( ${PART_CAP_S:-0} > 0 && PART_CAP_S < left )) && left=$PART_CAP_S
   if (( left < 25 )); then echo "== $name SKIPPED (${left}s left of ${BUDGET_S})"; return; fi
   echo "== $name (limit ${left}s): $*"
   timeout -k 5 "$left" "$@" > "$OUT/$name.log" 2>&1
@@ -121,7 +124,7 @@ part() {  # one named part (the parts listed above)
     ssdfwd) part ssdfwdt; part ssdfwdb ;;
     ssdfwdt) run_part ssd_fwd_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_ssd_fwd_gpu.py \
            ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    ssdfwdb) run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd scan ${SSDFWD_SWEEP:+--sweep} ;;
+    ssdfwdb) run_part ssd_forward python3 benchmarks/ssd_backward.py --arms fwd ${SSDFWD_SWEEP:+--sweep} ;;
     tp2ssd) run_part tp_mamba2_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
            MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/train_throughput.py \
            --models mamba2-370m --override kernels.ssd=mamba_train "${TIMING[@]}" \
@@ -142,15 +145,17 @@ part() {  # one named part (the parts listed above)
     x2k) run_part x2k python3 benchmarks/long_context.py --arms mamba2-370m transformerpp-370m \
            --seq-lens 2048 --probe --out "$OUT/x2k_base" --peak-flops "$PEAK" \
            --budget-s $(( (BUDGET_S - SECONDS) / 2 - 10 ))
-         run_part x2k_ssd python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
+         run_part x2k_ssd env MAMBA_TRAIN_SSD_FUSED=${SSD_FUSED:-none} \
+           MAMBA_TRAIN_SSD_FORWARD=${SSD_FORWARD:-mamba_ssm} python3 benchmarks/long_context.py --arms mamba2-370m --seq-lens 2048 --probe \
            --ssm-override kernels.ssd=mamba_train --out "$OUT/x2k_ssd" --peak-flops "$PEAK" \
            --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     hyb64k) run_part hyb64k python3 benchmarks/long_context.py --arms hybrid-370m --seq-lens 2048 65536 \
            --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     m3mb) run_part m3mb python3 benchmarks/train_throughput.py --models mamba3-180m --micro-batches 8 16 \
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
-    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py tests/test_fused_carried.py ;;
-    hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu/test_hybrids_gpu.py \
+    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py
+        run_part cp_glue "${PYTEST[@]}" --tb=line tests/test_fused_carried.py ;;
+    hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" --tb=line tests/gpu/test_hybrids_gpu.py \
            tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     gputests) run_part gputests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" tests/gpu \
            --deselect tests/gpu/test_cuda_graph_step.py --deselect tests/gpu/test_activation_checkpointing_gpu.py \
@@ -161,6 +166,10 @@ part() {  # one named part (the parts listed above)
            --recipe mamba2-130m --arm base= --arm "ssd=${SEEDBAND_SSD:-kernels.ssd=mamba_train}" \
            --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} --json "$OUT/seedband.json" \
            --budget-s $(( BUDGET_S - SECONDS - 30 )) ;;
+    moeband) run_part moeband python3 benchmarks/seed_band.py --recipe hybrid-moe-1b-a200m \
+           --micro-batch ${MOEBAND_MB:-4} --seq-len ${MOEBAND_LEN:-1024} --arm loop=++model.moe_cfg.impl=loop \
+           --arm grouped=++model.moe_cfg.impl=grouped --baseline loop --seeds ${SEEDBAND_SEEDS:-1234 1235 1236} \
+           --json "$OUT/moeband.json" --budget-s $(( BUDGET_S - SECONDS - 30 )) ;;
     hybpeer) run_part hybpeer python3 benchmarks/train_throughput.py --models hybrid-370m --hf-peer \
            "${TIMING[@]}" --json "$OUT/tp_hybrid.json" ;;
     moetp) run_part moetp python3 benchmarks/train_throughput.py --models hybrid-moe-1b-a200m --hf-peer \
@@ -168,16 +177,5 @@ part() {  # one named part (the parts listed above)
     *) echo "unknown part $1" ;;
   esac
 }
-# "a+b+c" runs those parts side by side on the one GPU (their Triton compiles use the host's cores
-# in parallel): for correctness tests only, never for parts whose timings are reported.
-for p in "$@"; do
-  if [[ $p == *+* ]]; then
-    IFS=+ read -ra group <<< "$p"
-    for g in "${group[@]}"; do part "$g" > "$OUT/$g.summary" 2>&1 & done
-    wait
-    for g in "${group[@]}"; do cat "$OUT/$g.summary"; done
-  else
-    part "$p"
-  fi
-done
+for p in "$@"; do part "$p"; done
 echo "== done at ${SECONDS}s"; ls "$OUT"

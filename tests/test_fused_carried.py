@@ -279,7 +279,43 @@ def _varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-
     return torch.cat(outs)
 
 
-def test_sliced_attention_varlen_layout_matches_whole_sequence(monkeypatch):
+def _varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                       scale=None, window_size=(-1, -1)):
+    """torch 2.11's signature: no ``enable_gqa``, so equal head counts only."""
+    assert key.shape[1] == query.shape[1] and return_aux is None
+    return _varlen_on_cpu(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                          window_size=window_size)
+
+
+def _varlen_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                       return_aux=None):
+    raise AssertionError("a causal flag without window_size is not used")
+
+
+@pytest.fixture
+def torch_varlen(monkeypatch):
+    """Replace torch's varlen_attn with another release's signature (the adapter re-reads it)."""
+    import torch.nn.attention.varlen as varlen
+    from mamba_train.models import attention
+
+    def use(fn):
+        monkeypatch.setattr(varlen, "varlen_attn", fn)
+        attention._varlen_attn.cache_clear()
+    yield use
+    monkeypatch.undo()
+    attention._varlen_attn.cache_clear()
+
+
+def test_varlen_adapter_reads_the_installed_signature(torch_varlen):
+    from mamba_train.models import attention
+    torch_varlen(_varlen_torch_2_10)
+    assert attention._varlen_attn() is None  # packed documents fall back to the dense mask
+    torch_varlen(_varlen_on_cpu)
+    assert attention._varlen_attn() is _varlen_on_cpu  # enable_gqa: called as it is
+
+
+@pytest.mark.parametrize("api", ["torch-2.13", "torch-2.11"])
+def test_sliced_attention_varlen_layout_matches_whole_sequence(api, monkeypatch, torch_varlen):
     from mamba_train.models import attention
     torch.manual_seed(4)
     mixer = CausalSelfAttention(D_MODEL, num_heads=4, num_heads_kv=2, rotary_emb_dim=4).double()
@@ -290,7 +326,10 @@ def test_sliced_attention_varlen_layout_matches_whole_sequence(monkeypatch):
     ref = _grads(mixer, x, whole, weight)
     calls = []
     monkeypatch.setattr(attention, "varlen_eligible", lambda q: calls.append(1) or True)
-    monkeypatch.setattr(attention, "_varlen_attn", lambda: _varlen_on_cpu)
+    if api == "torch-2.13":
+        monkeypatch.setattr(attention, "_varlen_attn", lambda: _varlen_on_cpu)
+    else:  # key/value heads repeated by the adapter
+        torch_varlen(_varlen_torch_2_11)
     sliced = _run(lambda xs, sl, carry: mixer(xs, seq_idx=sl, carry=carry), x, seq_idx)
     got = _grads(mixer, x, sliced, weight)
     assert calls, "the varlen path did not run"

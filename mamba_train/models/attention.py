@@ -13,6 +13,8 @@ dense block-diagonal causal mask is the CPU reference.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import warnings
 
@@ -52,12 +54,27 @@ def varlen_eligible(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
 
 
+@functools.cache
 def _varlen_attn():
+    """torch's ``varlen_attn`` called as torch >= 2.13 takes it (``scale``, ``window_size``,
+    ``enable_gqa``), or None where it lacks ``window_size`` (the causal flag of torch < 2.11
+    would align unequal query/key lengths differently). torch 2.11-2.12 have no ``enable_gqa``:
+    there the key/value heads are repeated up to the query heads first (memory stays linear)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.9
         return None
-    return varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" not in params or "scale" not in params:
+        return None
+    if "enable_gqa" in params:
+        return varlen_attn
+
+    def repeated_kv_heads(q, k, v, *args, enable_gqa=False, **kwargs):
+        if enable_gqa and k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, *args, **kwargs)
+    return repeated_kv_heads
 
 
 def packed_varlen_attention(q, k, v, seq_idx, scale):
