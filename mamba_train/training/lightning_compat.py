@@ -8,6 +8,8 @@ their own classes; they are listed here so that one file names every private dep
 * ``training/step/strategies/cpu_shims.py`` (CPU-process runs for the tests): ``_setup_model``,
   ``_full_state_dict_context``, ``_state_dict_type`` (FSDP); ``_setup_model_and_optimizer``, ``_init_deepspeed_distributed`` (DeepSpeed). No public
   hook lets a subclass change how the wrapped model or the process group is built.
+* ``training/step/strategies/fsdp.py``: ``_state_dict_type`` (whether a checkpoint is one full
+  file), read where it renumbers the optimizer state of a full checkpoint.
 * ``training/step/strategies/deepspeed.py``: ``_format_config``, the only place Lightning turns the
   precision flag into DeepSpeed config sections.
 * ``training/step/nonfinite.py`` (a torch handshake, not Lightning): ``optimizer.found_inf``, the
@@ -63,3 +65,20 @@ def validation_follows(trainer: L.Trainer) -> bool:
     ``on_train_batch_end`` before Lightning takes it again for the same batch."""
     fetcher = trainer.fit_loop._data_fetcher
     return fetcher is not None and bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
+
+
+def fsdp_full_state_dict_context(module, world_size: int, rank0_only: bool):
+    """Lightning's context for FSDP1 full state dicts (``fabric.strategies.fsdp.
+    _get_full_state_dict_context``): the full-state-dict type with the configs Lightning's own
+    save and load use, so a checkpoint read through it matches one Lightning wrote."""
+    from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+    return _get_full_state_dict_context(module, world_size=world_size, rank0_only=rank0_only)
+
+
+def load_full_module_state(state: dict, module, world_size: int, strict: bool) -> None:
+    """A full (unsharded) state dict into an FSDP-wrapped module, as Lightning's own FSDP load
+    does it (``fabric.strategies.model_parallel._load_raw_module_state``)."""
+    from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+
+    _load_raw_module_state(state, module=module, world_size=world_size, strict=strict)

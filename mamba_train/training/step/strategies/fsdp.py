@@ -12,6 +12,7 @@ from torch.distributed.fsdp import MixedPrecision
 
 from mamba_train.dtypes import parse_dtype
 from mamba_train.formats.checkpoint import load_checkpoint_dict, optimizer_state_in_group_order
+from mamba_train.training.lightning_compat import fsdp_full_state_dict_context, load_full_module_state
 from mamba_train.training.step.strategies.cpu_shims import FSDPOnCPU
 from mamba_train.training.step.strategies.policy import ParallelConfigError, refuse_low_precision
 
@@ -34,8 +35,6 @@ class MambaFSDPStrategy(FSDPOnCPU, FSDPStrategy):
         """A full ``.ckpt`` from any strategy. Lightning's loader reads numbered optimizer states
         as positions in ``model.parameters()`` (its own FSDP numbering); torch's numbering (group
         order) is what every strategy here writes, and what is named through the optimizer."""
-        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
-        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import OptimStateKeyType
 
@@ -44,12 +43,12 @@ class MambaFSDPStrategy(FSDPOnCPU, FSDPStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         # the package's one loader: tensors and plain data only, whatever ``weights_only`` says
         checkpoint = load_checkpoint_dict(path)
-        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model,
-                               world_size=self.world_size, strict=self.lightning_module.strict_loading)
+        load_full_module_state(checkpoint.pop("state_dict"), self.model, self.world_size,
+                               strict=self.lightning_module.strict_loading)
         states = checkpoint.get("optimizer_states")
         if not states or self.lightning_module.trainer.state.fn != "fit":
             return checkpoint
-        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
+        with fsdp_full_state_dict_context(self.model, self.world_size, rank0_only=False):
             for optimizer, state in zip(self.optimizers, states):
                 if all(isinstance(k, int) for k in state["state"]):
                     state = optimizer_state_in_group_order(state, optimizer, self.model.parameters())
