@@ -61,7 +61,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline GPU_RESULTS="$OUT/
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 BUDGET_S=${BUDGET_S:-540}
 PEAK=989e12  # H200 dense bf16 (Lightning's table may not know "NVIDIA H200")
-SHOW='SEEDBAND|MOE |LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
+SHOW='CP case|SEEDBAND|MOE |LONGCTX|SSDBWD|kernels.ssd=mamba_train|ssd_bwd|OPS|THROUGHPUT|PLAIN|PEER|GRAPH|BEST|SSD |BUDGET|PROFILE|OTHER|fla-ssd|ARM|LONGCTX|first_step|passed|failed|FAILED|Error|error|captured after|capture failed|eager training step'
 
 python3 -m pip install -q --no-index --no-deps --no-compile ${WHL:-.whl}/*.whl || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -153,7 +153,7 @@ part() {  # one named part (the parts listed above)
            --probe --doc-len 4096 --out "$OUT/hyb64k" --peak-flops "$PEAK" --budget-s $(( BUDGET_S - SECONDS - 10 )) ;;
     m3mb) run_part m3mb python3 benchmarks/train_throughput.py --models mamba3-180m --micro-batches 8 16 \
            "${TIMING[@]}" --json "$OUT/tp_mamba3_mb.json" ;;
-    cp) run_part cp_tests "${PYTEST[@]}" tests/gpu/test_context_parallel_gpu.py
+    cp) run_part cp_tests "${PYTEST[@]}" -s tests/gpu/test_context_parallel_gpu.py
         run_part cp_glue "${PYTEST[@]}" --tb=line tests/test_fused_carried.py ;;
     hm) run_part hm_tests env TRITON_F32_DEFAULT=ieee "${PYTEST[@]}" --tb=line tests/gpu/test_hybrids_gpu.py \
            tests/gpu/test_moe_gpu.py tests/gpu/test_jamba_gpu.py tests/gpu/test_init_from_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;

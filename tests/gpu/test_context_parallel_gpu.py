@@ -113,6 +113,10 @@ def _worker(rank: int, port: int, out: str) -> None:
             dist.all_reduce(errs, op=dist.ReduceOp.MAX)
             grads = {p: _rel(got[p], r) for p, r in ref.items()}
             results[name] = (errs[0].item(), errs[1].item(), grads)
+            if rank == 0:  # as each case ends (the device run reads them even if cut short)
+                worst = max(grads, key=grads.get)
+                print(f"CP case {name}: logits {errs[0].item():.2e} loss {errs[1].item():.2e} "
+                      f"worst gradient {worst} {grads[worst]:.2e}", flush=True)
         if rank == 0:
             torch.save(results, out)
     finally:
