@@ -36,6 +36,12 @@ def test_saved_overrides_come_first_and_new_ones_replace_them_in_place():
     new = ["run_name=X", "trainer.max_steps=9", "ckpt_path=last", "+logger.x=1"]
     assert merge_overrides(saved, new) == ["recipe=debug", "model.d_model=32", "trainer.max_steps=9",
                                            "run_name=X", "ckpt_path=last", "+logger.x=1"]
+    # a key set several times (a wrapper's defaults, then the user's): its last value wins on
+    # both sides, so a new value is never shadowed by a later saved one
+    saved = ["data.micro_batch_size=2", "model.d_model=32", "data.micro_batch_size=1"]
+    new = ["data.micro_batch_size=2", "data.micro_batch_size=1", "data.micro_batch_size=4"]
+    assert merge_overrides(saved, new) == ["model.d_model=32", "data.micro_batch_size=4"]
+    assert merge_overrides(saved, ["trainer.max_steps=9"]) == [*saved, "trainer.max_steps=9"]
 
 
 def _fake_run(run_dir: Path, overrides: list[str], make_config) -> None:

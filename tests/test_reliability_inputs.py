@@ -94,7 +94,7 @@ def test_a_killed_data_mixture_run_resumes(tmp_path):
     resumed = _ok(faults.run(tmp_path, mix, "trainer.max_steps=8", "train.checkpoint_every_n_steps=2",
                              "ckpt_path=last"))
     assert "resuming from" in resumed.stdout + resumed.stderr
-    assert [s for s, _ in faults.losses(run_dir)] == list(range(8))
+    assert [s for s, _ in faults.losses(run_dir)] == list(range(1, 9))
     assert faults.global_step(run_dir / "checkpoints" / "last.ckpt") == 8
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["tokens_seen"] == 8 * 64  # counted from the samples handed out
@@ -105,18 +105,38 @@ def test_a_killed_data_mixture_run_resumes(tmp_path):
 def test_another_batching_on_resume_is_refused_in_one_line(tmp_path):
     """A resume with another micro-batch size or global batch would put Lightning's accumulation
     windows off the step boundaries (a part-window first step, shifted later ones) and misreport
-    tokens_seen: refused, naming the checkpoint's values and this run's."""
+    tokens_seen: refused, naming the checkpoint's value and this run's. The key is given twice on
+    the command line (a wrapper's default, then the user's), and the last value is the one
+    compared."""
     run_dir = tmp_path / "debug"
     _ok(faults.run(tmp_path, "trainer.max_steps=3", "train.checkpoint_every_n_steps=3",
                    "data.micro_batch_size=1"))  # 64 tokens/step = 2 micro-batches of 1 x 32
     rows = faults.rows(run_dir)
-    for change, new in (("data.micro_batch_size=2", "data.micro_batch_size=2 x 1"),
-                        ("train.global_batch_tokens=128", "data.micro_batch_size=1 x 4")):
+    # the micro-batch may change on resume unless the accumulation then differs (the loader's
+    # check); the global batch is part of what the checkpoint was trained as (the CLI's check)
+    for change, expected in (("data.micro_batch_size=2", (
+            "cannot resume with another batching", "data.micro_batch_size=1 x 2 accumulated",
+            "this run has data.micro_batch_size=2 x 1")), ("train.global_batch_tokens=128", (
+            "would change what its checkpoint was trained as", "train.global_batch_tokens: 64 -> 128"))):
         proc = faults.run(tmp_path, "trainer.max_steps=6", "data.micro_batch_size=1", change,
                           "ckpt_path=last")
-        _one_error_line(proc, "cannot resume with another batching",
-                        "data.micro_batch_size=1 x 2 accumulated", f"this run has {new}")
+        _one_error_line(proc, *expected)
         assert faults.rows(run_dir) == rows
+
+
+def test_the_loader_refuses_another_batching_without_the_cli():
+    """The Python API (``train(cfg)``) has no command-line check: the loader's own refusal."""
+    from types import SimpleNamespace
+
+    from mamba_train.data.loader import DataError, ResumableDataLoader
+
+    state = {"world_size": 1, "micro_batch_size": 1, "accumulate_grad_batches": 2}
+    loader = SimpleNamespace(batch_size=2, accumulate_grad_batches=1,
+                             dataset=SimpleNamespace(world_size=1))
+    with pytest.raises(DataError, match="data.micro_batch_size=1 x 2 accumulated"):
+        ResumableDataLoader._check_batching(loader, state)
+    loader.batch_size, loader.accumulate_grad_batches = 1, 2
+    ResumableDataLoader._check_batching(loader, state)  # the same batching resumes
 
 
 @pytest.mark.slow  # two CLI runs
@@ -201,7 +221,7 @@ def test_ckpt_path_last_looks_where_model_checkpoint_writes(tmp_path):
     proc = _ok(faults.run(tmp_path, "trainer.max_steps=6", *common, "ckpt_path=last"))
     line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "resuming from" in ln)
     assert f"resuming from {elsewhere}/" in line and line.endswith("(step 4)"), line
-    assert [s for s, _ in faults.losses(tmp_path / "debug")] == list(range(6))
+    assert [s for s, _ in faults.losses(tmp_path / "debug")] == list(range(1, 7))
     assert faults.global_step(elsewhere / "last.ckpt") == 6
 
 

@@ -71,11 +71,14 @@ def is_safe(key: str) -> bool:
 
 
 def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
-    """The saved overrides with each key the new ones set replaced in place, then the rest of
-    the new ones."""
+    """The saved overrides with each key the new ones set replaced in place (at its last saved
+    place; the key's earlier saved settings dropped), then the rest of the new ones. A key given
+    several times counts with its last value, as Hydra reads a command line."""
     new_by_key = {_key(o): o for o in new}
-    merged = [new_by_key.pop(_key(o), o) for o in saved]
-    return merged + [o for o in new if _key(o) in new_by_key and new_by_key[_key(o)] is o]
+    last_saved = {_key(o): i for i, o in enumerate(saved)}
+    merged = [new_by_key.pop(_key(o), o) for i, o in enumerate(saved)
+              if _key(o) not in new_by_key or last_saved[_key(o)] == i]
+    return merged + [o for o in new if new_by_key.get(_key(o)) is o]
 
 
 def _compose(overrides: list[str]):
