@@ -142,20 +142,27 @@ def measure(model, cp, rank: int, seqlen: int) -> dict:
         loss.backward()
     for h in hooks:
         h.remove()
-    expected = {}
-    for block in model.backbone.layers if cp is not None else []:
+    expected, by_layer = {}, {}  # (key, phase) -> [per layer]; (key, label) -> forward
+    for i, block in enumerate(model.backbone.layers if cp is not None else []):
+        name = f"layer{i}:{type(block.mixer).__name__}"
         for (key, phase), v in formulas(block.mixer, cp.size, rank, seqlen, BATCH).items():
             expected.setdefault((key, phase), []).append(v)
+            if phase == "forward":
+                by_layer[key, name] = v
     comm = {}
     for (key, phase), per_layer in expected.items():
         events = tally.select(key=key, phase=phase)
         n = len(per_layer)
         sent, received = sum(e.sent for e in events), sum(e.received for e in events)
         want = tuple(sum(v[j] for v in per_layer) for j in (0, 1))
-        labels_seen = sorted({e.label for e in events if e.label})
+        # the forward's events carry their layer: each layer's own bytes must match too
+        each = phase != "forward" or all(
+            (sum(e.sent for e in events if e.label == name),
+             sum(e.received for e in events if e.label == name)) == v
+            for (k, name), v in by_layer.items() if k == key)
         comm[f"{key}/{phase}"] = dict(layers=n, calls=len(events), sent=sent, received=received,
-                                      want_sent=want[0], want_received=want[1],
-                                      ops=sorted({e.op for e in events}), labels=labels_seen)
+                                      want_sent=want[0], want_received=want[1], each_layer=each,
+                                      ops=sorted({e.op for e in events}))
     other = [e for e in tally.events if (e.key, e.phase) not in expected]
     comm["other"] = dict(calls=len(other), sent=sum(e.sent for e in other),
                          received=sum(e.received for e in other),
@@ -219,7 +226,8 @@ def main(argv=None) -> int:
                       f"rank={row['rank']} exchange=other calls={c['calls']} sent={c['sent']} "
                       f"received={c['received']} keys={','.join(c['keys'])}")
                 continue
-            ok = c["sent"] == c["want_sent"] and c["received"] == c["want_received"]
+            ok = (c["sent"] == c["want_sent"] and c["received"] == c["want_received"]
+                  and c["each_layer"])
             checks += 1
             diffs += not ok
             layers = c["layers"]

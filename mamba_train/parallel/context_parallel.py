@@ -14,6 +14,9 @@ Per Mamba layer and step, the ranks exchange:
 Attention layers all-gather their keys and values (each rank keeps those up to its slice end).
 Nothing depends on the number of heads, so any group size that divides the sequence works.
 
+Every exchange goes through ``_all_gather``, ``_all_reduce`` or ``_shift`` below, which also
+record it in any open ``parallel.tally.count_exchanges()`` (what is sent, measured).
+
 ``ContextParallel(group).install(model)`` sets the carry on every mixer and adds two hooks on the
 model: before the forward, the slice's offset and the document numbers before it (one all-gather
 of ``seq_idx``); after it, the loss becomes the mean over the whole sequence (below).
