@@ -14,6 +14,9 @@ Per Mamba layer and step, the ranks exchange:
 Attention layers all-gather their keys and values (each rank keeps those up to its slice end).
 Nothing depends on the number of heads, so any group size that divides the sequence works.
 
+Every exchange goes through ``_all_gather``, ``_all_reduce`` or ``_shift`` below, which also
+record it in any open ``parallel.tally.count_exchanges()`` (what is sent, measured).
+
 ``ContextParallel(group).install(model)`` sets the carry on every mixer and adds two hooks on the
 model: before the forward, the slice's offset and the document numbers before it (one all-gather
 of ``seq_idx``); after it, the loss becomes the mean over the whole sequence (below).
@@ -26,6 +29,22 @@ import torch.distributed as dist
 from torch import nn
 
 from mamba_train.models.state_passing import SequenceCarry, expand_decay
+from mamba_train.parallel.tally import nbytes, record
+
+
+def _all_gather(x: torch.Tensor, group, key: str, phase: str = "forward") -> list[torch.Tensor]:
+    """Every rank's ``x`` (same shape), in rank order."""
+    size = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    record(key, "all_gather", phase, nbytes(x), (size - 1) * nbytes(x))
+    return parts
+
+
+def _all_reduce(x: torch.Tensor, group, key: str, phase: str) -> None:
+    """Sum ``x`` (contiguous) over the group in place."""
+    dist.all_reduce(x, group=group)
+    record(key, "all_reduce", phase, nbytes(x), nbytes(x))
 
 
 class _AllGather(torch.autograd.Function):
@@ -33,18 +52,16 @@ class _AllGather(torch.autograd.Function):
     gradient over the group (an all-reduce: gloo has no reduce-scatter) and keeps its own."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, key):
+        ctx.group, ctx.key = group, key
         ctx.rank = dist.get_rank(group)
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.stack(parts)
+        return torch.stack(_all_gather(x, group, key))
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+        _all_reduce(grad, ctx.group, ctx.key, "backward")
+        return grad[ctx.rank], None, None
 
 
 class _ExclusiveScan(torch.autograd.Function):
@@ -55,15 +72,12 @@ class _ExclusiveScan(torch.autograd.Function):
     both collectives (also rank 0, whose h_in is zero), so they pair up."""
 
     @staticmethod
-    def forward(ctx, state, decay, group):
-        ctx.group, ctx.rank = group, dist.get_rank(group)
-        size = dist.get_world_size(group)
+    def forward(ctx, state, decay, group, key):
+        ctx.group, ctx.rank, ctx.key = group, dist.get_rank(group), key
         ctx.input_decay_shape = decay.shape
         decay = expand_decay(decay, state)
-        states = [torch.empty_like(state) for _ in range(size)]
-        decays = [torch.empty_like(decay) for _ in range(size)]
-        dist.all_gather(states, state.contiguous(), group=group)
-        dist.all_gather(decays, decay.contiguous(), group=group)
+        states = _all_gather(state, group, key)
+        decays = _all_gather(decay, group, key)
         h, before = torch.zeros_like(state), []
         for q in range(ctx.rank):
             before.append(h)
@@ -85,11 +99,11 @@ class _ExclusiveScan(torch.autograd.Function):
             ddecays[q] = (g * before[q]).sum_to_size(ctx.decay_shape)
             g = g * decays[q]
         both = torch.cat([dstates.flatten(), ddecays.flatten()])  # one all-reduce
-        dist.all_reduce(both, group=ctx.group)
+        _all_reduce(both, ctx.group, ctx.key, "backward")
         dstates, ddecays = both.split([dstates.numel(), ddecays.numel()])
         dstate = dstates.view(size, *dh.shape)[ctx.rank]
         ddecay = ddecays.view(size, *ctx.decay_shape)[ctx.rank].reshape(ctx.input_decay_shape)
-        return dstate, ddecay, None
+        return dstate, ddecay, None, None
 
 
 class _Halo(torch.autograd.Function):
@@ -97,21 +111,21 @@ class _Halo(torch.autograd.Function):
     sends the gradient the other way."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _shift(x.contiguous(), group, forward=True)
+    def forward(ctx, x, group, key):
+        ctx.group, ctx.key = group, key
+        return _shift(x.contiguous(), group, key, forward=True)
 
     @staticmethod
     def backward(ctx, grad):
-        return _shift(grad.contiguous(), ctx.group, forward=False), None
+        return _shift(grad.contiguous(), ctx.group, ctx.key, forward=False), None, None
 
 
-def _shift(x: torch.Tensor, group, forward: bool) -> torch.Tensor:
+def _shift(x: torch.Tensor, group, key: str, forward: bool) -> torch.Tensor:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     src, dst = (rank - 1, rank + 1) if forward else (rank + 1, rank - 1)
     if x.device.type != "cpu" and dist.get_backend(group) == "gloo":
         # gloo's point-to-point takes host tensors only (its collectives stage device ones)
-        return _shift(x.cpu(), group, forward).to(x.device)
+        return _shift(x.cpu(), group, key, forward).to(x.device)
     out = torch.zeros_like(x)
     ops = []
     if 0 <= dst < size:
@@ -121,6 +135,11 @@ def _shift(x: torch.Tensor, group, forward: bool) -> torch.Tensor:
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
+    phase = "forward" if forward else "backward"
+    if 0 <= dst < size:
+        record(key, "send", phase, nbytes(x), 0)
+    if 0 <= src < size:
+        record(key, "recv", phase, 0, nbytes(out))
     return out
 
 
@@ -139,20 +158,19 @@ class ContextParallelCarry(SequenceCarry):
         self.offset = self.rank * seqlen
         self.prev_seq_idx = None
         if seq_idx is not None:
-            parts = [torch.empty_like(seq_idx) for _ in range(self.size)]
-            dist.all_gather(parts, seq_idx.contiguous(), group=self.group)
+            parts = _all_gather(seq_idx, self.group, "seq_idx")
             if self.rank > 0:
                 self.prev_seq_idx = torch.cat(parts[: self.rank], dim=1)
 
     def halo(self, key, tail):
-        return _Halo.apply(tail, self.group)
+        return _Halo.apply(tail, self.group, key)
 
     def carry(self, key, state, decay):
-        h_in = _ExclusiveScan.apply(state, decay.to(state.dtype), self.group)
+        h_in = _ExclusiveScan.apply(state, decay.to(state.dtype), self.group, key)
         return h_in.reshape(state.shape)
 
     def gather(self, key, x):
-        full = _AllGather.apply(x, self.group)  # (size, b, L, ...)
+        full = _AllGather.apply(x, self.group, key)  # (size, b, L, ...)
         return torch.cat(list(full[: self.rank + 1]), dim=1)  # causal: later keys unused
 
 
@@ -223,7 +241,7 @@ class ContextParallel:
         count = (labels != -100).sum().to(output.loss.dtype)
         local_sum = output.loss * count
         totals = torch.stack([local_sum.detach(), count])
-        dist.all_reduce(totals, group=self.group)
+        _all_reduce(totals, self.group, "loss", "forward")
         n = totals[1].clamp(min=1)
         scaled = local_sum * self.size / n
         loss = totals[0] / n + (scaled - scaled.detach())
