@@ -1,11 +1,12 @@
 """The measuring harness the throughput benchmarks share: the plain loop around mamba_ssm's
 ``MambaLMHeadModel`` and the timed loop any peer model runs in (arm (a)), ``mamba_train``'s real
-path (arm (b)), synthetic token shards, the GPU set-up, peak FLOP/s and MFU, and the line format.
+path (arm (b)), a run's logged losses, synthetic token shards, the GPU set-up, peak FLOP/s and MFU, and the line format.
 ``train_throughput.py`` (the CLI), ``fla_arms.py``, ``hf_peer.py``, ``long_context.py``,
 ``profile_step.py`` and ``kernel_budget.py`` import it; it imports none of them."""
 
 from __future__ import annotations
 
+import csv
 import gc
 import statistics
 import sys
@@ -19,6 +20,16 @@ import torch.nn.functional as F
 
 SEQ_LEN = 2048
 VOCAB = 50277
+
+
+def global_losses(run_dir: Path) -> dict[int, float]:
+    """``train/global_loss`` by step from a run's ``metrics/metrics.csv`` (empty if none)."""
+    path = run_dir / "metrics" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return {int(r["step"]): float(r["train/global_loss"]) for r in csv.DictReader(f)
+                if r.get("train/global_loss")}
 
 
 def windows_tok_s(stamps: list[float], tokens_per_step: int, window: int) -> list[float]:

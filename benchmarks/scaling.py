@@ -28,7 +28,6 @@ launcher re-runs that command once per extra GPU).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -36,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from harness import global_losses  # benchmarks/ is the script's directory
 
 ARMS = {  # name -> (GPUs, strategy overrides)
     "single": (1, ["strategy=auto"]),
@@ -119,15 +119,6 @@ def run_arm(args) -> int:
 
 
 # ------------------------------------------------------------------------------ orchestration
-def global_losses(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics" / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return {int(r["step"]): float(r["train/global_loss"]) for r in csv.DictReader(f)
-                if r.get("train/global_loss")}
-
-
 def summarize(args, arm: str, out: Path) -> dict:
     timing = json.loads((out / f"{arm}.timing.json").read_text())
     stamps = timing["stamps"][args.warmup:]

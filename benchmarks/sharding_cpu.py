@@ -23,7 +23,6 @@ parity, memory held per rank and checkpoint interchange (GPU timings: ``scaling.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from harness import global_losses  # benchmarks/ is the script's directory
 
 ARMS = {  # name -> (processes, strategy overrides)
     "single": (1, ["strategy=auto"]),
@@ -109,15 +109,6 @@ class CPUProbe(L.Callback):
 
 
 # ------------------------------------------------------------------------------ orchestration
-def global_losses(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics" / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return {int(r["step"]): float(r["train/global_loss"]) for r in csv.DictReader(f)
-                if r.get("train/global_loss")}
-
-
 def common_overrides(args) -> list[str]:
     return [f"recipe={args.recipe}", "backend=reference", "trainer.accelerator=cpu",
             f"data.seq_len={args.seq_len}", f"data.micro_batch_size={args.micro_batch}",
