@@ -120,7 +120,6 @@ def run_config_of(path: str | Path) -> dict[str, Any] | None:
     return yaml.safe_load(text) if text else None
 
 
-
 def optimizer_state_in_group_order(state: dict[str, Any], optimizer,
                                    model_parameters) -> dict[str, Any]:
     """An optimizer state dict numbered as torch numbers it: parameter ``i`` is the ``i``-th of
