@@ -21,13 +21,13 @@ def metric_by_step(run_dir, key):
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
-def helper_json(script: str, timeout: int = 300) -> dict:
+def helper_json(script: str, *args: str, timeout: int = 300) -> dict:
     """Run tests/helpers/<script> in a process of its own (e.g. under Triton's interpreter,
     which must be chosen before triton is imported) and parse the JSON of its last line."""
     import json
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "helpers" / script)],
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "helpers" / script), *args],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

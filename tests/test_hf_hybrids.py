@@ -63,6 +63,18 @@ CASES = {
 }
 
 
+
+def transformers_training_path_is_its_model(spec: dict) -> bool:
+    """Whether transformers' model in training mode computes the same function as in eval mode.
+    Not for Falcon-H1 with the gated norm before the gate: its training path hands mamba_ssm's
+    fused kernel ``norm_before_gate=False`` whatever ``mamba_norm_before_gate`` says
+    (``FalconH1Mixer.forward``, transformers/models/falcon_h1/modeling_falcon_h1.py), while its
+    eval path applies ``FalconH1RMSNormGated`` as configured. tests/test_hf_hybrids_fused_cpu.py
+    checks this statement against the installed transformers."""
+    return not (spec["model_type"] == "falcon_h1" and spec.get("mamba_rms_norm")
+                and spec.get("mamba_norm_before_gate", True))
+
+
 def _randomise(model: torch.nn.Module) -> None:
     """Every parameter away from its init (norm scales too), small enough for sane logits."""
     with torch.no_grad():

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from hf_bf16_check import assert_no_further_from_fp32, bf16_errors, rel_err, token_ids  # noqa: E402
-from test_hf_hybrids import CASES, make_hf  # noqa: E402
+from test_hf_hybrids import CASES, make_hf, transformers_training_path_is_its_model  # noqa: E402
 
 from mamba_train.formats.load import load_model  # noqa: E402
 from mamba_train.models.attention import CausalSelfAttention  # noqa: E402
@@ -28,7 +28,8 @@ def test_fused_under_bf16_autocast_no_further_from_fp32_than_transformers(case, 
     transformers' own bf16 run: against transformers' fp32 step (tests/hf_bf16_check.py says
     why; the two bf16 runs round the head's gradient in different places)."""
     hf, src = make_hf(tmp_path, CASES[case])
-    hf = hf.cuda().train()  # training mode: transformers takes mamba_ssm's fused path too
+    # training mode: transformers takes mamba_ssm's fused path too, where that path is its model
+    hf = hf.cuda().train(transformers_training_path_is_its_model(CASES[case]))
     ours = load_model(src, backend="fused", device="cuda").train()
     ids = token_ids(hf, 2, 256, "cuda")
     errs = bf16_errors(hf, ours, ids, CASES[case]["model_type"], "cuda")

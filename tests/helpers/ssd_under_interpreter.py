@@ -1,61 +1,20 @@
 """Runs ``kernels.ssd=mamba_train``'s Functions (models/ssd.py, models/ssd_split.py) and mamba_ssm's
 own on CPU under Triton's interpreter and prints, as JSON, which outputs and gradients differ.
 
-mamba_ssm's Triton launchers assume a CUDA build of torch in three places that do not touch the
-maths; a process of its own makes them run on CPU tensors: ``torch.cuda.device(None)`` becomes a
-no-op, the SM count is a fixed 4, and each autotuned kernel keeps its first config (the
-interpreter has no benchmarker). causal_conv1d (CUDA only) is replaced by the same PyTorch conv in
-both Functions, so the split Function's comparison covers everything around it.
+mamba_ssm's kernels run on CPU tensors through tests/helpers/mamba_ssm_on_cpu.py (causal_conv1d
+replaced by the same PyTorch conv in both Functions, so the split Function's comparison covers
+everything around it).
 Needs mamba_ssm's Python sources importable (tests/test_ssd.py skips otherwise)."""
 
-import contextlib
 import json
-import os
-import sys
-import types
 
-os.environ["TRITON_INTERPRET"] = "1"
-
+import mamba_ssm_on_cpu  # noqa: F401  (first: the interpreter and mamba_ssm's CPU shims)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from triton.runtime import autotuner  # noqa: E402
-
-sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-_cuda_device = torch.cuda.device
-torch.cuda.device = lambda i: contextlib.nullcontext() if i is None else _cuda_device(i)
-torch.cuda.get_device_properties = lambda d=None: types.SimpleNamespace(multi_processor_count=4)
-_autotuner_init = autotuner.Autotuner.__init__
-autotuner.Autotuner.__init__ = lambda self, fn, names, configs, *a, **k: _autotuner_init(
-    self, fn, names, configs[:1], *a, **k)
-
 from mamba_ssm.ops.triton import ssd_combined  # noqa: E402
 
 from mamba_train.models import ssd  # noqa: E402
 from mamba_train.models.ssd import ssd_chunk_scan  # noqa: E402
 from mamba_train.models.ssd_split import split_conv1d_scan_kept  # noqa: E402
-
-
-def _conv(x, w, b, silu):
-    y = F.conv1d(F.pad(x.float(), (w.shape[1] - 1, 0)), w.float().unsqueeze(1), b.float(),
-                 groups=w.shape[0])
-    return F.silu(y) if silu else y
-
-
-def conv_fwd(x, w, b, seq_idx, initial_states, final_states_out, silu):
-    return _conv(x, w, b, silu).to(x.dtype)
-
-
-def conv_bwd(x, w, b, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
-    leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
-    with torch.enable_grad():
-        gx, gw, gb = torch.autograd.grad(_conv(*leaves, silu), leaves, dout.float())
-    dx = torch.empty_like(x) if dx is None else dx
-    dx.copy_(gx)
-    return dx, gw.to(w.dtype), gb.to(b.dtype), None
-
-
-ssd_combined.causal_conv1d_fwd_function = conv_fwd
-ssd_combined.causal_conv1d_bwd_function = conv_bwd
 
 
 def compare(ours, theirs, leaves, names, relative=False):
