@@ -40,6 +40,9 @@ class HFFamily:
         renames: (ours, theirs) state-dict key prefixes, used unless the two below are given.
         base_model_prefix: transformers' ``base_model_prefix`` of the ``*ForCausalLM`` class; a
             directory saved from the bare base model has its keys without it.
+        ssm_layer: the SSM mixer of the family's layers (our ``ssm_cfg.layer``). A model without
+            SSM layers still records the mixer of the family it was read from; export tries the
+            families of that mixer first, so attention-only Jamba stays Jamba.
     """
 
     model_type: str
@@ -50,6 +53,7 @@ class HFFamily:
     from_config: Callable[[Mapping[str, Any]], MambaLMConfig]
     renames: tuple[tuple[str, str], ...] = ()
     base_model_prefix: str = "backbone"
+    ssm_layer: str = "Mamba2"
     state_to_hf: Callable[[MambaLMConfig, Mapping[str, torch.Tensor]], StateDict] | None = None
     state_from_hf: Callable[[MambaLMConfig, Mapping[str, torch.Tensor]], StateDict] | None = None
 

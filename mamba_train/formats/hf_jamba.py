@@ -197,4 +197,5 @@ def convert_experts(ours: str, theirs: str, state, out, to_hf: bool, cfg) -> Non
 
 SUBLAYER_CONVERTERS["ssm_jamba"] = convert_mixer
 SUBLAYER_CONVERTERS["moe_jamba"] = convert_experts
-FAMILIES = (as_hf_family(Family("jamba", JAMBA, "JambaConfig", _from, _to, _layout)),)
+FAMILIES = (as_hf_family(Family("jamba", JAMBA, "JambaConfig", _from, _to, _layout,
+                                ssm_layer="Mamba1")),)
