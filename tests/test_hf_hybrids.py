@@ -60,6 +60,15 @@ CASES = {
     "falcon_h1-tied-norm": falcon_h1(True, mamba_rms_norm=True, mamba_norm_before_gate=False),
     "falcon_h1-norm-before-gate": falcon_h1(False, layers=1, mamba_rms_norm=True,
                                             mamba_norm_before_gate=True, mamba_n_groups=3),
+    # Falcon-H1's default RoPE spans the whole head whatever partial_rotary_factor says
+    "falcon_h1-rope-factor-ignored": falcon_h1(False, layers=1, rope_parameters=dict(
+        rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5)),
+    # Bamba's honours it: a quarter of the head, and the whole head in an attention-only model
+    "bamba-quarter-rotary": bamba([1], False, layers=2, head_dim=16, rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25)),
+    "bamba-attention-only-full-rotary": bamba([0, 1], True, layers=2, head_dim=12,
+                                              rope_parameters=dict(rope_type="default",
+                                                                   partial_rotary_factor=1.0)),
 }
 
 
@@ -211,3 +220,11 @@ def test_packed_documents_equal_each_document_alone(tmp_path, case):
         packed = model(ids, seq_idx=seq_idx).logits
         alone = torch.cat([model(part).logits for part in ids.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_an_odd_rotary_width_is_refused_in_one_line(tmp_path):
+    _, src = make_hf(tmp_path, bamba([1], False, layers=2, head_dim=12, rope_parameters=dict(
+        rope_type="default", partial_rotary_factor=0.25)))
+    with pytest.raises(ExportError, match=r"partial_rotary_factor=0.25 of head_dim=12: an odd "
+                                          r"rotary width \(3\)"):
+        load_model(src, backend="reference", device="cpu")
