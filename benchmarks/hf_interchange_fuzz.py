@@ -48,6 +48,8 @@ def _common(r: random.Random) -> dict:
     vocab = r.choice([r.randrange(40, 140), 8 * r.randrange(6, 16)])
     ids = {k: r.choice([None, r.randrange(vocab)]) for k in ("pad_token_id", "bos_token_id",
                                                               "eos_token_id")}
+    if r.random() < 0.15:  # several end-of-sequence ids (instruction-tuned checkpoints)
+        ids["eos_token_id"] = [r.randrange(vocab), r.randrange(vocab)]
     return dict(vocab_size=vocab, tie_word_embeddings=r.random() < 0.5,
                 initializer_range=r.choice([0.02, 0.01]), **ids)
 
@@ -92,6 +94,8 @@ def nemotron_h(r: random.Random) -> dict:
                    moe_shared_expert_intermediate_size=r.choice([16, 40]),
                    norm_topk_prob=r.random() < 0.5, routed_scaling_factor=r.choice([1.0, 2.5]),
                    mlp_bias=r.random() < 0.15)
+    if r.random() < 0.15:  # multi-token prediction layers (not used by the causal-LM forward)
+        out["num_nextn_predict_layers"] = 1
     return out
 
 
@@ -114,6 +118,7 @@ def bamba(r: random.Random) -> dict:
                attn_layer_indices=sorted(r.sample(range(layers), r.randrange(0, layers + 1))),
                intermediate_size=r.choice([20, 36, 48]), rms_norm_eps=r.choice([1e-5, 1e-6, 1e-3]),
                attention_bias=r.random() < 0.3, mlp_bias=r.random() < 0.3,
+               z_loss_coefficient=0.0 if r.random() < 0.9 else 1e-4,
                **_mamba_fields(r, expand * hidden), **_attn(r), **_rope(r), **_common(r))
     if r.random() < 0.3:
         out["rope_parameters"]["partial_rotary_factor"] = r.choice([0.25, 0.5, 1.0])
@@ -136,6 +141,9 @@ def falcon_h1(r: random.Random) -> dict:
                ssm_multipliers=[m() for _ in range(5)],
                **_mamba_fields(r, d_ssm), **_attn(r), **_rope(r), **_common(r))
     out["mamba_proj_bias"] = bias
+    if r.random() < 0.2:  # the width from mamba_expand instead
+        out.update(mamba_d_ssm=None, **{**_mamba_fields(r, out["mamba_expand"] * hidden),
+                                        "mamba_proj_bias": bias})
     if r.random() < 0.2:
         out["rope_parameters"]["partial_rotary_factor"] = 0.5
     return out

@@ -48,12 +48,13 @@ STASH_KEY = "mamba_train_config"
 # config
 # ---------------------------------------------------------------------------------------------
 def family_for(cfg: MambaLMConfig) -> tuple[HFFamily, dict[str, Any]]:
-    """The first registered family that can represent ``cfg``, with its config fields.
+    """The first family that can represent ``cfg`` (registry order, those it can have been
+    read from first), with its config fields.
     Raises :class:`ExportError` naming the field (every claiming family's reason, if several)."""
-    refusals = []
-    families = list(FAMILIES.values())
-    if not cfg.n_ssm_layers:  # only ssm_cfg.layer tells attention-only Jamba from Granite
-        families.sort(key=lambda f: f.ssm_layer != cfg.layer)
+    refusals = []  # the families it can have been read from first: HFFamily's docstring
+    families = sorted(FAMILIES.values(), key=lambda f: (
+        bool(cfg.layer_pattern) and not f.layered,
+        not cfg.n_ssm_layers and f.ssm_layer != cfg.layer))
     for family in families:
         if family.claims(cfg):
             try:

@@ -279,5 +279,6 @@ def as_hf_family(family: Family) -> HFFamily:
         model_type=family.model_type, architecture=family.architecture,
         config_class=family.config_class, claims=is_hybrid, config_fields=config_fields,
         from_config=family.from_hf, base_model_prefix="model", ssm_layer=family.ssm_layer,
+        layered=True,
         state_to_hf=lambda cfg, state: state_to_hf(cfg, family, state),
         state_from_hf=lambda cfg, state: state_from_hf(cfg, family, state))
