@@ -147,3 +147,9 @@ def test_a_mamba2_without_the_gated_norm_is_refused_naming_rmsnorm(family):
     fam = next(f for f in FAMILIES.values() if f.architecture == family)
     with pytest.raises(ExportError, match=f"rmsnorm=false.*{family}"):
         fam.config_fields(cfg)
+
+
+def test_shared_expert_biases_are_refused_in_one_line(tmp_path):
+    _, src = make_hf(tmp_path, {**CASES["ME*E-normalised"], "mlp_bias": True})
+    with pytest.raises(ExportError, match="mlp_bias=true with moe layers: .*shared experts biases"):
+        load_model(src, backend="reference", device="cpu")

@@ -246,8 +246,9 @@ _FALCON_MULTIPLIERS = dict(embedding="embedding_multiplier", lm_head="lm_head_mu
 def _falcon_from(raw: Mapping[str, Any]) -> MambaLMConfig:
     c = _silu_config("falcon_h1", raw, "Falcon-H1")
     if c.mamba_proj_bias != c.projectors_bias:
-        raise ExportError("config.json mamba_proj_bias != projectors_bias: mamba_train's Mamba-2 "
-                          "has one bias flag for in_proj and out_proj")
+        raise ExportError(f"config.json mamba_proj_bias={c.mamba_proj_bias} (in_proj) != "
+                          f"projectors_bias={c.projectors_bias} (out_proj): mamba_train's Mamba-2 "
+                          "has one bias flag for both")
     d, eps = c.hidden_size, _eps(c)
     head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
     ssm = _mamba2_from(d, c.mamba_n_heads, c.mamba_d_head, d_state=c.mamba_d_state,
