@@ -54,12 +54,23 @@ CASES = {
     "nemotron_h-M-M*--tied": nemotron_h("M-M*-", True),
     "nemotron_h-M*M-M-untied": nemotron_h("M*M-M-", False, time_step_limit=(0.01, 2.0)),
     "nemotron_h-MM-*": nemotron_h("MM-*", False, use_conv_bias=False, layer_norm_epsilon=1e-6),
+    # SSM-only: Mamba2ForCausalLM could hold it too, but export keeps the family it came from
+    "nemotron_h-MM-ssm-only": nemotron_h("MM", False),
     "bamba-attn1-untied": bamba([1], False, rms_norm_eps=1e-6),
     "bamba-attn02-tied": bamba([0, 2], True, time_step_limit=(0.0, 3.0)),
     "falcon_h1-untied": falcon_h1(False),
     "falcon_h1-tied-norm": falcon_h1(True, mamba_rms_norm=True, mamba_norm_before_gate=False),
     "falcon_h1-norm-before-gate": falcon_h1(False, layers=1, mamba_rms_norm=True,
                                             mamba_norm_before_gate=True, mamba_n_groups=3),
+    # Falcon-H1's default RoPE spans the whole head whatever partial_rotary_factor says
+    "falcon_h1-rope-factor-ignored": falcon_h1(False, layers=1, rope_parameters=dict(
+        rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5)),
+    # Bamba's honours it: a quarter of the head, and the whole head in an attention-only model
+    "bamba-quarter-rotary": bamba([1], False, layers=2, head_dim=16, rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25)),
+    "bamba-attention-only-full-rotary": bamba([0, 1], True, layers=2, head_dim=12,
+                                              rope_parameters=dict(rope_type="default",
+                                                                   partial_rotary_factor=1.0)),
 }
 
 
@@ -114,7 +125,7 @@ def test_load_model_gives_transformers_logits(tmp_path, case):
     ids = _ids()
     ours = load_model(src, backend="reference", device="cpu").eval()
     with torch.no_grad():
-        want = hf(ids).logits
+        want = hf(ids, use_cache=False).logits  # no cache to size without attention
         got = ours(ids).logits[..., :VOCAB]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -148,7 +159,8 @@ def test_export_returns_the_source_tensors(tmp_path, case):
     again = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     ids = _ids()
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(again(ids, use_cache=False).logits,
+                                   hf(ids, use_cache=False).logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["nemotron_h-M-M*--tied", "bamba-attn1-untied", "falcon_h1-untied"])
@@ -223,3 +235,11 @@ def test_packed_documents_equal_each_document_alone(tmp_path, case):
         packed = model(ids, seq_idx=seq_idx).logits
         alone = torch.cat([model(part).logits for part in ids.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_an_odd_rotary_width_is_refused_in_one_line(tmp_path):
+    _, src = make_hf(tmp_path, bamba([1], False, layers=2, head_dim=12, rope_parameters=dict(
+        rope_type="default", partial_rotary_factor=0.25)))
+    with pytest.raises(ExportError, match=r"partial_rotary_factor=0.25 of head_dim=12: an odd "
+                                          r"rotary width \(3\)"):
+        load_model(src, backend="reference", device="cpu")

@@ -40,6 +40,8 @@ CASES = {  # name: (spec, our pattern)
     "*EMEME-tied-all-experts": (jamba(3, (3, 0), (1, 0), True, head_dim=16, num_experts=5,
                                       num_experts_per_tok=3), "*EMEME"),
     "M-M-M--dense-untied": (jamba(3, (4, 3), (2, 1), False, num_experts=1), "M-M-M-"),
+    # no Mamba layer: Granite could hold it too, but export keeps the family it came from
+    "*-*--attention-only": (jamba(2, (1, 0), (3, 2), True, num_experts=1), "*-*-"),
 }
 
 

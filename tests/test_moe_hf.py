@@ -96,6 +96,13 @@ GRANITE_CASES = {
     "nope-moe-tied": granite(["attention", "mamba"], position_embedding_type="nope",
                              tie_word_embeddings=True),
     "dense": granite(["mamba", "attention"], num_local_experts=0),
+    # its attention reads config.head_dim when set; its RoPE ignores partial_rotary_factor
+    "head-dim-rope-factor": granite(["attention", "mamba"], head_dim=12,
+                                    position_embedding_type="rope",
+                                    rope_parameters=dict(rope_type="default", rope_theta=300.0,
+                                                         partial_rotary_factor=0.5)),
+    # no Mamba layer: the mamba_* fields are still written for GraniteMoeHybridConfig to accept
+    "attention-only": granite(["attention", "attention"], num_local_experts=0),
 }
 
 
@@ -126,3 +133,23 @@ def test_granite_loads_with_transformers_logits_and_exports_its_tensors(tmp_path
     again = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["BambaForCausalLM", "GraniteMoeHybridForCausalLM"])
+def test_a_mamba2_without_the_gated_norm_is_refused_naming_rmsnorm(family):
+    from mamba_train.formats.hf import FAMILIES
+    from mamba_train.models.config import MambaLMConfig
+
+    cfg = MambaLMConfig(d_model=32, n_layer=2, vocab_size=VOCAB, layer_pattern="M-*-",
+                        d_intermediate=48, mlp_cfg=dict(multiple_of=1),
+                        ssm_cfg=dict(layer="Mamba2", headdim=16, d_state=8, rmsnorm=False),
+                        attn_cfg=dict(num_heads=4, causal=True, rotary_emb_dim=8))
+    fam = next(f for f in FAMILIES.values() if f.architecture == family)
+    with pytest.raises(ExportError, match=f"rmsnorm=false.*{family}"):
+        fam.config_fields(cfg)
+
+
+def test_shared_expert_biases_are_refused_in_one_line(tmp_path):
+    _, src = make_hf(tmp_path, {**CASES["ME*E-normalised"], "mlp_bias": True})
+    with pytest.raises(ExportError, match="mlp_bias=true with moe layers: .*shared experts biases"):
+        load_model(src, backend="reference", device="cpu")

@@ -48,10 +48,14 @@ STASH_KEY = "mamba_train_config"
 # config
 # ---------------------------------------------------------------------------------------------
 def family_for(cfg: MambaLMConfig) -> tuple[HFFamily, dict[str, Any]]:
-    """The first registered family that can represent ``cfg``, with its config fields.
+    """The first family that can represent ``cfg`` (registry order, those it can have been
+    read from first), with its config fields.
     Raises :class:`ExportError` naming the field (every claiming family's reason, if several)."""
-    refusals = []
-    for family in FAMILIES.values():
+    refusals = []  # the families it can have been read from first: HFFamily's docstring
+    families = sorted(FAMILIES.values(), key=lambda f: (
+        bool(cfg.layer_pattern) and not f.layered,
+        not cfg.n_ssm_layers and f.ssm_layer != cfg.layer))
+    for family in families:
         if family.claims(cfg):
             try:
                 return family, family.config_fields(cfg)
@@ -91,7 +95,14 @@ def to_hf_config(cfg: MambaLMConfig, dtype: torch.dtype | None = None,
     ids = {k: v if v is not None else cfg.special_token_ids.get(k) for k, v in ids.items()}
     if cfg.padding_idx is not None:  # the row kept frozen here is the one transformers freezes
         ids["pad_token_id"] = cfg.padding_idx
-    hf_cfg = config_cls(**fields, **ids)
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config validation
+
+    try:
+        hf_cfg = config_cls(**fields, **ids)
+    except (ValueError, StrictDataclassError) as e:
+        why = " ".join(str(e).split())
+        raise ExportError(f"transformers' {family.config_class} rejects the fields written for "
+                          f"this model ({why})") from e
     hf_cfg.architectures = [family.architecture]
     if dtype is not None:
         hf_cfg.dtype = dtype

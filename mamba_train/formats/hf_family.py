@@ -40,6 +40,13 @@ class HFFamily:
         renames: (ours, theirs) state-dict key prefixes, used unless the two below are given.
         base_model_prefix: transformers' ``base_model_prefix`` of the ``*ForCausalLM`` class; a
             directory saved from the bare base model has its keys without it.
+        ssm_layer: the SSM mixer of the family's layers (our ``ssm_cfg.layer``).
+        layered: the family lists its layers one by one (the hybrids): a model read from one
+            keeps an explicit ``layer_pattern``, even when it is SSM-only.
+
+    Where several families could hold a model, export tries first those it can have been read
+    from: layered ones for an explicit ``layer_pattern`` (SSM-only Nemotron-H stays Nemotron-H),
+    and, without SSM layers, those of its ``ssm_cfg.layer`` (attention-only Jamba stays Jamba).
     """
 
     model_type: str
@@ -50,6 +57,8 @@ class HFFamily:
     from_config: Callable[[Mapping[str, Any]], MambaLMConfig]
     renames: tuple[tuple[str, str], ...] = ()
     base_model_prefix: str = "backbone"
+    ssm_layer: str = "Mamba2"
+    layered: bool = False
     state_to_hf: Callable[[MambaLMConfig, Mapping[str, torch.Tensor]], StateDict] | None = None
     state_from_hf: Callable[[MambaLMConfig, Mapping[str, torch.Tensor]], StateDict] | None = None
 

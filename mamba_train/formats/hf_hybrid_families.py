@@ -37,12 +37,18 @@ def _eps(c) -> float:
     return float(getattr(c, "rms_norm_eps", None) or c.layer_norm_epsilon)
 
 
-def _rope(c, head_dim: int, default_factor: float) -> dict[str, Any]:
+def _rope(c, head_dim: int, partial: bool) -> dict[str, Any]:
+    """Rotary kwargs of the family's default RoPE. ``partial``: the family's rotary embedding
+    honours ``partial_rotary_factor`` (Bamba; BambaConfig fills in 0.5); Falcon-H1's and Granite's
+    compute their frequencies over the whole head whatever the field says."""
     rope = dict(getattr(c, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"config.json rope_type={rope['rope_type']!r}: only the default RoPE "
                           "is implemented")
-    factor = float(rope.get("partial_rotary_factor", default_factor))
+    factor = float(rope.get("partial_rotary_factor", 1.0)) if partial else 1.0
+    if int(head_dim * factor) % 2:
+        raise ExportError(f"config.json partial_rotary_factor={factor} of head_dim={head_dim}: an "
+                          f"odd rotary width ({int(head_dim * factor)}) is not implemented")
     return dict(rotary_emb_dim=int(head_dim * factor),
                 rotary_emb_base=float(rope.get("rope_theta", 10000.0)))
 
@@ -81,9 +87,7 @@ def _nemotron_from(raw: Mapping[str, Any]) -> MambaLMConfig:
 
 def _nemotron_to(cfg: MambaLMConfig) -> dict[str, Any]:
     _check_common(cfg, NEMOTRON_H, {"M", "*", "-", "M-", "*-", "E", "ME", "*E"}, "relu2")
-    kw = _check_mamba2(cfg, NEMOTRON_H, norm_eps=cfg.norm_epsilon)
-    if cfg.n_ssm_layers and not kw["rmsnorm"]:
-        raise _refuse(NEMOTRON_H, "model.ssm_cfg.rmsnorm=false", "its Mamba-2 has the gated norm")
+    kw = _check_mamba2(cfg, NEMOTRON_H, norm_eps=cfg.norm_epsilon, rmsnorm=True)
     if cfg.n_attention_layers:
         a = cfg.attn_kwargs()
         if a["rotary_emb_dim"]:
@@ -151,7 +155,7 @@ def _bamba_from(raw: Mapping[str, Any]) -> MambaLMConfig:
                        chunk_size=c.mamba_chunk_size, dt_limit=tuple(c.time_step_limit),
                        conv_bias=c.mamba_conv_bias, bias=c.mamba_proj_bias, norm_eps=eps,
                        dt_bias_init=1.0)
-    attn = _attn_in(c, head_dim, c.attention_bias, _rope(c, head_dim, 0.5)) if attn_idx else {}
+    attn = _attn_in(c, head_dim, c.attention_bias, _rope(c, head_dim, partial=True)) if attn_idx else {}
     return _build(raw, d_model=d, n_layer=c.num_hidden_layers, layer_pattern=pattern,
                   d_intermediate=c.intermediate_size, ssm_cfg=ssm, attn_cfg=attn,
                   mlp_cfg=dict(act="swiglu", bias=c.mlp_bias, multiple_of=1),
@@ -160,36 +164,46 @@ def _bamba_from(raw: Mapping[str, Any]) -> MambaLMConfig:
                   padding_idx=c.pad_token_id)  # its nn.Embedding's padding_idx
 
 
-def _mamba2_out(cfg: MambaLMConfig, kw: dict[str, Any], family: str) -> dict[str, Any]:
+def _mamba2_out(cfg: MambaLMConfig, kw: dict[str, Any], family: str,
+                expand: bool = True) -> dict[str, Any]:
+    """The ``mamba_*`` fields of Bamba, Falcon-H1 and Granite, with ``mamba_expand`` unless the
+    family sizes the mixer by ``mamba_d_ssm``. A model without SSM layers whose mixer settings
+    they cannot hold (a Mamba-1 ``ssm_cfg``, a width no integer ``mamba_expand`` gives) gets a
+    one-head set: the config class validates the fields though no layer is built from them."""
     d_inner = _d_inner(cfg)
-    return dict(mamba_n_heads=d_inner // kw["headdim"], mamba_d_head=kw["headdim"],
-                mamba_n_groups=kw["ngroups"], mamba_d_state=kw["d_state"],
-                mamba_d_conv=kw["d_conv"], mamba_chunk_size=kw["chunk_size"],
-                mamba_conv_bias=bool(kw["conv_bias"]), mamba_proj_bias=bool(kw["bias"]),
-                time_step_limit=[float(v) for v in kw["dt_limit"]])
+    if not cfg.n_ssm_layers and (cfg.layer != "Mamba2" or (expand and d_inner % cfg.d_model)):
+        return dict(mamba_n_heads=1, mamba_d_head=cfg.d_model, **(dict(mamba_expand=1) if expand
+                                                                   else {}))
+    out = dict(mamba_n_heads=d_inner // kw["headdim"], mamba_d_head=kw["headdim"],
+               mamba_n_groups=kw["ngroups"], mamba_d_state=kw["d_state"],
+               mamba_d_conv=kw["d_conv"], mamba_chunk_size=kw["chunk_size"],
+               mamba_conv_bias=bool(kw["conv_bias"]), mamba_proj_bias=bool(kw["bias"]),
+               time_step_limit=[float(v) for v in kw["dt_limit"]])
+    if expand:
+        if d_inner % cfg.d_model:
+            raise _refuse(family, f"Mamba-2 inner width {d_inner}",
+                          "it is mamba_expand * hidden_size with an integer mamba_expand")
+        out["mamba_expand"] = d_inner // cfg.d_model
+    return out
 
 
 def _bamba_to(cfg: MambaLMConfig) -> dict[str, Any]:
     _check_common(cfg, BAMBA, {"M-", "*-"}, "swiglu")
-    kw = _check_mamba2(cfg, BAMBA, norm_eps=cfg.norm_epsilon)
-    if not kw["rmsnorm"]:
-        raise _refuse(BAMBA, "model.ssm_cfg.rmsnorm=false", "its Mamba-2 has the gated norm")
-    d_inner = _d_inner(cfg)
-    if d_inner % cfg.d_model:
-        raise _refuse(BAMBA, f"Mamba-2 inner width {d_inner}", "it is mamba_expand * hidden_size "
-                      "with an integer mamba_expand")
+    kw = _check_mamba2(cfg, BAMBA, norm_eps=cfg.norm_epsilon, rmsnorm=True)
     out = dict(model_type="bamba", num_hidden_layers=cfg.n_layer, rms_norm_eps=cfg.norm_epsilon,
                intermediate_size=cfg.d_intermediate, hidden_act="silu",
-               mlp_bias=bool(cfg.mlp_kwargs()["bias"]), mamba_expand=d_inner // cfg.d_model,
+               mlp_bias=bool(cfg.mlp_kwargs()["bias"]),
                attn_layer_indices=[i for i, b in enumerate(cfg.blocks) if b.mixer == ATTENTION],
                **_mamba2_out(cfg, kw, BAMBA), **_common_out(cfg), **_attn_out(cfg))
     if cfg.n_attention_layers:
-        a = cfg.attn_kwargs()
-        if a["rotary_emb_dim"] != int(_head_dim(cfg) * 0.5):
+        a, head_dim = cfg.attn_kwargs(), _head_dim(cfg)
+        factor = a["rotary_emb_dim"] / head_dim  # its RoPE covers int(head_dim * factor) dims
+        if not a["rotary_emb_dim"] or int(head_dim * factor) != a["rotary_emb_dim"]:
             raise _refuse(BAMBA, f"model.attn_cfg.rotary_emb_dim={a['rotary_emb_dim']}",
-                          f"its rotary embedding covers half the head ({_head_dim(cfg) // 2})")
+                          "its rotary embedding covers int(head_dim * partial_rotary_factor) > 0 "
+                          "dims")
         out["rope_parameters"] = dict(rope_type="default", rope_theta=float(a["rotary_emb_base"]),
-                                      partial_rotary_factor=0.5)
+                                      partial_rotary_factor=factor)
     return out
 
 
@@ -232,8 +246,9 @@ _FALCON_MULTIPLIERS = dict(embedding="embedding_multiplier", lm_head="lm_head_mu
 def _falcon_from(raw: Mapping[str, Any]) -> MambaLMConfig:
     c = _silu_config("falcon_h1", raw, "Falcon-H1")
     if c.mamba_proj_bias != c.projectors_bias:
-        raise ExportError("config.json mamba_proj_bias != projectors_bias: mamba_train's Mamba-2 "
-                          "has one bias flag for in_proj and out_proj")
+        raise ExportError(f"config.json mamba_proj_bias={c.mamba_proj_bias} (in_proj) != "
+                          f"projectors_bias={c.projectors_bias} (out_proj): mamba_train's Mamba-2 "
+                          "has one bias flag for both")
     d, eps = c.hidden_size, _eps(c)
     head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
     ssm = _mamba2_from(d, c.mamba_n_heads, c.mamba_d_head, d_state=c.mamba_d_state,
@@ -248,7 +263,7 @@ def _falcon_from(raw: Mapping[str, Any]) -> MambaLMConfig:
     return _build(raw, d_model=d, n_layer=c.num_hidden_layers,
                   layer_pattern="P-" * c.num_hidden_layers, d_intermediate=c.intermediate_size,
                   ssm_cfg=ssm, attn_cfg=_attn_in(c, head_dim, c.attention_bias,
-                                                 _rope(c, head_dim, 1.0)),
+                                                 _rope(c, head_dim, partial=False)),
                   mlp_cfg=dict(act="swiglu", bias=c.mlp_bias, multiple_of=1), multipliers=mult,
                   residual_in_fp32=False, tie_embeddings=c.tie_word_embeddings, norm_epsilon=eps,
                   initializer_cfg=dict(initializer_range=c.initializer_range),
@@ -272,7 +287,7 @@ def _falcon_to(cfg: MambaLMConfig) -> dict[str, Any]:
                mlp_multipliers=[float(cfg.multiplier("mlp_gate")), float(cfg.multiplier("mlp_down"))],
                ssm_multipliers=[float(v) for v in cfg.multiplier("ssm_zxbcdt")],
                **{theirs: float(cfg.multiplier(ours)) for ours, theirs in _FALCON_MULTIPLIERS.items()},
-               **_mamba2_out(cfg, kw, FALCON_H1), **_common_out(cfg), **_attn_out(cfg))
+               **_mamba2_out(cfg, kw, FALCON_H1, expand=False), **_common_out(cfg), **_attn_out(cfg))
     if d_inner % cfg.d_model == 0:
         out["mamba_expand"] = d_inner // cfg.d_model
     return out

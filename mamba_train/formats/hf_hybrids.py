@@ -43,6 +43,7 @@ class Family:
     from_hf: Callable[[Mapping[str, Any]], MambaLMConfig]
     to_hf: Callable[[MambaLMConfig], dict[str, Any]]
     layout: Callable[[MambaLMConfig], list[tuple[str, str, str]]]
+    ssm_layer: str = "Mamba2"
 
 
 def _refuse(family: str, field: str, why: str) -> ExportError:
@@ -66,8 +67,10 @@ def _d_inner(cfg: MambaLMConfig) -> int:
 
 
 def _check_mamba2(cfg: MambaLMConfig, family: str, norm_eps: float | None,
-                  norm_before_gate: bool | None = False) -> dict[str, Any]:
-    """The mixer's kwargs after refusing what the family's Mamba-2 cannot hold."""
+                  norm_before_gate: bool | None = False, rmsnorm: bool | None = None
+                  ) -> dict[str, Any]:
+    """The mixer's kwargs after refusing what the family's Mamba-2 cannot hold (``rmsnorm``,
+    ``norm_before_gate``: the gated norm the family has; None: either)."""
     if not cfg.n_ssm_layers:
         return cfg.mixer_kwargs()
     if cfg.layer != "Mamba2":
@@ -75,6 +78,9 @@ def _check_mamba2(cfg: MambaLMConfig, family: str, norm_eps: float | None,
     kw = cfg.mixer_kwargs()
     if kw["d_ssm"] is not None and kw["d_ssm"] != _d_inner(cfg):
         raise _refuse(family, f"model.ssm_cfg.d_ssm={kw['d_ssm']}", "no gated-MLP part in in_proj")
+    if rmsnorm is not None and bool(kw["rmsnorm"]) != rmsnorm:
+        raise _refuse(family, f"model.ssm_cfg.rmsnorm={str(bool(kw['rmsnorm'])).lower()}",
+                      f"its Mamba-2 {'has' if rmsnorm else 'has no'} gated norm")
     if kw["D_has_hdim"]:
         raise _refuse(family, "model.ssm_cfg.D_has_hdim=true", "D is one value per head")
     if norm_before_gate is not None and kw["rmsnorm"] and kw["norm_before_gate"] != norm_before_gate:
@@ -272,6 +278,7 @@ def as_hf_family(family: Family) -> HFFamily:
     return HFFamily(
         model_type=family.model_type, architecture=family.architecture,
         config_class=family.config_class, claims=is_hybrid, config_fields=config_fields,
-        from_config=family.from_hf, base_model_prefix="model",
+        from_config=family.from_hf, base_model_prefix="model", ssm_layer=family.ssm_layer,
+        layered=True,
         state_to_hf=lambda cfg, state: state_to_hf(cfg, family, state),
         state_from_hf=lambda cfg, state: state_from_hf(cfg, family, state))

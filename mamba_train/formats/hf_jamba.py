@@ -27,6 +27,7 @@ import torch
 
 from mamba_train.formats.hf_hybrid_families import (_decoder_block_norms, _decoder_top,
                                                     _silu_config)
+from mamba_train.formats.hf_family import ExportError
 from mamba_train.formats.hf_hybrids import (SUBLAYER_CONVERTERS, Family, _build, _check_common,
                                             _common_out, _head_dim, _refuse, as_hf_family)
 from mamba_train.formats.hf_moe_granite import _swap
@@ -85,19 +86,25 @@ def _placement(cfg: MambaLMConfig, what: str, indices: set[int]) -> tuple[int, i
 
 
 def _mamba_fields(cfg: MambaLMConfig) -> dict[str, Any]:
-    if not cfg.n_ssm_layers:
+    """The ``mamba_*`` fields. A model without Mamba layers writes its ``ssm_cfg``'s where they
+    fit (those of the Jamba it was read from), else none: no layer is built from them."""
+    try:
+        if cfg.layer != "Mamba1":
+            raise _refuse(JAMBA, f"model.ssm_cfg.layer={cfg.layer}", "its SSM mixer is Mamba-1")
+        kw = cfg.mixer_kwargs()
+        if not kw["dt_bc_norm"]:
+            raise _refuse(JAMBA, "model.ssm_cfg.dt_bc_norm=false", "its Mamba-1 mixer normalises "
+                          "dt, B and C")
+        if float(kw["norm_eps"]) != float(cfg.norm_epsilon):
+            raise _refuse(JAMBA, f"model.ssm_cfg.norm_eps={kw['norm_eps']}",
+                          f"its dt/B/C norms use the block norms' eps {cfg.norm_epsilon}")
+        if not isinstance(kw["expand"], int) or isinstance(kw["expand"], bool):
+            raise _refuse(JAMBA, f"model.ssm_cfg.expand={kw['expand']!r}",
+                          "mamba_expand is an integer")
+    except ExportError:
+        if cfg.n_ssm_layers:
+            raise
         return {}
-    if cfg.layer != "Mamba1":
-        raise _refuse(JAMBA, f"model.ssm_cfg.layer={cfg.layer}", "its SSM mixer is Mamba-1")
-    kw = cfg.mixer_kwargs()
-    if not kw["dt_bc_norm"]:
-        raise _refuse(JAMBA, "model.ssm_cfg.dt_bc_norm=false", "its Mamba-1 mixer normalises "
-                      "dt, B and C")
-    if float(kw["norm_eps"]) != float(cfg.norm_epsilon):
-        raise _refuse(JAMBA, f"model.ssm_cfg.norm_eps={kw['norm_eps']}",
-                      f"its dt/B/C norms use the block norms' eps {cfg.norm_epsilon}")
-    if not isinstance(kw["expand"], int) or isinstance(kw["expand"], bool):
-        raise _refuse(JAMBA, f"model.ssm_cfg.expand={kw['expand']!r}", "mamba_expand is an integer")
     return dict(mamba_d_state=kw["d_state"], mamba_d_conv=kw["d_conv"],
                 mamba_expand=kw["expand"], mamba_dt_rank=int(kw["dt_rank"]),
                 mamba_conv_bias=bool(kw["conv_bias"]), mamba_proj_bias=bool(kw["bias"]))
@@ -197,4 +204,5 @@ def convert_experts(ours: str, theirs: str, state, out, to_hf: bool, cfg) -> Non
 
 SUBLAYER_CONVERTERS["ssm_jamba"] = convert_mixer
 SUBLAYER_CONVERTERS["moe_jamba"] = convert_experts
-FAMILIES = (as_hf_family(Family("jamba", JAMBA, "JambaConfig", _from, _to, _layout)),)
+FAMILIES = (as_hf_family(Family("jamba", JAMBA, "JambaConfig", _from, _to, _layout,
+                                ssm_layer="Mamba1")),)

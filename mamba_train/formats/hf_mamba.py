@@ -216,7 +216,7 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
 
 MAMBA = HFFamily(
     model_type="mamba", architecture="MambaForCausalLM", config_class="MambaConfig",
-    claims=lambda cfg: cfg.layer == "Mamba1", config_fields=config_fields,
+    claims=lambda cfg: cfg.layer == "Mamba1", config_fields=config_fields, ssm_layer="Mamba1",
     from_config=lambda raw: _from_config(raw, "mamba"), renames=RENAMES)
 MAMBA2 = HFFamily(
     model_type="mamba2", architecture="Mamba2ForCausalLM", config_class="Mamba2Config",

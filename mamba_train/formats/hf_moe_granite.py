@@ -25,7 +25,7 @@ import torch
 from mamba_train.formats.hf_hybrid_families import (
     _attn_in, _decoder_block_norms, _decoder_top, _eps, _silu_config, _mamba2_out, _rope)
 from mamba_train.formats.hf_hybrids import (
-    SUBLAYER_CONVERTERS, Family, _attn_out, as_hf_family, _build, _check_common, _check_mamba2, _common_out, _d_inner, _head_dim,
+    SUBLAYER_CONVERTERS, Family, _attn_out, as_hf_family, _build, _check_common, _check_mamba2, _common_out, _head_dim,
     _mamba2_from, _refuse)
 from mamba_train.models.config import MambaLMConfig
 from mamba_train.models.pattern import ATTENTION, MOE, SSM
@@ -44,8 +44,9 @@ def _from(raw: Mapping[str, Any]) -> MambaLMConfig:
     d, eps, experts = c.hidden_size, _eps(c), c.num_local_experts or 0
     mixers = [SSM if t in ("mamba", "linear_attention") else ATTENTION for t in c.layer_types]
     pattern = "".join(m + (MOE if experts else "-") for m in mixers)
-    head_dim = d // c.num_attention_heads
-    rope = _rope(c, head_dim, 1.0) if c.position_embedding_type == "rope" else None
+    # its attention (and RoPE) read getattr(config, "head_dim"), which a config.json may set
+    head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
+    rope = _rope(c, head_dim, partial=False) if c.position_embedding_type == "rope" else None
     ssm = _mamba2_from(d, c.mamba_n_heads, c.mamba_d_head, d_state=c.mamba_d_state,
                        d_conv=c.mamba_d_conv, ngroups=c.mamba_n_groups,
                        chunk_size=c.mamba_chunk_size, dt_limit=tuple(c.time_step_limit),
@@ -72,7 +73,7 @@ def _to(cfg: MambaLMConfig) -> dict[str, Any]:
     if cfg.n_moe_layers and cfg.n_moe_layers != cfg.n_layer:
         raise _refuse(GRANITE, f"model.layer_pattern={cfg.layer_pattern}",
                       "its layers are all mixture-of-experts or all dense")
-    kw = _check_mamba2(cfg, GRANITE, norm_eps=cfg.norm_epsilon)
+    kw = _check_mamba2(cfg, GRANITE, norm_eps=cfg.norm_epsilon, rmsnorm=True)
     res = cfg.multiplier("mlp_down")
     for name in ("attn_in", "ssm_in", "key", "mlp_gate"):
         if cfg.multiplier(name) != 1:
@@ -102,8 +103,7 @@ def _to(cfg: MambaLMConfig) -> dict[str, Any]:
                    router_aux_loss_coef=float(m["aux_loss_coef"]))
     else:
         out.update(num_local_experts=0, shared_intermediate_size=cfg.d_intermediate)
-    if cfg.n_ssm_layers:
-        out.update(_mamba2_out(cfg, kw, GRANITE), mamba_expand=_d_inner(cfg) // cfg.d_model)
+    out.update(_mamba2_out(cfg, kw, GRANITE))
     if cfg.n_attention_layers:
         a = cfg.attn_kwargs()
         out["attention_multiplier"] = float(a["softmax_scale"] or _head_dim(cfg) ** -0.5)

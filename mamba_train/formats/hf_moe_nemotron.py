@@ -32,8 +32,8 @@ def moe_cfg_from(c) -> dict[str, Any]:
         raise ExportError(f"config.json moe_latent_size={c.moe_latent_size}: Nemotron-H's latent "
                           "expert projection is not implemented")
     if c.mlp_bias:
-        raise ExportError("config.json mlp_bias=true with moe layers: mamba_train's experts "
-                          "have no biases")
+        raise ExportError("config.json mlp_bias=true with moe layers: it gives Nemotron-H's "
+                          "shared experts biases, and mamba_train's shared expert has none")
     return dict(n_experts=c.n_routed_experts, top_k=c.num_experts_per_tok,
                 d_expert=c.moe_intermediate_size, d_shared=c.moe_shared_expert_intermediate_size,
                 act="relu2", router="sigmoid", n_group=c.n_group, topk_group=c.topk_group,
