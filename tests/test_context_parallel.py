@@ -1,7 +1,8 @@
 """Context parallelism over 2 gloo processes (reference backend, fp32): the loss and the gradient
 of every parameter with each rank holding half of every sequence equal the one-process run on
 whole sequences, for Mamba-1, -2, -3, a hybrid with attention, packed documents that cross the
-slice boundary, and activation checkpointing.
+slice boundary, activation checkpointing, and mixture-of-experts layers with their balancing
+terms (auxiliary and z-loss over the whole sequence).
 
 Tolerance: fp32 summation noise. The slices sum the same terms in another order (per-slice
 scans, then the carried state's contribution; the gradient averaged over two ranks): 2e-5 of the
@@ -39,6 +40,17 @@ CASES = {
                           docs=True),
     "packed-mamba1-checkpointed": dict(ssm_cfg={"layer": "Mamba1", "d_state": 4}, docs=True,
                                        checkpointing=True),
+    # the balancing terms are statistics of the whole sequence, not means of per-slice terms
+    "moe-aux-and-z-loss": dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8,
+                                        "chunk_size": 8}, layer_pattern="MEM*E", attn_cfg=ATTN,
+                               moe_cfg=dict(n_experts=4, top_k=2, d_expert=16, router="softmax",
+                                            aux_loss_coef=0.1, z_loss_coef=0.01)),
+    "moe-sigmoid-shared": dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8,
+                                        "chunk_size": 8}, layer_pattern="MEMEME", docs=True,
+                               moe_cfg=dict(n_experts=4, top_k=2, d_expert=16, d_shared=16,
+                                            act="relu2", router="sigmoid", n_group=2,
+                                            topk_group=1, routed_scaling_factor=2.0,
+                                            score_correction_bias=True)),
 }
 
 
