@@ -10,20 +10,26 @@ of the terminal, so the error line is not buried under it.
 
 from __future__ import annotations
 
+import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from mamba_train.errors import MambaTrainError
+from mamba_train.models.backend import BACKENDS
 from mamba_train.models.kernels import SSD_KERNELS
 from mamba_train.models.mixer_tables import MAMBA3_DEFAULTS
 from mamba_train.models.norm_backward import CHOICES as NORM_BACKWARDS
+from mamba_train.training.step.batch import ACCELERATORS
 from mamba_train.training.step.cuda_graph import ALLREDUCE_PLACES, GRAPH_MODES
 from mamba_train.training.step.nonfinite import NAN_POLICIES
 
 RESOLVED_CONFIG = "config.resolved.yaml"
+# Lightning's precision strings (lightning/fabric/connector.py, _PRECISION_INPUT_STR) and auto
+PRECISION = re.compile(r"auto|(16|bf16|32|64)(-true|-mixed)?|transformer-engine(-float16)?")
 
 
 class ConfigValueError(MambaTrainError, ValueError):
@@ -35,7 +41,8 @@ def _int(v: Any) -> bool:
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    """A finite real number (inf/nan pass YAML as floats, never as a meaningful setting)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def positive_int(v): return _int(v) and v > 0
@@ -73,7 +80,27 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.gradient_clip_val": (lambda v: v is None or non_negative_number(v),
                                   "null or a number >= 0 (e.g. 1.0)"),
     "seed": (_int, "an integer"),
+    "backend": (lambda v: v in BACKENDS, ", ".join(BACKENDS)),
+    "trainer.accelerator": (lambda v: v in ACCELERATORS, ", ".join(ACCELERATORS)),
+    "trainer.devices": (lambda v: _devices(v), "auto, -1 (all), a count >= 1 or a list of "
+                                               "device indices, e.g. [0,1]"),
+    "trainer.num_nodes": (positive_int, "a positive integer"),
+    "trainer.precision": (lambda v: isinstance(v, str) and bool(PRECISION.fullmatch(v)),
+                          "auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true or 64-true"),
+    "strategy.context_parallel_size": (positive_int, "a positive integer that divides the GPUs "
+                                                     "(1: no context parallelism)"),
 }
+
+
+def _devices(v: Any) -> bool:
+    if v == "auto" or v == -1 or positive_int(v):
+        return True
+    if isinstance(v, str):  # Lightning's "0,1" form
+        return bool(re.fullmatch(r"\d+(,\d+)*,?", v.strip()))
+    try:
+        return len(v) > 0 and all(non_negative_int(i) for i in v)
+    except TypeError:
+        return False
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
@@ -92,6 +119,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
     if max_steps in (None, -1) and OmegaConf.select(cfg, "train.total_tokens", default=None) is None:
         problems.append("trainer.max_steps and train.total_tokens are both unset: set one of them")
+    problems += [p for p in (_build_problem(cfg, "optim.optimizer"), _build_problem(cfg, "scheduler")) if p]
     ckpt = OmegaConf.select(cfg, "ckpt_path", default=None)
     if ckpt is not None and not isinstance(ckpt, str):
         problems.append(f"ckpt_path={ckpt!r} must be null, last or a path to a .ckpt file")
@@ -99,6 +127,45 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
 
 _ABSENT = object()
+
+
+def max_steps(cfg: DictConfig) -> int:
+    if cfg.trainer.get("max_steps") not in (None, -1):
+        return int(cfg.trainer.max_steps)
+    if cfg.train.total_tokens is None:
+        raise ValueError("set trainer.max_steps or train.total_tokens")
+    return int(cfg.train.total_tokens) // int(cfg.train.global_batch_tokens)
+
+
+def _build_problem(cfg: DictConfig, key: str) -> str | None:
+    """The optimizer or LR schedule built now, on one parameter, as the run builds it inside
+    ``fit()``: their own checks (torch's betas/eps, the schedule's lengths) name the key here,
+    before the run directory is touched. None when fine, or when the values it needs are bad
+    (their rules say so)."""
+    import torch
+    from hydra.utils import instantiate
+
+    node, lr = OmegaConf.select(cfg, key, default=None), OmegaConf.select(cfg, "optim.lr", default=None)
+    if not node or "_target_" not in node or not positive_number(lr):
+        return None
+    try:
+        total = max_steps(cfg)
+    except (ValueError, TypeError, ZeroDivisionError):  # the rules name these values
+        return None
+    if not positive_int(total):
+        return None
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    try:
+        if key == "scheduler":
+            instantiate(node)(optimizer, total_steps=total)
+        else:
+            instantiate(node)([torch.zeros(1, requires_grad=True)])
+    except MambaTrainError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 -- the target's own refusal of a value or a key
+        cause = e.__cause__ or e
+        return f"{key} ({node.get('_target_')}) cannot be built: {str(cause).splitlines()[0]}"
+    return None
 
 # A 37 x 768 Mamba-3 (softplus A) at peak LR 3e-3 collapsed to unigram loss within 30 steps on an
 # H200 while 1e-3 trained (benchmarks/results/2026-12-02-mamba3-learning.md); at 4-8 x 256 on the
@@ -148,6 +215,22 @@ def _mamba3_grid_warnings(cfg: DictConfig, ssm_cfg, sm_count: int | None) -> lis
             f"{100 - 100 * programs // sm_count}% of the GPU idles in them; raise "
             f"data.micro_batch_size to {-(-sm_count // nheads)} (module.activation_checkpointing=all "
             "makes room at long context) or shorten data.seq_len (docs/long_context.md)"]
+
+
+def check_interpolations(cfg) -> None:
+    """Resolve every ``${...}`` of the config once, before anything uses it: an unset
+    ``${oc.env:VAR}`` (or a reference to a missing key) is one line naming the key, instead of a
+    traceback from wherever the value is first read. Hydra's own ``hydra.*`` node is skipped."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except (InterpolationResolutionError, MissingMandatoryValue) as e:
+        cause = str(getattr(e, "msg", e)).strip().splitlines()[0]
+        cause = cause.replace("KeyError raised while resolving interpolation: ", "").strip('"')
+        raise ConfigValueError(f"{e.full_key}: {cause}; set it (export the variable, or override "
+                               f"{e.full_key}=...)") from None
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ callbacks/loggers -> trainer -> batch arithmetic -> fit. Tests call ``train`` di
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ from lightning.pytorch.callbacks import ProgressBar
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mamba_train.config_checks import check_config, config_warnings, write_resolved_config
+from mamba_train.config_checks import (check_config, check_interpolations, config_warnings,
+                                       max_steps, write_resolved_config)
 from mamba_train.errors import MambaTrainError, instantiate_config
 from mamba_train.training.step.batch import BatchSizeError, grad_accumulation, planned_world_size
-from mamba_train.training.run.callbacks.run_start import check_interpolations, check_model_memory
+from mamba_train.training.run.callbacks.run_start import check_model_memory
 from mamba_train.training.run.checkpoint_io import AtomicCheckpointIO
 from mamba_train.training.run.determinism import enable_deterministic_kernels
 from mamba_train.training.run.init_from import model_and_source
@@ -34,6 +36,27 @@ log = logging.getLogger(__name__)
 
 class RunDirError(MambaTrainError, RuntimeError):
     pass
+
+
+class TrainerConfigError(MambaTrainError, ValueError):
+    """A trainer.* / strategy.* value Lightning refuses (a device this machine lacks, an option
+    its strategy does not take)."""
+
+
+@contextmanager
+def _lightning_refusals():
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except MambaTrainError:
+        raise
+    except (MisconfigurationException, InstantiationException, TypeError, ValueError, ImportError) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+        text = " ".join(str(cause).split())
+        raise TrainerConfigError(f"the trainer.* / strategy.* settings were refused: {text} "
+                                 "(check them against README.md and docs/distributed.md)") from e
 
 
 def resolve_precision(precision: str) -> str:
@@ -75,14 +98,6 @@ def _check_run_dir(run_dir: Path, ckpt_dir: Path, ckpt_path: str | None) -> None
         )
 
 
-def max_steps(cfg: DictConfig) -> int:
-    if cfg.trainer.get("max_steps") not in (None, -1):
-        return int(cfg.trainer.max_steps)
-    if cfg.train.total_tokens is None:
-        raise ValueError("set trainer.max_steps or train.total_tokens")
-    return int(cfg.train.total_tokens) // int(cfg.train.global_batch_tokens)
-
-
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
     check_interpolations(cfg)  # an unset ${oc.env:...} is one line naming its key
@@ -120,7 +135,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     loggers = _instantiate_dict(cfg.get("logger"))
     # Lightning counts micro-batches (its accumulation window, its validation cadence); the
     # config speaks in optimizer steps of a global batch, which needs the world size first
-    world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
+    with _lightning_refusals():
+        world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
     # the ranks of a context-parallel group (strategy=fsdp2) share their windows: count
     # data-parallel ranks
     data_parallel = world_size // int(cfg.strategy.get("context_parallel_size", 1) or 1)
@@ -128,19 +144,20 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                               cfg.data.seq_len, data_parallel)
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
-    trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
-        default_root_dir=str(run_dir),
-        max_steps=max_steps(cfg),
-        precision=resolve_precision(cfg.trainer.precision),
-        strategy=_strategy(cfg.strategy),
-        callbacks=callbacks,
-        **bar,
-        logger=loggers or False,
-        plugins=[AtomicCheckpointIO(), *_instantiate_dict((cfg.get("cluster") or {}).get("plugins"))],
-        check_val_every_n_epoch=None,
-        accumulate_grad_batches=accum,
-        val_check_interval=int(cfg.train.val_every_n_steps) * accum,
-    )
+    with _lightning_refusals():
+        trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
+            default_root_dir=str(run_dir),
+            max_steps=max_steps(cfg),
+            precision=resolve_precision(cfg.trainer.precision),
+            strategy=_strategy(cfg.strategy),
+            callbacks=callbacks,
+            **bar,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO(), *_instantiate_dict((cfg.get("cluster") or {}).get("plugins"))],
+            check_val_every_n_epoch=None,
+            accumulate_grad_batches=accum,
+            val_check_interval=int(cfg.train.val_every_n_steps) * accum,
+        )
     if trainer.world_size != world_size:
         raise BatchSizeError(f"the Trainer runs {trainer.world_size} processes, not the {world_size} "
                              "that trainer.accelerator/devices/num_nodes give; set them explicitly")

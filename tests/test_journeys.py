@@ -334,3 +334,25 @@ assert main(["source={tmp_path / 'x.parquet'}", "out={tmp_path / 'o2'}"]) == 2
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mamba_train[datasets]" in proc.stderr and "mamba_train[plot]" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be a positive integer"),
+    ("trainer.devices=0", "trainer.devices=0 must be auto, -1 (all)"),
+    ("strategy=megatron", "Could not find 'strategy/megatron'"),
+    ("optim.lrr=1", "optim.lrr is not a key of the config. Did you mean optim.lr?"),
+])
+def test_a_bad_value_on_resume_leaves_every_file_of_the_run_as_it_was(tmp_path, make_config,
+                                                                       override, expected):
+    """Keys a resume may change (cadences, devices, strategy) passed the resume check and failed
+    inside the job, after Hydra had rewritten .hydra/ and appended to the log; an unknown key was
+    Hydra's multi-line report. Now both are one line before anything is written."""
+    run_dir = tmp_path / "outputs" / "X"
+    _fake_run(run_dir, [*TINY, "run_name=X", f"paths.output_dir={tmp_path / 'outputs'}"], make_config)
+    (run_dir / "mamba-train.log").write_text("the first run's log\n")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    proc = _cli(f"paths.output_dir={tmp_path / 'outputs'}", "run_name=X", "ckpt_path=last", override,
+                cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before

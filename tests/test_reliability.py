@@ -157,6 +157,16 @@ def test_the_fused_decision_is_never_read_on_the_host(monkeypatch):
     ("module.nan_policy=ignore", "module.nan_policy='ignore'"),
     ("module.max_consecutive_skips=0", "module.max_consecutive_skips=0"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
+    # each of these ran (inf) or ended in a Lightning traceback before
+    ("optim.lr=inf", "optim.lr=inf"),
+    ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val=inf"),
+    ("trainer.devices=0", "trainer.devices=0"),
+    ("trainer.devices=abc", "trainer.devices='abc'"),
+    ("trainer.num_nodes=0", "trainer.num_nodes=0"),
+    ("trainer.precision=bf17", "trainer.precision='bf17'"),
+    ("trainer.accelerator=tpuu", "trainer.accelerator='tpuu'"),
+    ("backend=bogus", "backend='bogus'"),
+    ("+strategy.context_parallel_size=0", "strategy.context_parallel_size=0"),
 ])
 def test_each_bad_value_is_named_with_what_to_set(make_config, override, key):
     cfg = make_config("recipe=debug", override)
@@ -164,6 +174,25 @@ def test_each_bad_value_is_named_with_what_to_set(make_config, override, key):
     assert len(problems) == 1 and problems[0].startswith(f"{key} must be"), problems
     with pytest.raises(ConfigValueError, match="invalid config"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["scheduler.warmup_steps=50", "trainer.max_steps=10"],
+     "scheduler.warmup_steps=50 (set, or warmup_fraction x steps) must be in [0, trainer.max_steps=10]"),
+    (["scheduler.warmup_fraction=-0.1"], "scheduler.warmup_fraction=-0.1 must be in [0, 1]"),
+    (["scheduler.min_lr=-1"], "scheduler.min_lr=-1 must be in [0, optim.lr="),
+    (["scheduler=wsd", "scheduler.decay_fraction=2"], "scheduler.decay_fraction=2 must be in [0, 1]"),
+    (["scheduler=wsd", "scheduler.decay_shape=cubic"], "scheduler.decay_shape must be one of"),
+    (["+scheduler.warmup=3"], "scheduler (mamba_train.training.step.schedule.warmup_cosine) cannot "
+                              "be built: warmup_cosine() got an unexpected keyword argument 'warmup'"),
+    (["optim.optimizer.eps=-1"], "optim.optimizer (torch.optim.AdamW) cannot be built: Invalid epsilon"),
+    (["optim.optimizer.betas=[0.9,1.5]"], "Invalid beta parameter at index 1: 1.5"),
+])
+def test_the_optimizer_and_schedule_are_checked_before_the_run(make_config, overrides, expected):
+    """They were built inside fit(): a traceback after the run directory was written (a negative
+    min_lr or warm-up fraction even trained, the former at a negative LR at the end)."""
+    problems = config_problems(make_config("recipe=debug", *overrides))
+    assert len(problems) == 1 and expected in problems[0], problems
 
 
 def test_every_recipe_passes_the_value_checks(make_config):

@@ -227,3 +227,27 @@ def test_stale_partials_and_orphan_step_files_are_cleaned_on_resume(tmp_path):
     assert not faults.partials(ckpt_dir)
     assert sorted(f.name for f in ckpt_dir.glob("step*.ckpt")) == ["step0000006.ckpt", "step0000008.ckpt"]
     assert [s for s, _ in faults.losses(run_dir)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optim.lrr=1e-3"], "optim.lrr is not a key of the config. Did you mean optim.lr? To add a new "
+                         "key anyway: +optim.lrr=1e-3"),
+    (["data.seq_length=64"], "Did you mean data.seq_len?"),
+    (["strategy=megatron"], "In 'config': Could not find 'strategy/megatron'. Available options in "
+                            "'strategy': auto, ddp, deepspeed_zero1"),
+    (["recipe=mamba-9000"], "Could not find 'recipe/mamba-9000'"),
+    (["paths.output_dir=/tmp/a=b"], "cannot parse the override 'paths.output_dir=/tmp/a=b'"),
+])
+def test_an_override_hydra_cannot_apply_is_one_line(overrides, expected):
+    """Hydra's own report is several lines and a pointer to HYDRA_FULL_ERROR."""
+    from mamba_train.cli.compose import OverrideError, compose
+
+    with pytest.raises(OverrideError) as e:
+        compose(["recipe=debug", *overrides])
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_bad_override_is_one_line_through_the_cli(tmp_path):
+    proc = faults.run(tmp_path, "optim.lrr=1e-3", timeout=120)
+    _one_error_line(proc, "optim.lrr is not a key of the config. Did you mean optim.lr?")
+    assert "HYDRA_FULL_ERROR" not in proc.stderr and not (tmp_path / "debug").exists()

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mamba_train.cli.compose import compose
 from mamba_train.errors import MambaTrainError
 
 RESOLVED_CONFIG = "config.resolved.yaml"  # config_checks.RESOLVED_CONFIG (not imported: heavy)
@@ -81,18 +82,6 @@ def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
     return merged + [o for o in new if new_by_key.get(_key(o)) is o]
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
-            return compose("config", overrides=[o for o in overrides if not _key(o).startswith("hydra.")])
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -139,7 +128,7 @@ def describe_changes(changes: list[tuple[str, Any, Any]], keys: list[str], limit
 
 def _run_dir(overrides: list[str]) -> Path:
     explicit = _value(overrides, "run_dir") or _value(overrides, "hydra.run.dir")
-    return Path(explicit) if explicit else Path(str(_compose(overrides).run_dir))
+    return Path(explicit) if explicit else Path(str(compose(overrides).run_dir))
 
 
 def _expand_resume(overrides: list[str]) -> list[str]:
@@ -179,7 +168,7 @@ def restore_run_overrides(argv: list[str]) -> tuple[list[str], str | None]:
     saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else []
     merged = merge_overrides(list(saved or []), new)
     try:
-        cfg = _compose(merged)
+        cfg = compose(merged)
     except Exception:  # noqa: BLE001 -- e.g. a saved group option this version no longer has
         return flags + merged, None
     from mamba_train.from_data import adopt_data_tokenizer, explicit_keys

@@ -71,7 +71,7 @@ def unify_run_dir(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from mamba_train.cli.console import console_errors_only, quiet_third_party
     from mamba_train.train import train  # heavy imports after argument parsing (--help is fast)
-    from mamba_train.training.run.callbacks.run_start import check_interpolations
+    from mamba_train.config_checks import check_interpolations
     from mamba_train.training.run.run_lock import launching_rank_zero
 
     quiet_third_party()  # after `import lightning` (its console handler) and Hydra's log setup
@@ -106,7 +106,7 @@ def _take_from_data(cfg: DictConfig) -> None:
 def _report_resume(cfg: DictConfig) -> None:
     """Say (once) what a resume restored, and what the LR does past the saved schedule."""
     from mamba_train.cli.resume_overrides import schedule_extension_note
-    from mamba_train.train import max_steps
+    from mamba_train.config_checks import max_steps
     from mamba_train.training.run.run_lock import launching_rank_zero
 
     if cfg.ckpt_path is None or not launching_rank_zero():
@@ -128,9 +128,14 @@ def main() -> None:
     global _RESTORED
     from mamba_train.cli.resume_overrides import restore_run_overrides
 
+    from mamba_train.cli.compose import preflight
+
     try:  # before Hydra composes (and writes .hydra/ into the run directory)
         argv, _RESTORED = restore_run_overrides(sys.argv[1:])
+        preflight(argv)  # a bad override or value: one line, nothing written yet
     except MambaTrainError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     # Hydra reads sys.argv, and so do Lightning's launchers that start the other ranks

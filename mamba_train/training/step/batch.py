@@ -10,6 +10,10 @@ from __future__ import annotations
 from mamba_train.errors import MambaTrainError
 
 
+# trainer.accelerator values planned_world_size knows how to count (config_checks.RULES)
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
 class BatchSizeError(MambaTrainError, ValueError):
     pass
 
@@ -45,8 +49,6 @@ def planned_world_size(accelerator: str, devices, num_nodes: int) -> int:
                        else "cuda" if CUDAAccelerator.is_available() else "cpu")
     kinds = {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "mps": MPSAccelerator,
              "gpu": MPSAccelerator if MPSAccelerator.is_available() else CUDAAccelerator}
-    if accelerator not in kinds:
-        raise BatchSizeError(f"trainer.accelerator={accelerator!r}: use auto, cpu, cuda/gpu or mps")
     kind = kinds[accelerator]
     parsed = kind.parse_devices(kind.auto_device_count() if devices == "auto" else devices)
     per_node = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed)

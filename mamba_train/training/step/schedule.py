@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mamba_train.errors import MambaTrainError
+
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+class ScheduleError(MambaTrainError, ValueError):
+    """A schedule setting that cannot describe a run of this length; names the scheduler key."""
 
 
 def _warmup(step: int, warmup_steps: int, start: float) -> float:
@@ -42,16 +48,17 @@ class WarmupCosine:
 
     def __post_init__(self) -> None:
         if self.total_steps <= 0:
-            raise ValueError(f"scheduler total_steps must be > 0, got {self.total_steps}")
+            raise ScheduleError(f"the LR schedule needs trainer.max_steps > 0, got {self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"scheduler warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]"
-            )
-        if self.min_lr > self.peak_lr:
-            raise ValueError(f"scheduler min_lr={self.min_lr} exceeds the peak lr {self.peak_lr}")
+            raise ScheduleError(
+                f"scheduler.warmup_steps={self.warmup_steps} (set, or warmup_fraction x steps) must "
+                f"be in [0, trainer.max_steps={self.total_steps}]; lower it or train longer")
+        if not 0 <= self.min_lr <= self.peak_lr:
+            raise ScheduleError(f"scheduler.min_lr={self.min_lr} must be in [0, optim.lr="
+                                f"{self.peak_lr}]")
         if not 0 <= self.start_lr <= self.peak_lr:
-            raise ValueError(f"scheduler warmup_start_lr={self.start_lr} must be in [0, peak lr "
-                             f"{self.peak_lr}]")
+            raise ScheduleError(f"scheduler.warmup_start_lr={self.start_lr} must be in [0, optim.lr="
+                                f"{self.peak_lr}]")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -72,11 +79,12 @@ class WarmupStableDecay(WarmupCosine):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.decay_shape not in DECAY_SHAPES:
-            raise ValueError(f"scheduler decay_shape must be one of {DECAY_SHAPES}, got "
-                             f"{self.decay_shape!r}")
+            raise ScheduleError(f"scheduler.decay_shape must be one of {DECAY_SHAPES}, got "
+                                f"{self.decay_shape!r}")
         if not 0 <= self.decay_steps <= self.total_steps - self.warmup_steps:
-            raise ValueError(f"scheduler decay_steps={self.decay_steps} must be in [0, total_steps "
-                             f"- warmup_steps = {self.total_steps - self.warmup_steps}]")
+            raise ScheduleError(f"scheduler.decay_steps={self.decay_steps} (set, or decay_fraction x "
+                                f"steps) must be in [0, trainer.max_steps - warmup steps = "
+                                f"{self.total_steps - self.warmup_steps}]")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -95,8 +103,14 @@ class WarmupStableDecay(WarmupCosine):
         return floor + (1 - floor) * shape
 
 
-def _steps(total: int, fraction: float, steps: int | None) -> int:
-    return int(round(fraction * total)) if steps is None else int(steps)
+def _steps(total: int, fraction: float, steps: int | None, name: str) -> int:
+    """``steps`` if set, else ``fraction`` of ``total``; the fraction must be one."""
+    if steps is not None:
+        return int(steps)
+    if not 0 <= fraction <= 1:
+        raise ScheduleError(f"scheduler.{name}_fraction={fraction} must be in [0, 1] (a share of "
+                            f"the run's steps); or set scheduler.{name}_steps")
+    return int(round(fraction * total))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1,
@@ -104,7 +118,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
                   warmup_start_lr: float = 0.0):
     """A ``LambdaLR`` for Lightning (``interval: step``). Peak = the optimizer's ``lr``."""
     peak = optimizer.param_groups[0]["lr"]
-    warmup = _steps(total_steps, warmup_fraction, warmup_steps)
+    warmup = _steps(total_steps, warmup_fraction, warmup_steps, "warmup")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(peak, warmup, total_steps, min(min_lr, peak), warmup_start_lr)
     )
@@ -117,6 +131,7 @@ def wsd(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: flo
     """Warm-up / stable / decay ``LambdaLR``; the peak is the optimizer's ``lr``."""
     peak = optimizer.param_groups[0]["lr"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupStableDecay(
-        peak, _steps(total_steps, warmup_fraction, warmup_steps), total_steps, min(min_lr, peak),
-        warmup_start_lr, decay_steps=_steps(total_steps, decay_fraction, decay_steps),
+        peak, _steps(total_steps, warmup_fraction, warmup_steps, "warmup"), total_steps,
+        min(min_lr, peak), warmup_start_lr,
+        decay_steps=_steps(total_steps, decay_fraction, decay_steps, "decay"),
         decay_shape=decay_shape))

@@ -178,21 +178,3 @@ def _available_host_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def check_interpolations(cfg) -> None:
-    """Resolve every ``${...}`` of the config once, before anything uses it: an unset
-    ``${oc.env:VAR}`` (or a reference to a missing key) is one line naming the key, instead of a
-    traceback from wherever the value is first read. Hydra's own ``hydra.*`` node is skipped."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
-
-    from mamba_train.models.config import ConfigError
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except (InterpolationResolutionError, MissingMandatoryValue) as e:
-        cause = str(getattr(e, "msg", e)).strip().splitlines()[0]
-        cause = cause.replace("KeyError raised while resolving interpolation: ", "").strip('"')
-        raise ConfigError(f"{e.full_key}: {cause}; set it (export the variable, or override "
-                          f"{e.full_key}=...)") from None
