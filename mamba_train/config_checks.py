@@ -56,6 +56,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.micro_batch_size": (positive_int, "a positive integer (sequences per micro-batch), e.g. 8"),
     "data.seq_len": (positive_int, "a positive integer (tokens per sequence), e.g. 2048"),
     "data.num_workers": (non_negative_int, "an integer >= 0 (DataLoader workers)"),
+    "data.val_windows": (lambda v: v is None or positive_int(v),
+                         "null (all) or a positive integer (validation windows)"),
     "train.global_batch_tokens": (positive_int, "a positive integer (tokens per optimizer step), "
                                                 "a multiple of micro_batch_size x seq_len x GPUs"),
     "train.total_tokens": (lambda v: v is None or positive_int(v), "null or a positive integer"),
@@ -85,6 +87,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.devices": (lambda v: _devices(v), "auto, -1 (all), a count >= 1 or a list of "
                                                "device indices, e.g. [0,1]"),
     "trainer.num_nodes": (positive_int, "a positive integer"),
+    "trainer.limit_val_batches": (lambda v: non_negative_int(v) or (_num(v) and 0 <= v <= 1),
+                                  "a batch count >= 0 or a fraction in [0, 1] (0: no validation)"),
     "trainer.precision": (lambda v: isinstance(v, str) and bool(PRECISION.fullmatch(v)),
                           "auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true or 64-true"),
     "strategy.context_parallel_size": (positive_int, "a positive integer that divides the GPUs "

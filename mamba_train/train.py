@@ -44,7 +44,7 @@ class TrainerConfigError(MambaTrainError, ValueError):
 
 
 @contextmanager
-def _lightning_refusals():
+def _lightning_refusals(keys: str):
     from hydra.errors import InstantiationException
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -55,8 +55,7 @@ def _lightning_refusals():
     except (MisconfigurationException, InstantiationException, TypeError, ValueError, ImportError) as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
         text = " ".join(str(cause).split())
-        raise TrainerConfigError(f"the trainer.* / strategy.* settings were refused: {text} "
-                                 "(check them against README.md and docs/distributed.md)") from e
+        raise TrainerConfigError(f"Lightning refused {keys}: {text}") from e
 
 
 def resolve_precision(precision: str) -> str:
@@ -122,7 +121,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     L.seed_everything(cfg.seed, workers=True)
 
     # with init_from the vocabulary is checked against the source instead (module setup)
-    datamodule = instantiate(cfg.data, expected_vocab_size=None if init_from else model_config.vocab_size)
+    datamodule = instantiate_config(cfg.data,
+                                    expected_vocab_size=None if init_from else model_config.vocab_size)
     datamodule.check_paths()  # a missing data directory refuses before any logger starts a run
     source = {"model_config": model_config.to_dict(), "init_from": init_from} if init_from else {}
     module: MambaLMModule = instantiate_config(cfg.module, run_config=OmegaConf.to_yaml(cfg, resolve=True),
@@ -135,7 +135,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     loggers = _instantiate_dict(cfg.get("logger"))
     # Lightning counts micro-batches (its accumulation window, its validation cadence); the
     # config speaks in optimizer steps of a global batch, which needs the world size first
-    with _lightning_refusals():
+    with _lightning_refusals(f"trainer.accelerator={cfg.trainer.accelerator} "
+                             f"trainer.devices={cfg.trainer.devices} trainer.num_nodes={cfg.trainer.num_nodes}"):
         world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
     # the ranks of a context-parallel group (strategy=fsdp2) share their windows: count
     # data-parallel ranks
@@ -144,7 +145,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                               cfg.data.seq_len, data_parallel)
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
-    with _lightning_refusals():
+    with _lightning_refusals("the trainer.* / strategy.* settings"):
         trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True)(
             default_root_dir=str(run_dir),
             max_steps=max_steps(cfg),

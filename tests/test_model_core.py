@@ -47,6 +47,12 @@ def test_config_accepts_a_mamba_ssm_config_json():
     (dict(attn_layer_idx=[5]), "outside"),
     (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 4}), "causal must be true"),
     (dict(n_layer=0), "n_layer must be a positive integer"),
+    # these reached the mixer's constructor: a shape error or a str/int comparison traceback
+    (dict(ssm_cfg={"d_state": 0}), r"Mamba1 ssm_cfg.d_state must be a positive integer, got 0"),
+    (dict(ssm_cfg={"d_state": "abc"}), r"ssm_cfg.d_state must be a positive integer, got 'abc'"),
+    (dict(ssm_cfg={"d_conv": 0}), r"ssm_cfg.d_conv must be a positive integer"),
+    (dict(ssm_cfg={"layer": "Mamba2", "expand": 0}), r"Mamba2 ssm_cfg.expand must be a positive number"),
+    (dict(ssm_cfg={"layer": "Mamba3", "headdim": -16}), r"Mamba3 ssm_cfg.headdim must be a positive integer"),
 ])
 def test_bad_configs_name_the_field(override, message):
     base = dict(d_model=64, n_layer=2, vocab_size=100)

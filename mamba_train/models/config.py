@@ -17,7 +17,7 @@ from typing import Any
 
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config_validation import (attention_problem, mamba1_problem,
-                                               mamba2_problem, mamba3_problem)
+                                               mamba2_problem, mamba3_problem, sizes_problem)
 from mamba_train.models.mixer_tables import (
     ATTN_DEFAULTS, KERNEL_KEYS, MAMBA1_EXTENSION_DEFAULTS, MAMBA2_EXTENSION_DEFAULTS,
     MIXER_LAYERS, MIXER_TABLES)
@@ -215,7 +215,8 @@ class MambaLMConfig:
             raise ConfigError(
                 f"need 0 < ssm_cfg.dt_min <= ssm_cfg.dt_max, got {kw['dt_min']}, {kw['dt_max']}"
             )
-        problem = (mamba2_problem(kw, self.d_model) if self.layer == "Mamba2" else
+        problem = sizes_problem(self.layer, kw) or (
+                   mamba2_problem(kw, self.d_model) if self.layer == "Mamba2" else
                    mamba3_problem(kw, self.d_model) if self.layer == "Mamba3" else
                    mamba1_problem(kw))
         if problem is None and self.n_attention_layers:

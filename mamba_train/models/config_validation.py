@@ -9,6 +9,21 @@ from typing import Any
 from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS
 
 
+def sizes_problem(layer: str, kw: dict[str, Any]) -> str | None:
+    """The mixer's sizes, shared by every layer kind: a zero or a string here surfaced as a
+    shape error (or a comparison TypeError) deep inside the mixer's constructor."""
+    for name in ("d_state", "d_conv", "headdim", "expand"):
+        value = kw.get(name)
+        if name not in kw or (name == "headdim" and layer == "Mamba1"):
+            continue
+        whole = name != "expand"  # expand may be fractional where d_model*expand is whole
+        if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+                or value <= 0):
+            kind = "a positive integer" if whole else "a positive number"
+            return f"{layer} ssm_cfg.{name} must be {kind}, got {value!r}"
+    return None
+
+
 def mamba1_problem(kw: dict[str, Any]) -> str | None:
     if not isinstance(kw["dt_bc_norm"], bool):
         return f"Mamba1 ssm_cfg.dt_bc_norm must be true or false, got {kw['dt_bc_norm']!r}"
