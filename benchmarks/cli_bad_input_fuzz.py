@@ -183,11 +183,11 @@ def train_cases() -> list[Case]:
         T("moe n_experts=0", *MOE, "model.moe_cfg.n_experts=0", names=("n_experts",),
           recipe="debug-nemotron-moe"),
         T("moe_cfg typo", *MOE, "+model.moe_cfg.topk=2", names=("topk",), recipe="debug-nemotron-moe"),
-        T("mlp act unknown", "model.d_intermediate=64", "+model.mlp_cfg.act=gelu9", names=("act",)),
+        T("mlp act unknown", "+model.d_intermediate=64", "+model.mlp_cfg.act=gelu9", names=("act",)),
         T("model top-level typo", "+model.d_modell=64", names=("d_modell",)),
         T("model too large", "model.d_model=1000000", names=("d_model",)),
         # data
-        T("data.path missing", "data.path={fx}/nope", names=("data.path", "nope")),
+        T("data.path missing", "data.path={fx}/nope", names=("nope",)),
         T("data.path empty dir", "data.path={fx}/empty_dir", names=("empty_dir",)),
         T("data.path is a file", "data.path={fx}/docs.jsonl", names=("docs.jsonl",)),
         T("data corrupt index.json", "data.path={fx}/data_bad_index", names=("index.json",)),
@@ -206,9 +206,9 @@ def train_cases() -> list[Case]:
         # init_from
         T("init_from missing dir", "init_from={fx}/nope", names=("init_from", "nope")),
         T("init_from not a model dir", "init_from={fx}/not_a_model", names=("init_from",)),
-        T("init_from other vocab", "init_from={fx}/model_v300", "model=source", names=("vocab",)),
-        T("init_from junk ckpt", "init_from={fx}/junk.ckpt", "model=source", names=("junk.ckpt",)),
-        T("init_from truncated ckpt", "init_from={fx}/trunc.ckpt", "model=source", names=("trunc.ckpt",)),
+        T("init_from other vocab", "init_from={fx}/model_v300", names=("vocab",)),
+        T("init_from junk ckpt", "init_from={fx}/junk.ckpt", names=("junk.ckpt",)),
+        T("init_from truncated ckpt", "init_from={fx}/trunc.ckpt", names=("trunc.ckpt",)),
         # ckpt_path
         T("ckpt_path missing", "ckpt_path={fx}/nope.ckpt", names=("nope.ckpt",)),
         T("ckpt_path junk", "ckpt_path={fx}/junk.ckpt", names=("junk.ckpt",)),

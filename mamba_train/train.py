@@ -97,10 +97,35 @@ def _check_run_dir(run_dir: Path, ckpt_dir: Path, ckpt_path: str | None) -> None
         )
 
 
-def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
-    """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
+def batching(cfg: DictConfig) -> tuple[int, int]:
+    """(world size, gradient accumulation) of this config: Lightning counts micro-batches (its
+    accumulation window, its validation cadence); the config speaks in optimizer steps of a
+    global batch, which needs the world size first."""
+    with _lightning_refusals(f"trainer.accelerator={cfg.trainer.accelerator} "
+                             f"trainer.devices={cfg.trainer.devices} trainer.num_nodes={cfg.trainer.num_nodes}"):
+        world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
+    # the ranks of a context-parallel group (strategy=fsdp2) share their windows: count
+    # data-parallel ranks
+    cp = int(cfg.strategy.get("context_parallel_size", 1) or 1)
+    if world_size % cp:
+        raise BatchSizeError(f"strategy.context_parallel_size={cp} does not divide the world size "
+                             f"{world_size} (trainer.devices x trainer.num_nodes); pick a divisor")
+    return world_size, grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
+                                          cfg.data.seq_len, world_size // cp)
+
+
+def check_before_writing(cfg: DictConfig) -> None:
+    """What the config and the run directory decide alone, before anything is written (the CLI
+    runs this before Hydra writes .hydra/ into the run directory; train() again)."""
     check_interpolations(cfg)  # an unset ${oc.env:...} is one line naming its key
     check_config(cfg)  # every bad value in one line, before anything is built or written
+    _check_run_dir(Path(cfg.run_dir), checkpoint_dir(cfg), cfg.ckpt_path)
+    batching(cfg)
+
+
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train as configured; ``extra_callbacks`` (benchmarks, tests) join the configured ones."""
+    check_before_writing(cfg)
     run_dir = Path(cfg.run_dir)
     lock_run_dir(run_dir)  # a second run in the same directory refuses here
     ckpt_dir = checkpoint_dir(cfg)  # callbacks.model_checkpoint.dirpath, wherever it points
@@ -133,16 +158,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     bar = {} if "enable_progress_bar" in cfg.trainer else {
         "enable_progress_bar": any(isinstance(cb, ProgressBar) for cb in callbacks)}
     loggers = _instantiate_dict(cfg.get("logger"))
-    # Lightning counts micro-batches (its accumulation window, its validation cadence); the
-    # config speaks in optimizer steps of a global batch, which needs the world size first
-    with _lightning_refusals(f"trainer.accelerator={cfg.trainer.accelerator} "
-                             f"trainer.devices={cfg.trainer.devices} trainer.num_nodes={cfg.trainer.num_nodes}"):
-        world_size = planned_world_size(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
-    # the ranks of a context-parallel group (strategy=fsdp2) share their windows: count
-    # data-parallel ranks
-    data_parallel = world_size // int(cfg.strategy.get("context_parallel_size", 1) or 1)
-    accum = grad_accumulation(cfg.train.global_batch_tokens, cfg.data.micro_batch_size,
-                              cfg.data.seq_len, data_parallel)
+    world_size, accum = batching(cfg)
     # _partial_: the callback/logger objects go to the Trainer directly, not through OmegaConf
     # (which would try to wrap them as config nodes).
     with _lightning_refusals("the trainer.* / strategy.* settings"):

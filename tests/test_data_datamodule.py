@@ -130,3 +130,15 @@ def test_missing_data_path_refuses_before_any_logger_starts(make_config, tmp_pat
         train(cfg)
     run_dir = Path(cfg.run_dir)
     assert not (run_dir / "wandb").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("sources, expected", [
+    ("abc", "data.sources='abc' must be a list"),  # a ValueError from dict() inside Hydra
+    ([{"path": "a", "weight": -1}, {"path": "b"}], "data.sources weight of a must be a finite number > 0, got -1"),
+    ([{"path": "a", "weight": "x"}], "got 'x'"),
+    ([{"weight": 1}], "each of data.sources needs a 'path'"),
+])
+def test_a_bad_mixture_is_refused_when_the_data_module_is_made(sources, expected):
+    """A negative weight was a ValueError traceback from the sampler inside fit()."""
+    with pytest.raises(DataError, match=expected):
+        TokenDataModule(sources=sources, seq_len=8, micro_batch_size=1)

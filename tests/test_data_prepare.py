@@ -113,6 +113,37 @@ def test_other_settings_refused(tmp_path, capsys):
     assert "holds a prepare run with other settings" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arg, expected", [
+    ("num_proc=0", "num_proc must be >= 1, got 0"),  # ran on one process
+    ("tokens_per_shard=0", "tokens_per_shard must be >= 1, got 0"),  # a ValueError traceback
+    ("batch_docs=0", "batch_docs must be >= 1, got 0"),  # "has no documents"
+    ("max_shards=0", "max_shards must be >= 1, got 0"),  # wrote nothing, exit 0
+    ("val_fraction=abc", "val_fraction"),  # then the usage on a second line
+    ("shards=3", "unknown argument 'shards'"),
+])
+def test_a_bad_argument_is_one_line(tmp_path, capsys, arg, expected):
+    (tmp_path / "x.jsonl").write_text('{"text": "hello world"}\n')
+    assert main([f"source={tmp_path / 'x.jsonl'}", f"out={tmp_path / 'o'}", arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err and "usage: " in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_is_not_a_prepare_output_is_left_as_it_was(tmp_path, capsys):
+    """The refusal came after the lock file was written into the user's directory; a file as
+    out= was a FileExistsError traceback."""
+    (tmp_path / "x.jsonl").write_text('{"text": "hello world"}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep\n")
+    assert main([f"source={tmp_path / 'x.jsonl'}", f"out={mine}"]) == 2
+    assert "is not a prepare output" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert main([f"source={tmp_path / 'x.jsonl'}", f"out={mine / 'notes.txt'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "notes.txt is a file" in err, err
+
+
 def test_parse_args():
     cfg = parse_args(["source=a.jsonl", "out=o", "tokens_per_shard=1e6", "val_fraction=0.05",
                       "max_shards=none"])

@@ -420,6 +420,20 @@ def test_cli_usage_errors(args, needle):
 
 
 @pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
+def test_cli_refuses_an_out_that_holds_a_model(fmt, tmp_path, capsys):
+    """format=mamba_ssm overwrote another model's config.json and weights in place."""
+    from mamba_train.cli.export import main
+
+    other = tmp_path / "other"
+    build_model(MambaLMConfig(**CONFIGS["mamba1"]), backend="reference").save_pretrained(other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    assert main([f"ckpt={other}", f"out={other}", f"format={fmt}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"out={other} already holds a model (config.json" in err, err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
 def test_cli_conversion_error_is_one_line(fmt, tmp_path, capsys):
     # in-process (the subprocess path is covered above; this one would pay the imports again)
     from mamba_train.cli.export import main

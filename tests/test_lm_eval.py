@@ -292,3 +292,32 @@ def test_eval_entries_without_the_eval_extra(module, argv, rc, stream, needle):
     assert needle in text and "Traceback" not in proc.stderr, proc.stderr
     if rc:
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(), "no model given: pass pretrained="),  # a TypeError from lm-eval's CLI
+    (dict(batch_size=0), "batch_size must be a positive integer or auto, got 0"),  # ran at 1
+    (dict(device="tpu9"), "device='tpu9' is not a device"),  # torch's RuntimeError
+    (dict(dtype="float8"), "dtype must be one of"),  # said only after the model was loaded
+])
+def test_bad_model_arguments_are_refused_before_loading(ckpt, kwargs, expected):
+    from mamba_train.evaluation.runner import EvalError
+
+    with pytest.raises(EvalError, match=expected):
+        MambaTrainLM(**({"pretrained": str(ckpt)} if kwargs else {}), **kwargs)
+
+
+def test_an_unknown_task_is_one_line(lm, tmp_path, capsys):
+    """lm-eval raised a KeyError (simple_evaluate) or a ValueError (its CLI): tracebacks."""
+    from mamba_train.cli.eval import main as eval_main
+    from mamba_train.cli.lm_eval import main as lm_eval_main
+    from mamba_train.evaluation.runner import EvalError, evaluate
+
+    with pytest.raises(EvalError, match="unknown task.s. no_such_task: not an lm-eval task"):
+        evaluate(lm, "no_such_task,local_mc")
+    assert eval_main([f"ckpt={tmp_path}", "tasks=local", "limit=-1"]) == 2
+    assert "limit must be > 0" in capsys.readouterr().err
+    assert lm_eval_main(["--model", "mamba_train", "--model_args", f"pretrained={tmp_path}",
+                         "--tasks", "no_such_task"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: lm-eval: Tasks not found: no_such_task"), err[-3:]

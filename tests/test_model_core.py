@@ -53,6 +53,8 @@ def test_config_accepts_a_mamba_ssm_config_json():
     (dict(ssm_cfg={"d_conv": 0}), r"ssm_cfg.d_conv must be a positive integer"),
     (dict(ssm_cfg={"layer": "Mamba2", "expand": 0}), r"Mamba2 ssm_cfg.expand must be a positive number"),
     (dict(ssm_cfg={"layer": "Mamba3", "headdim": -16}), r"Mamba3 ssm_cfg.headdim must be a positive integer"),
+    (dict(attn_layer_idx=[0], attn_cfg={"num_head": 4, "causal": True}),
+     r"model.attn_cfg has keys \['num_head'\] that attention does not take"),
 ])
 def test_bad_configs_name_the_field(override, message):
     base = dict(d_model=64, n_layer=2, vocab_size=100)
@@ -184,3 +186,16 @@ def test_decay_rule_survives_wrapper_prefixes(wrapper):
         parts = name.split(".")
         wrapped = ".".join(parts[:3]) + "." + wrapper + ".".join(parts[3:]) if len(parts) > 3 else name
         assert no_weight_decay(wrapped) == no_weight_decay(name), wrapped
+
+
+def test_a_key_the_model_config_does_not_take_is_one_line():
+    """+model.d_modell=64 was Hydra's multi-line InstantiationException."""
+    from omegaconf import OmegaConf
+
+    from mamba_train.errors import UnknownSettingError, instantiate_config
+
+    cfg = OmegaConf.create({"model": {"_target_": "mamba_train.models.config.MambaLMConfig",
+                                      "d_model": 64, "n_layer": 1, "vocab_size": 100, "d_modell": 3}})
+    with pytest.raises(UnknownSettingError, match=r"^model.d_modell is not a setting of "
+                                                  r"mamba_train.models.config.MambaLMConfig"):
+        instantiate_config(cfg.model)

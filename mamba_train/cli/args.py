@@ -47,7 +47,7 @@ def parse_key_values(argv: list[str], schema: type[T], required: tuple[str, ...]
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    suffix = f"\n{usage}" if usage else ""
+    suffix = f" ({usage})" if usage else ""  # one line: the error, then how to call
     items, seen = [], set()
     for item in argv:
         key, sep, value = item.partition("=")

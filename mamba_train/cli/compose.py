@@ -108,12 +108,16 @@ def _did_you_mean(full_key: str, overrides: list[str]) -> str:
 
 
 def preflight(argv: list[str]) -> None:
-    """Compose the command line and check its values as the job will; raises the one-line
-    error. A sweep or a Hydra flag (``--cfg``, ``--help``) is left to Hydra."""
+    """Compose the command line and check it as the job will (values, the run directory, the
+    batch arithmetic); raises the one-line error. A sweep or a Hydra flag (``--cfg``,
+    ``--help``) is left to Hydra."""
     from mamba_train.config_checks import check_config, check_interpolations
 
     if any(a in NOT_ONE_JOB or a.startswith("--") for a in argv):
         return
     cfg = compose(argv)
     check_interpolations(cfg)
-    check_config(cfg)
+    check_config(cfg)  # before the heavy import below: a bad value is said at once
+    from mamba_train.train import check_before_writing
+
+    check_before_writing(cfg)

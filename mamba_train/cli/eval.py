@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> EvalArgs:
     args = parse_key_values(argv, EvalArgs, required=("ckpt", "tasks"), usage=USAGE)
     if not Path(args.ckpt).exists():
         raise UsageError(f"ckpt={args.ckpt} does not exist")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"limit must be > 0 (examples per task, or a fraction < 1), got {args.limit}")
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     return args

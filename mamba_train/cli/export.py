@@ -30,6 +30,8 @@ from mamba_train.errors import MambaTrainError
 FORMATS = ("hf", "mamba_ssm")
 DTYPES = ("float32", "bfloat16")
 REQUIRED = ("ckpt", "out", "format")
+# what an export writes besides weight files (*.safetensors, *.bin)
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 USAGE = ("usage: mamba-train-export (or python -m mamba_train.export) ckpt=<path> out=<dir> format=hf|mamba_ssm "
          "[dtype=float32|bfloat16] [tokenizer=<name or path>]")
 
@@ -51,6 +53,14 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise UsageError(f"format must be one of {'|'.join(FORMATS)}, got {args['format']!r}")
     if "dtype" in args and args["dtype"] not in DTYPES:
         raise UsageError(f"dtype must be one of {'|'.join(DTYPES)}, got {args['dtype']!r}")
+    out = Path(args["out"])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out={out} is a file; give a new or empty directory")
+    held = sorted(p.name for p in out.iterdir() if p.name in MODEL_FILES
+                  or p.suffix in (".safetensors", ".bin")) if out.is_dir() else []
+    if held:  # the export would overwrite some of them and leave the rest beside its own
+        raise UsageError(f"out={out} already holds a model ({', '.join(held)}); export into a new "
+                         "or empty directory")
     return args
 
 

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int | None:
     except MambaTrainError as e:  # a bad checkpoint or model argument: one line, no traceback
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except (ValueError, KeyError) as e:  # lm-eval's own refusals of its arguments (unknown tasks)
+        print(f"error: lm-eval: {' '.join(str(e).strip(chr(34)).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

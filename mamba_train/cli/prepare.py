@@ -22,6 +22,10 @@ def parse_args(argv: list[str]) -> PrepareConfig:
         raise UsageError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.min_val_tokens < 0:
         raise UsageError(f"min_val_tokens must be >= 0, got {cfg.min_val_tokens}")
+    for name in ("num_proc", "tokens_per_shard", "batch_docs", "max_shards"):
+        value = getattr(cfg, name)
+        if not (value is None and name == "max_shards") and value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
     return cfg
 
 

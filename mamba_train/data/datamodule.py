@@ -103,7 +103,7 @@ class TokenDataModule(L.LightningDataModule):
         sources = _plain(sources)
         self.save_hyperparameters()
         self.path = path
-        self.sources = [dict(s) for s in sources] if sources else None
+        self.sources = _checked_sources(sources) if sources else None
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.val_seq_len = self.seq_len if val_seq_len is None else int(val_seq_len)
         if self.val_seq_len < 1:
@@ -212,9 +212,6 @@ class TokenDataModule(L.LightningDataModule):
             return [ensure_default_data(self.tokenizer or "default", self.cache_dir)], [1.0]
         if self.path is not None:
             return [Path(self.path).expanduser()], [1.0]
-        for s in self.sources:
-            if "path" not in s:
-                raise DataError(f"each of data.sources needs a 'path' (and optional 'weight'), got {s}")
         return ([Path(s["path"]).expanduser() for s in self.sources],
                 [float(s.get("weight", 1.0)) for s in self.sources])
 
@@ -265,6 +262,22 @@ class TokenDataModule(L.LightningDataModule):
         if self.index is None:
             raise RuntimeError("call setup() first")
         return self.index
+
+
+def _checked_sources(sources) -> list[dict]:
+    """``data.sources`` as plain dicts, each with a path and a finite weight > 0 (the mixture's
+    sampler divides by the weights)."""
+    import math
+
+    if not isinstance(sources, (list, tuple)):
+        raise DataError(f"data.sources={sources!r} must be a list like [{{path: dir, weight: 1}}, ...]")
+    for s in sources:
+        if not isinstance(s, dict) or "path" not in s:
+            raise DataError(f"each of data.sources needs a 'path' (and optional 'weight'), got {s!r}")
+        w = s.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise DataError(f"data.sources weight of {s['path']} must be a finite number > 0, got {w!r}")
+    return [dict(s) for s in sources]
 
 
 def _plain(value):

@@ -74,6 +74,15 @@ class PrepareConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
+def _refuse_foreign_output(out: Path) -> None:
+    """``out`` is new, empty, or a prepare output (its progress file): never anyone else's."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"out={out} is a file; give a directory to write the shards into")
+    if out.is_dir() and not (out / PROGRESS_FILE).is_file() and not is_fresh_output(out, SPLITS):
+        raise DataError(f"out={out} exists, is not empty and has no {PROGRESS_FILE}: it is not "
+                        "a prepare output; choose another out= or empty it")
+
+
 # ----------------------------------------------------------------------------- reading sources
 def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
     """The source's non-empty document texts, in a deterministic order."""
@@ -198,6 +207,7 @@ def prepare(cfg: PrepareConfig, console=None, final_dir: str | Path | None = Non
     directory); the messages name it instead of the temporary one."""
     if cfg.source != "default":
         resolve_files(cfg.source)  # fail fast on a missing source
+    _refuse_foreign_output(Path(cfg.out).expanduser())  # before the lock file goes into it
     with locked_output(Path(cfg.out).expanduser()):  # one prepare per out=
         return _prepare(cfg, console, final_dir)
 
@@ -306,9 +316,7 @@ def _load_progress(out: Path, identity: dict) -> dict:
 
     path = out / PROGRESS_FILE
     if not path.is_file():
-        if out.is_dir() and not is_fresh_output(out, SPLITS):
-            raise DataError(f"out={out} exists, is not empty and has no {PROGRESS_FILE}: it is not "
-                            "a prepare output; choose another out= or empty it")
+        _refuse_foreign_output(out)
         out.mkdir(parents=True, exist_ok=True)
         return {}
     saved = json.loads(path.read_text())

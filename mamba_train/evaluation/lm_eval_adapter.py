@@ -57,14 +57,20 @@ def _parse_batch_size(batch_size: Any) -> int:
         log.info("batch_size=%s: no automatic batch-size search here; using %d",
                  batch_size, DEFAULT_BATCH_SIZE)
         return DEFAULT_BATCH_SIZE
-    return max(1, int(batch_size))
+    try:
+        value = int(batch_size)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:  # 0 was raised to 1 silently: a typo that ran one sequence at a time
+        raise EvalError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
+    return value
 
 
 @register_model("mamba_train")
 class MambaTrainLM(TemplateLM):
     def __init__(
         self,
-        pretrained: Any,
+        pretrained: Any = None,
         tokenizer: Any = None,
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         max_batch_size: int | None = None,  # accepted for CLI compatibility (no auto search)
@@ -76,6 +82,16 @@ class MambaTrainLM(TemplateLM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        if pretrained is None:
+            raise EvalError("no model given: pass pretrained=<.ckpt or model directory> "
+                            "(--model_args pretrained=... on lm-eval's command line)")
+        if dtype not in DTYPES:
+            raise EvalError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if device is not None:
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise EvalError(f"device={device!r} is not a device: cpu, cuda or cuda:<index>") from None
         if kwargs:
             log.warning("mamba_train adapter: ignoring unknown model args %s", sorted(kwargs))
         from mamba_train.data.tokenizer import load_tokenizer
@@ -120,8 +136,6 @@ class MambaTrainLM(TemplateLM):
         self._max_length = int(max_length)
         self._batch_size = _parse_batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        if dtype not in DTYPES:
-            raise EvalError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if dtype == "auto":
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         self.dtype = dtype

@@ -113,9 +113,14 @@ def evaluate(lm, tasks: str | Iterable[str], include_path=None, limit: int | flo
     import lm_eval
 
     names = resolve_tasks(tasks)
+    manager = task_manager(names, include_path)
+    unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
+    if unknown:
+        raise EvalError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task, group or tag "
+                        f"(presets: {', '.join(PRESETS)}; extra task directories: include_path=)")
     with preserved_rng_state(), no_fork_bootstrap():
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=task_manager(names, include_path), limit=limit,
+            model=lm, tasks=names, task_manager=manager, limit=limit,
             num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples)
     if results is None:  # non-zero rank of a distributed lm-eval run
         return {}

@@ -204,6 +204,10 @@ class MambaLMConfig:
                 f"model.ssm_cfg has keys {sorted(unknown)} that a {self.layer} mixer does not "
                 f"take; valid keys: {sorted(allowed)}"
             )
+        attn_keys = set(ATTN_DEFAULTS) | {"num_heads"}
+        if set(self.attn_cfg) - attn_keys:
+            raise ConfigError(f"model.attn_cfg has keys {sorted(set(self.attn_cfg) - attn_keys)} "
+                              f"that attention does not take; valid keys: {sorted(attn_keys)}")
         bad_idx = [i for i in self.attn_layer_idx if not (0 <= int(i) < self.n_layer)]
         if bad_idx:
             raise ConfigError(

@@ -160,6 +160,11 @@ def check_hydra_run_dir(config) -> None:
             raise ConfigError(f"the run directory's name {part[:40]!r}... is {len(part)} "
                               f"characters, more than the {limit} a file name may have in "
                               f"{existing}; use a shorter run_name (or run_dir)")
+    try:  # Hydra creates it next: a parent that is a file, or a read-only place, said here
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory {run_dir}: {e.strerror} ({e.filename}); "
+                          "set paths.output_dir (or run_dir) to a writable directory") from None
     hydra_dir = run_dir / ".hydra"
     refuse_symlinks(hydra_dir, *(hydra_dir / f"{n}.yaml" for n in ("config", "hydra", "overrides")),
                     run_dir / f"{OmegaConf.select(config, 'hydra.job.name')}.log")
