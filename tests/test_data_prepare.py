@@ -125,7 +125,7 @@ def test_a_bad_argument_is_one_line(tmp_path, capsys, arg, expected):
     (tmp_path / "x.jsonl").write_text('{"text": "hello world"}\n')
     assert main([f"source={tmp_path / 'x.jsonl'}", f"out={tmp_path / 'o'}", arg]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and expected in err and "usage: " in err, err
+    assert "\n" not in err and expected in err, err
     assert not (tmp_path / "o").exists()
 
 

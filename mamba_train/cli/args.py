@@ -75,5 +75,6 @@ def parse_key_values(argv: list[str], schema: type[T], required: tuple[str, ...]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), given)
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise UsageError(f"{str(e).splitlines()[0]}{suffix}") from None
+    except OmegaConfBaseException as e:  # a value of the wrong type: name the argument
+        key = getattr(e, "full_key", None)
+        raise UsageError(f"{f'argument {key}: ' if key else ''}{str(e).splitlines()[0]}{suffix}") from None
