@@ -120,4 +120,7 @@ def preflight(argv: list[str]) -> None:
     check_config(cfg)  # before the heavy import below: a bad value is said at once
     from mamba_train.train import check_before_writing
 
-    check_before_writing(cfg)
+    try:
+        check_before_writing(cfg)
+    except OSError:  # a run directory that cannot be looked up (a name too long for the file
+        pass  # system): Hydra's RunDirPreflight callback says so in one line next
