@@ -54,7 +54,10 @@ def test_resume_across_ssd_kernels_but_not_across_models(make_config):
     module.on_load_checkpoint({CKPT_CONFIG_KEY: tiny().to_dict()})  # same model, other kernel
     assert is_safe("kernels.ssd")  # a resume may change it
     other = MambaLMConfig(d_model=48, n_layer=1, vocab_size=64, ssm_cfg=SSM)
-    with pytest.raises(ValueError, match="different model config"):
+    from mamba_train.errors import MambaTrainError
+
+    # a MambaTrainError (one line from the CLI, not a traceback) naming what differs
+    with pytest.raises(MambaTrainError, match="different model config .*model.d_model: 48 in the checkpoint"):
         module.on_load_checkpoint({CKPT_CONFIG_KEY: other.to_dict()})
 
 

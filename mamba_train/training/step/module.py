@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mamba_train.formats.checkpoint import CKPT_CONFIG_KEY, RNG_KEY, RUN_CONFIG_KEY
-from mamba_train.models.config import MambaLMConfig
+from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.kernels import apply_kernels
 from mamba_train.training.step.activation_checkpointing import (apply_activation_checkpointing,
                                                           checkpointed_block_indices,
@@ -239,11 +239,15 @@ class MambaLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CKPT_CONFIG_KEY)
         # compared as saved (to_dict); the kernels block is not part of the model and may differ
-        if saved is not None and MambaLMConfig.from_dict(saved).to_dict() != self.model_config.to_dict():
-            raise ValueError(
-                "the checkpoint was written for a different model config than the one "
-                "configured now; resume with the same model.* settings (or start a new run)"
-            )
+        now = self.model_config.to_dict()
+        saved = MambaLMConfig.from_dict(saved).to_dict() if saved is not None else now
+        if saved != now:
+            diff = "; ".join(f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            raise ConfigError(
+                f"the checkpoint was written for a different model config than the one "
+                f"configured now ({diff}); resume with the same model.* settings (or start a new "
+                "run: run_name=<new name>, init_from=<this checkpoint> for its weights)")
         rng = checkpoint.get(RNG_KEY)
         if rng:
             random.setstate(rng["python"])
