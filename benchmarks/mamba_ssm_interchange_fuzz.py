@@ -31,6 +31,7 @@ flash-attention checkout; its two Triton rotary files are used, no CUDA extensio
 is left out of the draw and that is printed.
 
     python benchmarks/mamba_ssm_interchange_fuzz.py --seeds 10 [--flash-attn-src DIR]
+    python benchmarks/mamba_ssm_interchange_fuzz.py --spec '{"d_model": 16, ...}'  # one config
 """
 
 from __future__ import annotations
@@ -301,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=19)
     p.add_argument("--flash-attn-src", help="a flash-attention checkout (for rotary attention)")
     p.add_argument("--show-spec", action="store_true", help="print each drawn config")
+    p.add_argument("--spec", help="check this one MambaConfig (JSON) instead of drawing")
     args = p.parse_args(argv)
     rotary = setup(args.flash_attn_src)
     if not rotary:
@@ -314,6 +316,14 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
+    if args.spec:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                result = check(json.loads(args.spec), Path(d), args.seq_len)
+            except Mismatch as e:
+                result = f"FAIL {e}"
+        print(result)
+        return 0 if result.startswith("PASS") else 1
     tally: Counter = Counter()
     for layer in args.layers:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
