@@ -26,7 +26,9 @@ from mamba_train.models.loss import linear_cross_entropy
 from mamba_train.models.moe import MoE, aux_loss
 from mamba_train.models.pattern import ATTENTION, PARALLEL, SSM
 
-CausalLMOutput = namedtuple("CausalLMOutput", ["logits", "loss"], defaults=(None, None))
+# balance: the mixture-of-experts balancing terms included in ``loss`` (None without them)
+CausalLMOutput = namedtuple("CausalLMOutput", ["logits", "loss", "balance"],
+                            defaults=(None, None, None))
 
 
 class ParallelMixer(nn.Module):
@@ -194,7 +196,8 @@ class MambaLM(nn.Module):
             loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
                                         labels.flatten(), chunk_size=loss_chunk_size)
             balance = aux_loss(self) if self.config.n_moe_layers else None
-            return CausalLMOutput(loss=loss if balance is None else loss + balance)
+            return CausalLMOutput(loss=loss if balance is None else loss + balance,
+                                  balance=balance)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden))

@@ -205,6 +205,10 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
 class MoE(nn.Module):
     """The ``E`` sublayer: ``sum_k w_k expert_k(x) + shared(x)`` over the tokens of ``x``."""
 
+    # set by mamba_train.parallel when each rank holds a slice of the sequence: the balancing
+    # terms then sum their token statistics over the slices (models/state_passing.py)
+    sequence_carry = None
+
     def __init__(self, d_model: int, cfg: dict[str, Any], down_multiplier: float = 1.0,
                  device=None, dtype=None):
         super().__init__()
@@ -255,12 +259,20 @@ class MoE(nn.Module):
             self.entropy_sum += -(p * torch.log(p.clamp_min(1e-20))).sum()
             self.tokens += p.shape[0]
         c, loss = self.cfg, None
-        if c["aux_loss_coef"]:
-            f = counts / idx.shape[0]  # sums to k
-            loss = c["aux_loss_coef"] * n * (f * probs.mean(0)).sum()
-        if c["z_loss_coef"]:
-            z = c["z_loss_coef"] * torch.logsumexp(logits, -1).square().mean()
-            loss = z if loss is None else loss + z
+        if c["aux_loss_coef"] or c["z_loss_coef"]:
+            tokens = counts.new_full((1,), idx.shape[0])
+            prob_sum = probs.sum(0)
+            z_sum = (torch.logsumexp(logits, -1).square().sum().view(1) if c["z_loss_coef"]
+                     else tokens * 0)
+            if self.sequence_carry is not None:  # a slice: the terms are the whole sequence's
+                sums = self.sequence_carry.sum_over_slices(
+                    "moe", torch.cat([counts, prob_sum.float(), z_sum.float(), tokens]))
+                counts, prob_sum, z_sum, tokens = sums.split([n, n, 1, 1])
+            if c["aux_loss_coef"]:  # counts / tokens sums to k
+                loss = c["aux_loss_coef"] * n * ((counts / tokens) * (prob_sum / tokens)).sum()
+            if c["z_loss_coef"]:
+                z = c["z_loss_coef"] * (z_sum / tokens)[0]
+                loss = z if loss is None else loss + z
         self.aux_loss = loss
 
 

@@ -8,7 +8,8 @@ before its slice, and nothing else:
   state, reports (final state from zero, whole-slice decay), and the incoming state comes from an
   exclusive scan of those pairs over the slices before it: ``h_out = decay * h_in + final``;
   the slice then adds the incoming state's exact contribution to its outputs;
-* for attention, the keys and values of the tokens before it (and their document numbers).
+* for attention, the keys and values of the tokens before it (and their document numbers);
+* for a mixture-of-experts layer's balancing terms, sums over every token of the sequence.
 
 ``SequenceCarry`` is that interface. This base class is a slice at the start of a sequence
 (nothing enters); ``StateCarry`` carries states between slices run one after another in one
@@ -78,6 +79,12 @@ class SequenceCarry:
 
     def gather(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """x (batch, L, ...) of every token from the sequence start to this slice's end."""
+        return x
+
+    def sum_over_slices(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the slices of the sequence (a statistic of all its tokens, e.g. a
+        router's expert counts); the gradient reaching this slice's ``x`` is the sum's own,
+        unsummed: each slice answers for its tokens' part. One slice: ``x`` itself."""
         return x
 
     def seq_idx_up_to_here(self, seq_idx: torch.Tensor) -> torch.Tensor:

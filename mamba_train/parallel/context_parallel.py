@@ -11,7 +11,8 @@ Per Mamba layer and step, the ranks exchange:
   and each rank keeps its own: the reverse scan, done by autograd through the forward scan;
 * Mamba-3 also carries its RoPE angle the same way and hands on its last token's k and v.
 
-Attention layers all-gather their keys and values (each rank keeps those up to its slice end).
+Attention layers all-gather their keys and values (each rank keeps those up to its slice end);
+mixture-of-experts layers with balancing terms all-reduce their per-expert token statistics.
 Nothing depends on the number of heads, so any group size that divides the sequence works.
 
 Every exchange goes through ``_all_gather``, ``_all_reduce`` or ``_shift`` below, which also
@@ -106,6 +107,21 @@ class _ExclusiveScan(torch.autograd.Function):
         return dstate, ddecay, None, None
 
 
+class _SumOverSlices(torch.autograd.Function):
+    """The group's sum of x; the backward hands each rank the sum's gradient as it is (its x
+    enters the sum once, and the data-parallel reduction adds the ranks' shares)."""
+
+    @staticmethod
+    def forward(ctx, x, group, key):
+        total = x.detach().clone().contiguous()
+        _all_reduce(total, group, key, "forward")
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 class _Halo(torch.autograd.Function):
     """Send x to the next rank, return the previous rank's x (zeros on the first); the backward
     sends the gradient the other way."""
@@ -168,6 +184,9 @@ class ContextParallelCarry(SequenceCarry):
     def carry(self, key, state, decay):
         h_in = _ExclusiveScan.apply(state, decay.to(state.dtype), self.group, key)
         return h_in.reshape(state.shape)
+
+    def sum_over_slices(self, key, x):
+        return _SumOverSlices.apply(x, self.group, key)
 
     def gather(self, key, x):
         full = _AllGather.apply(x, self.group, key)  # (size, b, L, ...)
@@ -234,15 +253,21 @@ class ContextParallel:
         """Loss over the whole sequence: its value is the group's mean over all valid tokens;
         its gradient is ``size * (this slice's loss sum) / (group's valid tokens)``, so that
         the gradient average over the ranks (data-parallel reduction) is the exact gradient of
-        the whole-sequence mean."""
+        the whole-sequence mean. Mixture-of-experts balancing terms (``output.balance``) are
+        already the whole sequence's on every rank (their statistics are summed over the
+        group, ``models/moe.py``); only their gradient, this slice's share, is scaled."""
         labels = kwargs.get("labels")
         if getattr(output, "loss", None) is None or labels is None:
             return output
-        count = (labels != -100).sum().to(output.loss.dtype)
-        local_sum = output.loss * count
+        balance = output.balance
+        token_mean = output.loss if balance is None else output.loss - balance
+        count = (labels != -100).sum().to(token_mean.dtype)
+        local_sum = token_mean * count
         totals = torch.stack([local_sum.detach(), count])
         _all_reduce(totals, self.group, "loss", "forward")
         n = totals[1].clamp(min=1)
         scaled = local_sum * self.size / n
         loss = totals[0] / n + (scaled - scaled.detach())
+        if balance is not None:
+            loss = loss + balance.detach() + self.size * (balance - balance.detach())
         return output._replace(loss=loss)
