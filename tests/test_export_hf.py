@@ -285,13 +285,36 @@ def test_import_model_saved_by_transformers(layer, layout, tmp_path):
     assert diff < 1e-4
 
 
-def test_import_refuses_hf_mamba2_eps_mamba_ssm_cannot_reproduce(tmp_path):
-    hf_cfg = transformers.Mamba2Config(hidden_size=64, num_hidden_layers=1, vocab_size=64,
-                                       num_heads=8, head_dim=16, n_groups=1, state_size=16,
-                                       layer_norm_epsilon=1e-6)
-    hf_cfg.save_pretrained(tmp_path)
-    with pytest.raises(ExportError, match="layer_norm_epsilon"):
-        read_hf(tmp_path)
+@pytest.mark.parametrize("layer", ["mamba", "mamba2"])
+def test_transformers_eps_and_special_ids_survive_import_and_export(layer, tmp_path):
+    """A transformers Mamba/Mamba-2 directory with a non-default layer_norm_epsilon (which
+    Mamba-2 also uses in its gated RMSNorm: our ssm_cfg.norm_eps) and its own bos/eos/pad ids:
+    loaded, it gives transformers' logits; exported, it is the same model with the same ids."""
+    common = dict(hidden_size=32, num_hidden_layers=2, vocab_size=77, state_size=8,
+                  layer_norm_epsilon=1e-2, bos_token_id=5, eos_token_id=[7, 9], pad_token_id=3)
+    if layer == "mamba":
+        hf_cfg = transformers.MambaConfig(**common)
+    else:
+        hf_cfg = transformers.Mamba2Config(**common, num_heads=8, head_dim=8, n_groups=2,
+                                           chunk_size=8)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # small activations: the eps matters
+            p.copy_(0.05 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
+    hf.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 77, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+        model = load_model(tmp_path / "src", backend="reference").eval()
+        torch.testing.assert_close(model(ids).logits[..., :77], want, rtol=0, atol=2e-5)
+    out = export_hf(model, tmp_path / "out")
+    raw = json.loads((out / "config.json").read_text())
+    assert (raw["layer_norm_epsilon"], raw["bos_token_id"], raw["eos_token_id"],
+            raw["pad_token_id"]) == (1e-2, 5, [7, 9], 3)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids, use_cache=False).logits, want)
 
 
 def test_inconsistent_tied_head_is_refused():

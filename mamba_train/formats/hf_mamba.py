@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from mamba_train.formats.hf_family import ExportError, HFFamily
+from mamba_train.formats.hf_family import ExportError, HFFamily, special_token_ids
 from mamba_train.models.config import ConfigError, MambaLMConfig
-from mamba_train.models.mixer_tables import MAMBA1_DEFAULTS, MAMBA2_DEFAULTS
+from mamba_train.models.mixer_tables import (MAMBA1_DEFAULTS, MAMBA2_DEFAULTS,
+                                             MAMBA2_EXTENSION_DEFAULTS)
 
-# mamba_ssm's Mamba2 builds its gated RMSNorm with a hard-coded eps (modules/mamba2.py);
-# transformers' Mamba2Mixer uses config.layer_norm_epsilon for it.
-MAMBA2_GATED_NORM_EPS = 1e-5
+# mamba_ssm's Mamba2 builds its gated RMSNorm with a hard-coded eps 1e-5 (modules/mamba2.py);
+# transformers' Mamba2Mixer uses config.layer_norm_epsilon for it: our ssm_cfg.norm_eps.
+_MAMBA2_DEFAULTS = {**MAMBA2_DEFAULTS, **MAMBA2_EXTENSION_DEFAULTS}
 
 # Our init defaults (models/init.py) for the two initializer_cfg keys HF has fields for.
 _INIT_DEFAULTS = {"initializer_range": 0.02, "rescale_prenorm_residual": True}
@@ -34,7 +35,7 @@ def check_representable(cfg: MambaLMConfig) -> None:
     transformers 5.x ``MambaBlock`` / ``Mamba2Block`` are ``RMSNorm -> mixer -> add`` with no
     MLP, no attention, RMSNorm only; ``Mamba2Mixer`` always applies the gated RMSNorm with the
     gate *before* the norm (``norm_before_gate=False``), over the full inner width, with a
-    per-head ``D``, and reads its eps from ``layer_norm_epsilon``.
+    per-head ``D``, and reads its eps from ``layer_norm_epsilon`` (our ``ssm_cfg.norm_eps``).
     """
     cant = "transformers' {cls} cannot represent it"
     cls = (MAMBA if cfg.layer == "Mamba1" else MAMBA2).architecture
@@ -91,11 +92,12 @@ def check_representable(cfg: MambaLMConfig) -> None:
             f"model.ssm_cfg.norm_before_gate=True: transformers' Mamba2Mixer gates before the "
             f"norm (norm_before_gate=False) unconditionally; {cant.format(cls=cls)}"
         )
-    if cfg.norm_epsilon != MAMBA2_GATED_NORM_EPS:
+    norm_eps = kw.get("norm_eps", MAMBA2_EXTENSION_DEFAULTS["norm_eps"])
+    if norm_eps != cfg.norm_epsilon:
         raise ExportError(
-            f"model.norm_epsilon={cfg.norm_epsilon}: transformers' Mamba2 uses layer_norm_epsilon "
-            f"also inside the mixer's gated RMSNorm, which mamba_ssm fixes at "
-            f"{MAMBA2_GATED_NORM_EPS}; only norm_epsilon={MAMBA2_GATED_NORM_EPS} exports exactly"
+            f"model.ssm_cfg.norm_eps={norm_eps} != model.norm_epsilon={cfg.norm_epsilon}: "
+            f"transformers' Mamba2 has one layer_norm_epsilon for the block norms and the mixer's "
+            f"gated RMSNorm; {cant.format(cls=cls)}"
         )
 
 
@@ -178,13 +180,6 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
         )
         ssm.update({k: v for k, v in values.items() if MAMBA1_DEFAULTS[k] != v})
     else:
-        eps = float(g("layer_norm_epsilon"))
-        if eps != MAMBA2_GATED_NORM_EPS:
-            raise ExportError(
-                f"config.json layer_norm_epsilon={eps}: transformers' Mamba2 uses it inside the "
-                f"mixer's gated RMSNorm too, where mamba_ssm fixes eps={MAMBA2_GATED_NORM_EPS}; "
-                "this model cannot be reproduced exactly"
-            )
         expand, heads, head_dim = g("expand"), int(g("num_heads")), int(g("head_dim"))
         if heads * head_dim != int(expand * d_model):
             raise ExportError(
@@ -199,8 +194,10 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
             dt_init_floor=float(g("time_step_floor")),
             dt_limit=tuple(float(v) for v in g("time_step_limit")),
             conv_bias=bool(g("use_conv_bias")), bias=bool(g("use_bias")),
+            # transformers' gated RMSNorm reads layer_norm_epsilon too (mamba_ssm fixes 1e-5)
+            norm_eps=float(g("layer_norm_epsilon")),
         )
-        ssm.update({k: v for k, v in values.items() if MAMBA2_DEFAULTS[k] != v})
+        ssm.update({k: v for k, v in values.items() if _MAMBA2_DEFAULTS[k] != v})
     init_cfg = {k: type(d)(g(k)) for k, d in _INIT_DEFAULTS.items() if type(d)(g(k)) != d}
     try:
         return MambaLMConfig(
@@ -209,6 +206,7 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
             rms_norm=True, residual_in_fp32=bool(g("residual_in_fp32")),
             tie_embeddings=bool(g("tie_word_embeddings")),
             norm_epsilon=float(g("layer_norm_epsilon")), initializer_cfg=init_cfg,
+            special_token_ids=special_token_ids(raw),
         )
     except ConfigError as e:
         raise ExportError(f"config.json describes an invalid model: {e}") from e
