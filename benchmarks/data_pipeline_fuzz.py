@@ -385,6 +385,7 @@ def check_prepare(seed: int, root: Path) -> None:
         docs.append(" ".join(str(rng.choice(WORDS)) for _ in range(n)))
     if not any(docs):
         docs.append("the")
+    root.mkdir(parents=True, exist_ok=True)
     src = root / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     common = dict(source=str(src), tokenizer="default", num_proc=1,
@@ -392,9 +393,11 @@ def check_prepare(seed: int, root: Path) -> None:
                   val_fraction=float(rng.choice([0.0, 0.1, 0.5])),
                   min_val_tokens=int(rng.choice([0, 10, 200])), batch_docs=int(rng.choice([1, 3, 512])))
     quiet = Console(file=io.StringIO())
-    prepare(PrepareConfig(out=str(root / "whole"), **common), console=quiet)
-    for _ in range(10_000):  # one shard per run
-        if prepare(PrepareConfig(out=str(root / "cut"), max_shards=1, **common), console=quiet).get("done"):
+    whole = prepare(PrepareConfig(out=str(root / "whole"), **common), console=quiet)
+    shards = sum(len(whole["splits"][s]["shards"]) for s in ("train", "val"))
+    step = max(1, shards // 25)  # at most ~25 cut runs, each resuming the previous one's
+    for _ in range(shards + 2):
+        if prepare(PrepareConfig(out=str(root / "cut"), max_shards=step, **common), console=quiet).get("done"):
             break
     for split in ("train", "val"):
         a, b = (json.loads((root / o / split / "index.json").read_text()) for o in ("whole", "cut"))
