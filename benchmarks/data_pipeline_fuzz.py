@@ -307,7 +307,7 @@ def check_training(d: dict) -> None:
     bound = 1 + weights * (len(weights) - 2 if len(weights) > 2 else 0) + len(ref) * 2.0**-19
     if (dev > bound).any():
         raise Failure(f"mixture: a prefix is {dev.max():.3f} samples off its weights (bound {bound.max():.3f})")
-    if len(ref) >= 16 and (len(weights) > 1 or n_windows[0] >= 8):
+    if len(ref) >= 16 and any(n >= 8 and w >= 0.25 for n, w in zip(n_windows, weights)):
         other = run_rank(datamodule(d, 0, 1, seed=d["seed"] + 1, micro_batch_size=16, num_workers=0), 1)[0]
         check([w for b in other for w in decode(d, b, "train", L)] != ref[:16], "another seed, the same order")
 
@@ -341,8 +341,13 @@ def check_resume(d, dms, runs, k, state, glob, ref) -> None:
                        ("another accumulation", {"accumulate": d["accumulate"] + 1})):
         one_line_refusal(lambda: datamodule(d, 0, world, **over).train_dataloader().load_state_dict(state),
                          f"resume with {what}")
+    scale = float(rng.choice([0.25, 2, 8]))
+    scaled = [{"path": s["path"], "weight": s["weight"] * scale} for s in d["sources"]]
+    dm = datamodule(d, 0, world, **({"path": None, "sources": scaled} if d["single_path"] else {"sources": scaled}))
+    dm.train_dataloader().load_state_dict(state)  # weights are ratios: the same order
+    same_batches(runs[0][0][k:], run_rank(dm, len(runs[0][0]) - k)[0], f"resumed after step {k} with rescaled weights")
     if len(d["sources"]) > 1:
-        other = [{"path": s["path"], "weight": s["weight"] * 1.5 + 1} for s in d["sources"]]
+        other = [{"path": s["path"], "weight": s["weight"] * (3 if i == 0 else 1)} for i, s in enumerate(d["sources"])]
         one_line_refusal(lambda: datamodule(d, 0, world, sources=other).train_dataloader().load_state_dict(state),
                          "resume with other weights")
 
@@ -374,8 +379,6 @@ WORDS = "the of a statement is value object name class function module return lo
 
 def check_prepare(seed: int, root: Path) -> None:
     from mamba_train.data.prepare import PrepareConfig, prepare
-    from mamba_train.data.shards import TokenShards
-    from mamba_train.data.tokenizer import load_backend
     from rich.console import Console
 
     rng = np.random.default_rng(seed + 10**6)
@@ -388,17 +391,31 @@ def check_prepare(seed: int, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     src = root / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    common = dict(source=str(src), tokenizer="default", num_proc=1,
-                  tokens_per_shard=int(rng.choice([1, 7, 50, 300, 5000])),
+    words = sum(len(t.split()) for t in docs) + len(docs)  # about the tokens
+    common = dict(source=str(src), tokenizer="default",
+                  tokens_per_shard=max(int(rng.choice([1, 7, 50, 300, 5000])), words // 300),
                   val_fraction=float(rng.choice([0.0, 0.1, 0.5])),
                   min_val_tokens=int(rng.choice([0, 10, 200])), batch_docs=int(rng.choice([1, 3, 512])))
     quiet = Console(file=io.StringIO())
-    whole = prepare(PrepareConfig(out=str(root / "whole"), **common), console=quiet)
+    whole_proc = 2 if rng.random() < 0.3 else 1  # worker processes: the same output
+    whole = prepare(PrepareConfig(out=str(root / "whole"), num_proc=whole_proc, **common), console=quiet)
     shards = sum(len(whole["splits"][s]["shards"]) for s in ("train", "val"))
     step = max(1, shards // 25)  # at most ~25 cut runs, each resuming the previous one's
-    for _ in range(shards + 2):
-        if prepare(PrepareConfig(out=str(root / "cut"), max_shards=step, **common), console=quiet).get("done"):
+    for runs in range(1, shards + 3):
+        if prepare(PrepareConfig(out=str(root / "cut"), num_proc=1, max_shards=step, **common),
+                   console=quiet).get("done"):
             break
+    try:
+        check(runs <= shards // step + 1, f"prepare: {runs} runs of max_shards={step} for {shards} shards")
+        compare_prepared(root, docs)
+    except Failure as e:
+        raise Failure(f"{e} ({ {k: v for k, v in common.items() if k != 'source'} }, num_proc={whole_proc})") from None
+
+
+def compare_prepared(root: Path, docs: list[str]) -> None:
+    from mamba_train.data.shards import TokenShards
+    from mamba_train.data.tokenizer import load_backend
+
     for split in ("train", "val"):
         a, b = (json.loads((root / o / split / "index.json").read_text()) for o in ("whole", "cut"))
         check(a == b, f"prepare {split}: a run resumed after every shard wrote other shards")

@@ -175,3 +175,16 @@ def test_too_small_source(tmp_path):
     write_tokens(tmp_path / "tiny", np.arange(L), TOK)
     with pytest.raises(DataError, match="fewer than one window"):
         TokenWindowDataset([tmp_path / "tiny"], L)
+
+
+def test_resume_with_rescaled_weights(mix):
+    """Weights are ratios: [3, 1] and [1.5, 0.5] give the same order, so either resumes the
+    other exactly; other ratios are refused."""
+    dl = loader(mix, weights=[3, 1])
+    head = first_tokens(itertools.islice(iter(dl), 3))
+    resumed = loader(mix, weights=[1.5, 0.5])
+    resumed.load_state_dict(dl.state_dict())
+    assert head + first_tokens(itertools.islice(_batches(resumed), 5)) == \
+        first_tokens(itertools.islice(_batches(loader(mix, weights=[3, 1])), 8))
+    with pytest.raises(DataError, match=r"checkpoint has weights=\[3.0, 1.0\], this run has \[2.0, 1.0\]"):
+        loader(mix, weights=[2, 1]).load_state_dict(dl.state_dict())
