@@ -148,6 +148,10 @@ def test_mix_schedule_matches_brute_force(weights, seed):
     counts = Counter(s for _, s, _ in events[:1000])
     for s, w in enumerate(weights):
         assert abs(counts[s] - 1000 * w / sum(weights)) <= 1
+    share = np.array(m.shares) / m.total_share  # every prefix, within the documented bound
+    dev = np.abs(np.cumsum(np.eye(len(weights))[[s for _, s, _ in events[:1000]]], 0)
+                 - np.arange(1, 1001)[:, None] * share).max(0)
+    assert (dev <= 1 + (len(weights) - 2) * share + 1e-9).all() and (len(weights) > 2 or dev.max() <= 1)
     m.locate(10**15)  # closed form: no replay
 
 
