@@ -24,6 +24,9 @@ gradient accumulation; real DataLoader workers), and check the contract of docs/
 * validation: rank ``r`` gets windows ``r, r + world, ...`` of the file-order enumeration
   (capped at ``val_windows``), the tail that does not divide is dropped, every rank runs the
   same number of batches;
+* a real Trainer (``--lightning``, every fourth seed by default): one rank resumed from the
+  checkpoint of a random optimizer step (gradient accumulation 1 or 2, another ``num_workers``)
+  trains on exactly the rest of the uninterrupted run's samples;
 * prepare (``--prepare``, every third seed by default): a run cut after every shard
   (``max_shards=1``) and resumed writes the same shards as an uninterrupted one, and the
   splits hold every document's tokens + EOS, in order, exactly once.
@@ -161,7 +164,7 @@ def describe(d: dict) -> str:
             f"epoch_batches={d['epoch_batches']} val_len={d['val_len']} val_windows={d['val_windows']}")
 
 
-def datamodule(d: dict, rank: int, world: int, **over) -> TokenDataModule:
+def datamodule_kwargs(d: dict) -> dict:
     kw = dict(seq_len=d["seq_len"], micro_batch_size=d["mb"], num_workers=d["workers"],
               seed=d["seed"], tokenizer=None, expected_vocab_size=d["vocab"], pin_memory=False,
               epoch_batches=d["epoch_batches"], document_boundaries=d["boundaries"],
@@ -171,6 +174,11 @@ def datamodule(d: dict, rank: int, world: int, **over) -> TokenDataModule:
         kw["path"] = d["sources"][0]["path"]
     else:
         kw["sources"] = [{"path": s["path"], "weight": s["weight"]} for s in d["sources"]]
+    return kw
+
+
+def datamodule(d: dict, rank: int, world: int, **over) -> TokenDataModule:
+    kw = datamodule_kwargs(d)
     accumulate = over.pop("accumulate", d["accumulate"])
     validate = over.pop("validate", False)  # the training checks run without a val split
     kw.update(over)
@@ -373,6 +381,57 @@ def check_validation(d: dict) -> None:
     check(sorted(seen) == sorted(every[:keep]), "val: union over ranks")
 
 
+def check_lightning(d: dict, root: Path) -> None:
+    """One rank under a real Trainer: resuming from the checkpoint of a random optimizer step
+    (gradient accumulation, epochs of any length, another num_workers) trains on exactly the
+    rest of the uninterrupted run's samples."""
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # its INFO lines, one per fit
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen += [tuple(x) for x in batch["input_ids"][:, :2].tolist()]
+            return (self.w - 1).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(ckpt_dir, workers, ckpt_path=None):
+        kw = {k: v for k, v in datamodule_kwargs(d).items() if k != "num_workers"}
+        dm = TokenDataModule(num_workers=workers, **kw)
+        model = Recorder()
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0,
+                            accumulate_grad_batches=d["accumulate"], enable_checkpointing=True,
+                            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{step}",
+                                                       every_n_train_steps=1, save_top_k=-1)])
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        dm._train_loader._stream = None  # its workers stop now, not in a later fork's garbage collection
+        return model.seen
+
+    rng = d["rng"]
+    steps = int(rng.integers(2, 9))
+    full = fit(root / "full", d["workers"])
+    k = int(rng.integers(1, steps))
+    ckpt = root / "full" / f"step={k}.ckpt"
+    consumed = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["samples_yielded"]
+    resumed = fit(root / f"resumed{k}", int(rng.choice([0, 1, 2])), ckpt)
+    check(resumed == full[consumed:], f"Trainer resumed from step {k} (of {steps}, accumulation "
+          f"{d['accumulate']}): {len(resumed)} samples, expected the last {len(full) - consumed} of {len(full)}")
+
+
 # ----------------------------------------------------------------------------- prepare
 WORDS = "the of a statement is value object name class function module return loop é 東京 🙂".split()
 
@@ -434,7 +493,7 @@ def compare_prepared(root: Path, docs: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_seed(seed: int, quick: bool, prepare: bool) -> tuple[bool, str]:
+def run_seed(seed: int, quick: bool, prepare: bool, lightning: bool) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="datafuzz-") as tmp:
         d = draw(seed, quick, Path(tmp))
         desc = describe(d)
@@ -444,6 +503,9 @@ def run_seed(seed: int, quick: bool, prepare: bool) -> tuple[bool, str]:
             if prepare:
                 check_prepare(seed, Path(tmp) / "prepare")
                 desc += " +prepare"
+            if lightning:
+                check_lightning(d, Path(tmp) / "lightning")
+                desc += " +lightning"
         except Failure as e:
             return False, f"{desc}: {e}"
         except Exception:  # noqa: BLE001 - a crash is a finding
@@ -458,13 +520,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller corpora")
     p.add_argument("--prepare", choices=("every", "third", "none"), default="third",
                    help="which seeds also fuzz prepare's resume")
+    p.add_argument("--lightning", choices=("every", "fourth", "none"), default="fourth",
+                   help="which seeds also resume a real Trainer from a checkpoint")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     failures, t0 = 0, time.time()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         prep = args.prepare == "every" or (args.prepare == "third" and seed % 3 == 0)
         t = time.time()
-        ok, msg = run_seed(seed, args.quick, prep)
+        light = args.lightning == "every" or (args.lightning == "fourth" and seed % 4 == 1)
+        ok, msg = run_seed(seed, args.quick, prep, light)
         failures += not ok
         print(f"seed {seed:5d} {'PASS' if ok else 'FAIL'} {msg} ({time.time() - t:.1f}s)", flush=True)
     print(f"summary: {args.seeds - failures} PASS, {failures} FAIL of {args.seeds} seeds in "
