@@ -9,22 +9,21 @@ from typing import Any
 from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS
 
 
-def _size_problem(kw: dict[str, Any], layer: str, ints: tuple[str, ...],
-                  where: str = "ssm_cfg") -> str | None:
+def _size_problem(kw: dict[str, Any], where: str, ints: tuple[str, ...]) -> str | None:
     """The first of ``ints`` that is not a positive integer, and ``expand`` that is not > 0:
     caught here, they would fail as a division by zero or a zero-width layer inside the build."""
     for key in ints:
         v = kw[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            return f"{layer} {where}.{key} must be a positive integer, got {v!r}"
+            return f"{where}.{key} must be a positive integer, got {v!r}"
     v = kw.get("expand", 1)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        return f"{layer} ssm_cfg.expand must be > 0, got {v!r}"
+        return f"{where}.expand must be > 0, got {v!r}"
     return None
 
 
 def mamba1_problem(kw: dict[str, Any], d_model: int) -> str | None:
-    problem = _size_problem(kw, "Mamba1", ("d_state", "d_conv", "dt_rank"))
+    problem = _size_problem(kw, "Mamba1 ssm_cfg", ("d_state", "d_conv", "dt_rank"))
     if problem:
         return problem
     if int(kw["expand"] * d_model) < 1:
@@ -37,7 +36,7 @@ def mamba1_problem(kw: dict[str, Any], d_model: int) -> str | None:
 
 
 def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
-    problem = _size_problem(kw, "Mamba2", ("d_state", "d_conv", "headdim", "ngroups",
+    problem = _size_problem(kw, "Mamba2 ssm_cfg", ("d_state", "d_conv", "headdim", "ngroups",
                                            "chunk_size"))
     if problem:
         return problem
@@ -51,7 +50,7 @@ def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
                 f"(0, {d_inner}], got {d_ssm!r}")
     if d_ssm % kw["headdim"] != 0:
         return (
-            f"Mamba2 needs its inner width (d_model*expand or ssm_cfg.d_inner = {d_ssm}) to be "
+            f"Mamba2 needs its SSM width (d_model*expand, or ssm_cfg.d_inner / d_ssm: {d_ssm}) to be "
             f"divisible by ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim"
         )
     nheads = d_ssm // kw["headdim"]
@@ -80,7 +79,7 @@ def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
 
 
 def mamba3_problem(kw: dict[str, Any], d_model: int) -> str | None:
-    problem = _size_problem(kw, "Mamba3", ("d_state", "headdim", "ngroups", "chunk_size")
+    problem = _size_problem(kw, "Mamba3 ssm_cfg", ("d_state", "headdim", "ngroups", "chunk_size")
                             + (("mimo_rank",) if kw["is_mimo"] else ()))
     if problem:
         return problem
@@ -116,7 +115,7 @@ def attention_problem(kw: dict[str, Any], d_model: int, num_heads_set: bool) -> 
         return ("model.attn_cfg.num_heads is required when the model has attention "
                           "layers (attn_layer_idx, or * / P in layer_pattern)")
     sizes = ("num_heads",) + tuple(k for k in ("num_heads_kv", "head_dim") if kw[k] is not None)
-    problem = _size_problem(kw, "attention", sizes, where="attn_cfg")
+    problem = _size_problem(kw, "model.attn_cfg", sizes)
     if problem:
         return problem
     heads, kv = kw["num_heads"], kw["num_heads_kv"] or kw["num_heads"]
