@@ -48,6 +48,9 @@ CONFIGS = {
     "mamba2_untied": dict(d_model=64, n_layer=3, vocab_size=1000, tie_embeddings=False,
                           ssm_cfg={**MAMBA2_SSM, "bias": True, "conv_bias": False, "ngroups": 4,
                                    "dt_limit": (0.0005, 0.5), "chunk_size": 8}),
+    # an explicit inner width (not expand * d_model): transformers gets expand = 3
+    "mamba2_d_inner": dict(d_model=64, n_layer=2, vocab_size=1000,
+                           ssm_cfg={**MAMBA2_SSM, "d_inner": 192}),
 }
 SSM_PARAMS = ("dt_proj.bias", "dt_bias", "A_log", ".D")
 
@@ -98,7 +101,7 @@ def test_export_files_and_config(exported):
     assert raw["state_size"] == kw["d_state"] and raw["conv_kernel"] == kw["d_conv"]
     assert raw["use_bias"] == kw["bias"] and raw["use_conv_bias"] == kw["conv_bias"]
     if mamba2:
-        assert raw["num_heads"] == 2 * cfg.d_model // kw["headdim"]
+        assert raw["num_heads"] * kw["headdim"] == cfg.ssm_d_inner == raw["expand"] * cfg.d_model
         assert raw["head_dim"] == kw["headdim"] and raw["n_groups"] == kw["ngroups"]
         assert raw["chunk_size"] == kw["chunk_size"]
     else:
@@ -193,7 +196,9 @@ def test_read_hf_without_stash_uses_hf_fields(exported, tmp_path):
     assert got_cfg.padded_vocab_size == cfg.padded_vocab_size
     as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples vs lists)
     assert got_cfg.layer == cfg.layer
-    assert as_json(got_cfg.mixer_kwargs()) == as_json(cfg.mixer_kwargs())
+    def width_free(c):  # an explicit d_inner comes back as transformers' integer expand
+        return {k: v for k, v in as_json(c.mixer_kwargs()).items() if k not in ("d_inner", "expand")}
+    assert width_free(got_cfg) == width_free(cfg) and got_cfg.ssm_d_inner == cfg.ssm_d_inner
     assert got_cfg.tie_embeddings == cfg.tie_embeddings
     assert got_cfg.norm_epsilon == cfg.norm_epsilon
     assert got_cfg.residual_in_fp32 == cfg.residual_in_fp32
@@ -332,6 +337,7 @@ REFUSED = [
     (dict(attn_layer_idx=[1], attn_cfg={"num_heads": 4, "causal": True}), "attn_layer_idx"),
     (dict(rms_norm=False), "rms_norm"),
     (dict(ssm_cfg={**MAMBA2_SSM, "d_ssm": 64}), "d_ssm"),
+    (dict(ssm_cfg={**MAMBA2_SSM, "d_inner": 96}), "d_inner"),
     (dict(ssm_cfg={**MAMBA2_SSM, "D_has_hdim": True}), "D_has_hdim"),
     (dict(ssm_cfg={**MAMBA2_SSM, "rmsnorm": False}), "rmsnorm"),
     (dict(ssm_cfg={**MAMBA2_SSM, "norm_before_gate": True}), "norm_before_gate"),

@@ -47,6 +47,19 @@ def test_config_accepts_a_mamba_ssm_config_json():
     (dict(attn_layer_idx=[5]), "outside"),
     (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 4}), "causal must be true"),
     (dict(n_layer=0), "n_layer must be a positive integer"),
+    # sizes that would otherwise fail as a division by zero or a zero-width layer in the build
+    (dict(ssm_cfg={"layer": "Mamba2", "ngroups": 0}), "ngroups must be a positive integer"),
+    (dict(ssm_cfg={"layer": "Mamba2", "headdim": 0}), "headdim must be a positive integer"),
+    (dict(ssm_cfg={"layer": "Mamba2", "d_conv": 0}), "d_conv must be a positive integer"),
+    (dict(ssm_cfg={"layer": "Mamba2", "d_ssm": 256}), "d_ssm"),
+    (dict(ssm_cfg={"layer": "Mamba2", "dt_limit": (0.5, 0.1)}), "dt_limit"),
+    (dict(ssm_cfg={"layer": "Mamba1", "expand": 0}), "expand must be > 0"),
+    (dict(ssm_cfg={"layer": "Mamba1", "dt_rank": 0}), "dt_rank must be a positive integer"),
+    (dict(ssm_cfg={"layer": "Mamba1", "d_state": 0}), "d_state must be a positive integer"),
+    (dict(ssm_cfg={"layer": "Mamba3", "headdim": 16, "ngroups": 0}), "ngroups must be a positive"),
+    (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 0, "causal": True}), "num_heads must be a"),
+    (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 2, "head_dim": 0, "causal": True}),
+     "head_dim must be a positive integer"),
 ])
 def test_bad_configs_name_the_field(override, message):
     base = dict(d_model=64, n_layer=2, vocab_size=100)

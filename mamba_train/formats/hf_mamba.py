@@ -59,7 +59,13 @@ def check_representable(cfg: MambaLMConfig) -> None:
             "norm are RMSNorm only"
         )
     kw = cfg.mixer_kwargs()
-    if not isinstance(kw["expand"], int) or isinstance(kw["expand"], bool):
+    if kw.get("d_inner"):  # Mamba-2's explicit width: transformers has expand * hidden_size only
+        if cfg.ssm_d_inner % cfg.d_model:
+            raise ExportError(
+                f"model.ssm_cfg.d_inner={cfg.ssm_d_inner} is not a multiple of "
+                f"d_model={cfg.d_model}: transformers' mixer width is an integer expand times "
+                f"hidden_size; {cant.format(cls=cls)}")
+    elif not isinstance(kw["expand"], int) or isinstance(kw["expand"], bool):
         raise ExportError(
             f"model.ssm_cfg.expand={kw['expand']!r}: transformers' config needs an integer expand"
         )
@@ -71,10 +77,10 @@ def check_representable(cfg: MambaLMConfig) -> None:
         if kw["dt_init"] not in ("random", "constant"):
             raise ExportError(f"model.ssm_cfg.dt_init={kw['dt_init']!r} is not 'random'/'constant'")
         return
-    d_inner = kw["expand"] * cfg.d_model
+    d_inner = cfg.ssm_d_inner
     if kw["d_ssm"] is not None and kw["d_ssm"] != d_inner:
         raise ExportError(
-            f"model.ssm_cfg.d_ssm={kw['d_ssm']} != d_model*expand={d_inner}: a Mamba-2 mixer with "
+            f"model.ssm_cfg.d_ssm={kw['d_ssm']} != the inner width {d_inner}: a Mamba-2 mixer with "
             f"an extra gated-MLP part in in_proj; {cant.format(cls=cls)}"
         )
     if kw["D_has_hdim"]:
@@ -111,7 +117,7 @@ def config_fields(cfg: MambaLMConfig) -> dict[str, Any]:
         num_hidden_layers=cfg.n_layer,
         vocab_size=cfg.padded_vocab_size,  # the embedding's real size
         state_size=kw["d_state"],
-        expand=kw["expand"],
+        expand=cfg.ssm_d_inner // cfg.d_model,
         conv_kernel=kw["d_conv"],
         use_bias=bool(kw["bias"]),
         use_conv_bias=bool(kw["conv_bias"]),
@@ -136,9 +142,8 @@ def config_fields(cfg: MambaLMConfig) -> dict[str, Any]:
             time_step_init_scheme=kw["dt_init"],
         )
     else:
-        d_inner = kw["expand"] * cfg.d_model
         fields.update(
-            num_heads=d_inner // kw["headdim"],
+            num_heads=cfg.ssm_d_inner // kw["headdim"],
             head_dim=kw["headdim"],
             n_groups=kw["ngroups"],
             chunk_size=kw["chunk_size"],

@@ -136,6 +136,12 @@ class MambaLMConfig:
             kwargs["dt_rank"] = math.ceil(self.d_model / 16)
         return kwargs
 
+    @property
+    def ssm_d_inner(self) -> int:
+        """The SSM mixer's inner width: ``ssm_cfg.d_inner`` (Mamba-2) or ``expand * d_model``."""
+        kw = self.mixer_kwargs()
+        return int(kw.get("d_inner") or kw["expand"] * self.d_model)
+
     def attn_kwargs(self) -> dict[str, Any]:
         kwargs = dict(ATTN_DEFAULTS)
         kwargs.update(self.attn_cfg)
@@ -217,7 +223,7 @@ class MambaLMConfig:
             )
         problem = (mamba2_problem(kw, self.d_model) if self.layer == "Mamba2" else
                    mamba3_problem(kw, self.d_model) if self.layer == "Mamba3" else
-                   mamba1_problem(kw))
+                   mamba1_problem(kw, self.d_model))
         if problem is None and self.n_attention_layers:
             problem = attention_problem(self.attn_kwargs(), self.d_model,
                                         "num_heads" in self.attn_cfg)
