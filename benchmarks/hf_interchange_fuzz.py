@@ -1,5 +1,5 @@
-"""Randomised interchange check between mamba_train and transformers' own hybrid families (CPU,
-nothing downloaded).
+"""Randomised interchange check between mamba_train and transformers' own Mamba, Mamba-2 and hybrid
+families (CPU, nothing downloaded).
 
 For each family and seed: draw a small but valid transformers config of that family (layer
 layout, GQA/MQA/MHA, head dims, rotary, biases, tying, epsilons, Mamba-2/Mamba-1 shapes, conv
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-FAMILIES = ("nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "jamba")
+FAMILIES = ("mamba", "mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "jamba")
 LIMITS = ((0.0, float("inf")), (0.001, 0.5), (0.01, 2.0), (0.0, 1.0))
 
 
@@ -67,6 +67,36 @@ def _mamba2(r: random.Random, inner: int) -> tuple[int, int, int]:
     """(heads, head_dim, groups) with heads * head_dim == inner."""
     heads = r.choice([h for h in _divisors(inner) if 2 <= inner // h <= 16] or [1])
     return heads, inner // heads, r.choice(_divisors(heads))
+
+
+def _pure(r: random.Random) -> dict:
+    """The fields transformers' MambaConfig and Mamba2Config share."""
+    t_min = r.choice([1e-3, 1e-4, 0.01])
+    return dict(hidden_size=r.choice([8, 16, 24, 32, 40]), num_hidden_layers=r.randrange(1, 4),
+                state_size=r.choice([1, 4, 8, 16]), expand=r.choice([1, 2, 3]),
+                conv_kernel=r.choice([1, 2, 3, 4]), use_bias=r.random() < 0.3,
+                use_conv_bias=r.random() < 0.6, time_step_min=t_min,
+                time_step_max=r.choice([0.1, 0.05, 2 * t_min]),
+                time_step_floor=r.choice([1e-4, 1e-3]), residual_in_fp32=r.random() < 0.5,
+                rescale_prenorm_residual=r.random() < 0.3, **_common(r))
+
+
+def mamba(r: random.Random) -> dict:
+    return dict(model_type="mamba", time_step_rank=r.choice(["auto", "auto", 1, 3, 8]),
+                time_step_scale=r.choice([1.0, 0.5]),
+                time_step_init_scheme=r.choice(["random", "constant"]),
+                layer_norm_epsilon=r.choice([1e-5, 1e-6, 1e-3]), **_pure(r))
+
+
+def mamba2(r: random.Random) -> dict:
+    out = _pure(r)
+    heads, hd, groups = _mamba2(r, out["expand"] * out["hidden_size"])
+    # transformers' Mamba2 uses layer_norm_epsilon in its gated norm too (refused unless 1e-5)
+    out.update(model_type="mamba2", num_heads=heads, head_dim=hd, n_groups=groups,
+               chunk_size=r.choice([4, 8, 16, 32, 256]), time_step_limit=r.choice(LIMITS),
+               time_step_rank=r.choice(["auto", 3]),
+               layer_norm_epsilon=1e-5 if r.random() < 0.8 else r.choice([1e-6, 1e-3]))
+    return out
 
 
 def nemotron_h(r: random.Random) -> dict:
@@ -192,7 +222,7 @@ def jamba(r: random.Random) -> dict:
     return out
 
 
-DRAW = dict(nemotron_h=nemotron_h, bamba=bamba, falcon_h1=falcon_h1,
+DRAW = dict(mamba=mamba, mamba2=mamba2, nemotron_h=nemotron_h, bamba=bamba, falcon_h1=falcon_h1,
             granitemoehybrid=granitemoehybrid, jamba=jamba)
 
 

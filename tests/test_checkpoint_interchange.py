@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,59 @@ def test_load_model_reads_a_mamba_ssm_written_directory(tmp_path):
     assert loaded.config == cfg
     for key, tensor in state.items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_export_for_mamba_ssm_of_a_transformers_model(tmp_path):
+    """A transformers Mamba directory carries an initializer_range, a rescale flag and special
+    ids (ours as initializer_cfg / special_token_ids, which mamba_ssm has no keys for):
+    ``export format=mamba_ssm`` writes a config.json mamba_ssm's MambaConfig accepts, with the
+    same model and tensors."""
+    transformers = pytest.importorskip("transformers")
+    from mamba_train.cli.export import main
+
+    hf_cfg = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64,
+                                      state_size=8, initializer_range=0.1, bos_token_id=1,
+                                      eos_token_id=2, pad_token_id=0)
+    transformers.MambaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    src = load_model(tmp_path / "hf", backend="reference")
+    assert src.config.initializer_cfg and src.config.special_token_ids
+    assert main([f"ckpt={tmp_path / 'hf'}", f"out={tmp_path / 'ms'}", "format=mamba_ssm"]) == 0
+    raw = json.loads((tmp_path / "ms" / "config.json").read_text())
+    assert dataclasses.asdict(MambaSsmConfig(**raw)) == {  # TypeError on any other key
+        k: getattr(src.config, k) for k in MAMBA_SSM_CONFIG_FIELDS}
+    back = load_model(tmp_path / "ms", backend="reference")
+    for key, tensor in src.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+
+
+def test_export_for_mamba_ssm_leaves_out_init_only_mixer_keys(tmp_path):
+    """Mamba-2's A_init / dt_bias_init (our init knobs) are not keyword arguments of
+    mamba_ssm's Mamba2; the weights they shaped are in the file."""
+    from mamba_train.models.mamba_ssm_format import mamba_ssm_config
+
+    ssm = {**TINY["mamba2"]["ssm_cfg"], "A_init": "arange", "dt_bias_init": 1.0, "norm_eps": 1e-5}
+    cfg = MambaLMConfig(**{**TINY["mamba2"], "ssm_cfg": ssm})
+    assert mamba_ssm_config(cfg)["ssm_cfg"] == TINY["mamba2"]["ssm_cfg"]
+
+
+MAMBA_SSM_REFUSED = [
+    (dict(norm_epsilon=1e-6), "norm_epsilon=1e-06"),
+    (dict(ssm_cfg={**TINY["mamba2"]["ssm_cfg"], "norm_eps": 1e-3}), "ssm_cfg.norm_eps=0.001"),
+    (dict(ssm_cfg={"dt_bc_norm": True}), "ssm_cfg.dt_bc_norm"),
+    (dict(d_intermediate=64, mlp_cfg={"act": "relu2"}), "mlp_cfg"),
+    (dict(layer_pattern="M-M-", n_layer=2, d_intermediate=64), "layer_pattern=M-M-"),
+    (dict(multipliers={"lm_head": 0.5}), r"multipliers \['lm_head'\]"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", MAMBA_SSM_REFUSED, ids=[f for _, f in MAMBA_SSM_REFUSED])
+def test_export_for_mamba_ssm_refuses_what_it_cannot_build(overrides, field, tmp_path, capsys):
+    from mamba_train.cli.export import main
+
+    build_model(MambaLMConfig(**{**TINY["mamba1"], **overrides}),
+                backend="reference").save_pretrained(tmp_path / "src")  # our own files: fine
+    assert main([f"ckpt={tmp_path / 'src'}", f"out={tmp_path / 'ms'}", "format=mamba_ssm"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MambaSsmFormatError" in err, err
+    assert re.search(rf"model\.{field}.*mamba_ssm's MambaLMHeadModel cannot build it", err), err
+    assert not (tmp_path / "ms").exists()

@@ -1,11 +1,11 @@
-"""Context parallelism over 2 gloo processes (reference backend, fp32): the loss and the gradient
-of every parameter with each rank holding half of every sequence equal the one-process run on
+"""Context parallelism over 2 and 4 gloo processes (reference backend, fp32): the loss and the
+gradient of every parameter with each rank holding a slice of every sequence equal the one-process run on
 whole sequences, for Mamba-1, -2, -3, a hybrid with attention, packed documents that cross the
 slice boundary, activation checkpointing, and mixture-of-experts layers with their balancing
 terms (auxiliary and z-loss over the whole sequence).
 
 Tolerance: fp32 summation noise. The slices sum the same terms in another order (per-slice
-scans, then the carried state's contribution; the gradient averaged over two ranks): 2e-5 of the
+scans, then the carried state's contribution; the gradient averaged over the ranks): 2e-5 of the
 largest entry is asserted (fp32 epsilon is 1.2e-7), where a wrong carry or halo is O(1); the
 loss to 1e-6 relative.
 """
@@ -24,7 +24,7 @@ from mamba_train.models.config import MambaLMConfig
 from mamba_train.parallel.context_parallel import ContextParallel
 from mamba_train.training.step.activation_checkpointing import apply_activation_checkpointing
 
-WORLD, BATCH, SEQLEN, VOCAB = 2, 2, 32, 128
+BATCH, SEQLEN, VOCAB = 2, 32, 128
 ATTN = {"causal": True, "num_heads": 2, "rotary_emb_dim": 8, "qkv_proj_bias": False,
         "out_proj_bias": False}
 CASES = {
@@ -89,9 +89,9 @@ def _loss_and_grads(model, ids, labels, seq_idx):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, init_file: str, cases: list[str]) -> None:
+def _worker(rank: int, init_file: str, cases: list[str], world: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=world)
     torch.set_num_threads(1)
     try:
         for name in cases:
@@ -107,7 +107,7 @@ def _worker(rank: int, init_file: str, cases: list[str]) -> None:
             cp.remove(model)
             for g in got.values():  # the data-parallel average over the group's ranks
                 dist.all_reduce(g)
-                g /= WORLD
+                g /= world
             assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (name, loss, ref_loss)
             for pname, r in ref.items():
                 err = (got[pname] - r).abs().max().item()
@@ -116,13 +116,15 @@ def _worker(rank: int, init_file: str, cases: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, cases):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), cases), nprocs=WORLD, join=True)
+def _spawn(tmp_path, cases, world=2):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), cases, world), nprocs=world, join=True)
 
 
 @pytest.mark.slow
-def test_context_parallel_matches_one_process(tmp_path):
-    _spawn(tmp_path, list(CASES))
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_matches_one_process(tmp_path, world):
+    """CP=4 gives 8-token slices: documents and the conv window cross several boundaries."""
+    _spawn(tmp_path, list(CASES), world)
 
 
 @pytest.mark.slow

@@ -73,3 +73,14 @@ def test_fsdp2_config_composes_and_refuses_a_zero_size(tmp_path):
         fsdp2_strategy(context_parallel_size=0)
     cfg = compose_config(["strategy=fsdp2", "strategy.context_parallel_size=4"], tmp_path)
     assert cfg.strategy.context_parallel_size == 4
+
+
+@pytest.mark.slow
+def test_data_times_context_parallel_mesh_matches_one_process(one_process, tmp_path):
+    """Four processes as a (data_parallel=2, context_parallel=2) mesh: each data-parallel pair
+    takes half of every step's windows (micro-batch 2 instead of 4), each rank a slice of them;
+    the trajectory is the one process's."""
+    _cli(tmp_path, "trainer.devices=4", "strategy=fsdp2", "strategy.context_parallel_size=2",
+         "data.micro_batch_size=2", "run_name=dp2cp2", "train.checkpoint_every_n_steps=1000")
+    _close(metric_by_step(one_process, "train/global_loss"),
+           metric_by_step(tmp_path / "dp2cp2", "train/global_loss"), range(1, STEPS + 1))

@@ -148,6 +148,10 @@ def test_mix_schedule_matches_brute_force(weights, seed):
     counts = Counter(s for _, s, _ in events[:1000])
     for s, w in enumerate(weights):
         assert abs(counts[s] - 1000 * w / sum(weights)) <= 1
+    share = np.array(m.shares) / m.total_share  # every prefix, within the documented bound
+    dev = np.abs(np.cumsum(np.eye(len(weights))[[s for _, s, _ in events[:1000]]], 0)
+                 - np.arange(1, 1001)[:, None] * share).max(0)
+    assert (dev <= 1 + (len(weights) - 2) * share + 1e-9).all() and (len(weights) > 2 or dev.max() <= 1)
     m.locate(10**15)  # closed form: no replay
 
 
@@ -175,3 +179,16 @@ def test_too_small_source(tmp_path):
     write_tokens(tmp_path / "tiny", np.arange(L), TOK)
     with pytest.raises(DataError, match="fewer than one window"):
         TokenWindowDataset([tmp_path / "tiny"], L)
+
+
+def test_resume_with_rescaled_weights(mix):
+    """Weights are ratios: [3, 1] and [1.5, 0.5] give the same order, so either resumes the
+    other exactly; other ratios are refused."""
+    dl = loader(mix, weights=[3, 1])
+    head = first_tokens(itertools.islice(iter(dl), 3))
+    resumed = loader(mix, weights=[1.5, 0.5])
+    resumed.load_state_dict(dl.state_dict())
+    assert head + first_tokens(itertools.islice(_batches(resumed), 5)) == \
+        first_tokens(itertools.islice(_batches(loader(mix, weights=[3, 1])), 8))
+    with pytest.raises(DataError, match=r"checkpoint has weights=\[3.0, 1.0\], this run has \[2.0, 1.0\]"):
+        loader(mix, weights=[2, 1]).load_state_dict(dl.state_dict())

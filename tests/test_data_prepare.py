@@ -274,3 +274,23 @@ def test_resume_inside_the_val_minimum_gives_identical_shards(corpus, tmp_path):
     assert shards_of(tmp_path / "r") == shards_of(tmp_path / "ref")
     val = json.loads((tmp_path / "ref" / "val" / "index.json").read_text())
     assert val["total_tokens"] >= 2500
+
+
+def test_resume_twice_inside_a_document_that_straddles_a_shard(tmp_path):
+    """val stops inside its first document (a shard cut mid-document); the next run re-adds
+    the document's tail and stops when train writes a shard, val's tail still buffered. The
+    third run must still skip the head the first wrote (it once restarted the document from
+    its first token, writing the head twice, and alternated without finishing)."""
+    words = "the of a statement is value object name class function module return loop".split()
+    docs = [" ".join(words[i % len(words)] for i in range(60))]  # ~60 tokens, val (the minimum)
+    docs += [" ".join(words[(i + k) % len(words)] for i in range(10)) for k in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    common = [f"source={tmp_path / 'd.jsonl'}", "tokens_per_shard=40", "val_fraction=1e-9",
+              "min_val_tokens=1", "num_proc=1", "batch_docs=1"]
+    assert main([*common, f"out={tmp_path / 'ref'}"]) == 0
+    for runs in range(1, 40):
+        assert main([*common, f"out={tmp_path / 'cut'}", "max_shards=1"]) == 0
+        if (tmp_path / "cut" / "train" / "index.json").exists():
+            break
+    assert shards_of(tmp_path / "cut") == shards_of(tmp_path / "ref")
+    assert runs <= sum(len(s) for s in shards_of(tmp_path / "ref").values()) + 1

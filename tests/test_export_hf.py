@@ -48,6 +48,9 @@ CONFIGS = {
     "mamba2_untied": dict(d_model=64, n_layer=3, vocab_size=1000, tie_embeddings=False,
                           ssm_cfg={**MAMBA2_SSM, "bias": True, "conv_bias": False, "ngroups": 4,
                                    "dt_limit": (0.0005, 0.5), "chunk_size": 8}),
+    # an explicit inner width (not expand * d_model): transformers gets expand = 3
+    "mamba2_d_inner": dict(d_model=64, n_layer=2, vocab_size=1000,
+                           ssm_cfg={**MAMBA2_SSM, "d_inner": 192}),
 }
 SSM_PARAMS = ("dt_proj.bias", "dt_bias", "A_log", ".D")
 
@@ -98,7 +101,7 @@ def test_export_files_and_config(exported):
     assert raw["state_size"] == kw["d_state"] and raw["conv_kernel"] == kw["d_conv"]
     assert raw["use_bias"] == kw["bias"] and raw["use_conv_bias"] == kw["conv_bias"]
     if mamba2:
-        assert raw["num_heads"] == 2 * cfg.d_model // kw["headdim"]
+        assert raw["num_heads"] * kw["headdim"] == cfg.ssm_d_inner == raw["expand"] * cfg.d_model
         assert raw["head_dim"] == kw["headdim"] and raw["n_groups"] == kw["ngroups"]
         assert raw["chunk_size"] == kw["chunk_size"]
     else:
@@ -193,7 +196,9 @@ def test_read_hf_without_stash_uses_hf_fields(exported, tmp_path):
     assert got_cfg.padded_vocab_size == cfg.padded_vocab_size
     as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples vs lists)
     assert got_cfg.layer == cfg.layer
-    assert as_json(got_cfg.mixer_kwargs()) == as_json(cfg.mixer_kwargs())
+    def width_free(c):  # an explicit d_inner comes back as transformers' integer expand
+        return {k: v for k, v in as_json(c.mixer_kwargs()).items() if k not in ("d_inner", "expand")}
+    assert width_free(got_cfg) == width_free(cfg) and got_cfg.ssm_d_inner == cfg.ssm_d_inner
     assert got_cfg.tie_embeddings == cfg.tie_embeddings
     assert got_cfg.norm_epsilon == cfg.norm_epsilon
     assert got_cfg.residual_in_fp32 == cfg.residual_in_fp32
@@ -285,13 +290,36 @@ def test_import_model_saved_by_transformers(layer, layout, tmp_path):
     assert diff < 1e-4
 
 
-def test_import_refuses_hf_mamba2_eps_mamba_ssm_cannot_reproduce(tmp_path):
-    hf_cfg = transformers.Mamba2Config(hidden_size=64, num_hidden_layers=1, vocab_size=64,
-                                       num_heads=8, head_dim=16, n_groups=1, state_size=16,
-                                       layer_norm_epsilon=1e-6)
-    hf_cfg.save_pretrained(tmp_path)
-    with pytest.raises(ExportError, match="layer_norm_epsilon"):
-        read_hf(tmp_path)
+@pytest.mark.parametrize("layer", ["mamba", "mamba2"])
+def test_transformers_eps_and_special_ids_survive_import_and_export(layer, tmp_path):
+    """A transformers Mamba/Mamba-2 directory with a non-default layer_norm_epsilon (which
+    Mamba-2 also uses in its gated RMSNorm: our ssm_cfg.norm_eps) and its own bos/eos/pad ids:
+    loaded, it gives transformers' logits; exported, it is the same model with the same ids."""
+    common = dict(hidden_size=32, num_hidden_layers=2, vocab_size=77, state_size=8,
+                  layer_norm_epsilon=1e-2, bos_token_id=5, eos_token_id=[7, 9], pad_token_id=3)
+    if layer == "mamba":
+        hf_cfg = transformers.MambaConfig(**common)
+    else:
+        hf_cfg = transformers.Mamba2Config(**common, num_heads=8, head_dim=8, n_groups=2,
+                                           chunk_size=8)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # small activations: the eps matters
+            p.copy_(0.05 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
+    hf.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 77, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+        model = load_model(tmp_path / "src", backend="reference").eval()
+        torch.testing.assert_close(model(ids).logits[..., :77], want, rtol=0, atol=2e-5)
+    out = export_hf(model, tmp_path / "out")
+    raw = json.loads((out / "config.json").read_text())
+    assert (raw["layer_norm_epsilon"], raw["bos_token_id"], raw["eos_token_id"],
+            raw["pad_token_id"]) == (1e-2, 5, [7, 9], 3)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids, use_cache=False).logits, want)
 
 
 def test_inconsistent_tied_head_is_refused():
@@ -309,6 +337,7 @@ REFUSED = [
     (dict(attn_layer_idx=[1], attn_cfg={"num_heads": 4, "causal": True}), "attn_layer_idx"),
     (dict(rms_norm=False), "rms_norm"),
     (dict(ssm_cfg={**MAMBA2_SSM, "d_ssm": 64}), "d_ssm"),
+    (dict(ssm_cfg={**MAMBA2_SSM, "d_inner": 96}), "d_inner"),
     (dict(ssm_cfg={**MAMBA2_SSM, "D_has_hdim": True}), "D_has_hdim"),
     (dict(ssm_cfg={**MAMBA2_SSM, "rmsnorm": False}), "rmsnorm"),
     (dict(ssm_cfg={**MAMBA2_SSM, "norm_before_gate": True}), "norm_before_gate"),

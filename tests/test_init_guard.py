@@ -165,3 +165,21 @@ def test_conv_init_survives_the_generic_resets():
         w = block.mixer.conv1d.weight
         assert w.abs().max() <= 0.01 and w.abs().max() > 0.005
     check_ssm_init(model)
+
+
+@pytest.mark.parametrize("dt", [dict(dt_min=0.01, dt_max=0.01), dict(dt_min=0.01, dt_max=0.012),
+                                dict(dt_min=0.001, dt_max=0.05, dt_init_floor=0.2)],
+                         ids=["constant", "narrow", "all-floored"])
+def test_fresh_model_with_a_narrow_dt_range_passes(config, dt):
+    """A configured Δ range that is a single value, narrow, or entirely below dt_init_floor (every
+    draw floored) gives close or equal Δ biases by construction: the guard must accept the fresh
+    model (it refused it as 'overwritten' or 'outside the initial range')."""
+    ssm = {**config.ssm_cfg, **dt}
+    model = build_model(MambaLMConfig(**{**config.to_dict(), "ssm_cfg": ssm}), backend="reference")
+    assert check_ssm_init(model) == config.n_layer
+    mixer = model.backbone.layers[0].mixer
+    bias = mixer.dt_proj.bias if config.layer == "Mamba1" else mixer.dt_bias
+    with torch.no_grad():  # negative control: a zeroed bias is still caught
+        bias.zero_()
+    with pytest.raises(SSMInitError):
+        check_ssm_init(model)

@@ -34,6 +34,8 @@ def test_pattern_groups_a_mixer_with_the_mlp_after_it():
     (dict(pattern="M-", n_layer=1, mlp_cfg=dict(act="gelu")), "mlp_cfg.act"),
     (dict(pattern="M-", n_layer=1, multipliers=dict(embeding=2.0)), "multipliers"),
     (dict(pattern="M-", n_layer=1, multipliers=dict(ssm_zxbcdt=[1.0, 2.0])), "ssm_zxbcdt"),
+    (dict(pattern="M-", n_layer=1, mlp_cfg=dict(act="relu2"), multipliers=dict(mlp_gate=2.0)),
+     "mlp_gate"),
 ])
 def test_bad_layouts_name_the_field(kwargs, field):
     kwargs = dict(kwargs)
@@ -80,6 +82,27 @@ def test_flops_count_parallel_blocks_in_both_and_mlp_blocks_in_neither():
     b = flops_breakdown(c, seq_len=64)
     assert b.ssm == 2 * ssm_flops_per_token(c, 64)
     assert b.attention == 2 * attention_flops_per_token(c, 64)
+
+
+def test_ssm_zxbcdt_with_a_gated_mlp_part_is_refused_in_the_config():
+    """The multipliers scale [z, x, B, C, dt] only; with d_ssm < d_inner the in_proj has an MLP
+    part in front, which the build refused with a bare ValueError."""
+    with pytest.raises(ConfigError, match="d_ssm=32"):
+        MambaLMConfig(d_model=32, n_layer=1, vocab_size=64, layer_pattern="M",
+                      ssm_cfg=dict(SSM, d_ssm=32), multipliers=dict(ssm_zxbcdt=[2.0, 1, 1, 1, 1]))
+
+
+def test_mamba2_flops_use_the_explicit_inner_width():
+    """ssm_cfg.d_inner (the transformers hybrids' heads * head_dim) sets the scan's width, not
+    expand * d_model: the count follows the built mixer."""
+    c = MambaLMConfig(d_model=16, n_layer=1, vocab_size=64, layer_pattern="M",
+                      ssm_cfg=dict(layer="Mamba2", d_inner=36, headdim=4, ngroups=3, d_state=16,
+                                   chunk_size=16))
+    m = build_model(c, backend="reference").backbone.layers[0].mixer
+    assert m.d_ssm == 36
+    q, n = 16, m.d_state
+    want = 2 * q * (n * m.ngroups + m.d_ssm) + 4 * n * m.d_ssm + m.d_ssm
+    assert ssm_flops_per_token(c, 64) == want
 
 
 def test_ssm_health_reads_the_ssm_inside_a_parallel_block():

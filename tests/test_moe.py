@@ -9,7 +9,8 @@ import torch
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.lm import MambaLM
 from mamba_train.models.moe import (
-    MOE_DEFAULTS, MoE, aux_loss, experts_grouped, experts_loop, moe_stats, update_router_bias)
+    MOE_DEFAULTS, MoE, MoEImplError, aux_loss, experts_grouped, experts_loop, moe_stats,
+    update_router_bias)
 
 transformers = pytest.importorskip("transformers")
 
@@ -209,6 +210,17 @@ def test_model_loss_carries_the_balancing_terms():
     names = [n for n, _ in model.named_parameters()]
     assert "backbone.layers.1.mlp.experts.fc1.weight" in names
     assert model.backbone.layers[1].mlp.experts.fc1.weight.shape == (8, 64, D)
+
+
+def test_fp64_model_with_impl_auto_runs_the_loop():
+    """torch._grouped_mm has no fp64 kernel: impl=auto on an fp64 model (the tests' exact mode)
+    takes the loop (it crashed in the grouped GEMM), and impl=grouped is refused in one line."""
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    auto = _model(impl="auto").double()
+    loop = _model(impl="loop").double()
+    torch.testing.assert_close(auto(ids).logits, loop(ids).logits, rtol=0, atol=0)
+    with pytest.raises(MoEImplError, match="impl=grouped"):
+        _model(impl="grouped").double()(ids)
 
 
 @pytest.mark.parametrize("moe, message", [

@@ -62,3 +62,26 @@ def test_router_bias_updates_once_per_optimizer_step_under_accumulation(make_con
     assert result["trainer"].global_step == 3
     assert result["trainer"].accumulate_grad_batches == 2
     assert len(calls) == 3
+
+
+@pytest.mark.slow
+def test_resume_continues_a_moe_run_exactly(make_config, tmp_path):
+    """A run resumed from step 3 repeats the uninterrupted run's losses and ends with the same
+    correction biases: the bias moves outside the gradient, so it must travel in the checkpoint."""
+    from mamba_train.train import train
+
+    common = [*SMALL[:-1], "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+              "train.checkpoint_every_n_steps=3", "train.keep_last_k_checkpoints=-1"]
+    whole = train(make_config("recipe=debug-nemotron-moe", *common, "run_name=whole", tiny=False))
+    mid = whole["run_dir"] / "checkpoints" / "step0000003.ckpt"
+    assert mid.is_file()
+    resumed = train(make_config("recipe=debug-nemotron-moe", *common, "run_name=resumed",
+                                f"ckpt_path={mid}", tiny=False))
+    want = metric_by_step(whole["run_dir"], "train/global_loss")
+    got = metric_by_step(resumed["run_dir"], "train/global_loss")
+    assert sorted(got) == [4, 5, 6]
+    assert all(got[s] == want[s] for s in got), (got, want)
+    biases = [[m.router.e_score_correction_bias for _, m in moe_layers(r["module"].model)]
+              for r in (whole, resumed)]
+    for a, b in zip(*biases):
+        assert torch.equal(a, b)

@@ -78,7 +78,7 @@ def convert(args: dict[str, str]) -> Path:
     model = load_model(args["ckpt"], backend="reference", device="cpu")
     if dtype is not None:
         model = model.to(dtype)
-    model.save_pretrained(out)
+    model.save_pretrained(out, for_mamba_ssm=True)
     tokenizer = args.get("tokenizer") or tokenizer_of(args["ckpt"])
     if tokenizer is not None:
         load_tokenizer(tokenizer).save_pretrained(out)

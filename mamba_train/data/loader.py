@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mamba_train.data.dataset import TokenWindowDataset
+from mamba_train.data.sampling import MixSchedule
 from mamba_train.data.shards import DataError
 
 
@@ -118,7 +119,7 @@ class ResumableDataLoader(DataLoader):
         ds = self.dataset
         for key, mine in (("seq_len", ds.seq_len), ("seed", ds.seed), ("weights", list(ds.weights)),
                           ("fingerprint", ds.fingerprint())):
-            if state.get(key) != mine:
+            if not (_same_mixture(state.get(key), ds) if key == "weights" else state.get(key) == mine):
                 raise DataError(
                     f"cannot resume the data stream: checkpoint has {key}={state.get(key)!r}, this "
                     f"run has {mine!r}. The saved position only means something for the same data, "
@@ -140,6 +141,15 @@ class ResumableDataLoader(DataLoader):
                 f"this run has data.micro_batch_size={new[0]} x {new[1]} (train.global_batch_tokens "
                 "and data.micro_batch_size set both). Resume with the checkpoint's values; to "
                 "change them, start a new run from its weights (init_from=<checkpoint>)")
+
+
+def _same_mixture(saved, ds: TokenWindowDataset) -> bool:
+    """Weights are ratios: ``[2, 1]`` and ``[1.0, 0.5]`` make the same order (the same
+    integer shares of :class:`~mamba_train.data.sampling.MixSchedule`), so either resumes."""
+    try:
+        return MixSchedule(saved, ds.seed).shares == ds.schedule.shares
+    except (TypeError, ValueError):
+        return False
 
 
 def _worker_message(e: DataError) -> str:

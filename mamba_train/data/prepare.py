@@ -180,11 +180,13 @@ class _SplitProgress:
         """Append document ``doc`` (unless a previous run wrote it); returns shards written."""
         if doc < self.resume_doc:
             return 0
-        if doc == self.resume_doc and self.head_skip:
-            tokens = tokens[self.head_skip:]
         self.documents += 1
+        # pending counts whole documents: the head a previous run wrote counts as written, so
+        # ``state`` still skips it if this run stops before the document's end reaches a shard
         self.pending.append([doc, len(tokens)])
         self.pending_tokens += len(tokens)
+        if doc == self.resume_doc and self.head_skip:
+            tokens = tokens[self.head_skip:]
         written = self.writer.add(tokens)
         while self.pending and self.pending_tokens - self.pending[0][1] >= self.writer.buffered:
             self.pending_tokens -= self.pending.popleft()[1]  # completely in shards now

@@ -64,9 +64,10 @@ class MixSchedule:
     Source ``s`` has integer share ``a_s`` (its weight, normalised to 2**20) and a seeded phase
     ``p_s``; its ``n``-th sample fires at time ``(n * P + p_s) / a_s``. The global sample order
     is all firings sorted by (time, source). So every prefix of ``i`` samples holds
-    ``i * w_s`` samples of each source, to within one, and (the point of it) ``locate(i)`` is
-    computed in closed form with exact integer arithmetic: resume at sample 10**9 costs the
-    same as at sample 0, with no replay.
+    ``i * w_s`` samples of each source (``w_s = a_s / sum(a)``) to within ``1 + (K - 2) * w_s``
+    (one for two sources; each source's count rounds its own phase, and ``i`` sums all ``K``),
+    and (the point of it) ``locate(i)`` is computed in closed form with exact integer
+    arithmetic: resume at sample 10**9 costs the same as at sample 0, with no replay.
     """
 
     P = 1 << 20

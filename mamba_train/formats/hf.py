@@ -146,8 +146,10 @@ def config_from_hf(raw: Mapping[str, Any]) -> MambaLMConfig:
         log.warning("config.json fields %s were changed after export; ignoring the stashed %s",
                     differ, STASH_KEY)
         return derived
-    # the frozen embedding row is the family's (transformers builds it from pad_token_id)
-    return dataclasses.replace(stashed, padding_idx=derived.padding_idx)
+    # the special ids and the frozen embedding row (transformers builds it from pad_token_id)
+    # are the file's own, which tokenizer changes may have edited
+    return dataclasses.replace(stashed, padding_idx=derived.padding_idx,
+                               special_token_ids=derived.special_token_ids)
 
 
 _FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}

@@ -24,6 +24,12 @@ class ExportError(MambaTrainError, ValueError):
     """A model that transformers cannot represent (or a bad export request); names the field."""
 
 
+def special_token_ids(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The bos/eos/pad ids a ``config.json`` sets (for ``MambaLMConfig.special_token_ids``)."""
+    return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if raw.get(k) is not None}
+
+
 @dataclass(frozen=True)
 class HFFamily:
     """One transformers model family. Callables, so a family is data in the registry.

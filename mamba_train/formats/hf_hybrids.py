@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from mamba_train.formats.hf_family import ExportError, HFFamily
+from mamba_train.formats.hf_family import ExportError, HFFamily, special_token_ids
 from mamba_train.models.config import ConfigError, MambaLMConfig
 from mamba_train.models.pattern import pattern_of
 
@@ -135,14 +135,9 @@ def _vocab(raw: Mapping[str, Any]) -> dict[str, Any]:
     return dict(vocab_size=vocab, pad_vocab_size_multiple=8 if vocab % 8 == 0 else 1)
 
 
-def _tokens(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if raw.get(k) is not None}
-
-
 def _build(raw: Mapping[str, Any], **fields: Any) -> MambaLMConfig:
     try:
-        return MambaLMConfig(**_vocab(raw), special_token_ids=_tokens(raw), **fields)
+        return MambaLMConfig(**_vocab(raw), special_token_ids=special_token_ids(raw), **fields)
     except ConfigError as e:
         raise ExportError(f"config.json describes a model mamba_train cannot build: {e}") from e
 

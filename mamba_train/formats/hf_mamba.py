@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from mamba_train.formats.hf_family import ExportError, HFFamily
+from mamba_train.formats.hf_family import ExportError, HFFamily, special_token_ids
 from mamba_train.models.config import ConfigError, MambaLMConfig
-from mamba_train.models.mixer_tables import MAMBA1_DEFAULTS, MAMBA2_DEFAULTS
+from mamba_train.models.mixer_tables import (MAMBA1_DEFAULTS, MAMBA2_DEFAULTS,
+                                             MAMBA2_EXTENSION_DEFAULTS)
 
-# mamba_ssm's Mamba2 builds its gated RMSNorm with a hard-coded eps (modules/mamba2.py);
-# transformers' Mamba2Mixer uses config.layer_norm_epsilon for it.
-MAMBA2_GATED_NORM_EPS = 1e-5
+# mamba_ssm's Mamba2 builds its gated RMSNorm with a hard-coded eps 1e-5 (modules/mamba2.py);
+# transformers' Mamba2Mixer uses config.layer_norm_epsilon for it: our ssm_cfg.norm_eps.
+_MAMBA2_DEFAULTS = {**MAMBA2_DEFAULTS, **MAMBA2_EXTENSION_DEFAULTS}
 
 # Our init defaults (models/init.py) for the two initializer_cfg keys HF has fields for.
 _INIT_DEFAULTS = {"initializer_range": 0.02, "rescale_prenorm_residual": True}
@@ -34,7 +35,7 @@ def check_representable(cfg: MambaLMConfig) -> None:
     transformers 5.x ``MambaBlock`` / ``Mamba2Block`` are ``RMSNorm -> mixer -> add`` with no
     MLP, no attention, RMSNorm only; ``Mamba2Mixer`` always applies the gated RMSNorm with the
     gate *before* the norm (``norm_before_gate=False``), over the full inner width, with a
-    per-head ``D``, and reads its eps from ``layer_norm_epsilon``.
+    per-head ``D``, and reads its eps from ``layer_norm_epsilon`` (our ``ssm_cfg.norm_eps``).
     """
     cant = "transformers' {cls} cannot represent it"
     cls = (MAMBA if cfg.layer == "Mamba1" else MAMBA2).architecture
@@ -58,7 +59,13 @@ def check_representable(cfg: MambaLMConfig) -> None:
             "norm are RMSNorm only"
         )
     kw = cfg.mixer_kwargs()
-    if not isinstance(kw["expand"], int) or isinstance(kw["expand"], bool):
+    if kw.get("d_inner"):  # Mamba-2's explicit width: transformers has expand * hidden_size only
+        if cfg.ssm_d_inner % cfg.d_model:
+            raise ExportError(
+                f"model.ssm_cfg.d_inner={cfg.ssm_d_inner} is not a multiple of "
+                f"d_model={cfg.d_model}: transformers' mixer width is an integer expand times "
+                f"hidden_size; {cant.format(cls=cls)}")
+    elif not isinstance(kw["expand"], int) or isinstance(kw["expand"], bool):
         raise ExportError(
             f"model.ssm_cfg.expand={kw['expand']!r}: transformers' config needs an integer expand"
         )
@@ -70,10 +77,10 @@ def check_representable(cfg: MambaLMConfig) -> None:
         if kw["dt_init"] not in ("random", "constant"):
             raise ExportError(f"model.ssm_cfg.dt_init={kw['dt_init']!r} is not 'random'/'constant'")
         return
-    d_inner = kw["expand"] * cfg.d_model
+    d_inner = cfg.ssm_d_inner
     if kw["d_ssm"] is not None and kw["d_ssm"] != d_inner:
         raise ExportError(
-            f"model.ssm_cfg.d_ssm={kw['d_ssm']} != d_model*expand={d_inner}: a Mamba-2 mixer with "
+            f"model.ssm_cfg.d_ssm={kw['d_ssm']} != the inner width {d_inner}: a Mamba-2 mixer with "
             f"an extra gated-MLP part in in_proj; {cant.format(cls=cls)}"
         )
     if kw["D_has_hdim"]:
@@ -91,11 +98,12 @@ def check_representable(cfg: MambaLMConfig) -> None:
             f"model.ssm_cfg.norm_before_gate=True: transformers' Mamba2Mixer gates before the "
             f"norm (norm_before_gate=False) unconditionally; {cant.format(cls=cls)}"
         )
-    if cfg.norm_epsilon != MAMBA2_GATED_NORM_EPS:
+    norm_eps = kw.get("norm_eps", MAMBA2_EXTENSION_DEFAULTS["norm_eps"])
+    if norm_eps != cfg.norm_epsilon:
         raise ExportError(
-            f"model.norm_epsilon={cfg.norm_epsilon}: transformers' Mamba2 uses layer_norm_epsilon "
-            f"also inside the mixer's gated RMSNorm, which mamba_ssm fixes at "
-            f"{MAMBA2_GATED_NORM_EPS}; only norm_epsilon={MAMBA2_GATED_NORM_EPS} exports exactly"
+            f"model.ssm_cfg.norm_eps={norm_eps} != model.norm_epsilon={cfg.norm_epsilon}: "
+            f"transformers' Mamba2 has one layer_norm_epsilon for the block norms and the mixer's "
+            f"gated RMSNorm; {cant.format(cls=cls)}"
         )
 
 
@@ -109,7 +117,7 @@ def config_fields(cfg: MambaLMConfig) -> dict[str, Any]:
         num_hidden_layers=cfg.n_layer,
         vocab_size=cfg.padded_vocab_size,  # the embedding's real size
         state_size=kw["d_state"],
-        expand=kw["expand"],
+        expand=cfg.ssm_d_inner // cfg.d_model,
         conv_kernel=kw["d_conv"],
         use_bias=bool(kw["bias"]),
         use_conv_bias=bool(kw["conv_bias"]),
@@ -134,9 +142,8 @@ def config_fields(cfg: MambaLMConfig) -> dict[str, Any]:
             time_step_init_scheme=kw["dt_init"],
         )
     else:
-        d_inner = kw["expand"] * cfg.d_model
         fields.update(
-            num_heads=d_inner // kw["headdim"],
+            num_heads=cfg.ssm_d_inner // kw["headdim"],
             head_dim=kw["headdim"],
             n_groups=kw["ngroups"],
             chunk_size=kw["chunk_size"],
@@ -178,13 +185,6 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
         )
         ssm.update({k: v for k, v in values.items() if MAMBA1_DEFAULTS[k] != v})
     else:
-        eps = float(g("layer_norm_epsilon"))
-        if eps != MAMBA2_GATED_NORM_EPS:
-            raise ExportError(
-                f"config.json layer_norm_epsilon={eps}: transformers' Mamba2 uses it inside the "
-                f"mixer's gated RMSNorm too, where mamba_ssm fixes eps={MAMBA2_GATED_NORM_EPS}; "
-                "this model cannot be reproduced exactly"
-            )
         expand, heads, head_dim = g("expand"), int(g("num_heads")), int(g("head_dim"))
         if heads * head_dim != int(expand * d_model):
             raise ExportError(
@@ -199,8 +199,10 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
             dt_init_floor=float(g("time_step_floor")),
             dt_limit=tuple(float(v) for v in g("time_step_limit")),
             conv_bias=bool(g("use_conv_bias")), bias=bool(g("use_bias")),
+            # transformers' gated RMSNorm reads layer_norm_epsilon too (mamba_ssm fixes 1e-5)
+            norm_eps=float(g("layer_norm_epsilon")),
         )
-        ssm.update({k: v for k, v in values.items() if MAMBA2_DEFAULTS[k] != v})
+        ssm.update({k: v for k, v in values.items() if _MAMBA2_DEFAULTS[k] != v})
     init_cfg = {k: type(d)(g(k)) for k, d in _INIT_DEFAULTS.items() if type(d)(g(k)) != d}
     try:
         return MambaLMConfig(
@@ -209,6 +211,7 @@ def _from_config(raw: Mapping[str, Any], model_type: str) -> MambaLMConfig:
             rms_norm=True, residual_in_fp32=bool(g("residual_in_fp32")),
             tie_embeddings=bool(g("tie_word_embeddings")),
             norm_epsilon=float(g("layer_norm_epsilon")), initializer_cfg=init_cfg,
+            special_token_ids=special_token_ids(raw),
         )
     except ConfigError as e:
         raise ExportError(f"config.json describes an invalid model: {e}") from e

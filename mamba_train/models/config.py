@@ -17,7 +17,7 @@ from typing import Any
 
 from mamba_train.errors import MambaTrainError
 from mamba_train.models.config_validation import (attention_problem, mamba1_problem,
-                                               mamba2_problem, mamba3_problem, sizes_problem)
+                                               mamba2_problem, mamba3_problem)
 from mamba_train.models.mixer_tables import (
     ATTN_DEFAULTS, KERNEL_KEYS, MAMBA1_EXTENSION_DEFAULTS, MAMBA2_EXTENSION_DEFAULTS,
     MIXER_LAYERS, MIXER_TABLES)
@@ -136,6 +136,12 @@ class MambaLMConfig:
             kwargs["dt_rank"] = math.ceil(self.d_model / 16)
         return kwargs
 
+    @property
+    def ssm_d_inner(self) -> int:
+        """The SSM mixer's inner width: ``ssm_cfg.d_inner`` (Mamba-2) or ``expand * d_model``."""
+        kw = self.mixer_kwargs()
+        return int(kw.get("d_inner") or kw["expand"] * self.d_model)
+
     def attn_kwargs(self) -> dict[str, Any]:
         kwargs = dict(ATTN_DEFAULTS)
         kwargs.update(self.attn_cfg)
@@ -219,10 +225,9 @@ class MambaLMConfig:
             raise ConfigError(
                 f"need 0 < ssm_cfg.dt_min <= ssm_cfg.dt_max, got {kw['dt_min']}, {kw['dt_max']}"
             )
-        problem = sizes_problem(self.layer, kw) or (
-                   mamba2_problem(kw, self.d_model) if self.layer == "Mamba2" else
+        problem = (mamba2_problem(kw, self.d_model) if self.layer == "Mamba2" else
                    mamba3_problem(kw, self.d_model) if self.layer == "Mamba3" else
-                   mamba1_problem(kw))
+                   mamba1_problem(kw, self.d_model))
         if problem is None and self.n_attention_layers:
             problem = attention_problem(self.attn_kwargs(), self.d_model,
                                         "num_heads" in self.attn_cfg)

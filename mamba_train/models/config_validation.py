@@ -9,22 +9,25 @@ from typing import Any
 from mamba_train.models.mixer_tables import A_ACTIVATIONS, A_INITS
 
 
-def sizes_problem(layer: str, kw: dict[str, Any]) -> str | None:
-    """The mixer's sizes, shared by every layer kind: a zero or a string here surfaced as a
-    shape error (or a comparison TypeError) deep inside the mixer's constructor."""
-    for name in ("d_state", "d_conv", "headdim", "expand"):
-        value = kw.get(name)
-        if name not in kw or (name == "headdim" and layer == "Mamba1"):
-            continue
-        whole = name != "expand"  # expand may be fractional where d_model*expand is whole
-        if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
-                or value <= 0):
-            kind = "a positive integer" if whole else "a positive number"
-            return f"{layer} ssm_cfg.{name} must be {kind}, got {value!r}"
+def _size_problem(kw: dict[str, Any], where: str, ints: tuple[str, ...]) -> str | None:
+    """The first of ``ints`` that is not a positive integer, and ``expand`` that is not > 0:
+    caught here, they would fail as a division by zero or a zero-width layer inside the build."""
+    for key in ints:
+        v = kw[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            return f"{where}.{key} must be a positive integer, got {v!r}"
+    v = kw.get("expand", 1)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        return f"{where}.expand must be > 0, got {v!r}"
     return None
 
 
-def mamba1_problem(kw: dict[str, Any]) -> str | None:
+def mamba1_problem(kw: dict[str, Any], d_model: int) -> str | None:
+    problem = _size_problem(kw, "Mamba1 ssm_cfg", ("d_state", "d_conv", "dt_rank"))
+    if problem:
+        return problem
+    if int(kw["expand"] * d_model) < 1:
+        return f"Mamba1 needs d_model*expand >= 1, got {kw['expand'] * d_model:g}"
     if not isinstance(kw["dt_bc_norm"], bool):
         return f"Mamba1 ssm_cfg.dt_bc_norm must be true or false, got {kw['dt_bc_norm']!r}"
     if not kw["norm_eps"] > 0:
@@ -33,14 +36,21 @@ def mamba1_problem(kw: dict[str, Any]) -> str | None:
 
 
 def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
+    problem = _size_problem(kw, "Mamba2 ssm_cfg", ("d_state", "d_conv", "headdim", "ngroups",
+                                           "chunk_size"))
+    if problem:
+        return problem
     d_inner = kw.get("d_inner") or kw["expand"] * d_model
     d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]
     if not isinstance(d_inner, int) or d_inner <= 0:
         return (f"Mamba2 needs an integer inner width, got d_model*expand = "
                 f"{d_inner!r}; set ssm_cfg.d_inner (or an integer expand)")
+    if not isinstance(d_ssm, int) or not 0 < d_ssm <= d_inner:
+        return (f"Mamba2 ssm_cfg.d_ssm (the SSM part of the inner width) must be an integer in "
+                f"(0, {d_inner}], got {d_ssm!r}")
     if d_ssm % kw["headdim"] != 0:
         return (
-            f"Mamba2 needs its inner width (d_model*expand or ssm_cfg.d_inner = {d_ssm}) to be "
+            f"Mamba2 needs its SSM width (d_model*expand, or ssm_cfg.d_inner / d_ssm: {d_ssm}) to be "
             f"divisible by ssm_cfg.headdim={kw['headdim']}; change d_model, expand or headdim"
         )
     nheads = d_ssm // kw["headdim"]
@@ -55,6 +65,9 @@ def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
             f"Mamba2 ssm_cfg.chunk_size must be a power of two (the Triton SSD kernels "
             f"assume it), got {cs}"
         )
+    lo, hi = kw["dt_limit"]
+    if not 0 <= lo <= hi:
+        return f"Mamba2 ssm_cfg.dt_limit must satisfy 0 <= lo <= hi, got {(lo, hi)}"
     lo, hi = kw["A_init_range"]
     if not (0 < lo <= hi):
         return (f"Mamba2 ssm_cfg.A_init_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
@@ -66,6 +79,10 @@ def mamba2_problem(kw: dict[str, Any], d_model: int) -> str | None:
 
 
 def mamba3_problem(kw: dict[str, Any], d_model: int) -> str | None:
+    problem = _size_problem(kw, "Mamba3 ssm_cfg", ("d_state", "headdim", "ngroups", "chunk_size")
+                            + (("mimo_rank",) if kw["is_mimo"] else ()))
+    if problem:
+        return problem
     d_inner = int(kw["expand"] * d_model)
     if d_inner % kw["headdim"]:
         return (
@@ -97,6 +114,10 @@ def attention_problem(kw: dict[str, Any], d_model: int, num_heads_set: bool) -> 
     if not num_heads_set:
         return ("model.attn_cfg.num_heads is required when the model has attention "
                           "layers (attn_layer_idx, or * / P in layer_pattern)")
+    sizes = ("num_heads",) + tuple(k for k in ("num_heads_kv", "head_dim") if kw[k] is not None)
+    problem = _size_problem(kw, "model.attn_cfg", sizes)
+    if problem:
+        return problem
     heads, kv = kw["num_heads"], kw["num_heads_kv"] or kw["num_heads"]
     if heads % kv:
         return (f"attn_cfg.num_heads={heads} must be divisible by num_heads_kv={kv}")

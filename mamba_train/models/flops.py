@@ -97,17 +97,14 @@ def matmul_params(config: MambaLMConfig) -> int:
 def ssm_flops_per_token(config: MambaLMConfig, seq_len: int) -> int:
     """Forward FLOPs per token of one SSM layer's scan (see the module docstring)."""
     kw = config.mixer_kwargs()
-    n = kw["d_state"]
+    n, d_inner = kw["d_state"], config.ssm_d_inner
     if config.layer == "Mamba1":
-        d_inner = int(kw["expand"] * config.d_model)
         return 9 * d_inner * n + 2 * d_inner
     q = min(kw["chunk_size"], seq_len)
     if config.layer == "Mamba3":
-        d_inner = int(kw["expand"] * config.d_model)
         h = d_inner // kw["headdim"]
         r = kw["mimo_rank"] if kw["is_mimo"] else 1
         return 2 * q * (n * h * r * r + d_inner * r) + 4 * n * d_inner * r + d_inner + 2 * n * h * r
-    d_inner = kw["expand"] * config.d_model
     d_ssm = d_inner if kw["d_ssm"] is None else kw["d_ssm"]
     return 2 * q * (n * kw["ngroups"] + d_ssm) + 4 * n * d_ssm + d_ssm
 

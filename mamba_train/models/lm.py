@@ -220,7 +220,11 @@ class MambaLM(nn.Module):
                 n -= routed - routed * c["top_k"] // c["n_experts"]
         return n
 
-    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = False) -> Path:
-        """Write the mamba_ssm format (``config.json`` + ``pytorch_model.bin`` or safetensors)."""
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = False,
+                        for_mamba_ssm: bool = False) -> Path:
+        """Write the mamba_ssm format (``config.json`` + ``pytorch_model.bin`` or safetensors);
+        ``for_mamba_ssm``: only what mamba_ssm's own ``from_pretrained`` reads (``models/
+        mamba_ssm_format.py: mamba_ssm_config``), else our fields too."""
         from mamba_train.models.mamba_ssm_format import save_mamba_ssm
-        return save_mamba_ssm(self, save_directory, safe_serialization=safe_serialization)
+        return save_mamba_ssm(self, save_directory, safe_serialization=safe_serialization,
+                              for_mamba_ssm=for_mamba_ssm)

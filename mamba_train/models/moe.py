@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_train.errors import MambaTrainError
 from mamba_train.models.layers import make_mlp
 
 ROUTERS = ("softmax", "sigmoid")
@@ -134,15 +135,31 @@ class Router(nn.Module):
         return logits, probs, weights, idx
 
 
-def grouped_available(x: torch.Tensor, experts: Experts) -> bool:
-    """Whether ``torch._grouped_mm`` can take these operands: bf16 on CUDA (any float on the
-    CPU), every row stride a multiple of 16 bytes (widths divisible by 16 / element size)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    dtype = torch.get_autocast_dtype("cuda") if (
+class MoEImplError(MambaTrainError, RuntimeError):
+    """``moe_cfg.impl=grouped`` asked for where ``torch._grouped_mm`` cannot run."""
+
+
+def _grouped_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype("cuda") if (
         x.is_cuda and torch.is_autocast_enabled("cuda")) else x.dtype
-    if x.is_cuda and dtype != torch.bfloat16:
-        return False  # the CUDA kernel (Hopper) takes bf16; fp32 on the GPU stays on the loop
+
+
+def grouped_dtype_ok(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes this input's compute dtype: bf16 on CUDA (the Hopper
+    kernel; fp32 on the GPU stays on the loop), fp32/bf16/fp16 on the CPU (no fp64)."""
+    dtype = _grouped_dtype(x)
+    if x.is_cuda:
+        return dtype == torch.bfloat16
+    return dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_available(x: torch.Tensor, experts: Experts) -> bool:
+    """Whether ``torch._grouped_mm`` can take these operands: a dtype it has
+    (:func:`grouped_dtype_ok`), every row stride a multiple of 16 bytes (widths divisible by
+    16 / element size)."""
+    if not hasattr(torch, "_grouped_mm") or not grouped_dtype_ok(x):
+        return False
+    dtype = _grouped_dtype(x)
     per = 128 // torch.finfo(dtype).bits  # elements per 16 bytes
     dims = (experts.fc1.weight.shape[1], experts.fc1.weight.shape[2], experts.fc2.weight.shape[2])
     return all(d % per == 0 for d in dims)
@@ -188,8 +205,7 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     slot = (ends - padded)[expert] + rank  # row of each sorted assignment in the padded buffer
     n_rows = flat.numel() + n_experts * (ROW_ALIGN - 1)
     offs = ends.to(torch.int32)
-    dtype = torch.get_autocast_dtype("cuda") if (
-        x.is_cuda and torch.is_autocast_enabled("cuda")) else x.dtype
+    dtype = _grouped_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         rows = torch.zeros(n_rows, x.shape[1], device=x.device, dtype=dtype).index_copy(
             0, slot, x[token].to(dtype))
@@ -238,6 +254,11 @@ class MoE(nn.Module):
         logits, probs, weights, idx = self.router(x)
         self._account(logits, probs, idx)
         impl = self.cfg["impl"]
+        if impl == "grouped" and not grouped_dtype_ok(x):
+            raise MoEImplError(
+                f"model.moe_cfg.impl=grouped: torch._grouped_mm cannot compute in "
+                f"{_grouped_dtype(x)} on {x.device.type} (bf16 on CUDA; fp32/bf16/fp16 on the "
+                "CPU); set impl=auto (falls back to the loop) or impl=loop")
         if impl == "grouped" or (impl == "auto" and grouped_available(x, self.experts)):
             out = experts_grouped(x, weights, idx, self.experts)
         else:

@@ -133,6 +133,9 @@ def check_layout(cfg) -> None:
     if mlp["act"] not in MLP_ACTIVATIONS:
         raise PatternError(f"model.mlp_cfg.act must be one of {MLP_ACTIVATIONS}, got "
                            f"{mlp['act']!r}")
+    if mlp["act"] != "swiglu" and cfg.multiplier("mlp_gate") != 1:
+        raise PatternError(f"model.multipliers.mlp_gate scales a gate: it needs mlp_cfg.act="
+                           f"swiglu, got {mlp['act']!r}")
     if not isinstance(mlp["multiple_of"], int) or mlp["multiple_of"] <= 0:
         raise PatternError(f"model.mlp_cfg.multiple_of must be a positive integer, got "
                            f"{mlp['multiple_of']!r}")
@@ -147,3 +150,7 @@ def check_layout(cfg) -> None:
     if any(v != 1 for v in zxbcdt) and cfg.layer != "Mamba2":
         raise PatternError("model.multipliers.ssm_zxbcdt scales a Mamba-2 in_proj; "
                           f"ssm_cfg.layer is {cfg.layer}")
+    d_ssm = cfg.ssm_cfg.get("d_ssm")
+    if any(v != 1 for v in zxbcdt) and d_ssm not in (None, cfg.ssm_d_inner):
+        raise PatternError(f"model.multipliers.ssm_zxbcdt scales an in_proj of [z, x, B, C, dt] "
+                           f"only; ssm_cfg.d_ssm={d_ssm} adds a gated-MLP part: unset one")
