@@ -25,13 +25,12 @@ import argparse
 import json
 import random
 import sys
-import tempfile
-import traceback
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
+
+from fuzz_table import outcome, run_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -315,15 +314,7 @@ def check(spec: dict, tmp: Path) -> str:
 
 def run_one(family: str, seed: int) -> tuple[str, dict]:
     spec = DRAW[family](random.Random(f"{family}-{seed}"))
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            return check(spec, Path(d)), spec
-        except Mismatch as e:
-            return f"FAIL {e}", spec
-        except Exception as e:  # noqa: BLE001 - a crash is a finding
-            tb = traceback.extract_tb(e.__traceback__)[-1]
-            return (f"FAIL crash {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    f" at {Path(tb.filename).name}:{tb.lineno}"), spec
+    return outcome(lambda d: check(spec, d), Mismatch), spec
 
 
 def main(argv=None) -> int:
@@ -341,16 +332,8 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
-    tally: Counter = Counter()
-    for family in args.families:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            result, spec = run_one(family, seed)
-            tally[(family, result.split()[0])] += 1
-            print(f"{family:17s} seed={seed:<3d} {result}", flush=True)
-            if args.show_spec or not result.startswith(("PASS", "REFUSED")):
-                print(f"    spec={spec}", flush=True)
-    print("SUMMARY " + " ".join(f"{f}:{s}={n}" for (f, s), n in sorted(tally.items())))
-    return 1 if any(s == "FAIL" for _, s in tally) else 0
+    return run_table(args.families, range(args.first_seed, args.first_seed + args.seeds),
+                     run_one, args.show_spec)
 
 
 if __name__ == "__main__":

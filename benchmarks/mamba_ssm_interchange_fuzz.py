@@ -44,10 +44,10 @@ import random
 import shutil
 import sys
 import tempfile
-import traceback
 import warnings
-from collections import Counter
 from pathlib import Path
+
+from fuzz_table import outcome, run_table
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("Mamba1", "Mamba2")
@@ -144,18 +144,6 @@ def _one_line(where: str, e: Exception) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
-def _randomise(model) -> None:
-    """Every parameter away from its init (norm scales too), small enough for sane logits."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(("A_log", "D", "dt_bias")):
-                p.copy_(torch.rand_like(p) + 0.2)
-            else:
-                p.normal_(std=0.08)
-
-
 def _json_norm(obj):
     return json.loads(json.dumps(obj))
 
@@ -173,6 +161,8 @@ def check(spec: dict, tmp: Path, seq_len: int) -> str:
 
     torch.manual_seed(0)
     src = MambaLMHeadModel(MambaConfig(**json.loads(json.dumps(spec)))).eval()
+    from test_hf_hybrids import _randomise  # every weight away from its init, as the tests do
+
     _randomise(src)
     src.save_pretrained(str(tmp / "src"))
     want_t = dict(src.state_dict())
@@ -249,15 +239,7 @@ def _mamba_ssm_load(cls, path: Path):
 
 def run_one(layer: str, seed: int, rotary: bool, seq_len: int) -> tuple[str, dict]:
     spec = draw(layer, random.Random(f"mamba_ssm-{layer}-{seed}"), rotary)
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            return check(spec, Path(d), seq_len), spec
-        except Mismatch as e:
-            return f"FAIL {e}", spec
-        except Exception as e:  # noqa: BLE001 - a crash is a finding
-            tb = traceback.extract_tb(e.__traceback__)[-1]
-            return (f"FAIL crash {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    f" at {Path(tb.filename).name}:{tb.lineno}"), spec
+    return outcome(lambda d: check(spec, d, seq_len), Mismatch), spec
 
 
 def _flash_rotary(src: str | None) -> bool:
@@ -281,6 +263,7 @@ def setup(flash_attn_src: str | None = None) -> bool:
     global torch
     rotary = _flash_rotary(flash_attn_src)
     sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    sys.path.insert(0, str(REPO / "tests"))
     sys.path.insert(0, str(REPO))
     import mamba_ssm_on_cpu  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
     import torch
@@ -324,16 +307,9 @@ def main(argv=None) -> int:
                 result = f"FAIL {e}"
         print(result)
         return 0 if result.startswith("PASS") else 1
-    tally: Counter = Counter()
-    for layer in args.layers:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            result, spec = run_one(layer, seed, rotary, args.seq_len)
-            tally[(layer, result.split()[0])] += 1
-            print(f"{layer:7s} seed={seed:<3d} {result}", flush=True)
-            if args.show_spec or not result.startswith(("PASS", "REFUSED")):
-                print(f"    spec={spec}", flush=True)
-    print("SUMMARY " + " ".join(f"{f}:{s}={n}" for (f, s), n in sorted(tally.items())))
-    return 1 if any(s == "FAIL" for _, s in tally) else 0
+    return run_table(args.layers, range(args.first_seed, args.first_seed + args.seeds),
+                     lambda layer, seed: run_one(layer, seed, rotary, args.seq_len),
+                     args.show_spec, width=7)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,19 @@ def helper_json(script: str, *args: str, timeout: int = 300) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+
+def fuzz_stdout(script: str, *args: str, timeout: int = 600) -> str:
+    """Run benchmarks/<script> (a randomised checker) and return its output; fails on any FAIL
+    line or a nonzero exit, showing those lines."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / script),
+                           *args], capture_output=True, text=True, timeout=timeout)
+    failures = [line for line in proc.stdout.splitlines()
+                if " FAIL" in line and not line.lower().startswith("summary")]
+    assert proc.returncode == 0 and not failures, "\n".join(failures) or proc.stderr[-3000:]
+    return proc.stdout
+
 def compose_config(overrides, output_dir):
     with initialize_config_module(config_module="mamba_train.conf", version_base="1.3"):
         return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
